@@ -1,0 +1,220 @@
+"""One decode pass per source: detect cuts on small frames and write the clips from the same frames.
+
+ffmpeg (a separate process, so it runs beside Python on another core) decodes,
+rotates to the display orientation and scales to the training short side; we
+read raw RGB frames from its pipe, feed a downscaled copy to the cut detector,
+and route the (centre-cropped) frames into one H.264 encoder per clip. Frames
+wait in a short delay line so that cuts the detector reports a few frames late
+(and trims around cuts) still land on exact frame boundaries.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import subprocess
+import tempfile
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import av
+import cv2
+import ffmpeg
+import numpy as np
+
+from data_prep.config import ClipConfig, IngestConfig
+from data_prep.ffmpeg_bin import ffmpeg_exe
+from data_prep.probe import Probe
+from data_prep.scenes import CutDetector
+
+
+class DecodeError(RuntimeError):
+    pass
+
+
+def scaled_size(width: int, height: int, short_side: int) -> tuple[int, int]:
+    """Size with the short side at `short_side` (never upscaled), both even for H.264."""
+    scale = min(1.0, short_side / min(width, height))
+    return max(2, round(width * scale / 2) * 2), max(2, round(height * scale / 2) * 2)
+
+
+def crop_box(width: int, height: int, cfg: ClipConfig) -> tuple[slice, slice]:
+    if cfg.crop == "none":
+        return slice(0, height), slice(0, width)
+    side = min(width, height)
+    top, left = (height - side) // 2, (width - side) // 2
+    return slice(top, top + side), slice(left, left + side)
+
+
+def decode_command(path: Path, width: int, height: int, threads: int = 1) -> list[str]:
+    stream = ffmpeg.input(str(path), threads=threads)["v:0"].filter("scale", width, height, flags="bilinear")
+    out = stream.output("pipe:", format="rawvideo", pix_fmt="rgb24", fps_mode="passthrough")
+    return out.global_args("-v", "error", "-nostdin").compile(cmd=ffmpeg_exe())
+
+
+def clip_id_for(source_sha: str, start: int, end: int, settings_hash: str) -> str:
+    return hashlib.sha256(f"{source_sha}:{start}:{end}:{settings_hash}".encode()).hexdigest()[:16]
+
+
+class ClipWriter:
+    """Encodes frames of one clip to a temporary mp4 (H.264, yuv420p, no audio)."""
+
+    def __init__(self, directory: Path, width: int, height: int, fps: float, cfg: ClipConfig):
+        self.path = directory / f".tmp-{uuid.uuid4().hex}.mp4"
+        self.container = av.open(str(self.path), "w")
+        rate = _as_fraction(fps)
+        self.stream = self.container.add_stream("libx264", rate=rate)
+        self.stream.width, self.stream.height, self.stream.pix_fmt = width, height, "yuv420p"
+        self.stream.options = {"crf": str(cfg.crf), "preset": cfg.preset}
+        self.stream.codec_context.time_base = 1 / rate
+        # one encoder thread: the parallelism comes from the decoder process and from
+        # processing several sources at once
+        self.stream.codec_context.thread_count = 1
+        self.count = 0
+
+    def write(self, rgb: np.ndarray) -> None:
+        # OpenCV's RGB->I420 is several times faster than swscale's path inside encode()
+        frame = av.VideoFrame.from_ndarray(cv2.cvtColor(rgb, cv2.COLOR_RGB2YUV_I420), format="yuv420p")
+        frame.pts = self.count
+        self.container.mux(self.stream.encode(frame))
+        self.count += 1
+
+    def finish(self) -> Path:
+        self.container.mux(self.stream.encode())
+        self.container.close()
+        return self.path
+
+    def abort(self) -> None:
+        try:
+            self.container.close()
+        finally:
+            self.path.unlink(missing_ok=True)
+
+
+def _as_fraction(fps: float):
+    from fractions import Fraction
+
+    return Fraction(fps).limit_denominator(1001 * 1000 if fps % 1 else 1)
+
+
+@dataclass
+class CutResult:
+    cuts: list[int]  # frames where the detector saw a new shot start (before length filtering)
+    clips: list[dict] = field(default_factory=list)  # manifest fields of each written clip
+    frames_decoded: int = 0
+    clips_dir: Path | None = None
+
+
+def cut_source(
+    path: Path, probe: Probe, source_sha: str, clips_dir: Path, cfg: IngestConfig,
+    on_frames: Callable[[int], None] | None = None,
+) -> CutResult:
+    """Decode `path` once; return the cuts and the clips written into clips_dir."""
+    scfg, ccfg = cfg.scenes, cfg.clips
+    width, height = scaled_size(probe.width, probe.height, ccfg.short_side)
+    rows, cols = crop_box(width, height, ccfg)
+    detect_w = min(width, scfg.detect_width)
+    detect_h = max(2, round(height * detect_w / width))
+    out_fps = ccfg.fps if ccfg.fps and ccfg.fps < probe.fps else probe.fps
+    select = out_fps < probe.fps - 1e-6  # keep frames on an out_fps time grid
+    min_frames = max(1, math.ceil(scfg.min_scene_s * out_fps - 1e-6))
+    max_frames = max(min_frames, math.floor(scfg.max_scene_s * out_fps + 1e-6))
+    trim = scfg.trim_frames
+    times = probe.frame_times_s
+
+    detector = CutDetector(scfg, probe.fps)
+    delay = detector.lag + trim + 1
+    settings = cfg.clip_settings_hash()
+    result = CutResult(cuts=detector.cuts, clips_dir=clips_dir)
+    clips_dir.mkdir(parents=True, exist_ok=True)
+
+    def time_of(i: int) -> float:
+        return times[i] if i < len(times) else i / probe.fps
+
+    writer: ClipWriter | None = None
+    clip_start = 0
+    next_time = 0.0
+
+    def close(end: int) -> None:
+        nonlocal writer
+        if writer is None:
+            return
+        if writer.count < min_frames:
+            writer.abort()
+        else:
+            temp = writer.finish()
+            clip_id = clip_id_for(source_sha, clip_start, end, settings)
+            os.replace(temp, clips_dir / f"{clip_id}.mp4")
+            result.clips.append({
+                "clip_id": clip_id, "start_frame": clip_start, "end_frame": end,
+                "start_s": time_of(clip_start), "end_s": time_of(end) if end < len(times) else probe.duration_s,
+                "fps": float(out_fps), "num_frames": writer.count,
+                "width": cols.stop - cols.start, "height": rows.stop - rows.start,
+                "clip_path": f"clips/{clip_id}.mp4",
+            })
+        writer = None
+
+    def emit(i: int, frame: np.ndarray) -> None:
+        nonlocal writer, clip_start, next_time
+        boundary = i in cut_set
+        trimmed = trim > 0 and any(c - trim <= i < c + trim for c in cut_set)
+        if writer is not None and (boundary or trimmed or writer.count >= max_frames):
+            close(i)
+        if trimmed:
+            return
+        if writer is None:
+            writer = ClipWriter(clips_dir, frame.shape[1], frame.shape[0], out_fps, ccfg)
+            clip_start, next_time = i, time_of(i)
+        if select:
+            if time_of(i) + 1e-6 < next_time:
+                return
+            next_time += 1.0 / out_fps
+        writer.write(frame)
+
+    cut_set: set[int] = set()
+    pending: deque[tuple[int, np.ndarray]] = deque()
+    frame_bytes = width * height * 3
+    with tempfile.TemporaryFile() as stderr:
+        process = subprocess.Popen(decode_command(path, width, height), stdout=subprocess.PIPE, stderr=stderr)
+        index = 0
+        try:
+            while True:
+                data = process.stdout.read(frame_bytes)
+                if len(data) < frame_bytes:
+                    break
+                full = np.frombuffer(data, np.uint8).reshape(height, width, 3)
+                small = cv2.resize(full, (detect_w, detect_h), interpolation=cv2.INTER_LINEAR)
+                cut_set.update(detector.push(index, cv2.cvtColor(small, cv2.COLOR_RGB2BGR)))
+                pending.append((index, np.ascontiguousarray(full[rows, cols])))
+                if len(pending) > delay:
+                    emit(*pending.popleft())
+                index += 1
+                if on_frames and index % 32 == 0:
+                    on_frames(32)
+            process.stdout.close()
+            code = process.wait()
+            if code != 0 or index == 0:
+                stderr.seek(0)
+                message = stderr.read().decode(errors="replace").strip().splitlines()
+                detail = message[-1] if message else f"ffmpeg exit code {code}"
+                raise DecodeError(f"decode failed after {index} frames: {detail}")
+            cut_set.update(detector.finish())
+            while pending:
+                emit(*pending.popleft())
+            close(index)
+        except BaseException:
+            process.kill()
+            process.wait()
+            if writer is not None:
+                writer.abort()
+            for row in result.clips:  # nothing half-done is left behind under a final name
+                (clips_dir / row["clip_path"].split("/", 1)[1]).unlink(missing_ok=True)
+            raise
+    if on_frames:
+        on_frames(index % 32)
+    result.frames_decoded = index
+    result.cuts = sorted(set(detector.cuts))
+    return result

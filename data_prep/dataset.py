@@ -1,0 +1,216 @@
+"""Versioned datasets on disk: per-source records, immutable versions, WebDataset shards.
+
+See docs/dataset-format.md for the layout. Every write is a temp file (or
+folder) + rename, so a killed ingest leaves either the old state or the new.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import io
+import json
+import os
+import shutil
+import tarfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+MANIFEST_COLUMNS = [
+    "clip_id", "source", "source_sha256", "start_frame", "end_frame", "start_s", "end_s",
+    "fps", "num_frames", "width", "height", "clip_path", "caption",
+]
+FAILURE_COLUMNS = ["source", "stage", "reason"]
+
+
+class DatasetError(LookupError):
+    pass
+
+
+def dataset_dir(data_root: Path, name: str) -> Path:
+    if not name or "/" in name or name.startswith("."):
+        raise DatasetError(f"dataset name {name!r}: use letters, digits, '-', '_' and '.'")
+    return Path(data_root) / "datasets" / name
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
+    with open(temp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temp, path)
+
+
+def atomic_write_json(path: Path, payload) -> None:
+    atomic_write_bytes(path, json.dumps(payload, indent=1, sort_keys=True, default=str).encode())
+
+
+@contextlib.contextmanager
+def locked(directory: Path):
+    """One ingest at a time per dataset (other processes wait)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / ".lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def remove_stale_temporaries(directory: Path, older_than_s: float = 0.0) -> int:
+    """Temp files a killed run left behind (.tmp-*)."""
+    now, removed = time.time(), 0
+    for temp in directory.rglob(".tmp-*"):
+        if now - temp.stat().st_mtime >= older_than_s:
+            shutil.rmtree(temp, ignore_errors=True) if temp.is_dir() else temp.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+# ---- per-source records: the unit of resumable work -------------------------------------
+
+def source_record_path(ds_dir: Path, source_sha: str, settings_hash: str) -> Path:
+    return ds_dir / "sources" / f"{source_sha}-{settings_hash}.json"
+
+
+def read_source_record(ds_dir: Path, source_sha: str, settings_hash: str) -> dict | None:
+    path = source_record_path(ds_dir, source_sha, settings_hash)
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def write_source_record(ds_dir: Path, record: dict, settings_hash: str) -> None:
+    atomic_write_json(source_record_path(ds_dir, record["source_sha256"], settings_hash), record)
+
+
+# ---- versions ------------------------------------------------------------------------------
+
+def latest_version(ds_dir: Path) -> str | None:
+    pointer = ds_dir / "latest"
+    return pointer.read_text().strip() if pointer.exists() else None
+
+
+def resolve_version(ds_dir: Path, version: str | None) -> str:
+    if version in (None, "", "latest"):
+        version = latest_version(ds_dir)
+        if version is None:
+            raise DatasetError(f"dataset {ds_dir.name!r} has no version yet under {ds_dir.parent}")
+    if not (ds_dir / "versions" / version / "manifest.parquet").exists():
+        raise DatasetError(f"dataset {ds_dir.name!r} has no version {version!r}")
+    return version
+
+
+def manifest_digest(manifest: pd.DataFrame) -> str:
+    """Content hash of a manifest: the version id."""
+    rows = manifest[MANIFEST_COLUMNS].sort_values("clip_id").to_dict("records")
+    canonical = json.dumps(rows, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def empty_manifest() -> pd.DataFrame:
+    return pd.DataFrame({c: pd.Series(dtype="int64" if c in ("start_frame", "end_frame", "num_frames", "width", "height")
+                                      else "float64" if c in ("start_s", "end_s", "fps") else "object")
+                         for c in MANIFEST_COLUMNS})
+
+
+def read_manifest_file(path: Path) -> pd.DataFrame:
+    return pd.read_parquet(path)
+
+
+def load_manifest(data_root: Path, name: str, version: str | None = "latest") -> pd.DataFrame:
+    """The manifest of a version, with an absolute `clip_abspath` column added."""
+    ds_dir = dataset_dir(data_root, name)
+    version = resolve_version(ds_dir, version)
+    manifest = read_manifest_file(ds_dir / "versions" / version / "manifest.parquet")
+    manifest["clip_abspath"] = [str(ds_dir / p) for p in manifest["clip_path"]]
+    manifest.attrs["version"] = version
+    return manifest
+
+
+def version_info(data_root: Path, name: str, version: str | None = "latest") -> dict:
+    ds_dir = dataset_dir(data_root, name)
+    version = resolve_version(ds_dir, version)
+    return json.loads((ds_dir / "versions" / version / "dataset.json").read_text())
+
+
+def shard_paths(data_root: Path, name: str, version: str | None = "latest") -> list[Path]:
+    ds_dir = dataset_dir(data_root, name)
+    info = version_info(data_root, name, version)
+    return [ds_dir / p for p in info["shards"]]
+
+
+def write_shards(ds_dir: Path, manifest: pd.DataFrame, max_clips: int) -> list[str]:
+    """WebDataset tars (<clip_id>.mp4 + <clip_id>.json) of these clips; names are content hashes."""
+    shard_dir = ds_dir / "shards"
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    rows = manifest.sort_values("clip_id").to_dict("records")
+    names = []
+    for start in range(0, len(rows), max_clips):
+        chunk = rows[start:start + max_clips]
+        digest = hashlib.sha256(",".join(r["clip_id"] for r in chunk).encode()).hexdigest()[:16]
+        final = shard_dir / f"shard-{digest}.tar"
+        names.append(f"shards/{final.name}")
+        if final.exists():
+            continue
+        temp = shard_dir / f".tmp-{uuid.uuid4().hex}.tar"
+        with tarfile.open(temp, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for row in chunk:
+                _add_member(tar, f"{row['clip_id']}.mp4", (ds_dir / row["clip_path"]).read_bytes())
+                _add_member(tar, f"{row['clip_id']}.json", json.dumps(row, default=str, sort_keys=True).encode())
+        os.replace(temp, final)
+    return names
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o444  # fixed mtime: same clips, same bytes
+    tar.addfile(info, io.BytesIO(data))
+
+
+@dataclass
+class VersionResult:
+    version: str
+    created: bool
+    parent: str | None
+    new_clips: int
+    total_clips: int
+    path: Path
+
+
+def commit_version(ds_dir: Path, new_rows: list[dict], failures: list[dict], config: dict,
+                   shard_max_clips: int) -> VersionResult:
+    """Parent manifest + new clips -> a new immutable version, unless nothing changed."""
+    parent = latest_version(ds_dir)
+    if parent:
+        parent_manifest = read_manifest_file(ds_dir / "versions" / parent / "manifest.parquet")
+        parent_shards = json.loads((ds_dir / "versions" / parent / "dataset.json").read_text())["shards"]
+    else:
+        parent_manifest, parent_shards = empty_manifest(), []
+    added = pd.DataFrame(new_rows, columns=MANIFEST_COLUMNS) if new_rows else empty_manifest()
+    added = added[~added["clip_id"].isin(set(parent_manifest["clip_id"]))].drop_duplicates("clip_id")
+    manifest = pd.concat([parent_manifest, added], ignore_index=True) if len(added) else parent_manifest
+    manifest = manifest.sort_values(["source_sha256", "start_frame"]).reset_index(drop=True)
+    manifest = manifest.astype({c: "int64" for c in ("start_frame", "end_frame", "num_frames", "width", "height")})
+    version = manifest_digest(manifest) if len(manifest) else None
+    if version is None or version == parent:
+        return VersionResult(parent or "", False, parent, 0, len(manifest), ds_dir / "versions" / (parent or ""))
+    shards = parent_shards + write_shards(ds_dir, added, shard_max_clips)
+    final = ds_dir / "versions" / version
+    if not final.exists():
+        temp = ds_dir / "versions" / f".tmp-{uuid.uuid4().hex}"
+        temp.mkdir(parents=True)
+        manifest.to_parquet(temp / "manifest.parquet", index=False)
+        pd.DataFrame(failures, columns=FAILURE_COLUMNS).to_parquet(temp / "failures.parquet", index=False)
+        atomic_write_json(temp / "dataset.json", {
+            "version": version, "parent": parent, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "num_clips": len(manifest), "new_clips": len(added), "num_sources": int(manifest["source_sha256"].nunique()),
+            "num_frames": int(manifest["num_frames"].sum()), "shards": shards, "config": config,
+        })
+        os.replace(temp, final)
+    atomic_write_bytes(ds_dir / "latest", (version + "\n").encode())
+    return VersionResult(version, True, parent, len(added), len(manifest), final)

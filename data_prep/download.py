@@ -1,0 +1,177 @@
+"""Fetch http(s) sources into a content-addressed store: DATA_ROOT/raw/<sha256><ext>.
+
+Streams to a temporary name, resumes with Range where the server allows it,
+retries transient failures with backoff, caps the size, and renames only a
+complete, hashed file. No path is ever built from a name taken from the URL.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import time
+from pathlib import Path
+from urllib.parse import urljoin, urlparse
+
+import requests
+
+from data_prep.config import DownloadConfig
+
+CHUNK = 1 << 16  # small enough that a broken response still leaves most bytes for a resume
+KNOWN_SUFFIXES = {".mp4", ".mkv", ".webm", ".mov", ".avi", ".m4v", ".mpg", ".mpeg", ".ts", ".flv"}
+
+
+class DownloadError(RuntimeError):
+    def __init__(self, reason: str, transient: bool = False):
+        super().__init__(reason)
+        self.reason = reason
+        self.transient = transient
+
+
+class PageURLError(DownloadError):
+    """The URL answered with a web page: a job for yt-dlp, not for plain http."""
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(CHUNK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _suffix(url: str) -> str:
+    suffix = Path(urlparse(url).path).suffix.lower()
+    return suffix if suffix in KNOWN_SUFFIXES else ".video"
+
+
+def _open(session: requests.Session, url: str, offset: int, cfg: DownloadConfig) -> requests.Response:
+    """GET with manual redirects so that every hop is checked to be http(s)."""
+    headers = {"Range": f"bytes={offset}-"} if offset else {}
+    for _ in range(cfg.max_redirects + 1):
+        try:
+            response = session.get(
+                url, headers=headers, stream=True, allow_redirects=False,
+                timeout=(cfg.connect_timeout_s, cfg.read_timeout_s),
+            )
+        except requests.exceptions.ConnectTimeout:
+            raise DownloadError(f"no connection within {cfg.connect_timeout_s:g} s", transient=True) from None
+        except requests.exceptions.ReadTimeout:
+            raise DownloadError(f"server sent nothing for {cfg.read_timeout_s:g} s (stalled)", transient=True) from None
+        except requests.exceptions.ConnectionError as err:
+            raise DownloadError(f"connection failed: {err.__class__.__name__}", transient=True) from None
+        if response.is_redirect:
+            target = urljoin(url, response.headers.get("Location", ""))
+            response.close()
+            scheme = urlparse(target).scheme
+            if scheme not in ("http", "https"):
+                raise DownloadError(f"redirect to a non-http URL ({scheme or 'no'} scheme) refused")
+            url = target
+            continue
+        return response
+    raise DownloadError(f"more than {cfg.max_redirects} redirects")
+
+
+def _fetch_once(session: requests.Session, url: str, part: Path, cfg: DownloadConfig) -> None:
+    offset = part.stat().st_size if part.exists() else 0
+    response = _open(session, url, offset, cfg)
+    with response:
+        status = response.status_code
+        if status == 416 and offset:  # our partial file is stale: start over
+            part.unlink()
+            raise DownloadError("server refused the resume range", transient=True)
+        if status in (408, 429) or status >= 500:
+            raise DownloadError(f"HTTP {status} {response.reason}", transient=True)
+        if status >= 400:
+            raise DownloadError(f"HTTP {status} {response.reason}")
+        if status == 200 and offset:  # server ignored Range: restart from zero
+            offset = 0
+        length = response.headers.get("Content-Length")
+        expected = offset + int(length) if length and length.isdigit() else None
+        if expected is not None and expected > cfg.max_bytes:
+            raise DownloadError(f"file is {expected} bytes, over the size cap of {cfg.max_bytes} bytes")
+        content_type = response.headers.get("Content-Type", "")
+        if content_type.startswith("text/html"):
+            raise PageURLError("the URL is a web page (text/html), not a video file")
+        received = offset
+        with open(part, "ab" if offset else "wb") as handle:
+            try:
+                for block in response.iter_content(CHUNK):
+                    received += len(block)
+                    if received > cfg.max_bytes:
+                        raise DownloadError(f"download passed the size cap of {cfg.max_bytes} bytes")
+                    handle.write(block)
+            except requests.exceptions.ConnectionError as err:
+                # requests reports a read timeout inside a body as a ConnectionError
+                stalled = "timed out" in str(err).lower()
+                raise DownloadError(
+                    f"server stalled for {cfg.read_timeout_s:g} s after {received} bytes" if stalled
+                    else f"connection broke after {received} bytes", transient=True) from None
+            except requests.exceptions.ChunkedEncodingError:
+                raise DownloadError(f"response cut short after {received} bytes", transient=True) from None
+        if expected is not None and received < expected:
+            raise DownloadError(f"response cut short: {received} of {expected} bytes", transient=True)
+
+
+def download(url: str, raw_dir: Path, cfg: DownloadConfig) -> tuple[Path, str]:
+    """Download `url` into raw_dir; return (path, sha256). Raises DownloadError."""
+    scheme = urlparse(url).scheme
+    if scheme not in ("http", "https"):
+        raise DownloadError(f"unsupported URL scheme {scheme!r} (only http, https and file)")
+    partial_dir = raw_dir / ".partial"
+    partial_dir.mkdir(parents=True, exist_ok=True)
+    part = partial_dir / (hashlib.sha256(url.encode()).hexdigest()[:32] + ".part")
+    delay = cfg.backoff_s
+    session = requests.Session()
+    for attempt in range(cfg.retries + 1):
+        try:
+            _fetch_once(session, url, part, cfg)
+            break
+        except DownloadError as err:
+            if not err.transient or attempt == cfg.retries:
+                if not err.transient:
+                    part.unlink(missing_ok=True)
+                if attempt:
+                    err.reason += f" (after {attempt + 1} tries)"
+                    err.args = (err.reason,)
+                raise
+            time.sleep(delay)
+            delay *= 2
+    if part.stat().st_size == 0:
+        part.unlink()
+        raise DownloadError("empty response (0 bytes)")
+    return _store(part, raw_dir, _suffix(url))
+
+
+def _store(temp: Path, raw_dir: Path, suffix: str) -> tuple[Path, str]:
+    """Rename a complete download to raw/<sha256><suffix>, unless those bytes are already stored."""
+    digest = sha256_file(temp)
+    existing = next(iter(sorted(raw_dir.glob(f"{digest}.*"))), None)
+    if existing is not None:
+        temp.unlink()
+        return existing, digest
+    final = raw_dir / f"{digest}{suffix}"
+    os.replace(temp, final)
+    return final, digest
+
+
+def download_page(url: str, raw_dir: Path) -> tuple[Path, str]:
+    """Page URLs (YouTube and the like) through yt-dlp, keeping yt-dlp's own error message."""
+    try:
+        import yt_dlp
+    except ImportError:
+        raise DownloadError("the URL is a web page; install the 'pages' extra (yt-dlp) to fetch page URLs") from None
+    work = raw_dir / ".partial" / hashlib.sha256(url.encode()).hexdigest()[:32]
+    work.mkdir(parents=True, exist_ok=True)
+    options = {"outtmpl": str(work / "video.%(ext)s"), "format": "mp4/bestvideo", "quiet": True, "noprogress": True}
+    try:
+        with yt_dlp.YoutubeDL(options) as ydl:
+            ydl.download([url])
+    except Exception as err:  # yt-dlp raises its own DownloadError types
+        raise DownloadError(f"yt-dlp: {err}") from None
+    files = [p for p in work.iterdir() if p.is_file() and not p.name.endswith(".part")]
+    if not files:
+        raise DownloadError("yt-dlp finished but wrote no file")
+    stored = _store(files[0], raw_dir, files[0].suffix.lower() or ".video")
+    shutil.rmtree(work, ignore_errors=True)
+    return stored

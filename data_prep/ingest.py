@@ -1,0 +1,90 @@
+"""One source, start to finish: fetch -> probe -> scenes + clips -> record. No orchestration here.
+
+Every failure becomes a SourceOutcome with the stage and a reason a person can act on;
+nothing raised here stops the other sources.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from data_prep.clips import DecodeError, cut_source
+from data_prep.config import IngestConfig
+from data_prep.dataset import read_source_record, write_source_record
+from data_prep.download import DownloadError, PageURLError, download, download_page, sha256_file
+from data_prep.probe import ProbeError, probe
+from data_prep.sources import SourceRef
+
+
+@dataclass
+class SourceOutcome:
+    source: str
+    status: str  # "new", "unchanged" or "failed"
+    source_sha256: str = ""
+    stage: str = ""  # where it failed
+    reason: str = ""
+    clips: list[dict] = field(default_factory=list)  # manifest rows
+    cuts: list[int] = field(default_factory=list)
+    probe: dict = field(default_factory=dict)
+
+    def failure_row(self) -> dict:
+        return {"source": self.source, "stage": self.stage, "reason": self.reason}
+
+
+def fetch(ref: SourceRef, data_root: Path, cfg: IngestConfig) -> tuple[Path, str]:
+    if ref.kind == "unsupported":
+        raise DownloadError(f"unsupported source scheme in {ref.source!r} (only http, https and file)")
+    if ref.kind == "url":
+        raw_dir = Path(data_root) / "raw"
+        try:
+            return download(ref.source, raw_dir, cfg.download)
+        except PageURLError:
+            return download_page(ref.source, raw_dir)
+    path = Path(ref.source)
+    if not path.exists():
+        raise DownloadError("no such file")
+    if not path.is_file():
+        raise DownloadError("not a regular file")
+    return path, sha256_file(path)
+
+
+def process_source(ref: SourceRef, data_root: Path, ds_dir: Path, cfg: IngestConfig,
+                   on_frames: Callable[[int], None] | None = None) -> SourceOutcome:
+    settings = cfg.clip_settings_hash()
+    try:
+        path, digest = fetch(ref, data_root, cfg)
+    except (DownloadError, OSError) as err:
+        return SourceOutcome(ref.source, "failed", stage="download", reason=_reason(err))
+    done = read_source_record(ds_dir, digest, settings)
+    if done is not None:  # processed before with the same settings: nothing to redo
+        return SourceOutcome(ref.source, "unchanged", digest, clips=_rows(done["clips"], ref.source, digest),
+                             cuts=done["cuts"], probe=done["probe"])
+    try:
+        info = probe(path)
+    except (ProbeError, OSError) as err:
+        return SourceOutcome(ref.source, "failed", digest, stage="probe", reason=_reason(err))
+    if info.duration_s < cfg.scenes.min_scene_s:
+        reason = f"video is {info.duration_s:.2f} s long, shorter than the minimum scene ({cfg.scenes.min_scene_s:g} s)"
+        return SourceOutcome(ref.source, "failed", digest, stage="probe", reason=reason)
+    try:
+        result = cut_source(path, info, digest, ds_dir / "clips", cfg, on_frames=on_frames)
+    except (DecodeError, OSError) as err:
+        return SourceOutcome(ref.source, "failed", digest, stage="decode", reason=_reason(err))
+    if not result.clips:
+        reason = (f"no scene reached the minimum length of {cfg.scenes.min_scene_s:g} s "
+                  f"({len(result.cuts)} cuts in {info.duration_s:.1f} s)")
+        return SourceOutcome(ref.source, "failed", digest, stage="scenes", reason=reason, cuts=result.cuts)
+    record = {"source_sha256": digest, "source": ref.source, "probe": info.summary(), "cuts": result.cuts,
+              "frames_decoded": result.frames_decoded, "clips": result.clips}
+    write_source_record(ds_dir, record, settings)  # written last: the source counts as done only now
+    return SourceOutcome(ref.source, "new", digest, clips=_rows(result.clips, ref.source, digest),
+                         cuts=result.cuts, probe=info.summary())
+
+
+def _rows(clips: list[dict], source: str, digest: str) -> list[dict]:
+    return [{**clip, "source": source, "source_sha256": digest, "caption": ""} for clip in clips]
+
+
+def _reason(err: Exception) -> str:
+    return str(getattr(err, "reason", None) or err) or err.__class__.__name__

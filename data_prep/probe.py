@@ -1,0 +1,88 @@
+"""What a video is: duration, frames, frame rate (constant or variable), display size, codec, audio."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import av
+
+
+class ProbeError(ValueError):
+    pass
+
+
+@dataclass
+class Probe:
+    duration_s: float
+    num_frames: int
+    fps: float  # average frame rate
+    variable_fps: bool
+    width: int  # as displayed, after rotation
+    height: int
+    rotation: int  # degrees of display rotation
+    codec: str
+    has_audio: bool
+    frame_times_s: list[float]  # presentation time of each frame, from 0
+
+    def summary(self) -> dict:
+        record = asdict(self)
+        record.pop("frame_times_s")
+        return record
+
+
+def probe(path: Path) -> Probe:
+    """Probe by demuxing packets (no full decode); one frame is decoded for its rotation."""
+    path = Path(path)
+    if path.stat().st_size == 0:
+        raise ProbeError("empty file (0 bytes)")
+    try:
+        container = av.open(str(path))
+    except av.error.FFmpegError as err:
+        raise ProbeError(f"not a readable video container, or truncated ({err.strerror or err})") from None
+    with container:
+        if not container.streams.video:
+            kinds = sorted({s.type for s in container.streams}) or ["no"]
+            raise ProbeError(f"no video stream ({', '.join(kinds)} streams only)")
+        stream = container.streams.video[0]
+        has_audio = bool(container.streams.audio)
+        time_base = stream.time_base
+        pts = []
+        try:
+            for packet in container.demux(stream):
+                if packet.pts is not None and packet.size:
+                    pts.append(packet.pts)
+        except av.error.FFmpegError as err:
+            if not pts:
+                raise ProbeError(f"cannot read video packets ({err.strerror or err})") from None
+        if not pts:
+            raise ProbeError("video stream has no frames")
+        pts.sort()
+        start = pts[0]
+        times = [float((p - start) * time_base) for p in pts]
+        rotation = _rotation(path)
+        declared = stream.frames  # from the container's index (0 where it keeps none)
+        if declared and len(pts) < declared - 1:
+            raise ProbeError(f"truncated file: the container lists {declared} frames but only {len(pts)} are present")
+        rate = stream.average_rate or stream.guessed_rate
+        width, height = stream.codec_context.width, stream.codec_context.height
+        codec = stream.codec_context.name
+    deltas = [b - a for a, b in zip(times, times[1:]) if b > a]
+    average = float(rate) if rate else (len(times) - 1) / max(times[-1], 1e-9)
+    variable = bool(deltas) and max(deltas) > 1.5 * min(deltas)
+    last = deltas[-1] if deltas else 1.0 / max(average, 1e-9)
+    if rotation % 180:
+        width, height = height, width
+    return Probe(
+        duration_s=times[-1] + last, num_frames=len(times), fps=average, variable_fps=variable,
+        width=width, height=height, rotation=rotation, codec=codec,
+        has_audio=has_audio, frame_times_s=times,
+    )
+
+
+def _rotation(path: Path) -> int:
+    with av.open(str(path)) as container:
+        try:
+            frame = next(container.decode(video=0))
+        except (StopIteration, av.error.FFmpegError) as err:
+            raise ProbeError(f"first frame does not decode ({err})") from None
+        return int(round(frame.rotation or 0)) % 360

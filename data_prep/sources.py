@@ -1,0 +1,88 @@
+"""Turn what the user names (files, folders, URLs, URL lists) into a flat list of sources."""
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+LIST_SUFFIXES = {".txt", ".csv", ".tsv", ".parquet"}
+URL_COLUMNS = ("url", "URL", "link", "source", "path")
+
+
+@dataclass(frozen=True)
+class SourceRef:
+    source: str  # as the user gave it (a path or a URL)
+    kind: str  # "file" or "url"
+
+
+class SourceError(ValueError):
+    pass
+
+
+def _is_url(text: str) -> bool:
+    return urlparse(text).scheme in ("http", "https", "file")
+
+
+def _ref_for(text: str, base: Path | None = None) -> SourceRef:
+    parsed = urlparse(text)
+    if parsed.scheme in ("http", "https"):
+        return SourceRef(text, "url")
+    if parsed.scheme == "file":
+        return SourceRef(str(Path(parsed.path).absolute()), "file")
+    if parsed.scheme and len(parsed.scheme) > 1:  # "C:" style drive letters are paths
+        return SourceRef(text, "unsupported")
+    path = Path(text).expanduser()
+    if base is not None and not path.is_absolute():
+        path = base / path
+    return SourceRef(str(path.absolute()), "file")  # the same file is the same source from any cwd
+
+
+def read_url_list(path: Path) -> list[str]:
+    """Entries of a .txt (one per line, # comments), .csv/.tsv or .parquet list."""
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        lines = (line.strip() for line in path.read_text().splitlines())
+        return [line for line in lines if line and not line.startswith("#")]
+    if suffix in (".csv", ".tsv"):
+        with path.open(newline="") as handle:
+            rows = list(csv.reader(handle, delimiter="\t" if suffix == ".tsv" else ","))
+        if not rows:
+            return []
+        header = rows[0]
+        column = next((header.index(c) for c in URL_COLUMNS if c in header), None)
+        if column is None:  # no header: first column
+            return [row[0].strip() for row in rows if row and row[0].strip()]
+        return [row[column].strip() for row in rows[1:] if len(row) > column and row[column].strip()]
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        column = next((c for c in URL_COLUMNS if c in table.column_names), None)
+        if column is None:
+            raise SourceError(f"{path}: no url column (looked for {', '.join(URL_COLUMNS)})")
+        return [str(v) for v in table.column(column).to_pylist() if v]
+    raise SourceError(f"{path}: not a URL list (expected .txt, .csv, .tsv or .parquet)")
+
+
+def expand_sources(items: list[str], video_extensions: list[str]) -> list[SourceRef]:
+    """Expand folders (recursive, by extension) and URL lists; keep order, drop repeats."""
+    extensions = {e.lower() for e in video_extensions}
+    refs: list[SourceRef] = []
+    for item in items:
+        ref = _ref_for(item)
+        path = Path(ref.source)
+        if ref.kind == "file" and path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in extensions)
+            refs.extend(SourceRef(str(p), "file") for p in found)
+        elif ref.kind == "file" and path.suffix.lower() in LIST_SUFFIXES and path.is_file():
+            refs.extend(_ref_for(entry, base=path.parent) for entry in read_url_list(path))
+        else:
+            refs.append(ref)
+    seen: set[str] = set()
+    unique = []
+    for ref in refs:
+        if ref.source not in seen:
+            seen.add(ref.source)
+            unique.append(ref)
+    return unique

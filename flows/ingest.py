@@ -1,0 +1,138 @@
+"""The `ingest` flow: sources -> clips -> a new dataset version, an event and a summary artifact."""
+from __future__ import annotations
+
+import argparse
+import re
+import threading
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NONE as NO_CACHE
+from prefect.events import emit_event
+from tqdm.auto import tqdm
+
+from data_prep.config import IngestConfig, load_ingest_config
+from data_prep.dataset import commit_version, dataset_dir, locked, remove_stale_temporaries
+from data_prep.ingest import SourceOutcome, process_source
+from data_prep.sources import SourceRef, expand_sources
+
+DATASET_EVENT = "mav.dataset.updated"
+
+
+@task(name="process-source", cache_policy=NO_CACHE, task_run_name="process {ref.source}")
+def process_source_task(ref: SourceRef, data_root: str, ds_dir: str, config: dict, on_frames=None) -> SourceOutcome:
+    cfg = IngestConfig.model_validate(config)
+    return process_source(ref, Path(data_root), Path(ds_dir), cfg, on_frames=on_frames)
+
+
+def _artifact_key(name: str) -> str:
+    return "ingest-" + re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")
+
+
+def _publish(dataset: str, data_root: Path, outcomes: list[SourceOutcome], result) -> None:
+    rows = [{"source": o.source, "status": o.status, "clips": len(o.clips), "cuts": len(o.cuts),
+             "stage": o.stage, "reason": o.reason} for o in outcomes]
+    create_table_artifact(key=_artifact_key(dataset), table=rows,
+                          description=f"ingest into {dataset}: version {result.version or '-'}, "
+                                      f"{result.new_clips} new clips, {result.total_clips} in total")
+    if result.created:
+        emit_event(
+            event=DATASET_EVENT,
+            resource={"prefect.resource.id": f"mav.dataset.{dataset}", "prefect.resource.name": dataset},
+            payload={"dataset": dataset, "data_root": str(data_root), "version": result.version,
+                     "parent": result.parent, "new_clips": result.new_clips, "total_clips": result.total_clips},
+        )
+
+
+@flow(name="ingest", log_prints=True)
+def ingest(sources: list[str], data_root: str = "mav-data", dataset: str = "default",
+           config: str | None = None, progress: bool = False) -> dict:
+    """Ingest `sources` (files, folders, URLs, URL lists) into DATA_ROOT/datasets/DATASET."""
+    logger = get_run_logger()
+    cfg = load_ingest_config(config)
+    root = Path(data_root).resolve()
+    ds_dir = dataset_dir(root, dataset)
+    refs = expand_sources(sources, cfg.video_extensions)
+    logger.info("ingest %d sources into %s", len(refs), ds_dir)
+    with locked(ds_dir):
+        remove_stale_temporaries(ds_dir)
+        frames_bar = tqdm(desc="frames", unit="frame", disable=not progress or None, position=1)
+        lock = threading.Lock()
+
+        def on_frames(n: int) -> None:
+            with lock:
+                frames_bar.update(n)
+
+        callback = on_frames if progress and _runs_in_threads() else None
+        futures = [process_source_task.submit(ref, str(root), str(ds_dir), cfg.model_dump(), callback) for ref in refs]
+        outcomes: list[SourceOutcome] = []
+        for future in tqdm(futures, desc="sources", unit="src", disable=not progress or None, position=0):
+            outcomes.append(future.result())
+        frames_bar.close()
+        new_rows = [row for o in outcomes if o.status != "failed" for row in o.clips]
+        failures = [o.failure_row() for o in outcomes if o.status == "failed"]
+        result = commit_version(ds_dir, new_rows, failures, cfg.model_dump(), cfg.shard_max_clips)
+    _publish(dataset, root, outcomes, result)
+    summary = {
+        "dataset": dataset, "data_root": str(root), "version": result.version, "created": result.created,
+        "parent": result.parent, "new_clips": result.new_clips, "total_clips": result.total_clips,
+        "sources": {s: sum(o.status == s for o in outcomes) for s in ("new", "unchanged", "failed")},
+        "failures": failures,
+    }
+    for line in summary_lines(summary):
+        print(line)
+    return summary
+
+
+def _runs_in_threads() -> bool:
+    from prefect.context import FlowRunContext
+
+    context = FlowRunContext.get()
+    return context is None or type(context.task_runner).__name__ == "ThreadPoolTaskRunner"
+
+
+def summary_lines(summary: dict) -> list[str]:
+    state = "new version" if summary["created"] else "unchanged, no new version"
+    counts = summary["sources"]
+    lines = [
+        f"dataset {summary['dataset']} @ {summary['version'] or '-'} ({state}): "
+        f"{summary['total_clips']} clips, {summary['new_clips']} new",
+        f"sources: {counts['new']} processed, {counts['unchanged']} already done, {counts['failed']} failed",
+    ]
+    lines += [f"  failed [{f['stage']}] {f['source']}: {f['reason']}" for f in summary["failures"]]
+    return lines
+
+
+def with_task_runner(kind: str, address: str | None, workers: int):
+    """The ingest flow on the chosen task runner: threads (default) or a Dask cluster."""
+    if kind == "dask":
+        from prefect_dask import DaskTaskRunner
+
+        runner = (DaskTaskRunner(address=address) if address else
+                  DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True}))
+        return ingest.with_options(task_runner=runner)
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    return ingest.with_options(task_runner=ThreadPoolTaskRunner(max_workers=workers))
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("ingest", help="ingest videos into a versioned clip dataset")
+    parser.add_argument("sources", nargs="+", help="files, folders, http(s) URLs, or .txt/.csv/.parquet URL lists")
+    parser.add_argument("--data-root", default="mav-data")
+    parser.add_argument("--dataset", default="default")
+    parser.add_argument("--config", default=None, help="ingest YAML (e.g. configs/base/ingest.yaml)")
+    parser.add_argument("--task-runner", choices=["threads", "dask"], default="threads")
+    parser.add_argument("--dask-address", default=None, help="scheduler address of an existing Dask cluster")
+    parser.add_argument("--workers", type=int, default=None, help="sources processed at once")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    workers = args.workers or load_ingest_config(args.config).workers
+    run = with_task_runner(args.task_runner, args.dask_address, workers)
+    summary = run(sources=args.sources, data_root=args.data_root, dataset=args.dataset,
+                  config=args.config, progress=not args.no_progress)
+    return 0 if summary["total_clips"] else 1

@@ -1,0 +1,105 @@
+"""A real HTTP server on 127.0.0.1 whose routes misbehave on purpose."""
+from __future__ import annotations
+
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+class FaultServer:
+    """routes: path -> (kind, payload). Kinds: ok, ok_no_range, 404, stall, cut, cut_once, redirect, html, big."""
+
+    def __init__(self, routes: dict[str, tuple[str, object]]):
+        self.routes = routes
+        self.requests: list[tuple[str, str | None]] = []  # (path, Range header)
+        self.hits: dict[str, int] = {}
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                server.requests.append((self.path, self.headers.get("Range")))
+                server.hits[self.path] = server.hits.get(self.path, 0) + 1
+                kind, payload = server.routes.get(self.path, ("404", b""))
+                getattr(server, f"_{kind}")(self, payload)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    # --- behaviours -----------------------------------------------------------------------
+    @staticmethod
+    def _send(handler, data: bytes, status=200, headers=None):
+        handler.send_response(status)
+        for key, value in (headers or {}).items():
+            handler.send_header(key, value)
+        handler.end_headers()
+        handler.wfile.write(data)
+
+    def _ok(self, h, data: bytes):
+        start = 0
+        rng = h.headers.get("Range")
+        if rng and rng.startswith("bytes="):
+            start = int(rng[6:].split("-")[0])
+            self._send(h, data[start:], 206, {"Content-Length": str(len(data) - start),
+                                               "Content-Range": f"bytes {start}-{len(data) - 1}/{len(data)}",
+                                               "Content-Type": "video/mp4"})
+            return
+        self._send(h, data, 200, {"Content-Length": str(len(data)), "Content-Type": "video/mp4"})
+
+    def _ok_no_range(self, h, data: bytes):
+        self._send(h, data, 200, {"Content-Length": str(len(data)), "Content-Type": "video/mp4"})
+
+    def _404(self, h, _):
+        self._send(h, b"not here", 404, {"Content-Length": "8"})
+
+    def _stall(self, h, data: bytes):
+        h.send_response(200)
+        h.send_header("Content-Length", str(len(data)))
+        h.end_headers()
+        h.wfile.write(data[:1000])
+        h.wfile.flush()
+        time.sleep(3)  # longer than the tests' read timeout
+
+    def _cut(self, h, data: bytes):
+        h.send_response(200)
+        h.send_header("Content-Length", str(len(data)))
+        h.end_headers()
+        h.wfile.write(data[: len(data) // 3])
+        h.wfile.flush()
+        h.close_connection = True
+
+    def _cut_once(self, h, data: bytes):
+        """First request is cut short; later ones honour Range (resume)."""
+        if self.hits[h.path] == 1:
+            self._cut(h, data)
+        else:
+            self._ok(h, data)
+
+    def _redirect(self, h, target: str):
+        self._send(h, b"", 302, {"Location": target, "Content-Length": "0"})
+
+    def _html(self, h, _):
+        body = b"<html><body>a page</body></html>"
+        self._send(h, body, 200, {"Content-Type": "text/html; charset=utf-8", "Content-Length": str(len(body))})
+
+    def _big(self, h, size: int):
+        h.send_response(200)
+        h.end_headers()  # no Content-Length: the cap must trip while streaming
+        chunk = b"\0" * 65536
+        for _ in range(size // len(chunk) + 1):
+            h.wfile.write(chunk)

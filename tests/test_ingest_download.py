@@ -1,0 +1,76 @@
+import hashlib
+
+import pytest
+
+from data_prep.config import DownloadConfig
+from data_prep.download import DownloadError, PageURLError, download
+from tests.http_faults import FaultServer
+
+FAST = DownloadConfig(connect_timeout_s=2, read_timeout_s=0.5, retries=2, backoff_s=0.05, max_bytes=10_000_000)
+
+
+@pytest.fixture(scope="module")
+def video_bytes(samples):
+    return (samples / "asl_book.mkv").read_bytes()
+
+
+def test_download_is_content_addressed_and_stored_once(tmp_path, video_bytes):
+    with FaultServer({"/a.mkv": ("ok", video_bytes), "/copy/b": ("ok", video_bytes)}) as srv:
+        first, sha = download(f"{srv.base}/a.mkv", tmp_path, FAST)
+        second, sha2 = download(f"{srv.base}/copy/b", tmp_path, FAST)
+    assert sha == sha2 == hashlib.sha256(video_bytes).hexdigest()
+    assert first.name == f"{sha}.mkv" and first.read_bytes() == video_bytes
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == [first.name]  # one copy
+    assert not list((tmp_path / ".partial").iterdir())  # no temporary left behind
+
+
+def test_a_response_cut_short_is_resumed_with_range(tmp_path, video_bytes):
+    with FaultServer({"/v.mkv": ("cut_once", video_bytes)}) as srv:
+        path, sha = download(f"{srv.base}/v.mkv", tmp_path, FAST)
+        ranges = [r for p, r in srv.requests]
+    assert path.read_bytes() == video_bytes
+    assert ranges[0] is None
+    resumed_at = int(ranges[1].removeprefix("bytes=").rstrip("-"))
+    assert 0 < resumed_at <= len(video_bytes) // 3  # picked up where the broken response stopped
+
+
+def test_server_without_range_support_restarts_cleanly(tmp_path, video_bytes):
+    partial = tmp_path / ".partial"
+    partial.mkdir()
+    url_hash = None
+    with FaultServer({"/v.mkv": ("ok_no_range", video_bytes)}) as srv:
+        url = f"{srv.base}/v.mkv"
+        url_hash = hashlib.sha256(url.encode()).hexdigest()[:32]
+        (partial / f"{url_hash}.part").write_bytes(b"garbage from an earlier try")
+        path, _ = download(url, tmp_path, FAST)
+    assert path.read_bytes() == video_bytes
+
+
+@pytest.mark.parametrize("kind,payload,message", [
+    ("404", b"", "HTTP 404"),
+    ("stall", b"x" * 50_000, "stalled"),
+    ("cut", b"x" * 50_000, "cut short"),
+    ("redirect", "file:///etc/passwd", "redirect to a non-http URL"),
+    ("big", 11_000_000, "size cap"),
+])
+def test_faults_become_clear_errors(tmp_path, kind, payload, message):
+    with FaultServer({"/x.mp4": (kind, payload)}) as srv:
+        with pytest.raises(DownloadError, match=message):
+            download(f"{srv.base}/x.mp4", tmp_path, FAST)
+        hits = srv.hits.get("/x.mp4", 0)
+    transient = kind in ("stall", "cut")
+    assert hits == (FAST.retries + 1 if transient else 1)  # only transient faults are retried
+    assert not [p for p in tmp_path.iterdir() if p.is_file()]  # nothing stored under a final name
+
+
+def test_declared_size_over_the_cap_fails_before_reading(tmp_path, video_bytes):
+    small = FAST.model_copy(update={"max_bytes": 1000})
+    with FaultServer({"/v.mkv": ("ok", video_bytes)}) as srv:
+        with pytest.raises(DownloadError, match=f"{len(video_bytes)} bytes, over the size cap"):
+            download(f"{srv.base}/v.mkv", tmp_path, small)
+
+
+def test_a_web_page_is_recognised(tmp_path):
+    with FaultServer({"/watch": ("html", None)}) as srv:
+        with pytest.raises(PageURLError, match="web page"):
+            download(f"{srv.base}/watch", tmp_path, FAST)

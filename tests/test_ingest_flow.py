@@ -1,0 +1,159 @@
+"""The ingest flow against a real Prefect server: bad inputs, reruns, events, Dask, kill + rerun."""
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from data_prep.dataset import load_manifest, version_info
+from data_prep.ffmpeg_bin import ffmpeg_exe
+from flows.ingest import DATASET_EVENT, ingest, with_task_runner
+from tests.http_faults import FaultServer
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def make_bad_inputs(folder: Path, samples: Path) -> None:
+    folder.mkdir(exist_ok=True)
+    (folder / "zero.mp4").write_bytes(b"")
+    (folder / "text.mp4").write_text("this is not a video\n")
+    data = (samples / "bigbuckbunny.mp4").read_bytes()
+    (folder / "truncated.mp4").write_bytes(data[: len(data) // 2])
+    exe = ffmpeg_exe()
+    subprocess.run([exe, "-v", "error", "-y", "-f", "lavfi", "-i", "sine=frequency=440:duration=2",
+                    "-c:a", "aac", str(folder / "audio_only.mp4")], check=True)
+    subprocess.run([exe, "-v", "error", "-y", "-i", str(samples / "bigbuckbunny.mp4"), "-t", "0.4", "-an",
+                    "-c:v", "libx264", str(folder / "too_short.mp4")], check=True)
+
+
+def clip_table(data_root: Path, dataset: str) -> pd.DataFrame:
+    manifest = load_manifest(data_root, dataset)
+    return manifest.drop(columns=["clip_abspath"]).sort_values("clip_id").reset_index(drop=True)
+
+
+def test_bad_inputs_are_reported_and_the_rest_goes_on(prefect_server, tmp_path, video_dir, samples):
+    bad = tmp_path / "bad"
+    make_bad_inputs(bad, samples)
+    config = tmp_path / "ingest.yaml"
+    config.write_text("download:\n  read_timeout_s: 0.5\n  retries: 1\n  backoff_s: 0.05\n  max_bytes: 100000\n")
+    big = (samples / "asl_book.mkv").read_bytes()
+    routes = {"/missing.mp4": ("404", b""), "/stall.mp4": ("stall", b"x" * 50_000), "/cut.mp4": ("cut", b"x" * 50_000),
+              "/redirect.mp4": ("redirect", "file:///etc/passwd"), "/big.mkv": ("ok", big)}
+    with FaultServer(routes) as srv:
+        urls = [f"{srv.base}{path}" for path in routes]
+        summary = ingest(sources=[str(video_dir), str(bad), *urls], data_root=str(tmp_path / "root"),
+                         dataset="mixed", config=str(config))
+    assert summary["sources"] == {"new": 2, "unchanged": 0, "failed": 10}
+    reasons = {Path(f["source"]).name: (f["stage"], f["reason"]) for f in summary["failures"]}
+    assert reasons["zero.mp4"] == ("probe", "empty file (0 bytes)")
+    assert "not a readable video" in reasons["text.mp4"][1]
+    assert "truncated" in reasons["truncated.mp4"][1]
+    assert reasons["audio_only.mp4"][1] == "no video stream (audio streams only)"
+    assert "shorter than the minimum scene" in reasons["too_short.mp4"][1]
+    assert reasons["missing.mp4"] == ("download", "HTTP 404 Not Found")
+    assert "stalled" in reasons["stall.mp4"][1]
+    assert "cut short" in reasons["cut.mp4"][1]
+    assert "non-http" in reasons["redirect.mp4"][1]
+    assert "size cap" in reasons["big.mkv"][1]
+    failures = pd.read_parquet(tmp_path / "root/datasets/mixed/versions" / summary["version"] / "failures.parquet")
+    assert len(failures) == 10 and set(failures.columns) == {"source", "stage", "reason"}
+    manifest = clip_table(tmp_path / "root", "mixed")
+    assert set(manifest["source"].map(lambda s: Path(s).name)) == {"asl_book.mkv", "bigbuckbunny.mp4"}
+
+
+def test_rerun_is_idempotent_and_a_new_video_is_processed_alone(prefect_server, tmp_path, video_dir, samples):
+    root = tmp_path / "root"
+    first = ingest(sources=[str(video_dir)], data_root=str(root), dataset="d")
+    assert first["created"] and first["sources"]["new"] == 2
+    files_before = sorted(p.name for p in (root / "datasets/d/clips").iterdir())
+    again = ingest(sources=[str(video_dir)], data_root=str(root), dataset="d")
+    assert not again["created"] and again["version"] == first["version"] and again["sources"]["unchanged"] == 2
+    assert sorted(p.name for p in (root / "datasets/d/clips").iterdir()) == files_before
+    assert len(list((root / "datasets/d/versions").iterdir())) == 1
+
+    shutil.copy(samples / "big_buck_bunny_0_30.webm", video_dir)
+    third = ingest(sources=[str(video_dir)], data_root=str(root), dataset="d")
+    assert third["sources"] == {"new": 1, "unchanged": 2, "failed": 0}
+    assert third["created"] and third["parent"] == first["version"] and third["new_clips"] == 5
+    info = version_info(root, "d")
+    assert info["num_clips"] == first["total_clips"] + 5 and len(info["shards"]) == 2
+    # the shards hold exactly the manifest's clips
+    import tarfile
+    members = set()
+    for shard in info["shards"]:
+        with tarfile.open(root / "datasets/d" / shard) as tar:
+            members |= {m.name for m in tar.getmembers()}
+    ids = set(clip_table(root, "d")["clip_id"])
+    assert members == {f"{i}.mp4" for i in ids} | {f"{i}.json" for i in ids}
+
+
+def test_new_version_emits_event_and_artifact(prefect_server, tmp_path, video_dir):
+    import anyio
+    from prefect.client.orchestration import get_client
+
+    summary = ingest(sources=[str(video_dir)], data_root=str(tmp_path / "root"), dataset="events-test")
+
+    async def read():
+        async with get_client() as client:
+            response = await client._client.post("/events/filter", json={
+                "filter": {"event": {"name": [DATASET_EVENT]},
+                           "resource": {"id": ["mav.dataset.events-test"]}}, "limit": 10})
+            response.raise_for_status()
+            artifacts = await client.read_artifacts()
+            return response.json()["events"], artifacts
+
+    for _ in range(20):  # the server stores events asynchronously
+        events, artifacts = anyio.run(read)
+        if events:
+            break
+        time.sleep(0.5)
+    (event,) = events
+    assert event["payload"]["version"] == summary["version"]
+    assert event["payload"]["new_clips"] == event["payload"]["total_clips"] == summary["total_clips"]
+    table = next(a for a in artifacts if a.key == "ingest-events-test")
+    assert "asl_book.mkv" in str(table.data)
+
+
+@pytest.mark.slow
+def test_dask_task_runner_gives_the_same_manifest(prefect_server, tmp_path, video_dir):
+    threads = ingest(sources=[str(video_dir)], data_root=str(tmp_path / "a"), dataset="d")
+    dask_flow = with_task_runner("dask", None, workers=2)
+    on_dask = dask_flow(sources=[str(video_dir)], data_root=str(tmp_path / "b"), dataset="d")
+    assert on_dask["version"] == threads["version"]
+    pd.testing.assert_frame_equal(clip_table(tmp_path / "a", "d"), clip_table(tmp_path / "b", "d"))
+
+
+@pytest.mark.slow
+def test_killed_ingest_reruns_to_the_same_dataset(prefect_server, tmp_path, samples):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for name in ("big_buck_bunny_0_30.webm", "bottle-detection.mp4", "asl_book.mkv"):
+        shutil.copy(samples / name, videos / name)
+    env = {**os.environ, "PREFECT_API_URL": prefect_server}
+    command = [sys.executable, "-m", "flows.cli", "ingest", str(videos), "--workers", "1", "--no-progress"]
+
+    def cli(root: Path, kill_after: float | None = None) -> None:
+        process = subprocess.Popen([*command, "--data-root", str(root)], env=env, cwd=REPO,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if kill_after is None:
+            assert process.wait(timeout=300) == 0
+            return
+        time.sleep(kill_after)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+
+    cli(tmp_path / "clean")
+    killed = tmp_path / "killed"
+    for delay in (4.0, 6.0):  # mid-source: clips being encoded, records half written
+        cli(killed, kill_after=delay)
+    cli(killed)
+    pd.testing.assert_frame_equal(
+        clip_table(tmp_path / "clean", "default").drop(columns=["source"]),
+        clip_table(killed, "default").drop(columns=["source"]))
+    leftovers = [p for p in (killed / "datasets/default").rglob(".tmp-*")]
+    assert leftovers == []

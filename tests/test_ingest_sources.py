@@ -1,0 +1,48 @@
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from data_prep.config import ConfigError, load_ingest_config
+from data_prep.sources import SourceError, expand_sources
+
+EXT = [".mp4", ".mkv"]
+
+
+def test_folders_expand_recursively_by_extension(tmp_path):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    for name in ("a/one.mp4", "a/b/two.MKV", "a/notes.txt", "a/b/three.jpg"):
+        (tmp_path / name).write_bytes(b"x")
+    refs = expand_sources([str(tmp_path / "a")], EXT)
+    assert [Path(r.source).name for r in refs] == ["two.MKV", "one.mp4"]
+    assert all(r.kind == "file" and Path(r.source).is_absolute() for r in refs)
+
+
+def test_url_lists_txt_csv_parquet(tmp_path):
+    (tmp_path / "list.txt").write_text("# comment\nhttp://h/a.mp4\n\nhttps://h/b.mp4\nlocal.mp4\n")
+    (tmp_path / "list.csv").write_text("caption,url\nx,http://h/c.mp4\ny,http://h/a.mp4\n")
+    pd.DataFrame({"url": ["http://h/d.mp4"]}).to_parquet(tmp_path / "list.parquet")
+    refs = expand_sources([str(tmp_path / n) for n in ("list.txt", "list.csv", "list.parquet")], EXT)
+    sources = [r.source for r in refs]
+    # repeats dropped, order kept, relative entries resolved against the list's folder
+    assert sources == ["http://h/a.mp4", "https://h/b.mp4", str(tmp_path / "local.mp4"), "http://h/c.mp4", "http://h/d.mp4"]
+    assert [r.kind for r in refs] == ["url", "url", "file", "url", "url"]
+
+
+def test_parquet_without_url_column_is_a_clear_error(tmp_path):
+    pd.DataFrame({"x": [1]}).to_parquet(tmp_path / "bad.parquet")
+    with pytest.raises(SourceError, match="no url column"):
+        expand_sources([str(tmp_path / "bad.parquet")], EXT)
+
+
+def test_other_schemes_are_marked_unsupported():
+    (ref,) = expand_sources(["ftp://example/x.mp4"], EXT)
+    assert ref.kind == "unsupported"
+
+
+def test_config_errors_name_the_key(tmp_path):
+    bad = tmp_path / "ingest.yaml"
+    bad.write_text("scenes:\n  detector: magic\nclips:\n  short_sid: 3\n")
+    with pytest.raises(ConfigError) as err:
+        load_ingest_config(bad)
+    assert "scenes.detector" in str(err.value) and "clips.short_sid" in str(err.value)
