@@ -1,0 +1,74 @@
+"""Model weights from a local path or a URL: sha256-verified, downloaded once, cached.
+
+Downloads stream to a temporary name in the cache folder and are renamed only
+after the checksum matches, so a cache entry is always a complete, verified file.
+The cache is $MAV_WEIGHTS_CACHE, else ~/.cache/mav/weights.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+
+class ChecksumError(ValueError):
+    """A weights file whose sha256 is not the expected one."""
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("MAV_WEIGHTS_CACHE", Path.home() / ".cache" / "mav" / "weights"))
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def is_url(src: str | Path) -> bool:
+    return urllib.parse.urlparse(str(src)).scheme in ("http", "https", "file")
+
+
+def verify(path: Path, sha256: str | None, src: str | Path) -> str:
+    """Return the file's sha256; raise ChecksumError naming src if it is not `sha256`."""
+    actual = sha256_file(path)
+    if sha256 and actual.lower() != sha256.lower():
+        raise ChecksumError(
+            f"weights {src}: sha256 mismatch (expected {sha256.lower()}, got {actual}); "
+            "the file is corrupt, truncated or not the expected model"
+        )
+    return actual
+
+
+def resolve_weights(src: str | Path, sha256: str | None = None, cache_dir: str | Path | None = None) -> tuple[Path, str]:
+    """Local path of verified weights for `src` (a path or URL) and their sha256."""
+    if not is_url(src):
+        path = Path(src).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"weights {src}: no such file")
+        return path, verify(path, sha256, src)
+
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    name = Path(urllib.parse.urlparse(str(src)).path).name or "weights"
+    # keyed by the expected checksum when known, else by the URL
+    key = sha256.lower() if sha256 else hashlib.sha256(str(src).encode()).hexdigest()[:16]
+    target = cache / key / name
+    if target.is_file():
+        return target, verify(target, sha256, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".part-")
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(str(src), timeout=60) as resp:
+            shutil.copyfileobj(resp, out, 1 << 20)
+        digest = verify(Path(tmp), sha256, src)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target, digest

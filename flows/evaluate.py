@@ -1,0 +1,362 @@
+"""The `evaluate` flow: score fake videos against real ones (FVD) and prompts (CLIPSIM), log to MLflow.
+
+    mav evaluate --real NAME[@VERSION] --fake runs:/<run_id> --metrics fvd,clipsim
+
+A source (SRC) is a dataset under --data-root (NAME or NAME@VERSION), a folder of
+videos, or an MLflow run (`runs:/<run_id>[/path]` or `mlflow:<run_id>`) whose video
+artifacts are used. The flow can also make the fake videos itself with a sampler
+(`models.sampling.sample_video` by default when `checkpoints` are given).
+Without real weights (no --i3d-weights, CLIP not available locally) it runs on
+random weights and every printed line and logged metric name says "smoke".
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NONE as NO_CACHE
+
+from eval.video_io import VIDEO_EXTENSIONS, list_videos, write_gif, write_mp4, write_png
+
+METRICS = ("fvd", "clipsim")
+RESIZE = "bilinear 224x224 align_corners=False, no crop, [-1,1]"
+_RUN_SRC = re.compile(r"^(?:runs:/|mlflow:)([0-9a-fA-F]{8,})(?:/(.*))?$")
+
+
+# -- sources ---------------------------------------------------------------------
+@dataclass
+class VideoSet:
+    """Video files to score, the prompts that made them (if known) and where they came from."""
+    source: str
+    kind: str  # dataset | folder | mlflow-run | sampled
+    paths: list[Path]
+    prompts: list[str] | None = None
+    version: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    def take(self, n: int | None, seed: int) -> "VideoSet":
+        """A seeded random subset of n videos (all when n is None or larger)."""
+        if n is None or n >= len(self.paths):
+            return self
+        idx = sorted(np.random.default_rng(seed).choice(len(self.paths), size=n, replace=False).tolist())
+        prompts = [self.prompts[i] for i in idx] if self.prompts else None
+        return VideoSet(self.source, self.kind, [self.paths[i] for i in idx], prompts, self.version, self.extra)
+
+
+def default_tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+
+
+def _load_manifest(data_root: Path, name: str, version: str | None):
+    try:
+        from data_prep.dataset import load_manifest
+    except ImportError:  # shim for docs/dataset-format.md, should data_prep be absent
+        import pandas as pd
+
+        ds = data_root / "datasets" / name
+        version = version if version not in (None, "latest") else (ds / "latest").read_text().strip()
+        manifest = pd.read_parquet(ds / "versions" / version / "manifest.parquet")
+        manifest["clip_abspath"] = [str(ds / p) for p in manifest["clip_path"]]
+        manifest.attrs["version"] = version
+        return manifest
+    return load_manifest(data_root, name, version or "latest")
+
+
+def _sidecar_prompts(folder: Path, paths: list[Path]) -> list[str] | None:
+    for name in ("prompts.json", "prompts.txt"):
+        if (folder / name).is_file():
+            return read_prompts(folder / name, paths)
+    return None
+
+
+def read_prompts(path: str | Path, videos: Sequence[Path] | None = None) -> list[str]:
+    """Prompts from a .txt (one per line, in video order) or .json (a list in video order, or
+    {video file name or stem: prompt}); with `videos`, returned in the videos' order."""
+    path = Path(path)
+    if path.suffix == ".json":
+        data = json.loads(path.read_text())
+    else:
+        data = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if isinstance(data, dict):
+        if videos is None:
+            return list(data.values())
+        missing = [str(v) for v in videos if v.name not in data and v.stem not in data]
+        if missing:
+            raise ValueError(f"{path}: no prompt for {', '.join(missing[:5])}")
+        return [data.get(v.name, data.get(v.stem)) for v in videos]
+    if videos is not None and len(data) != len(videos):
+        raise ValueError(f"{path}: {len(data)} prompts for {len(videos)} videos")
+    return [str(p) for p in data]
+
+
+def resolve_source(src: str, data_root: str | Path = "mav-data", tracking_uri: str | None = None) -> VideoSet:
+    """A SRC string -> the video files it names."""
+    m = _RUN_SRC.match(src)
+    if m:
+        import mlflow
+
+        run_id, sub = m.group(1), m.group(2) or ""
+        dst = Path(tempfile.mkdtemp(prefix=f"mav-eval-{run_id[:8]}-"))
+        local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=sub or None,
+                                                         dst_path=str(dst), tracking_uri=tracking_uri))
+        # sample videos, not the evaluation's own grid pictures
+        paths = [p for p in list_videos(local) if "grid" not in p.stem and p.suffix != ".gif"]
+        if not paths:
+            raise ValueError(f"{src}: the run has no video artifacts ({', '.join(VIDEO_EXTENSIONS)})")
+        return VideoSet(src, "mlflow-run", paths, _sidecar_prompts(local, paths), extra={"run_id": run_id})
+    folder = Path(src).expanduser()
+    if folder.is_dir():
+        paths = list_videos(folder)
+        if not paths:
+            raise ValueError(f"{src}: folder holds no videos ({', '.join(VIDEO_EXTENSIONS)})")
+        return VideoSet(src, "folder", paths, _sidecar_prompts(folder, paths))
+    name, _, version = src.partition("@")
+    root = Path(data_root)
+    if not (root / "datasets" / name).is_dir():
+        raise ValueError(f"{src}: not a folder, an MLflow run (runs:/<id>, mlflow:<id>) or a dataset under {root}/datasets")
+    manifest = _load_manifest(root, name, version or None)
+    if manifest.empty:
+        raise ValueError(f"{src}: the dataset version has no clips")
+    captions = manifest["caption"].fillna("").tolist() if "caption" in manifest else []
+    prompts = captions if captions and all(captions) else None
+    return VideoSet(src, "dataset", [Path(p) for p in manifest["clip_abspath"]], prompts,
+                    version=manifest.attrs.get("version"))
+
+
+# -- tasks ---------------------------------------------------------------------------
+@task(name="sample-videos", cache_policy=NO_CACHE)
+def sample_videos(prompts: list[str], sampler: Callable | None, checkpoints, out_dir: str, steps: int,
+                  guidance: float, seed: int, device: str) -> VideoSet:
+    if sampler is None:
+        from models.sampling import sample_video as sampler  # provided by the models package
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, prompt in enumerate(prompts):
+        target = out / f"sample-{i:05d}.mp4"
+        made = sampler(prompt, checkpoints, target, steps=steps, guidance=guidance, seed=seed + i, device=device)
+        paths.append(Path(made) if isinstance(made, (str, Path)) else target)
+    (out / "prompts.json").write_text(json.dumps({p.name: q for p, q in zip(paths, prompts)}, indent=1))
+    return VideoSet(str(out), "sampled", paths, list(prompts))
+
+
+@task(name="fvd", cache_policy=NO_CACHE)
+def fvd_task(real: VideoSet, fake: VideoSet, i3d_weights: str | None, i3d_sha256: str | None, clip_length: int,
+             clip_stride: int, seed: int, device: str, num_resamples: int, unbiased: bool, batch_size: int):
+    """-> (FVDResult, the first 16 fake clips for the pictures)"""
+    from eval.compute import ClipSpec, fvd_of_files
+    from eval.i3d import load_i3d
+
+    detector = load_i3d(i3d_weights, sha256=i3d_sha256, device=device, batch_size=batch_size,
+                        amp_dtype=None, channels_last=device.startswith("cuda"))
+    real_spec = ClipSpec(clip_length, clip_stride, random_offset=True, seed=seed)
+    fake_spec = ClipSpec(clip_length, clip_stride, random_offset=False, seed=seed)
+    clips: list = []
+    result = fvd_of_files(real.paths, fake.paths, detector, real_spec, fake_spec, batch_size=batch_size,
+                          num_resamples=num_resamples, unbiased=unbiased, keep_clips=clips)
+    return result, clips
+
+
+def load_clip_for_eval(clip_model: str | None, device: str, log=print):
+    """CLIP for CLIPSIM. None = the default ViT-B/32 if it is available locally, else a tiny
+    random CLIP (smoke); "tiny" = the tiny random CLIP; anything else must load."""
+    from models.clip import DEFAULT_CLIP, FrozenCLIP, build_tiny_clip
+
+    if clip_model not in (None, "tiny"):
+        return FrozenCLIP.load(clip_model, device=device)
+    if clip_model is None:
+        try:
+            return FrozenCLIP.load(DEFAULT_CLIP, device=device)
+        except Exception as err:  # offline without a cached copy: OSError / hub errors
+            log(f"CLIP {DEFAULT_CLIP} is not available ({type(err).__name__}); CLIPSIM runs in SMOKE mode "
+                "on a tiny random CLIP. Pass --clip PATH for real numbers.")
+    return FrozenCLIP.load(build_tiny_clip(tempfile.mkdtemp(prefix="mav-tiny-clip-")), device=device)
+
+
+@task(name="clipsim", cache_policy=NO_CACHE)
+def clipsim_task(fake: VideoSet, prompts: list[str], clip_model: str | None, clip_length: int, clip_stride: int,
+                 device: str, num_resamples: int):
+    from eval.clipsim import CLIPSIM
+    from eval.compute import ClipSpec, clipsim_of_files
+
+    metric = CLIPSIM(load_clip_for_eval(clip_model, device, get_run_logger().warning)).to(device)
+    return clipsim_of_files(fake.paths, prompts, metric, ClipSpec(clip_length, clip_stride), num_resamples)
+
+
+def result_lines(results: dict) -> list[str]:
+    lines = []
+    for name, r in results.items():
+        interval = f" [{r.low:.4g}, {r.high:.4g}]" if r.low is not None else ""
+        smoke = " (smoke)" if r.smoke else ""
+        n = f"N={r.num_real}+{r.num_fake}" if name == "fvd" else f"N={r.num_videos}"
+        lines.append(f"{name}: {r.value:.4g}{interval}{smoke}  ({n})")
+    return lines
+
+
+@task(name="log-to-mlflow", cache_policy=NO_CACHE)
+def log_task(results: dict, params: dict, clips: list, tracking_uri: str, experiment: str,
+             parent_run_id: str | None, run_name: str | None) -> str:
+    """One MLflow run (nested under parent_run_id if given). Uses MlflowClient, not the fluent
+    API, so a caller's active run (e.g. the pipeline's parent run) is left alone."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, Param
+
+    from eval.sheets import contact_sheet, video_grid
+
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    smoke = any(r.smoke for r in results.values())
+    tags = {"mav.kind": "evaluate", "mav.smoke": str(smoke).lower()}
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    run = client.create_run(exp_id, run_name=run_name, tags=tags)
+    run_id = run.info.run_id
+    try:
+        now = int(time.time() * 1000)
+        metrics = []
+        for name, r in results.items():
+            # smoke numbers get their own names, so they can never be mistaken for real ones
+            key = f"smoke_{name}" if r.smoke else name
+            metrics.append(Metric(key, r.value, now, 0))
+            if r.low is not None:
+                metrics += [Metric(f"{key}_low", r.low, now, 0), Metric(f"{key}_high", r.high, now, 0)]
+        client.log_batch(run_id, metrics=metrics,
+                         params=[Param(k, str(v if v is not None else "none")) for k, v in params.items()])
+        client.log_dict(run_id, {k: r.as_dict() for k, r in results.items()}, "eval/results.json")
+        if clips:
+            with tempfile.TemporaryDirectory() as tmp:
+                grid = video_grid(clips)
+                write_mp4(Path(tmp) / "grid.mp4", grid, fps=8)
+                write_gif(Path(tmp) / "grid.gif", grid, fps=8)
+                write_png(Path(tmp) / "contact_sheet.png", contact_sheet(clips))
+                client.log_artifacts(run_id, tmp, "eval")
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id, "FINISHED")
+    return run_id
+
+
+# -- the flow -------------------------------------------------------------------------
+@flow(name="evaluate")
+def evaluate(real: str | None = None, fake: str | None = None, prompts: str | None = None,
+             metrics: str | list[str] = "fvd,clipsim", num_videos: int | None = None, i3d_weights: str | None = None,
+             i3d_sha256: str | None = None, clip_model: str | None = None, data_root: str = "mav-data",
+             tracking_uri: str | None = None, clip_length: int = 16, clip_stride: int = 1, seed: int = 0,
+             device: str = "auto", num_resamples: int = 100, unbiased: bool = False, batch_size: int = 16,
+             sampler: Callable | None = None, checkpoints=None, sample_dir: str | None = None,
+             sample_steps: int = 50, guidance: float = 7.5, experiment: str = "evaluate",
+             parent_run_id: str | None = None, run_name: str | None = None) -> dict:
+    """Score `fake` (or videos sampled from `checkpoints` for `prompts`) against `real`; returns
+    {"results": {metric: dict}, "lines": [...], "run_id": ...}."""
+    import torch
+
+    metrics = [m.strip().lower() for m in (metrics.split(",") if isinstance(metrics, str) else metrics) if m.strip()]
+    unknown = set(metrics) - set(METRICS)
+    if unknown:
+        raise ValueError(f"unknown metrics {sorted(unknown)}; choose from {', '.join(METRICS)}")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    tracking_uri = tracking_uri or default_tracking_uri()
+
+    fake_set = resolve_source(fake, data_root, tracking_uri) if fake else None
+    prompt_list = None
+    if prompts:
+        prompt_list = read_prompts(prompts, fake_set.paths if fake_set else None)
+    if fake_set is None:
+        if sampler is None and checkpoints is None:
+            raise ValueError("give --fake SRC, or checkpoints (and prompts) to sample fake videos from")
+        if not prompt_list:
+            raise ValueError("sampling fake videos needs prompts")
+        prompt_list = prompt_list[:num_videos] if num_videos else prompt_list
+        fake_set = sample_videos(prompt_list, sampler, checkpoints,
+                                 sample_dir or tempfile.mkdtemp(prefix="mav-samples-"), sample_steps, guidance,
+                                 seed, device)
+    if prompt_list is not None:
+        fake_set.prompts = prompt_list
+    fake_set = fake_set.take(num_videos, seed)
+
+    results, clips = {}, []
+    params = {"metrics": ",".join(metrics), "fake_source": fake_set.source, "fake_kind": fake_set.kind,
+              "num_fake": len(fake_set.paths), "clip_length": clip_length, "clip_stride": clip_stride,
+              "seed": seed, "device": device}
+    if "fvd" in metrics:
+        if not real:
+            raise ValueError("fvd needs --real SRC")
+        real_set = resolve_source(real, data_root, tracking_uri).take(num_videos, seed)
+        r, clips = fvd_task(real_set, fake_set, i3d_weights, i3d_sha256, clip_length, clip_stride, seed, device,
+                            num_resamples, unbiased, batch_size)
+        results["fvd"] = r
+        params |= {"real_source": real_set.source, "real_version": real_set.version, "num_real": r.num_real,
+                   "resize": RESIZE, "covariance": "unbiased" if unbiased else "biased",
+                   "real_offset": "one random offset per video", "detector": r.detector,
+                   "detector_sha256": r.detector_sha256, "fvd_smoke": r.smoke,
+                   "bootstrap_resamples": num_resamples}
+    if "clipsim" in metrics:
+        if not fake_set.prompts:
+            raise ValueError(f"clipsim needs prompts: pass --prompts FILE (none found with {fake_set.source})")
+        r = clipsim_task(fake_set, fake_set.prompts, clip_model, clip_length, clip_stride, device, num_resamples * 10)
+        results["clipsim"] = r
+        params |= {"clip_model": r.clip_model, "clipsim_smoke": r.smoke}
+    params["smoke"] = any(r.smoke for r in results.values())
+    if not clips:  # clipsim only: still show what was scored
+        from eval.compute import ClipSpec, read_clip
+
+        clips = [torch.from_numpy(read_clip(p, ClipSpec(clip_length, clip_stride))) for p in fake_set.paths[:16]]
+    run_id = log_task(results, params, clips, tracking_uri, experiment, parent_run_id, run_name)
+    lines = result_lines(results)
+    logger = get_run_logger()
+    for line in lines:
+        logger.info(line)
+    return {"results": {k: r.as_dict() for k, r in results.items()}, "lines": lines, "run_id": run_id,
+            "tracking_uri": tracking_uri}
+
+
+# -- CLI ---------------------------------------------------------------------------------
+def register(subparsers) -> None:
+    p = subparsers.add_parser("evaluate", help="FVD / CLIPSIM of fake videos against real ones, logged to MLflow")
+    p.add_argument("--real", help="dataset NAME[@VERSION], folder of videos, or runs:/<run_id> / mlflow:<run_id>")
+    p.add_argument("--fake", help="same forms as --real")
+    p.add_argument("--prompts", help="prompts of the fake videos: .txt (one per line) or .json (list or {file: prompt})")
+    p.add_argument("--metrics", default="fvd,clipsim")
+    p.add_argument("--num-videos", type=int, default=None, help="videos per set (seeded random subset)")
+    p.add_argument("--i3d-weights", default=None, help="i3d_pretrained_400.pt or i3d_torchscript.pt, path or URL; "
+                                                       "without it FVD runs in smoke mode")
+    p.add_argument("--i3d-sha256", default=None)
+    p.add_argument("--clip", dest="clip_model", default=None,
+                   help="CLIP hub id or folder (default openai/clip-vit-base-patch32 if cached, else smoke); 'tiny'")
+    p.add_argument("--data-root", default="mav-data")
+    p.add_argument("--tracking-uri", default=None, help="MLflow URI (default $MLFLOW_TRACKING_URI or ./mlflow.db)")
+    p.add_argument("--clip-length", type=int, default=16)
+    p.add_argument("--clip-stride", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--bootstrap", type=int, default=100, help="bootstrap resamples for the FVD interval (0: none)")
+    p.add_argument("--unbiased", action="store_true", help="unbiased covariance (default: biased, as StyleGAN-V)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--experiment", default="evaluate")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    out = evaluate(real=args.real, fake=args.fake, prompts=args.prompts, metrics=args.metrics,
+                   num_videos=args.num_videos, i3d_weights=args.i3d_weights, i3d_sha256=args.i3d_sha256,
+                   clip_model=args.clip_model, data_root=args.data_root, tracking_uri=args.tracking_uri,
+                   clip_length=args.clip_length, clip_stride=args.clip_stride, seed=args.seed, device=args.device,
+                   num_resamples=args.bootstrap, unbiased=args.unbiased, batch_size=args.batch_size,
+                   experiment=args.experiment)
+    for line in out["lines"]:
+        print(line)
+    print(f"mlflow run: {out['run_id']} ({out['tracking_uri']})", file=sys.stderr)
+    return 0

@@ -1,0 +1,112 @@
+"""`mav evaluate` end to end on real videos: folders in, metrics + pictures in a sqlite MLflow store."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+
+from flows.evaluate import read_prompts, resolve_source
+
+
+@pytest.fixture()
+def two_folders(tmp_path, shared_videos):
+    real, fake = tmp_path / "real", tmp_path / "fake"
+    real.mkdir(), fake.mkdir()
+    for name in ("bikes.mp4", "car-detection.mp4", "bottle-detection.mp4"):
+        shutil.copy(shared_videos / name, real / name)
+    for name in ("carphone_pristine.mp4", "carphone_distorted.mp4", "asl_book.mkv"):
+        shutil.copy(shared_videos / name, fake / name)
+    prompts = {"carphone_pristine": "a man talking in a car", "carphone_distorted": "a man talking in a car",
+               "asl_book.mkv": "a person signing the word book"}
+    (tmp_path / "prompts.json").write_text(json.dumps(prompts))
+    return real, fake, tmp_path / "prompts.json"
+
+
+def test_cli_end_to_end(prefect_server, tmp_path, two_folders, capsys, monkeypatch):
+    import mlflow
+
+    from flows.cli import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    real, fake, prompts = two_folders
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    rc = main(["evaluate", "--real", str(real), "--fake", str(fake), "--prompts", str(prompts),
+               "--metrics", "fvd,clipsim", "--clip", "tiny", "--tracking-uri", uri, "--clip-length", "10",
+               "--bootstrap", "20", "--device", "cpu"])
+    assert rc == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[-2].startswith("fvd: ") and out[-2].split()[1].replace(".", "").isdigit()
+    assert out[-1].startswith("clipsim: ")
+    assert all("(smoke)" in line and "[" in line for line in out[-2:])
+
+    client = mlflow.MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("evaluate").experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    m, p = run.data.metrics, run.data.params
+    # smoke values are logged under smoke_* names only
+    assert set(m) == {"smoke_fvd", "smoke_fvd_low", "smoke_fvd_high",
+                      "smoke_clipsim", "smoke_clipsim_low", "smoke_clipsim_high"}
+    assert m["smoke_fvd"] > 0 and m["smoke_fvd_low"] <= m["smoke_fvd"] <= m["smoke_fvd_high"]
+    assert -1 <= m["smoke_clipsim"] <= 1
+    assert float(out[-2].split()[1]) == pytest.approx(m["smoke_fvd"], rel=1e-3)
+    assert p["clip_length"] == "10" and p["num_real"] == "3" and p["num_fake"] == "3"
+    assert p["smoke"] == "True" and p["detector_sha256"] == "random" and "bilinear 224" in p["resize"]
+    assert run.data.tags["mav.smoke"] == "true"
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "eval")}
+    assert {"eval/grid.mp4", "eval/grid.gif", "eval/contact_sheet.png", "eval/results.json"} <= artifacts
+
+    # the run's artifacts are themselves a source: its grid pictures are not taken for samples
+    with pytest.raises(ValueError, match="no video artifacts"):
+        resolve_source(f"runs:/{run.info.run_id}", tracking_uri=uri)
+
+
+def test_bad_sources_and_prompts(tmp_path):
+    with pytest.raises(ValueError, match="nope: not a folder, an MLflow run"):
+        resolve_source("nope", data_root=tmp_path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="folder holds no videos"):
+        resolve_source(str(tmp_path / "empty"))
+    p = tmp_path / "p.txt"
+    p.write_text("one\ntwo\n")
+    with pytest.raises(ValueError, match="2 prompts for 3 videos"):
+        read_prompts(p, [tmp_path / f"{i}.mp4" for i in range(3)])
+
+
+def test_sampler_hook_makes_the_fake_set(tmp_path, shared_videos):
+    from flows.evaluate import sample_videos
+
+    calls = []
+
+    def sampler(prompt, checkpoints, out, steps, guidance, seed, device):
+        calls.append((prompt, checkpoints, steps, guidance, seed, device))
+        shutil.copy(shared_videos / "carphone_distorted.mp4", out)
+        return out
+
+    made = sample_videos.fn(["a cat", "a dog"], sampler, {"decoder": "ckpt"}, str(tmp_path / "s"), 3, 2.0, 5, "cpu")
+    assert [p.name for p in made.paths] == ["sample-00000.mp4", "sample-00001.mp4"]
+    assert made.prompts == ["a cat", "a dog"] and [c[4] for c in calls] == [5, 6]
+    # the folder it wrote is itself a source, prompts included
+    again = resolve_source(str(tmp_path / "s"))
+    assert again.prompts == ["a cat", "a dog"]
+
+
+def test_log_task_nests_under_an_active_parent_run(tmp_path):
+    """The pipeline calls evaluate inside its own active MLflow run: logging must not clash with it."""
+    import mlflow
+
+    from eval.fvd import FVDResult
+    from flows.evaluate import log_task
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    mlflow.set_tracking_uri(uri)
+    r = FVDResult(12.5, 10.0, 15.0, 0.95, 4, 4, 16, 1, False, "i3d.pt", "abc", False)
+    with mlflow.start_run() as parent:
+        run_id = log_task.fn({"fvd": r}, {"clip_length": 16}, [], uri, "evaluate", parent.info.run_id, "evaluate")
+        assert mlflow.active_run().info.run_id == parent.info.run_id
+    run = mlflow.MlflowClient(uri).get_run(run_id)
+    assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert run.data.metrics == {"fvd": 12.5, "fvd_low": 10.0, "fvd_high": 15.0}  # real: no smoke_ prefix
+    assert run.info.status == "FINISHED"
