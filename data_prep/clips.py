@@ -2,8 +2,9 @@
 
 ffmpeg (a separate process, so it runs beside Python on another core) decodes,
 rotates to the display orientation and scales to the training short side; we
-read raw RGB frames from its pipe, feed a downscaled copy to the cut detector,
-and route the (centre-cropped) frames into one H.264 encoder per clip. Frames
+read raw I420 frames from its pipe (half the bytes of RGB, and no colour
+conversion before the H.264 encoder), feed a half-size BGR copy to the cut
+detector, and route the centre-cropped frames into one encoder per clip. Frames
 wait in a short delay line so that cuts the detector reports a few frames late
 (and trims around cuts) still land on exact frame boundaries.
 """
@@ -42,16 +43,44 @@ def scaled_size(width: int, height: int, short_side: int) -> tuple[int, int]:
 
 
 def crop_box(width: int, height: int, cfg: ClipConfig) -> tuple[slice, slice]:
+    """Rows and columns kept; offsets even so that the I420 chroma planes crop with them."""
     if cfg.crop == "none":
         return slice(0, height), slice(0, width)
     side = min(width, height)
-    top, left = (height - side) // 2, (width - side) // 2
+    top, left = (height - side) // 2 & ~1, (width - side) // 2 & ~1
     return slice(top, top + side), slice(left, left + side)
+
+
+def crop_i420(frame: np.ndarray, width: int, height: int, rows: slice, cols: slice) -> np.ndarray:
+    """Crop a packed I420 frame ((H*3/2) x W bytes) to a packed I420 frame."""
+    flat = frame.reshape(-1)
+    luma = flat[: width * height].reshape(height, width)
+    quarter = width * height // 4
+    u = flat[width * height: width * height + quarter].reshape(height // 2, width // 2)
+    v = flat[width * height + quarter:].reshape(height // 2, width // 2)
+    half_rows, half_cols = slice(rows.start // 2, rows.stop // 2), slice(cols.start // 2, cols.stop // 2)
+    out_h, out_w = rows.stop - rows.start, cols.stop - cols.start
+    return np.concatenate([luma[rows, cols].reshape(-1), u[half_rows, half_cols].reshape(-1),
+                           v[half_rows, half_cols].reshape(-1)]).reshape(out_h * 3 // 2, out_w)
+
+
+def detection_frame(frame: np.ndarray, width: int, height: int, detect_width: int) -> np.ndarray:
+    """A half-size BGR frame from I420: luma subsampled 2x to match the chroma planes."""
+    flat = frame.reshape(-1)
+    quarter = width * height // 4
+    luma = flat[: width * height].reshape(height, width)[::2, ::2]
+    u = flat[width * height: width * height + quarter].reshape(height // 2, width // 2)
+    v = flat[width * height + quarter:].reshape(height // 2, width // 2)
+    bgr = cv2.cvtColor(cv2.merge([luma, u, v]), cv2.COLOR_YUV2BGR)
+    if bgr.shape[1] > detect_width:
+        bgr = cv2.resize(bgr, (detect_width, max(2, round(bgr.shape[0] * detect_width / bgr.shape[1]))),
+                         interpolation=cv2.INTER_LINEAR)
+    return bgr
 
 
 def decode_command(path: Path, width: int, height: int, threads: int = 1) -> list[str]:
     stream = ffmpeg.input(str(path), threads=threads)["v:0"].filter("scale", width, height, flags="bilinear")
-    out = stream.output("pipe:", format="rawvideo", pix_fmt="rgb24", fps_mode="passthrough")
+    out = stream.output("pipe:", format="rawvideo", pix_fmt="yuv420p", fps_mode="passthrough")
     return out.global_args("-v", "error", "-nostdin").compile(cmd=ffmpeg_exe())
 
 
@@ -75,9 +104,8 @@ class ClipWriter:
         self.stream.codec_context.thread_count = 1
         self.count = 0
 
-    def write(self, rgb: np.ndarray) -> None:
-        # OpenCV's RGB->I420 is several times faster than swscale's path inside encode()
-        frame = av.VideoFrame.from_ndarray(cv2.cvtColor(rgb, cv2.COLOR_RGB2YUV_I420), format="yuv420p")
+    def write(self, i420: np.ndarray) -> None:
+        frame = av.VideoFrame.from_ndarray(i420, format="yuv420p")
         frame.pts = self.count
         self.container.mux(self.stream.encode(frame))
         self.count += 1
@@ -116,8 +144,6 @@ def cut_source(
     scfg, ccfg = cfg.scenes, cfg.clips
     width, height = scaled_size(probe.width, probe.height, ccfg.short_side)
     rows, cols = crop_box(width, height, ccfg)
-    detect_w = min(width, scfg.detect_width)
-    detect_h = max(2, round(height * detect_w / width))
     out_fps = ccfg.fps if ccfg.fps and ccfg.fps < probe.fps else probe.fps
     select = out_fps < probe.fps - 1e-6  # keep frames on an out_fps time grid
     min_frames = max(1, math.ceil(scfg.min_scene_s * out_fps - 1e-6))
@@ -166,7 +192,7 @@ def cut_source(
         if trimmed:
             return
         if writer is None:
-            writer = ClipWriter(clips_dir, frame.shape[1], frame.shape[0], out_fps, ccfg)
+            writer = ClipWriter(clips_dir, cols.stop - cols.start, rows.stop - rows.start, out_fps, ccfg)
             clip_start, next_time = i, time_of(i)
         if select:
             if time_of(i) + 1e-6 < next_time:
@@ -176,7 +202,7 @@ def cut_source(
 
     cut_set: set[int] = set()
     pending: deque[tuple[int, np.ndarray]] = deque()
-    frame_bytes = width * height * 3
+    frame_bytes = width * height * 3 // 2
     with tempfile.TemporaryFile() as stderr:
         process = subprocess.Popen(decode_command(path, width, height), stdout=subprocess.PIPE, stderr=stderr)
         index = 0
@@ -185,10 +211,9 @@ def cut_source(
                 data = process.stdout.read(frame_bytes)
                 if len(data) < frame_bytes:
                     break
-                full = np.frombuffer(data, np.uint8).reshape(height, width, 3)
-                small = cv2.resize(full, (detect_w, detect_h), interpolation=cv2.INTER_LINEAR)
-                cut_set.update(detector.push(index, cv2.cvtColor(small, cv2.COLOR_RGB2BGR)))
-                pending.append((index, np.ascontiguousarray(full[rows, cols])))
+                frame = np.frombuffer(data, np.uint8)
+                cut_set.update(detector.push(index, detection_frame(frame, width, height, scfg.detect_width)))
+                pending.append((index, crop_i420(frame, width, height, rows, cols)))
                 if len(pending) > delay:
                     emit(*pending.popleft())
                 index += 1

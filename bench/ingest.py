@@ -1,0 +1,128 @@
+"""Ingest speed beside the physical floor and the usual tool, and cut precision/recall.
+
+(a) floor:  ffmpeg -v error -threads 1 -i X -f null -            (one decode, nothing else)
+(b) usual:  scenedetect detect-adaptive split-video (-vf scale=-2:256, libx264 veryfast)
+(c) ours:   mav ingest DIR (default config)
+
+The corpus (../shared/data/videos) is copied k times with distinct bytes (a remux with
+a metadata change), for k = 1 and k = 4, so that fixed start-up cost (Python imports,
+the temporary Prefect server) separates from throughput: time(k) = startup + k * marginal.
+Targets: (c) marginal per source-second <= 1.5 x (a); (b)/(c) >= 2.5 at k = 4.
+
+    python bench/ingest.py [--videos DIR] [--ks 1 4]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from data_prep.clips import cut_source  # noqa: E402
+from data_prep.config import IngestConfig  # noqa: E402
+from data_prep.ffmpeg_bin import ffmpeg_exe  # noqa: E402
+from data_prep.probe import probe  # noqa: E402
+
+VIDEO_SUFFIXES = {".mp4", ".mkv", ".webm"}
+
+
+def make_corpus(videos: Path, k: int, out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    made = []
+    for source in sorted(p for p in videos.iterdir() if p.suffix in VIDEO_SUFFIXES):
+        for copy in range(k):
+            target = out / f"{source.stem}-copy{copy}{source.suffix}"
+            subprocess.run([ffmpeg_exe(), "-v", "error", "-y", "-i", str(source), "-map", "0", "-c", "copy",
+                            "-metadata", f"comment=bench copy {copy}", str(target)], check=True)
+            made.append(target)
+    return made
+
+
+def timed(commands: list[list[str]], env=None) -> float:
+    start = time.perf_counter()
+    for command in commands:
+        done = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+        if done.returncode:
+            raise SystemExit(f"{command[0]} failed:\n{done.stderr.decode()[-2000:]}")
+    return time.perf_counter() - start
+
+
+def floor(files: list[Path]) -> float:
+    return timed([[ffmpeg_exe(), "-v", "error", "-threads", "1", "-i", str(f), "-f", "null", "-"] for f in files])
+
+
+def usual_tool(files: list[Path], work: Path) -> float:
+    scenedetect = shutil.which("scenedetect", path=str(Path(sys.executable).parent)) or "scenedetect"
+    env = {**os.environ, "PATH": f"{Path(ffmpeg_exe()).parent}:{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    link = Path(sys.executable).parent / "ffmpeg"
+    if shutil.which("ffmpeg", path=env["PATH"]) is None:
+        raise SystemExit(f"scenedetect's split-video needs 'ffmpeg' on PATH; run `make setup` (links {link})")
+    args = "-map 0:v:0 -vf scale=-2:256 -c:v libx264 -preset veryfast -crf 22"
+    return timed([[scenedetect, "-q", "-i", str(f), "-o", str(work / f.stem), "detect-adaptive",
+                   "split-video", "-a", args] for f in files], env=env)
+
+
+def ours(folder: Path, work: Path, prefect_home: Path) -> float:
+    mav = shutil.which("mav", path=str(Path(sys.executable).parent)) or "mav"
+    env = {**os.environ, "DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_HOME": str(prefect_home), "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "300"}
+    return timed([[mav, "ingest", str(folder), "--data-root", str(work / "root"), "--no-progress"]], env=env)
+
+
+def cut_scores(videos: Path, detector: str) -> tuple[float, float]:
+    """Precision and recall (+-1 frame) of detected cuts on the labelled videos."""
+    found = true_pos = labelled = 0
+    cfg = IngestConfig.model_validate({"scenes": {"detector": detector}})
+    for truth_file in sorted(videos.glob("*.cuts.json")):
+        truth = json.loads(truth_file.read_text())
+        video = videos / truth["video"]
+        with tempfile.TemporaryDirectory() as tmp:
+            cuts = cut_source(video, probe(video), "0" * 64, Path(tmp), cfg).cuts
+        labelled += len(truth["cut_frames"])
+        found += len(cuts)
+        true_pos += sum(any(abs(c - t) <= 1 for t in truth["cut_frames"]) for c in cuts)
+    return true_pos / max(found, 1), true_pos / max(labelled, 1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--videos", type=Path, default=REPO.parent / "shared" / "data" / "videos")
+    parser.add_argument("--ks", type=int, nargs=2, default=[1, 4])
+    args = parser.parse_args()
+    for detector in ("content", "adaptive"):
+        precision, recall = cut_scores(args.videos, detector)
+        print(f"cuts on labelled videos, {detector:8s}: precision {precision:.2f} recall {recall:.2f}")
+
+    seconds_per_copy = sum(probe(p).duration_s for p in args.videos.iterdir() if p.suffix in VIDEO_SUFFIXES)
+    times: dict[str, dict[int, float]] = {"floor": {}, "usual": {}, "ours": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        prefect_home = Path(tmp) / "prefect-home"
+        warm = make_corpus(args.videos, 1, Path(tmp) / "warm-up")[:1]  # the server's first-start migrations
+        ours(warm[0].parent, Path(tmp) / "warm-up-out", prefect_home)
+        for k in args.ks:
+            corpus = Path(tmp) / f"corpus-k{k}"
+            files = make_corpus(args.videos, k, corpus)
+            times["floor"][k] = floor(files)
+            times["usual"][k] = usual_tool(files, Path(tmp) / f"usual-k{k}")
+            times["ours"][k] = ours(corpus, Path(tmp) / f"ours-k{k}", prefect_home)
+            print(f"k={k}: {len(files)} sources, {k * seconds_per_copy:.0f} s of video | "
+                  + " | ".join(f"{name} {t[k]:.1f} s" for name, t in times.items()), flush=True)
+    k1, k4 = args.ks
+    marginal = {n: (t[k4] - t[k1]) / ((k4 - k1) * seconds_per_copy) for n, t in times.items()}
+    startup = {n: t[k1] - marginal[n] * k1 * seconds_per_copy for n, t in times.items()}
+    for name in times:
+        print(f"{name:6s} marginal {1000 * marginal[name]:6.1f} ms per source-second, start-up {startup[name]:5.1f} s")
+    print(f"ours marginal / floor marginal: {marginal['ours'] / marginal['floor']:.2f} (target <= 1.5)")
+    print(f"usual / ours at k={k4}: {times['usual'][k4] / times['ours'][k4]:.2f}x (target >= 2.5)")
+
+
+if __name__ == "__main__":
+    main()
