@@ -1,0 +1,106 @@
+"""Training-step throughput per stage: samples/s, model FLOPs per step, MFU on CUDA.
+
+    python bench/train_step.py --size base --device cuda      # GPU host, < 3 min on an H100
+    python bench/train_step.py --size tiny --device cpu
+
+Random batches of each stage's training shape (no data loading), bf16 autocast on
+CUDA, forward + backward + AdamW step. FLOPs from torch.utils.flop_counter over one
+step (includes recomputation where gradient checkpointing is on). CLIP is the tiny
+local one (no downloads): its cost and the embedding width (16 vs 512/768) are a
+negligible part of each stage's FLOPs.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+ROOT = Path(__file__).resolve().parents[1]
+import sys  # noqa: E402
+
+sys.path.insert(0, str(ROOT))
+from models.config import STAGES, load_config  # noqa: E402
+from models.stages import build_stage  # noqa: E402
+
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense tensor-core TFLOPs (SXM)
+
+
+def random_batch(cfg, device):
+    b, s = cfg.data.batch_size, cfg.data.size
+    shape = (b, 3, cfg.data.frames, s, s) if cfg.video else (b, 3, s, s)
+    key = "video" if cfg.video else "image"
+    return {key: torch.rand(shape, device=device) * 2 - 1, "fps": torch.full((b,), 8.0, device=device),
+            "caption": ["a person riding a horse on the beach"] * b}
+
+
+def step(module, opt, batch, device):
+    with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+        x0, cond = module.conditioning(batch)
+        loss = module.diffusion.loss(lambda x, t: module.denoise(x, t, cond), x0)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss
+
+
+def bench_stage(size, stage, device, steps, warmup):
+    cfg = load_config(ROOT / "configs" / size / f"{stage}.yaml", {"clip": "tiny", "trainer.compile": False})
+    module = build_stage(cfg).to(device).train()
+    opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-5)
+    batch = random_batch(cfg, device)
+    for _ in range(warmup):
+        step(module, opt, batch, device)
+    flops_counter = FlopCounterMode(display=False)
+    with flops_counter:
+        step(module, opt, batch, device)
+    flops = flops_counter.get_total_flops()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        loss = step(module, opt, batch, device)
+    loss.item()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    dt = (time.perf_counter() - t0) / steps
+    params = sum(p.numel() for p in module.net.parameters()) / 1e6
+    trainable = sum(p.numel() for p in module.net.parameters() if p.requires_grad) / 1e6
+    mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    del module, opt
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    return dict(stage=f"{stage}({cfg.mode})", batch=cfg.data.batch_size, params=params, trainable=trainable,
+                step_s=dt, samples_s=cfg.data.batch_size / dt, tflop_step=flops / 1e12, achieved=flops / dt, mem=mem)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size", default="tiny", choices=["tiny", "base", "large"])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--stages", nargs="*", default=list(STAGES))
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    peak = None
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        name = torch.cuda.get_device_name()
+        peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
+        print(f"device: {name}, bf16 dense peak: {peak / 1e12 if peak else 'unknown'} TFLOPs")
+    print(f"{'stage':22s} {'batch':>5s} {'params M':>9s} {'train M':>8s} {'s/step':>8s} {'samples/s':>10s} "
+          f"{'TFLOP/step':>11s} {'TFLOP/s':>8s} {'MFU':>6s} {'mem GiB':>8s}")
+    for stage in args.stages:
+        r = bench_stage(args.size, stage, device, args.steps, args.warmup)
+        mfu = f"{r['achieved'] / peak:6.1%}" if peak else "   n/a"
+        print(f"{r['stage']:22s} {r['batch']:5d} {r['params']:9.1f} {r['trainable']:8.1f} {r['step_s']:8.3f} "
+              f"{r['samples_s']:10.2f} {r['tflop_step']:11.3f} {r['achieved'] / 1e12:8.2f} {mfu} {r['mem']:8.1f}",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""`mav train STAGE --config ...` and `mav sample --prompt ...`: thin CLI over models.train / models.sampling."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+STAGES = ("prior", "decoder", "interpolation", "sr_low", "sr_high")
+CHAIN_FLAGS = {"prior": "--prior", "decoder": "--decoder", "interpolation": "--interpolation",
+               "sr_low": "--sr-low", "sr_high": "--sr-high"}
+
+
+def register(subparsers) -> None:
+    train = subparsers.add_parser("train", help="train one Make-A-Video stage")
+    train.add_argument("stage", help=f"one of: {', '.join(STAGES)}")
+    train.add_argument("--config", required=True, type=Path, help="configs/<size>/<stage>.yaml")
+    train.add_argument("--data-root", type=Path)
+    train.add_argument("--dataset")
+    train.add_argument("--init", type=Path, help="checkpoint to start from (inflation / decoder -> interpolation)")
+    train.add_argument("--resume", action="store_true", help="continue OUT/checkpoints/last.ckpt exactly")
+    train.add_argument("--out", type=Path, help="output folder (default runs/<stage>)")
+    train.add_argument("--max-steps", type=int)
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key, e.g. --set mode=image --set trainer.lr=1e-4 (YAML values)")
+    train.set_defaults(func=run_train)
+
+    sample = subparsers.add_parser("sample", help="text -> video through the trained stages")
+    sample.add_argument("--prompt", required=True, action="append", help="repeat for several videos")
+    sample.add_argument("--out", type=Path, default=Path("video.mp4"))
+    sample.add_argument("--checkpoints", type=Path, help="folder with <stage>.ckpt or <stage>/checkpoints/last.ckpt")
+    for stage, flag in CHAIN_FLAGS.items():
+        sample.add_argument(flag, type=Path, dest=f"ckpt_{stage}", help=f"{stage} checkpoint")
+    sample.add_argument("--steps", type=int)
+    sample.add_argument("--guidance", type=float)
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    sample.set_defaults(func=run_sample)
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _overrides(pairs: list[str]) -> dict:
+    import yaml
+
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects KEY=VALUE, got {pair!r}")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def run_train(args) -> int:
+    from models.config import ConfigError, load_config
+    from models.data import DataError
+    from models.stages import CheckpointError
+    from models.train import train_stage
+
+    if args.stage not in STAGES:
+        print(f"error: unknown stage {args.stage!r}; stages are {', '.join(STAGES)}", file=sys.stderr)
+        return 2
+    try:
+        config = load_config(args.config, _overrides(args.set))
+        result = train_stage(args.stage, config, data_root=args.data_root, dataset=args.dataset, init=args.init,
+                             resume=args.resume, out_dir=args.out or Path("runs") / args.stage,
+                             max_steps=args.max_steps)
+    except (ConfigError, DataError, CheckpointError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"{result.stage}: step {result.global_step}, loss {result.train_loss:.4f}, checkpoint {result.checkpoint}")
+    return 0
+
+
+def find_checkpoints(folder: Path | None, explicit: dict[str, Path | None]) -> dict[str, Path]:
+    found = {}
+    for stage in STAGES:
+        if explicit.get(stage):
+            found[stage] = explicit[stage]
+        elif folder:
+            for candidate in (folder / f"{stage}.ckpt", folder / stage / "checkpoints" / "last.ckpt"):
+                if candidate.exists():
+                    found[stage] = candidate
+                    break
+    return found
+
+
+def run_sample(args) -> int:
+    from models.sampling import sample_video, sample_videos
+    from models.stages import CheckpointError
+
+    checkpoints = find_checkpoints(args.checkpoints, {s: getattr(args, f"ckpt_{s}") for s in STAGES})
+    try:
+        if len(args.prompt) == 1:
+            results = [sample_video(args.prompt[0], checkpoints, args.out, steps=args.steps, guidance=args.guidance,
+                                    seed=args.seed, device=args.device)]
+        else:
+            results = sample_videos(args.prompt, checkpoints, args.out.with_suffix(""), steps=args.steps,
+                                    guidance=args.guidance, seed=args.seed, device=args.device)
+    except (CheckpointError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for r in results:
+        t, h, w, _ = r.frames.shape
+        print(f"{r.prompt!r}: {t} frames {w}x{h} @ {r.fps:g} fps -> {r.mp4} {r.gif or ''}")
+    return 0
+
+
+if __name__ == "__main__":  # python -m flows.train ...
+    parser = argparse.ArgumentParser(prog="mav")
+    register(parser.add_subparsers(dest="command", required=True))
+    ns = parser.parse_args()
+    sys.exit(ns.func(ns))

@@ -1,0 +1,173 @@
+"""Typed stage configs loaded from YAML (configs/<size>/<stage>.yaml).
+
+Unknown keys and wrong types are errors that name the key, e.g.
+`configs/tiny/decoder.yaml: data.frames: Input should be a valid integer`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+
+STAGES = ("prior", "decoder", "interpolation", "sr_low", "sr_high")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class UNetConfig(Strict):
+    channels: int = 64
+    channel_mults: list[int] = [1, 2, 4]
+    num_res_blocks: int = 2
+    attn_levels: list[int] = [1, 2]
+    heads: int = 4
+    dim_head: int = 32
+    context_tokens: int = 4
+    temporal_kernel: int = 3
+    dropout: float = 0.0
+    groups: int = 32
+    grad_checkpoint: bool = False
+
+
+class PriorNetConfig(Strict):
+    width: int = 512
+    depth: int = 6
+    heads: int = 8
+    dropout: float = 0.0
+
+
+class DiffusionConfig(Strict):
+    timesteps: int = 1000
+    schedule: Literal["squaredcos_cap_v2", "linear", "scaled_linear"] = "squaredcos_cap_v2"
+    prediction: Literal["epsilon", "v", "sample"] = "epsilon"
+    sampler: Literal["ddim", "dpm++"] = "dpm++"
+    sample_steps: int = 25
+    guidance: float = 3.0
+
+
+class DataConfig(Strict):
+    # video: the ingest's WebDataset shards ("shards"), its clip files via the manifest ("clips"),
+    # or whichever exists ("auto"); the prior may also read image-text pairs ("images": image_path)
+    source: Literal["auto", "shards", "clips", "images"] = "auto"
+    image_path: str | None = None  # folder of <name>.jpg + <name>.txt, or a .tar / folder of jpg+txt shards
+    size: int = 64  # output side in pixels (SR: the high-res side)
+    lowres_size: int | None = None  # SR input side
+    frames: int = 16  # clip window (video mode)
+    fps_range: tuple[float, float] = (1.0, 30.0)
+    # target fps = lo + (hi - lo) * Beta(a, b); a > b favours high fps (small strides, little motion)
+    fps_beta: tuple[float, float] = (2.0, 1.0)
+    clip_frame: Literal["first", "middle", "mean"] = "middle"  # which frame(s) give the CLIP image embedding
+    max_skip: int = 5  # interpolation: frame skips 1..max_skip
+    mask_modes: list[Literal["interpolate", "extrapolate", "animate"]] = ["interpolate", "extrapolate", "animate"]
+    # prior on unlabeled video: clips without a caption are skipped; with none captioned at all,
+    # "source_name" captions frames with their source's file name (weak text, said loudly), "error" stops
+    caption_fallback: Literal["error", "source_name"] = "error"
+    random_crop: bool = True
+    batch_size: int = 8
+    num_workers: int = 2
+    shuffle_buffer: int = 64
+
+
+class SamplingConfig(Strict):
+    frames: int = 16  # decoder: frames generated
+    fps: float = 4.0  # decoder: fps conditioning at sampling (interpolation then runs at fps * skip)
+    skip: int = 5  # interpolation: 16 -> (16 - 1) * 5 + 1 = 76 frames
+
+
+class TrainerConfig(Strict):
+    max_steps: int = 1000
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    accumulate_grad_batches: int = 1
+    precision: str = "auto"  # auto: bf16-mixed on GPU, 32-true on CPU
+    accelerator: str = "auto"
+    devices: int | str = "auto"
+    num_nodes: int = 1
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto"
+    ema_decay: float = 0.0  # 0 disables EMA of weights
+    compile: bool = False
+    log_every: int = 10
+    checkpoint_every: int = 500
+    seed: int = 0
+
+
+class StageConfig(Strict):
+    stage: Literal["prior", "decoder", "interpolation", "sr_low", "sr_high"]
+    mode: Literal["image", "video"] = "video"  # decoder / sr_low: image pre-training, then inflated video
+    clip: str = "tiny"  # CLIP hub id or folder; "tiny" builds a tiny random CLIP locally (tests, demo)
+    freeze_spatial: bool = True  # video mode: train only the temporal layers
+    cond_dropout: float = 0.1  # classifier-free guidance: drop the conditioning this often
+    unet: UNetConfig = UNetConfig()
+    prior: PriorNetConfig = PriorNetConfig()
+    diffusion: DiffusionConfig = DiffusionConfig()
+    data: DataConfig = DataConfig()
+    sampling: SamplingConfig = SamplingConfig()
+    trainer: TrainerConfig = TrainerConfig()
+
+    @model_validator(mode="after")
+    def _stage_rules(self):
+        if self.stage in ("prior", "sr_high") and self.mode == "video":
+            self.mode = "image"  # spatial-only stages
+        if self.stage == "interpolation" and self.mode != "video":
+            raise ValueError("mode: interpolation works on video only")
+        if self.stage in ("sr_low", "sr_high") and not self.data.lowres_size:
+            raise ValueError("data.lowres_size: super-resolution needs the low-res input size")
+        if self.data.lowres_size and self.data.size % self.data.lowres_size:
+            raise ValueError("data.lowres_size: must divide data.size")
+        return self
+
+    @property
+    def video(self) -> bool:
+        return self.mode == "video"
+
+
+def _describe(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"{key}: {msg}")
+    return "; ".join(lines)
+
+
+def parse_config(raw: dict, source: str = "config") -> StageConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
+    try:
+        return StageConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(f"{source}: {_describe(err)}") from None
+
+
+def load_config(path: str | Path, overrides: dict | None = None) -> StageConfig:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    for key, value in (overrides or {}).items():  # dotted keys: {"trainer.max_steps": 5}
+        node = raw
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return parse_config(raw, str(path))
+
+
+def as_config(config: StageConfig | dict | str | Path) -> StageConfig:
+    if isinstance(config, StageConfig):
+        return config
+    if isinstance(config, dict):
+        return parse_config(config)
+    return load_config(config)

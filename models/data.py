@@ -1,0 +1,243 @@
+"""Training data for every stage: clips from the ingest's dataset, frames, image-text pairs.
+
+Video comes from `DATA_ROOT/datasets/NAME` (docs/dataset-format.md): the WebDataset
+shards (streamed, shuffled per shard and in a buffer) or the manifest's clip files
+(random access). PyAV decodes in the DataLoader's worker processes. Each sample is
+a random window: `frames` frames at a random stride that realises a target fps drawn
+from a Beta distribution over `fps_range`; the stride fps is returned for conditioning.
+Image-mode stages get one random frame per clip. Resize: short side to `size`, then a
+random (or centre) square crop.
+
+Everything that can be wrong with the data (no dataset, no clips, clips shorter than
+the window, no captions for the prior) raises DataError in `check()`, before training.
+"""
+from __future__ import annotations
+
+import json
+import random
+import warnings
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+from models.config import StageConfig
+from models.video_io import read_frames
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
+
+
+class DataError(ValueError):
+    pass
+
+
+# -- sampling windows -----------------------------------------------------------------
+def draw_stride(clip_fps: float, num_frames: int, frames: int, fps_range, fps_beta, rng: random.Random) -> int:
+    """Frame stride realising a Beta-distributed target fps, capped so the window fits."""
+    lo, hi = fps_range
+    target = lo + (hi - lo) * rng.betavariate(*fps_beta)
+    stride = max(1, round(clip_fps / max(target, 1e-3)))
+    return min(stride, max(1, (num_frames - 1) // max(frames - 1, 1)))
+
+
+def window_indices(num_frames: int, frames: int, stride: int, rng: random.Random) -> list[int]:
+    span = (frames - 1) * stride + 1
+    start = rng.randrange(0, num_frames - span + 1)
+    return list(range(start, start + span, stride))
+
+
+def resize_crop(video: np.ndarray, size: int, rng: random.Random | None) -> torch.Tensor:
+    """uint8 [T,H,W,3] -> float [3,T,size,size] in [-1,1]; rng=None: centre crop."""
+    x = rearrange(torch.from_numpy(video), "t h w c -> t c h w").float() / 127.5 - 1
+    h, w = x.shape[-2:]
+    scale = size / min(h, w)
+    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    if (nh, nw) != (h, w):
+        x = F.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
+    top = rng.randint(0, nh - size) if rng else (nh - size) // 2
+    left = rng.randint(0, nw - size) if rng else (nw - size) // 2
+    x = x[..., top : top + size, left : left + size].clamp(-1, 1)
+    return rearrange(x, "t c h w -> c t h w")
+
+
+class ClipSampler:
+    """Turns one clip (path or bytes + its manifest row) into a training sample."""
+
+    def __init__(self, config: StageConfig):
+        self.cfg = config.data
+        self.frames = config.data.frames if config.video else 1
+        self.captions = config.stage == "prior"
+
+    def __call__(self, src, row: dict, rng: random.Random) -> dict:
+        n, fps = int(row["num_frames"]), float(row["fps"])
+        if self.frames == 1:
+            stride, idx = 1, [rng.randrange(n)]
+        else:
+            stride = draw_stride(fps, n, self.frames, self.cfg.fps_range, self.cfg.fps_beta, rng)
+            idx = window_indices(n, self.frames, stride, rng)
+        video, _ = read_frames(src, idx)
+        x = resize_crop(video, self.cfg.size, rng if self.cfg.random_crop else None)
+        sample = {"fps": torch.tensor(fps / stride, dtype=torch.float32), "caption": row.get("caption") or ""}
+        sample["video" if self.frames > 1 else "image"] = x if self.frames > 1 else x[:, 0]
+        return sample
+
+
+def _rng() -> random.Random:
+    # seeded from torch's per-worker seed (Lightning's seed_everything(workers=True))
+    return random.Random(torch.initial_seed() + random.getrandbits(32))
+
+
+class ClipFiles(Dataset):
+    def __init__(self, rows: list[dict], sampler: ClipSampler):
+        self.rows, self.sampler = rows, sampler
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        row = self.rows[i]
+        return self.sampler(row["clip_abspath"], row, _rng())
+
+
+class ClipShards(IterableDataset):
+    """WebDataset shards of <clip_id>.mp4 + <clip_id>.json, split over nodes and workers, repeated."""
+
+    def __init__(self, shards: list[str], sampler: ClipSampler, keep: set[str], buffer: int):
+        self.shards, self.sampler, self.keep, self.buffer = shards, sampler, keep, buffer
+
+    def __iter__(self):
+        import webdataset as wds
+
+        rng = _rng()
+        pipeline = wds.WebDataset(self.shards, shardshuffle=len(self.shards), nodesplitter=wds.split_by_node,
+                                  workersplitter=wds.split_by_worker, empty_check=False, repeat=True)
+        pipeline = pipeline.select(lambda s: s["__key__"] in self.keep).shuffle(self.buffer)
+        for s in pipeline:
+            row = json.loads(s["json"])
+            yield self.sampler(s["mp4"], row, rng)
+
+
+class ImageText(Dataset):
+    """Folder of images with same-named .txt captions (the prior's image-text pairs)."""
+
+    def __init__(self, pairs: list[tuple[Path, str]], size: int):
+        self.pairs, self.size = pairs, size
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        path, caption = self.pairs[i]
+        image = np.asarray(Image.open(path).convert("RGB"))[None]
+        return {"image": resize_crop(image, self.size, _rng())[:, 0], "caption": caption,
+                "fps": torch.tensor(0.0)}
+
+
+def image_text_pairs(path: Path) -> list[tuple[Path, str]]:
+    pairs = []
+    for image in sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTS):
+        txt = image.with_suffix(".txt")
+        if txt.exists() and txt.read_text().strip():
+            pairs.append((image, txt.read_text().strip()))
+    return pairs
+
+
+# -- the data module ---------------------------------------------------------------------
+def read_manifest(data_root: Path, dataset: str) -> tuple[pd.DataFrame, list[str]]:
+    from data_prep.dataset import DatasetError, load_manifest, shard_paths
+
+    try:
+        manifest = load_manifest(data_root, dataset)
+        shards = [str(p) for p in shard_paths(data_root, dataset)]
+    except (DatasetError, FileNotFoundError, KeyError) as err:
+        raise DataError(f"dataset {dataset!r} under {data_root}: {err}") from None
+    return manifest, shards
+
+
+class StageDataModule(L.LightningDataModule):
+    def __init__(self, config: StageConfig, data_root: str | Path | None = None, dataset: str | None = None):
+        super().__init__()
+        self.config = config
+        self.data_root = Path(data_root) if data_root else None
+        self.dataset_name = dataset
+        self.train_set: Dataset | IterableDataset | None = None
+
+    def check(self) -> "StageDataModule":
+        """Resolve and validate the data; every problem is a DataError raised here, before training."""
+        cfg, data = self.config, self.config.data
+        if data.source == "images":
+            if not data.image_path:
+                raise DataError("data.image_path: source 'images' needs a folder of image + .txt pairs")
+            pairs = image_text_pairs(Path(data.image_path))
+            if not pairs:
+                raise DataError(f"data.image_path: no captioned images (<name>.jpg + <name>.txt) in {data.image_path}")
+            self.train_set = ImageText(pairs, data.size)
+            return self
+        if self.data_root is None or not self.dataset_name:
+            raise DataError(f"stage {cfg.stage!r} needs --data-root and --dataset (an ingested video dataset)")
+        manifest, shards = read_manifest(self.data_root, self.dataset_name)
+        if manifest.empty:
+            raise DataError(f"dataset {self.dataset_name!r} is empty: no clips to train on")
+        window = data.frames if cfg.video else 1
+        short = manifest["num_frames"] < window
+        if short.all():
+            raise DataError(f"every clip of {self.dataset_name!r} is shorter than the {window}-frame window "
+                            f"(longest: {int(manifest['num_frames'].max())} frames); lower data.frames")
+        if short.any():
+            warnings.warn(f"skipping {int(short.sum())} clips shorter than the {window}-frame window")
+        manifest = manifest[~short]
+        if cfg.stage == "prior":
+            manifest = self._captioned(manifest)
+        rows = manifest.to_dict("records")
+        sampler = ClipSampler(cfg)
+        source = data.source if data.source != "auto" else ("shards" if shards else "clips")
+        if source == "shards":
+            if not shards:
+                raise DataError(f"dataset {self.dataset_name!r} has no shards; use data.source: clips")
+            by_id = {r["clip_id"]: r for r in rows}
+            self.train_set = ClipShards(shards, _CaptionOverride(sampler, by_id), set(by_id), data.shuffle_buffer)
+        else:
+            self.train_set = ClipFiles(rows, sampler)
+        return self
+
+    def _captioned(self, manifest: pd.DataFrame) -> pd.DataFrame:
+        captioned = manifest[manifest["caption"].fillna("").str.strip() != ""]
+        if len(captioned):
+            if len(captioned) < len(manifest):
+                warnings.warn(f"prior: skipping {len(manifest) - len(captioned)} clips without a caption")
+            return captioned
+        if self.config.data.caption_fallback == "error":
+            raise DataError(f"prior: no clip of {self.dataset_name!r} has a caption; give image-text pairs "
+                            "(data.source: images) or set data.caption_fallback: source_name")
+        warnings.warn("prior: no captions in the dataset; captioning frames with their source file names "
+                      "(weak text conditioning, for demos only)")
+        manifest = manifest.copy()
+        manifest["caption"] = [Path(str(s)).stem.replace("_", " ").replace("-", " ") for s in manifest["source"]]
+        return manifest
+
+    def train_dataloader(self):
+        if self.train_set is None:
+            self.check()
+        data = self.config.data
+        iterable = isinstance(self.train_set, IterableDataset)
+        return DataLoader(self.train_set, batch_size=data.batch_size, shuffle=not iterable,
+                          num_workers=data.num_workers, persistent_workers=data.num_workers > 0,
+                          drop_last=not iterable and len(self.train_set) >= data.batch_size,
+                          pin_memory=torch.cuda.is_available())
+
+
+class _CaptionOverride:
+    """Shards carry the manifest row as json; the checked manifest (fallback captions) wins."""
+
+    def __init__(self, sampler: ClipSampler, rows: dict[str, dict]):
+        self.sampler, self.rows = sampler, rows
+
+    def __call__(self, src, row, rng):
+        return self.sampler(src, self.rows.get(row["clip_id"], row), rng)

@@ -1,0 +1,83 @@
+"""Gaussian diffusion: noise schedule, training loss, fast samplers with classifier-free guidance.
+
+The schedule and the samplers are diffusers' (DDPMScheduler for q(x_t|x_0),
+DDIMScheduler and DPMSolverMultistepScheduler (DPM-Solver++) for sampling), so
+the maths is theirs; this module only wires them to our denoisers.
+A denoiser is `fn(x_t, t) -> prediction` (epsilon, v or x_0, per `prediction`).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+PREDICTIONS = {"epsilon": "epsilon", "v": "v_prediction", "sample": "sample"}
+SAMPLERS = ("ddim", "dpm++")
+
+
+class Diffusion:
+    def __init__(self, timesteps: int = 1000, schedule: str = "squaredcos_cap_v2", prediction: str = "epsilon",
+                 clip_sample: bool = True):
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {list(PREDICTIONS)}, got {prediction!r}")
+        self.prediction = prediction
+        self.clip_sample = clip_sample  # pixels live in [-1, 1]; CLIP embeddings do not
+        self.schedule = DDPMScheduler(num_train_timesteps=timesteps, beta_schedule=schedule,
+                                      prediction_type=PREDICTIONS[prediction], clip_sample=False)
+        self.timesteps = timesteps
+
+    # -- training ---------------------------------------------------------------
+    def q_sample(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.schedule.add_noise(x0, noise, t)
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.prediction == "epsilon":
+            return noise
+        if self.prediction == "v":
+            return self.schedule.get_velocity(x0, noise, t)
+        return x0
+
+    def loss(self, denoise: Denoiser, x0: torch.Tensor, noise: torch.Tensor | None = None,
+             t: torch.Tensor | None = None) -> torch.Tensor:
+        """Simple MSE on the chosen target at uniformly drawn timesteps."""
+        noise = torch.randn_like(x0) if noise is None else noise
+        if t is None:
+            t = torch.randint(0, self.timesteps, (x0.shape[0],), device=x0.device)
+        pred = denoise(self.q_sample(x0, noise, t), t)
+        return F.mse_loss(pred.float(), self.target(x0, noise, t).float())
+
+    # -- sampling ---------------------------------------------------------------
+    def sampler(self, name: str = "ddim"):
+        common = dict(num_train_timesteps=self.timesteps, beta_schedule=self.schedule.config.beta_schedule,
+                      prediction_type=PREDICTIONS[self.prediction], timestep_spacing="trailing")
+        if name == "ddim":
+            return DDIMScheduler(**common, clip_sample=self.clip_sample, set_alpha_to_one=True)
+        if name == "dpm++":
+            return DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++", solver_order=2,
+                                               lower_order_final=True)
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {name!r}")
+
+    @torch.no_grad()
+    def sample(self, denoise: Denoiser, noise: torch.Tensor, steps: int = 25, sampler: str = "ddim") -> torch.Tensor:
+        """Run the reverse process from `noise` (fixes the randomness: same noise, same result)."""
+        scheduler = self.sampler(sampler)
+        scheduler.set_timesteps(steps, device=noise.device)
+        x = noise * scheduler.init_noise_sigma
+        for t in scheduler.timesteps:
+            pred = denoise(x, t.expand(x.shape[0]).to(noise.device)).float()
+            x = scheduler.step(pred, t, x).prev_sample
+        return x.clamp(-1, 1) if self.clip_sample else x
+
+
+def guided(denoise_cond: Callable[[torch.Tensor, torch.Tensor, bool], torch.Tensor], guidance: float) -> Denoiser:
+    """Classifier-free guidance: uncond + g * (cond - uncond). g == 1 skips the unconditional pass."""
+    def denoise(x, t):
+        cond = denoise_cond(x, t, True)
+        if guidance == 1.0:
+            return cond
+        uncond = denoise_cond(x, t, False)
+        return uncond + guidance * (cond - uncond)
+    return denoise

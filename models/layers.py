@@ -1,0 +1,110 @@
+"""Pseudo-3D building blocks (Make-A-Video, Sec. 3.2).
+
+Videos travel through the U-Net folded as frames, `[(b t), c, h, w]`, so every
+spatial layer is exactly the image layer. Temporal layers unfold the frames
+(`frames=T`) and are skipped when `frames is None` (image input). Both temporal
+layers start as the identity, so an inflated image model is unchanged at step 0.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+
+def sinusoidal_embedding(x: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """[N] (timesteps, fps, positions) -> [N, dim] sin/cos features."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=x.device, dtype=torch.float32) / half)
+    args = x.float()[:, None] * freqs[None]
+    emb = torch.cat([args.cos(), args.sin()], dim=-1)
+    return F.pad(emb, (0, dim % 2))
+
+
+def zero_(module: nn.Module) -> nn.Module:
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+class PseudoConv3d(nn.Module):
+    """Conv2d over each frame, then Conv1d over time at each pixel (Dirac init: identity)."""
+
+    def __init__(self, dim_in: int, dim_out: int, kernel: int = 3, temporal: bool = False, temporal_kernel: int = 3):
+        super().__init__()
+        self.spatial = nn.Conv2d(dim_in, dim_out, kernel, padding=kernel // 2)
+        self.temporal = None
+        if temporal:
+            self.temporal = nn.Conv1d(dim_out, dim_out, temporal_kernel, padding=temporal_kernel // 2)
+            nn.init.dirac_(self.temporal.weight)
+            nn.init.zeros_(self.temporal.bias)
+
+    def forward(self, x: torch.Tensor, frames: int | None = None) -> torch.Tensor:
+        x = self.spatial(x)
+        if frames is None or self.temporal is None:
+            return x
+        h, w = x.shape[-2:]
+        x = rearrange(x, "(b t) c h w -> (b h w) c t", t=frames)
+        x = self.temporal(x)
+        return rearrange(x, "(b h w) c t -> (b t) c h w", h=h, w=w)
+
+
+class Attention(nn.Module):
+    """Multi-head attention over token sequences via scaled_dot_product_attention."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int | None = None):
+        super().__init__()
+        inner = heads * dim_head
+        self.heads = heads
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_kv = nn.Linear(dim, 2 * inner, bias=False)
+        # extra context tokens (CLIP image embedding, unCLIP style) join the keys and values
+        self.context_to_kv = nn.Linear(context_dim, 2 * inner, bias=False) if context_dim else None
+        self.to_out = nn.Linear(inner, dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        q = self.to_q(x)
+        kv = self.to_kv(x)
+        if context is not None and self.context_to_kv is not None:
+            kv = torch.cat([kv, self.context_to_kv(context)], dim=1)
+        k, v = kv.chunk(2, dim=-1)
+        q, k, v = (rearrange(z, "b n (h d) -> b h n d", h=self.heads) for z in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
+
+
+class SpatialAttention(nn.Module):
+    """Self-attention over the pixels of each frame, with conditioning tokens as extra keys."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int | None = None, groups: int = 32):
+        super().__init__()
+        self.norm = nn.GroupNorm(min(groups, dim), dim)
+        self.attn = Attention(dim, heads, dim_head, context_dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        tokens = rearrange(self.norm(x), "b c h w -> b (h w) c")
+        out = self.attn(tokens, context)
+        return x + rearrange(out, "b (h w) c -> b c h w", h=h, w=w)
+
+
+class TemporalAttention(nn.Module):
+    """Self-attention over frames at each pixel; zero-initialised output projection => identity at init."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int):
+        super().__init__()
+        self.dim = dim
+        self.norm = nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads, dim_head)
+        zero_(self.attn.to_out)
+
+    def forward(self, x: torch.Tensor, frames: int) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        tokens = rearrange(x, "(b t) c h w -> (b h w) t c", t=frames)
+        # absolute sinusoidal frame positions: work for any clip length (16 train, 76 interpolated)
+        pos = sinusoidal_embedding(torch.arange(frames, device=x.device), self.dim).to(tokens.dtype)
+        out = self.attn(self.norm(tokens + pos))
+        return x + rearrange(out, "(b h w) t c -> (b t) c h w", h=h, w=w)

@@ -1,0 +1,165 @@
+"""The sampling chain: text -> P -> D^t -> ↑F -> SR^t_l -> SR_h -> mp4 (+ gif).
+
+    prior          prompt -> CLIP image embedding
+    decoder        embedding + fps -> `sampling.frames` frames (16) at the decoder size
+    interpolation  skip s (5): 16 -> (16 - 1) * s + 1 = 76 frames, fps * s
+    sr_low         spatiotemporal upsampling of the whole clip (in windows of its training length)
+    sr_high        per frame, the SAME initial noise for every frame (keeps detail from flickering)
+
+Only prior and decoder are required; a stage without a checkpoint is skipped.
+↑F runs on windows shaped like its training clips: each window has a known frame
+every `skip` frames (its first and last frame known), windows share their end frames,
+and known frames are copied through exactly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from einops import rearrange, repeat
+
+from models.stages import DiffusionStage, InterpolationStage, load_stage
+from models.video_io import write_gif, write_mp4
+
+CHAIN = ("prior", "decoder", "interpolation", "sr_low", "sr_high")
+
+
+@dataclass
+class SampleResult:
+    prompt: str
+    mp4: Path
+    gif: Path | None
+    frames: torch.Tensor  # uint8 [T,H,W,3]
+    fps: float
+
+
+def load_chain(checkpoints: dict[str, str | Path], device: str | torch.device = "cpu") -> dict[str, DiffusionStage]:
+    unknown = set(checkpoints) - set(CHAIN)
+    if unknown:
+        raise ValueError(f"unknown stages in checkpoints: {sorted(unknown)}; stages are {', '.join(CHAIN)}")
+    for required in ("prior", "decoder"):
+        if required not in checkpoints:
+            raise ValueError(f"sampling needs a {required} checkpoint")
+    chain = {stage: load_stage(path, stage, device) for stage, path in checkpoints.items() if path}
+    if not chain["decoder"].config.video:
+        raise ValueError("the decoder checkpoint is an image decoder; sample with the inflated (mode: video) one")
+    return chain
+
+
+def _noise(shape, generator, device):
+    return torch.randn(*shape, generator=generator).to(device)
+
+
+def interpolate_frames(net: InterpolationStage, video: torch.Tensor, image_emb: torch.Tensor, fps: float,
+                       skip: int, generator, steps=None, guidance=None) -> torch.Tensor:
+    """[B,3,T,H,W] -> [B,3,(T-1)*skip+1,H,W]."""
+    b, c, t, h, w = video.shape
+    known_per_window = max(2, (net.config.data.frames - 1) // skip + 1)
+    n_windows = -(-(t - 1) // (known_per_window - 1))
+    starts = [min(i * (known_per_window - 1), t - known_per_window) for i in range(n_windows)]
+    length = (known_per_window - 1) * skip + 1
+    known = torch.stack([video[:, :, s : s + known_per_window] for s in starts], dim=1)  # [B,N,3,K,H,W]
+    dense = torch.zeros(b, len(starts), c, length, h, w, device=video.device)
+    dense[:, :, :, ::skip] = known
+    mask = torch.zeros(1, 1, length, 1, 1, device=video.device)
+    mask[:, :, ::skip] = 1
+    dense = rearrange(dense, "b n c t h w -> (b n) c t h w")
+    cond = {"image_emb": repeat(image_emb, "b d -> (b n) d", n=len(starts)),
+            "fps": torch.full((dense.shape[0],), fps * skip, device=video.device),
+            "extra": net.extra(dense, mask)}
+    out = net.generate(cond, _noise(dense.shape, generator, video.device), steps, guidance)
+    out = torch.where(mask.bool(), dense, out)  # known frames exactly
+    out = rearrange(out, "(b n) c t h w -> b n c t h w", b=b)
+    result = torch.zeros(b, c, (t - 1) * skip + 1, h, w, device=video.device)
+    for i, s in enumerate(starts):
+        result[:, :, s * skip : s * skip + length] = out[:, i]
+    return result
+
+
+def super_resolve_video(net: DiffusionStage, video: torch.Tensor, fps: float, generator, steps=None) -> torch.Tensor:
+    """SR^t_l on windows of its training length; [B,3,T,h,w] -> [B,3,T,H,W]."""
+    low, size, window = net.config.data.lowres_size, net.config.data.size, net.config.data.frames
+    if video.shape[-1] != low:
+        video = net.upsample(video, low)
+    outs = []
+    for chunk in video.split(window, dim=2):
+        up = net.upsample(chunk, size)
+        cond = {"extra": up, "fps": torch.full((chunk.shape[0],), fps, device=video.device)}
+        outs.append(net.generate(cond, _noise(up.shape, generator, video.device), steps, 1.0))
+    return torch.cat(outs, dim=2)
+
+
+def super_resolve_frames(net: DiffusionStage, video: torch.Tensor, generator, steps=None,
+                         frames_per_batch: int = 16) -> torch.Tensor:
+    """SR_h per frame; every frame of a clip starts from the same noise. [B,3,T,h,w] -> [B,3,T,H,W]."""
+    low, size = net.config.data.lowres_size, net.config.data.size
+    b, _, t = video.shape[:3]
+    if video.shape[-1] != low:
+        video = net.upsample(video, low)
+    shared = _noise((b, 3, size, size), generator, video.device)
+    frames = rearrange(video, "b c t h w -> (b t) c h w")
+    noise = repeat(shared, "b c h w -> (b t) c h w", t=t)
+    outs = [net.generate({"extra": net.upsample(f, size)}, n, steps, 1.0)
+            for f, n in zip(frames.split(frames_per_batch), noise.split(frames_per_batch))]
+    return rearrange(torch.cat(outs), "(b t) c h w -> b c t h w", b=b)
+
+
+@torch.no_grad()
+def generate(chain: dict[str, DiffusionStage], prompts: list[str], *, steps: int | None = None,
+             guidance: float | None = None, seed: int = 0) -> tuple[torch.Tensor, float]:
+    """-> (video float [B,3,T,H,W] in [-1,1], fps)."""
+    generator = torch.Generator().manual_seed(seed)
+    prior, decoder = chain["prior"], chain["decoder"]
+    device = decoder.device
+    image_emb = prior.sample(prompts, generator, steps=steps, guidance=guidance).to(device)
+    s = decoder.config.sampling
+    size = decoder.config.data.size
+    cond = {"image_emb": image_emb, "fps": torch.full((len(prompts),), s.fps, device=device)}
+    video = decoder.generate(cond, _noise((len(prompts), 3, s.frames, size, size), generator, device), steps, guidance)
+    fps = s.fps
+    if "interpolation" in chain:
+        skip = chain["interpolation"].config.sampling.skip
+        video = interpolate_frames(chain["interpolation"], video, image_emb, fps, skip, generator, steps, guidance)
+        fps = fps * skip
+    if "sr_low" in chain:
+        video = super_resolve_video(chain["sr_low"], video, fps, generator, steps)
+    if "sr_high" in chain:
+        video = super_resolve_frames(chain["sr_high"], video, generator, steps)
+    return video.clamp(-1, 1), fps
+
+
+def to_uint8(video: torch.Tensor) -> torch.Tensor:
+    """[3,T,H,W] in [-1,1] -> uint8 [T,H,W,3]."""
+    return ((video + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 3, 0).cpu()
+
+
+def sample_videos(prompts: list[str], checkpoints: dict[str, str | Path], out_dir: str | Path, *,
+                  steps: int | None = None, guidance: float | None = None, seed: int = 0,
+                  device: str | torch.device = "cpu", batch_size: int = 8, gif: bool = True,
+                  chain: dict[str, DiffusionStage] | None = None) -> list[SampleResult]:
+    """Sample one video per prompt (in batches) -> out_dir/sample-0000.mp4 (+ .gif)."""
+    chain = chain or load_chain(checkpoints, device)
+    out_dir = Path(out_dir)
+    results = []
+    for start in range(0, len(prompts), batch_size):
+        batch = list(prompts[start : start + batch_size])
+        video, fps = generate(chain, batch, steps=steps, guidance=guidance, seed=seed + start)
+        for i, prompt in enumerate(batch):
+            frames = to_uint8(video[i])
+            stem = out_dir / f"sample-{start + i:04d}"
+            mp4 = write_mp4(frames, stem.with_suffix(".mp4"), fps)
+            results.append(SampleResult(prompt, mp4, write_gif(frames, stem.with_suffix(".gif"), fps) if gif else None,
+                                        frames, fps))
+    return results
+
+
+def sample_video(prompt: str, checkpoints: dict[str, str | Path], out: str | Path, *, steps: int | None = None,
+                 guidance: float | None = None, seed: int = 0, device: str | torch.device = "cpu") -> SampleResult:
+    """One prompt -> `out` (mp4) and the same name with .gif."""
+    chain = load_chain(checkpoints, device)
+    video, fps = generate(chain, [prompt], steps=steps, guidance=guidance, seed=seed)
+    frames = to_uint8(video[0])
+    out = Path(out)
+    mp4 = write_mp4(frames, out, fps)
+    return SampleResult(prompt, mp4, write_gif(frames, out.with_suffix(".gif"), fps), frames, fps)

@@ -1,0 +1,346 @@
+"""The five Make-A-Video stages as LightningModules, and their checkpoints.
+
+Every stage is a denoising diffusion model: `conditioning(batch)` gives the clean
+target x0 and the conditioning, `denoise(x_t, t, cond)` runs the network, and
+`generate(cond, noise)` samples with classifier-free guidance (the conditioning is
+replaced by `null_condition(cond)`: zeros, which is also what CFG dropout trains).
+
+    prior          CLIP text emb + tokens -> CLIP image emb              (DiffusionPrior)
+    decoder        image emb (+ fps) -> 64px images (mode image) / clips (mode video, inflated)
+    interpolation  decoder video net + 4 zero-initialised input channels (masked frames, mask)
+    sr_low         upsampled low-res frames as 3 extra channels; image, then inflated video
+    sr_high        the same, images only (per frame at sampling time)
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import shutil
+import uuid
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+from models.config import StageConfig, as_config
+from models.diffusion import Diffusion, guided
+from models.inflate import widen_input
+from models.prior import DiffusionPrior
+from models.unet import UNet
+
+_CLIPS: dict[str, object] = {}
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def tiny_clip_dir() -> Path:
+    return Path(os.environ.get("MAV_CACHE", Path.home() / ".cache" / "mav")) / "tiny-clip"
+
+
+def load_clip(name: str):
+    """FrozenCLIP by hub id / folder; "tiny" builds (once, deterministically seeded) a tiny random one."""
+    from models.clip import FrozenCLIP, build_tiny_clip
+
+    if name not in _CLIPS:
+        path = name
+        if name == "tiny":
+            path = tiny_clip_dir()
+            if not (path / "config.json").exists():
+                tmp = path.with_name(f".tmp-{uuid.uuid4().hex}")
+                build_tiny_clip(tmp)
+                try:
+                    tmp.rename(path)
+                except OSError:  # another process won the race: same seed, same model
+                    shutil.rmtree(tmp, ignore_errors=True)
+        _CLIPS[name] = FrozenCLIP.load(path)
+    return _CLIPS[name]
+
+
+def drop(cond: torch.Tensor, p: float) -> torch.Tensor:
+    """Classifier-free guidance dropout: zero each sample's conditioning with probability p."""
+    if p <= 0:
+        return cond
+    keep = (torch.rand(cond.shape[0], device=cond.device) >= p).to(cond.dtype)
+    return cond * keep.view(-1, *([1] * (cond.ndim - 1)))
+
+
+class DiffusionStage(L.LightningModule):
+    uses_clip = True
+
+    def __init__(self, config: StageConfig | dict):
+        super().__init__()
+        self.config = as_config(config)
+        self.save_hyperparameters({"stage": self.config.stage, "config": self.config.model_dump(mode="json")})
+        d = self.config.diffusion
+        self.diffusion = Diffusion(d.timesteps, d.schedule, d.prediction, clip_sample=self.config.stage != "prior")
+        self.net = self.build_net()
+        if self.config.video and self.config.freeze_spatial:
+            for name, p in self.net.named_parameters():
+                p.requires_grad_("temporal" in name)
+        if self.config.trainer.compile:
+            self.net.compile()  # in place: state_dict keys unchanged
+        self.last_loss = float("nan")
+
+    # the frozen CLIP is shared and kept out of state_dict / EMA copies
+    @property
+    def clip(self):
+        clip = load_clip(self.config.clip)
+        if clip.device != self.device:
+            clip.to(self.device)
+        return clip
+
+    def build_net(self):
+        raise NotImplementedError
+
+    def conditioning(self, batch) -> tuple[torch.Tensor, dict]:
+        raise NotImplementedError
+
+    def null_condition(self, cond: dict) -> dict:
+        return {k: (torch.zeros_like(v) if k in ("image_emb", "text_emb", "tokens") else v) for k, v in cond.items()}
+
+    def denoise(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+        if "extra" in cond:
+            x_t = torch.cat([x_t, cond["extra"].to(x_t.dtype)], dim=1)
+        return self.net(x_t, t, cond.get("image_emb"), cond.get("fps"))
+
+    def training_step(self, batch, batch_idx):
+        x0, cond = self.conditioning(batch)
+        loss = self.diffusion.loss(lambda x, t: self.denoise(x, t, cond), x0)
+        self.log("train/loss", loss, prog_bar=True, batch_size=x0.shape[0])
+        self.last_loss = float(loss.detach())
+        return loss
+
+    def configure_optimizers(self):
+        tc = self.config.trainer
+        params = [p for p in self.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+        warmup = max(1, tc.warmup_steps)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    @torch.no_grad()
+    def generate(self, cond: dict, noise: torch.Tensor, steps: int | None = None, guidance: float | None = None,
+                 sampler: str | None = None) -> torch.Tensor:
+        d = self.config.diffusion
+        guidance = d.guidance if guidance is None else guidance
+        null = self.null_condition(cond)
+        fn = guided(lambda x, t, use_cond: self.denoise(x, t, cond if use_cond else null), guidance)
+        with torch.autocast(noise.device.type, torch.bfloat16, enabled=noise.device.type == "cuda"):
+            return self.diffusion.sample(fn, noise, steps or d.sample_steps, sampler or d.sampler).float()
+
+
+class PriorStage(DiffusionStage):
+    def build_net(self):
+        p = self.config.prior
+        return DiffusionPrior(self.clip.embed_dim, self.clip.text_width, p.width, p.depth, p.heads, p.dropout)
+
+    @property
+    def scale(self) -> float:  # unit-norm CLIP vectors -> ~unit variance per coordinate
+        return math.sqrt(self.net.kwargs["embed_dim"])
+
+    def text_condition(self, captions: list[str]) -> dict:
+        text_emb, tokens = self.clip.encode_text(list(captions))
+        return {"text_emb": text_emb, "tokens": tokens.float()}
+
+    def conditioning(self, batch):
+        x0 = self.clip.encode_images((batch["image"] + 1) / 2) * self.scale
+        cond = self.text_condition(batch["caption"])
+        keep = drop(torch.ones(x0.shape[0], device=x0.device), self.config.cond_dropout)
+        cond = {"text_emb": cond["text_emb"] * keep[:, None], "tokens": cond["tokens"] * keep[:, None, None]}
+        return x0, cond
+
+    def denoise(self, x_t, t, cond):
+        return self.net(x_t, t, cond["text_emb"], cond["tokens"])
+
+    @torch.no_grad()
+    def sample(self, captions: list[str], generator: torch.Generator | None = None, **kw) -> torch.Tensor:
+        """Prompts -> L2-normalised CLIP image embeddings [B,D]."""
+        cond = self.text_condition(captions)
+        noise = torch.randn(len(captions), self.net.kwargs["embed_dim"], generator=generator,
+                            device="cpu").to(self.device)
+        return F.normalize(self.generate(cond, noise, **kw), dim=-1)
+
+
+class DecoderStage(DiffusionStage):
+    extra_channels = 0
+
+    def build_net(self):
+        return UNet(in_channels=3 + self.extra_channels, out_channels=3, cond_dim=self.clip.embed_dim,
+                    temporal=self.config.video, **self.config.unet.model_dump())
+
+    def image_embedding(self, x: torch.Tensor) -> torch.Tensor:
+        """CLIP image embedding of an image [B,3,H,W] or of a clip's chosen frame(s) [B,3,T,H,W]."""
+        x = (x.float() + 1) / 2
+        if x.ndim == 4:
+            return self.clip.encode_images(x)
+        which = self.config.data.clip_frame
+        if which == "mean":
+            emb = self.clip.encode_images(rearrange(x, "b c t h w -> (b t) c h w"))
+            return F.normalize(rearrange(emb, "(b t) d -> b t d", b=x.shape[0]).mean(1), dim=-1)
+        return self.clip.encode_images(x[:, :, 0 if which == "first" else x.shape[2] // 2])
+
+    def conditioning(self, batch):
+        x0 = batch["video"] if self.config.video else batch["image"]
+        cond = {"image_emb": drop(self.image_embedding(x0), self.config.cond_dropout)}
+        if self.config.video:
+            cond["fps"] = batch["fps"].float()
+        return x0, cond
+
+
+class InterpolationStage(DecoderStage):
+    """↑F: the video decoder with masked frames + mask as 4 extra input channels."""
+    extra_channels = 4
+
+    def random_mask(self, b: int, t: int) -> torch.Tensor:
+        """[B,1,T,1,1] of 1 = known frame. Interpolate: every k-th frame (k in 2..max_skip; k = 1 would
+        leave nothing to generate); extrapolate: the first n frames; animate: the first frame only."""
+        data = self.config.data
+        mask = torch.zeros(b, 1, t, 1, 1, device=self.device)
+        for i in range(b):
+            mode = random.choice(data.mask_modes)
+            if mode == "interpolate":
+                mask[i, :, :: random.randint(2, max(2, data.max_skip))] = 1
+            elif mode == "extrapolate":
+                mask[i, :, : random.randint(1, max(1, t // 2))] = 1
+            else:
+                mask[i, :, 0] = 1
+        return mask
+
+    @staticmethod
+    def extra(video: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        mask = mask.expand(video.shape[0], 1, *video.shape[2:3], *video.shape[3:])
+        return torch.cat([video * mask, mask.to(video.dtype)], dim=1)
+
+    def conditioning(self, batch):
+        x0, cond = super().conditioning(batch)
+        cond["extra"] = self.extra(x0, self.random_mask(x0.shape[0], x0.shape[2]))
+        return x0, cond
+
+
+class SuperResStage(DiffusionStage):
+    """SR: the bilinearly upsampled low-res input as 3 extra channels (no text/image conditioning)."""
+    uses_clip = False
+
+    def build_net(self):
+        return UNet(in_channels=6, out_channels=3, cond_dim=0, temporal=self.config.video,
+                    **self.config.unet.model_dump())
+
+    def upsampled_lowres(self, x: torch.Tensor, size: int | None = None) -> torch.Tensor:
+        """High-res [B,3,(T,)H,W] -> down to lowres_size (antialiased) -> back up (bilinear)."""
+        low = self.config.data.lowres_size
+        return self.upsample(self.downsample(x, low), size or x.shape[-1])
+
+    @staticmethod
+    def downsample(x, size):
+        return _per_frame(lambda f: F.interpolate(f, size=(size, size), mode="bilinear", antialias=True), x)
+
+    @staticmethod
+    def upsample(x, size):
+        return _per_frame(lambda f: F.interpolate(f, size=(size, size), mode="bilinear", align_corners=False), x)
+
+    def conditioning(self, batch):
+        x0 = batch["video"] if self.config.video else batch["image"]
+        cond = {"extra": self.upsampled_lowres(x0)}
+        if self.config.video:
+            cond["fps"] = batch["fps"].float()
+        return x0, cond
+
+
+def _per_frame(fn, x):
+    if x.ndim == 4:
+        return fn(x)
+    b = x.shape[0]
+    y = fn(rearrange(x, "b c t h w -> (b t) c h w"))
+    return rearrange(y, "(b t) c h w -> b c t h w", b=b)
+
+
+STAGE_CLASSES = {"prior": PriorStage, "decoder": DecoderStage, "interpolation": InterpolationStage,
+                 "sr_low": SuperResStage, "sr_high": SuperResStage}
+# which checkpoints a stage may start from (--init)
+INIT_FROM = {"prior": {"prior"}, "decoder": {"decoder"}, "interpolation": {"decoder", "interpolation"},
+             "sr_low": {"sr_low"}, "sr_high": {"sr_high", "sr_low"}}
+
+
+def build_stage(config: StageConfig | dict) -> DiffusionStage:
+    config = as_config(config)
+    return STAGE_CLASSES[config.stage](config)
+
+
+# -- checkpoints --------------------------------------------------------------------------
+def read_checkpoint(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is the same user error
+        raise CheckpointError(f"{path}: not a readable checkpoint ({err})") from None
+    if not isinstance(ckpt, dict) or "stage" not in ckpt.get("hyper_parameters", {}):
+        raise CheckpointError(f"{path}: not a Make-A-Video stage checkpoint (no stage recorded)")
+    return ckpt
+
+
+def net_state(ckpt: dict) -> dict[str, torch.Tensor]:
+    return {k[len("net."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
+
+
+def fit_state(module: DiffusionStage, state: dict, source: str) -> dict:
+    """Adapt a net state to the module (inflation, widened input) or raise naming what does not fit."""
+    own = module.net.state_dict()
+    if not module.config.video:  # video -> image net (e.g. sr_high from sr_low): drop temporal weights
+        state = {k: v for k, v in state.items() if "temporal" not in k}
+    key = "conv_in.spatial.weight"
+    if key in state and key in own and state[key].shape[1] < own[key].shape[1]:
+        state = widen_input(state, own[key].shape[1])  # decoder -> interpolation: new channels start at zero
+    mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+                  for k, v in state.items() if k in own and own[k].shape != v.shape]
+    unexpected = [k for k in state if k not in own]
+    missing = [k for k in own if k not in state and "temporal" not in k]  # temporal layers: inflation
+    if mismatched or unexpected or missing:
+        detail = "; ".join(mismatched[:3] + [f"unexpected {k}" for k in unexpected[:3]] +
+                           [f"missing {k}" for k in missing[:3]])
+        raise CheckpointError(f"{source}: weights do not fit this {module.config.stage} model ({detail})")
+    return state
+
+
+def init_from_checkpoint(module: DiffusionStage, path: str | Path) -> DiffusionStage:
+    ckpt = read_checkpoint(path)
+    src = ckpt["hyper_parameters"]["stage"]
+    stage = module.config.stage
+    if src not in INIT_FROM[stage]:
+        raise CheckpointError(f"{path} is a {src!r} checkpoint; stage {stage!r} can start from "
+                              f"{sorted(INIT_FROM[stage])} checkpoints only")
+    module.net.load_state_dict(fit_state(module, net_state(ckpt), str(path)), strict=False)
+    return module
+
+
+def check_resume(module: DiffusionStage, path: str | Path) -> None:
+    """A checkpoint to resume from must be this stage, mode and shape exactly."""
+    ckpt = read_checkpoint(path)
+    hp = ckpt["hyper_parameters"]
+    if hp["stage"] != module.config.stage or hp["config"].get("mode") != module.config.mode:
+        raise CheckpointError(f"{path} is a {hp['stage']!r} ({hp['config'].get('mode')}) checkpoint, "
+                              f"cannot resume {module.config.stage!r} ({module.config.mode})")
+    state = net_state(ckpt)
+    own = module.net.state_dict()
+    if set(state) != set(own) or any(own[k].shape != v.shape for k, v in state.items()):
+        fit_state(module, state, str(path))  # raises with the details
+        raise CheckpointError(f"{path}: the network differs from this config (missing temporal layers?)")
+
+
+def load_stage(path: str | Path, stage: str | None = None, device: str | torch.device = "cpu") -> DiffusionStage:
+    """A trained stage for sampling (eval mode; EMA weights when training kept them)."""
+    ckpt = read_checkpoint(path)
+    hp = ckpt["hyper_parameters"]
+    if stage is not None and hp["stage"] != stage:
+        raise CheckpointError(f"{path} is a {hp['stage']!r} checkpoint, expected {stage!r}")
+    config = as_config(hp["config"]).model_copy(update={"freeze_spatial": False})
+    config.trainer.compile = False
+    module = build_stage(config)
+    module.net.load_state_dict(net_state(ckpt))
+    return module.to(device).eval()

@@ -1,0 +1,98 @@
+"""`train_stage`: validate everything, then fit one stage with Lightning.
+
+Order matters: the stage name, the config, the data and any checkpoint (--init or
+--resume) are all checked before the Trainer starts, so bad input fails in seconds.
+Checkpoints go to OUT_DIR/checkpoints (`last.ckpt` always; `--resume` continues from
+it at the same step with the same optimizer state).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, EMAWeightAveraging, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+
+from models.config import STAGES, ConfigError, StageConfig, as_config
+from models.data import StageDataModule
+from models.stages import build_stage, check_resume, init_from_checkpoint
+
+
+@dataclass
+class TrainResult:
+    stage: str
+    checkpoint: Path  # last.ckpt
+    best_checkpoint: Path | None
+    global_step: int
+    train_loss: float
+
+
+class StepCheckpoint(ModelCheckpoint):
+    """Also writes `last` at the final step, before EMA swaps the averaged weights in at train end
+    (so `last.ckpt` keeps the raw weights for resuming and the EMA weights as the state_dict)."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        every = self._every_n_train_steps
+        if trainer.global_step >= trainer.max_steps > 0 and (not every or trainer.global_step % every):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+def _strategy(name: str, accelerator: str):
+    if name == "fsdp":
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        from models.unet import AttentionBlock, ResBlock
+
+        return FSDPStrategy(auto_wrap_policy={ResBlock, AttentionBlock}, activation_checkpointing_policy=None)
+    if name == "ddp":
+        return "ddp"
+    return "auto"
+
+
+def build_trainer(cfg: StageConfig, out_dir: Path, *, logger=None, callbacks=None, max_steps=None) -> L.Trainer:
+    tc = cfg.trainer
+    cuda = torch.cuda.is_available() and tc.accelerator in ("auto", "gpu", "cuda")
+    precision = tc.precision if tc.precision != "auto" else ("bf16-mixed" if cuda else "32-true")
+    checkpoint = StepCheckpoint(dirpath=out_dir / "checkpoints", filename="step{step:07d}", auto_insert_metric_name=False,
+                                every_n_train_steps=tc.checkpoint_every, save_last=True, save_top_k=1)
+    cbs: list[Callback] = [checkpoint, *(callbacks or [])]
+    if tc.ema_decay > 0:
+        cbs.append(EMAWeightAveraging(decay=tc.ema_decay))
+    return L.Trainer(
+        max_steps=max_steps or tc.max_steps, accelerator=tc.accelerator, devices=tc.devices, num_nodes=tc.num_nodes,
+        strategy=_strategy(tc.strategy, tc.accelerator), precision=precision, gradient_clip_val=tc.grad_clip or None,
+        accumulate_grad_batches=tc.accumulate_grad_batches, log_every_n_steps=tc.log_every, callbacks=cbs,
+        logger=logger if logger is not None else CSVLogger(out_dir, name="logs"), default_root_dir=out_dir,
+        enable_model_summary=False, enable_progress_bar=False, limit_val_batches=0, num_sanity_val_steps=0,
+    )
+
+
+def train_stage(stage: str, config: StageConfig | dict | str | Path, *, data_root: str | Path | None = None,
+                dataset: str | None = None, init: str | Path | None = None, resume: bool = False,
+                out_dir: str | Path, logger=None, callbacks=None, max_steps: int | None = None) -> TrainResult:
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
+    cfg = as_config(config)
+    if cfg.stage != stage:
+        raise ConfigError(f"stage: the config is for {cfg.stage!r}, not {stage!r}")
+    out_dir = Path(out_dir)
+    last = out_dir / "checkpoints" / "last.ckpt"
+    if resume and not last.exists():
+        raise FileNotFoundError(f"--resume: no {last} to continue from")
+
+    datamodule = StageDataModule(cfg, data_root, dataset).check()
+    L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
+    module = build_stage(cfg)
+    if resume:
+        check_resume(module, last)
+    elif init:
+        init_from_checkpoint(module, init)
+
+    trainer = build_trainer(cfg, out_dir, logger=logger, callbacks=callbacks, max_steps=max_steps)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if resume else None)
+    ckpt_cb = trainer.checkpoint_callback
+    best = Path(ckpt_cb.best_model_path) if ckpt_cb and ckpt_cb.best_model_path else None
+    return TrainResult(stage, last, best, trainer.global_step, module.last_loss)

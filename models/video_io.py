@@ -1,0 +1,80 @@
+"""Read and write video with PyAV: decode clips (path or bytes), write mp4 (libx264) and gif."""
+from __future__ import annotations
+
+import io
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import torch
+
+
+def read_frames(src: str | Path | bytes, indices: list[int] | None = None) -> tuple[np.ndarray, float]:
+    """Decode frames (all, or those at `indices` in decode order) -> (uint8 [T,H,W,3], fps)."""
+    wanted = None if indices is None else sorted(set(indices))
+    last = None if wanted is None else wanted[-1]
+    frames: dict[int, np.ndarray] = {}
+    with av.open(io.BytesIO(src) if isinstance(src, bytes) else str(src)) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        fps = float(stream.average_rate or stream.guessed_rate or 0) or 25.0
+        for i, frame in enumerate(container.decode(stream)):
+            if wanted is None or i in wanted:
+                frames[i] = frame.to_ndarray(format="rgb24")
+            if last is not None and i >= last:
+                break
+    if indices is None:
+        return (np.stack([frames[i] for i in sorted(frames)]) if frames else np.zeros((0, 0, 0, 3), np.uint8)), fps
+    missing = [i for i in wanted if i not in frames]
+    if missing:
+        raise ValueError(f"video has only {len(frames) and max(frames) + 1} frames, frame {missing[0]} was asked for")
+    return np.stack([frames[i] for i in indices]), fps
+
+
+def _as_uint8(frames) -> np.ndarray:
+    if isinstance(frames, torch.Tensor):
+        frames = frames.detach().cpu().numpy()
+    frames = np.asarray(frames)
+    if frames.dtype != np.uint8:
+        raise ValueError("frames must be uint8 [T,H,W,3]")
+    return frames
+
+
+def write_mp4(frames, path: str | Path, fps: float = 8.0, crf: int = 18) -> Path:
+    """uint8 [T,H,W,3] -> H.264 mp4 (yuv420p: sizes are padded to even numbers)."""
+    frames = _as_uint8(frames)
+    t, h, w, _ = frames.shape
+    pad_h, pad_w = h % 2, w % 2
+    if pad_h or pad_w:
+        frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1000))
+        stream.width, stream.height = w + pad_w, h + pad_h
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": str(crf)}
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def write_gif(frames, path: str | Path, fps: float = 8.0) -> Path:
+    """uint8 [T,H,W,3] -> animated gif (PyAV's gif encoder, 8-bit palette)."""
+    frames = _as_uint8(frames)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), mode="w", format="gif") as container:
+        stream = container.add_stream("gif", rate=Fraction(fps).limit_denominator(100))
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.pix_fmt = "rgb8"
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path

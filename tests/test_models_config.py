@@ -1,0 +1,49 @@
+"""Configs: every tiny stage config loads; wrong keys or types are errors that name the key."""
+from pathlib import Path
+
+import pytest
+
+from models.config import STAGES, ConfigError, load_config, parse_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("size", ["tiny", "base", "large"])
+@pytest.mark.parametrize("stage", STAGES)
+def test_every_stage_config_loads(size, stage):
+    path = ROOT / "configs" / size / f"{stage}.yaml"
+    if size != "tiny" and not path.exists():
+        pytest.skip(f"{path} not written")
+    cfg = load_config(path)
+    assert cfg.stage == stage
+
+
+def test_unknown_key_is_named(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("stage: decoder\nunet: {chanels: 8}\n")
+    with pytest.raises(ConfigError, match=r"unet\.chanels: unknown key"):
+        load_config(path)
+
+
+def test_wrong_type_is_named(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("stage: decoder\ntrainer: {max_steps: lots}\n")
+    with pytest.raises(ConfigError, match=r"trainer\.max_steps"):
+        load_config(path)
+
+
+def test_unknown_stage_and_stage_rules():
+    with pytest.raises(ConfigError, match="stage"):
+        parse_config({"stage": "upscaler"})
+    with pytest.raises(ConfigError, match="lowres_size"):
+        parse_config({"stage": "sr_low"})
+    with pytest.raises(ConfigError, match="mode"):
+        parse_config({"stage": "interpolation", "mode": "image"})
+    assert parse_config({"stage": "sr_high", "data": {"lowres_size": 32}}).mode == "image"
+
+
+def test_overrides_and_missing_file(tmp_path):
+    cfg = load_config(ROOT / "configs/tiny/decoder.yaml", {"mode": "image", "trainer.max_steps": 3})
+    assert cfg.mode == "image" and cfg.trainer.max_steps == 3
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")

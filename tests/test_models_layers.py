@@ -1,0 +1,92 @@
+"""Pseudo-3D layers, the U-Net on images and videos, and inflation equivalence."""
+import pytest
+import torch
+
+from models.inflate import inflate, widen_input
+from models.layers import PseudoConv3d, TemporalAttention
+from models.unet import UNet
+
+TINY = dict(channels=16, channel_mults=(1, 2), num_res_blocks=1, attn_levels=(1,), heads=2, dim_head=8, groups=8)
+
+
+def perturb_(model):
+    """Stand-in for training: every weight random (zero-init layers included)."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def test_pseudo_conv_temporal_is_identity_at_init():
+    conv = PseudoConv3d(3, 8, temporal=True)
+    x = torch.randn(2 * 5, 3, 6, 6)
+    assert torch.equal(conv(x, frames=5), conv.spatial(x))
+    assert torch.count_nonzero(conv.temporal.bias) == 0
+
+
+def test_temporal_attention_is_identity_at_init_but_not_after_training():
+    attn = TemporalAttention(8, heads=2, dim_head=4)
+    x = torch.randn(2 * 4, 8, 3, 3)
+    assert torch.equal(attn(x, frames=4), x)
+    perturb_(attn)
+    assert not torch.allclose(attn(x, frames=4), x)
+
+
+@pytest.mark.parametrize("temporal", [False, True])
+def test_unet_shapes_for_images_and_videos(temporal):
+    net = UNet(in_channels=3, cond_dim=16, temporal=temporal, **TINY)
+    img = torch.randn(2, 3, 16, 16)
+    t = torch.tensor([10, 500])
+    assert net(img, t, torch.randn(2, 16)).shape == (2, 3, 16, 16)
+    vid = torch.randn(2, 3, 5, 16, 16)
+    out = net(vid, t, torch.randn(2, 16), fps=torch.tensor([4.0, 8.0]))
+    assert out.shape == (2, 3, 5, 16, 16)
+
+
+def test_image_model_has_no_temporal_parameters():
+    assert not UNet(**TINY).temporal_parameters()
+    assert UNet(temporal=True, **TINY).temporal_parameters()
+
+
+@pytest.mark.parametrize("in_channels,cond_dim", [(3, 16), (6, 0)], ids=["decoder", "super_resolution"])
+def test_inflated_video_model_equals_image_model_per_frame(in_channels, cond_dim):
+    image = perturb_(UNet(in_channels=in_channels, cond_dim=cond_dim, **TINY)).eval()
+    video = inflate(image).eval()
+    b, f = 2, 5
+    x = torch.randn(b, in_channels, f, 16, 16)
+    t = torch.tensor([3, 700])
+    emb = torch.randn(b, cond_dim) if cond_dim else None
+    with torch.no_grad():
+        out_video = video(x, t, emb, fps=torch.tensor([2.0, 24.0]))
+        per_frame = torch.stack([image(x[:, :, i], t, emb) for i in range(f)], dim=2)
+    assert out_video.abs().max() > 1e-3  # a real, non-trivial output
+    assert (out_video - per_frame).abs().max() <= 1e-5
+    # and training the temporal layers breaks the equivalence (the test can fail)
+    perturb_(video)
+    with torch.no_grad():
+        assert (video(x, t, emb, fps=torch.tensor([2.0, 24.0])) - per_frame).abs().max() > 1e-3
+
+
+def test_widened_input_ignores_new_channels_at_init():
+    net = perturb_(UNet(in_channels=3, cond_dim=16, temporal=True, **TINY)).eval()
+    wide = UNet(**{**net.kwargs, "in_channels": 7}).eval()
+    wide.load_state_dict(widen_input(net.state_dict(), 7))
+    x = torch.randn(1, 3, 4, 16, 16)
+    extra = torch.randn(1, 4, 4, 16, 16)
+    t, emb = torch.tensor([100]), torch.randn(1, 16)
+    with torch.no_grad():
+        assert torch.allclose(wide(torch.cat([x, extra], 1), t, emb), net(x, t, emb), atol=1e-6)
+
+
+def test_gradient_checkpointing_gives_same_gradients():
+    torch.manual_seed(0)
+    a = UNet(cond_dim=16, temporal=True, **TINY)
+    b = UNet(**{**a.kwargs, "grad_checkpoint": True})
+    b.load_state_dict(a.state_dict())
+    perturb_(a), perturb_(b)
+    x, t, e, fps = torch.randn(1, 3, 3, 8, 8), torch.tensor([5]), torch.randn(1, 16), torch.tensor([4.0])
+    a(x, t, e, fps).square().mean().backward()
+    b(x, t, e, fps).square().mean().backward()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.allclose(pa.grad, pb.grad, atol=1e-6)

@@ -1,0 +1,185 @@
+"""Data, the five stages, train_stage (errors before training, resume) and the sampling chain.
+
+A module-scoped fixture trains the whole tiny chain for a few steps on a synthetic
+moving-shapes dataset written to tmp (data_prep/synthetic.py); later tests reuse it.
+"""
+import copy
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from data_prep.synthetic import write_synthetic_dataset
+from models.config import ConfigError, load_config
+from models.data import DataError, StageDataModule, draw_stride
+from models.stages import CheckpointError, load_stage, read_checkpoint
+from models.train import train_stage
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 3
+
+
+def tiny(stage, **overrides):
+    return load_config(ROOT / "configs" / "tiny" / f"{stage}.yaml", overrides)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    write_synthetic_dataset(root, "shapes", num_clips=8, frames=20, size=64, fps=12)
+    return root
+
+
+@pytest.fixture(scope="module")
+def chain(data_root, tmp_path_factory):
+    """Train every stage (image stages first, then their inflated video versions) for a few steps."""
+    out = tmp_path_factory.mktemp("runs")
+
+    def train(stage, name, init=None, **overrides):
+        return train_stage(stage, tiny(stage, **overrides), data_root=data_root, dataset="shapes", init=init,
+                           out_dir=out / name, max_steps=STEPS)
+
+    results = {"prior": train("prior", "prior")}
+    results["decoder_image"] = train("decoder", "decoder_image", mode="image")
+    results["decoder"] = train("decoder", "decoder", init=results["decoder_image"].checkpoint)
+    results["interpolation"] = train("interpolation", "interpolation", init=results["decoder"].checkpoint)
+    results["sr_low_image"] = train("sr_low", "sr_low_image", mode="image")
+    results["sr_low"] = train("sr_low", "sr_low", init=results["sr_low_image"].checkpoint)
+    results["sr_high"] = train("sr_high", "sr_high")
+    return results
+
+
+def test_data_module_batches(data_root):
+    dm = StageDataModule(tiny("decoder", **{"data.batch_size": 2}), data_root, "shapes").check()
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["video"].shape == (2, 3, 8, 16, 16)
+    assert batch["video"].min() >= -1 and batch["video"].max() <= 1
+    assert batch["fps"].shape == (2,) and (batch["fps"] > 0).all()
+    dm = StageDataModule(tiny("sr_high", **{"data.source": "clips"}), data_root, "shapes").check()
+    assert next(iter(dm.train_dataloader()))["image"].shape == (4, 3, 64, 64)
+
+
+def test_stride_realises_fps_and_fits_the_clip():
+    import random
+
+    rng = random.Random(0)
+    strides = [draw_stride(30.0, 100, 16, (1.0, 30.0), (2.0, 1.0), rng) for _ in range(200)]
+    assert min(strides) >= 1 and max(strides) <= 99 // 15
+    assert len(set(strides)) > 1
+
+
+def test_every_stage_trains_with_finite_loss(chain):
+    for name, result in chain.items():
+        assert result.global_step == STEPS, name
+        assert torch.isfinite(torch.tensor(result.train_loss)), name
+        assert result.checkpoint.exists(), name
+    ckpt = read_checkpoint(chain["interpolation"].checkpoint)
+    assert ckpt["hyper_parameters"]["stage"] == "interpolation"
+    assert ckpt["state_dict"]["net.conv_in.spatial.weight"].shape[1] == 7  # 3 + masked frames + mask
+
+
+def test_video_decoder_trains_only_temporal_layers(chain):
+    image = load_stage(chain["decoder_image"].checkpoint)
+    video = load_stage(chain["decoder"].checkpoint)
+    for name, p in image.net.state_dict().items():
+        assert torch.equal(p, video.net.state_dict()[name]), name  # spatial frozen (freeze_spatial)
+    temporal = [p for n, p in video.net.named_parameters() if "temporal.attn.to_out" in n]
+    assert any(p.abs().sum() > 0 for p in temporal)  # zero-init output projections moved
+
+
+def test_loss_decreases(data_root, tmp_path):
+    """Loss on a fixed batch, fixed noise and timesteps: before vs after 30 steps."""
+    cfg = tiny("decoder", mode="image", **{"trainer.max_steps": 30, "data.batch_size": 8})
+    batch = next(iter(StageDataModule(cfg, data_root, "shapes").check().train_dataloader()))
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.randn(batch["image"].shape, generator=gen)
+    t = torch.linspace(50, 950, batch["image"].shape[0]).long()
+
+    def fixed_loss(module):
+        module.config.cond_dropout = 0.0
+        with torch.no_grad():
+            x0, cond = module.conditioning(batch)
+            return module.diffusion.loss(lambda x, tt: module.denoise(x, tt, cond), x0, noise, t).item()
+
+    from models.stages import build_stage
+    torch.manual_seed(0)
+    before = fixed_loss(build_stage(cfg).eval())
+    result = train_stage("decoder", cfg, data_root=data_root, dataset="shapes", out_dir=tmp_path)
+    after = fixed_loss(load_stage(result.checkpoint))
+    assert after < 0.7 * before, (before, after)
+
+
+class RecordStart(Callback):
+    def on_train_start(self, trainer, pl_module):
+        self.step = trainer.global_step
+        self.optimizer = copy.deepcopy(trainer.optimizers[0].state_dict())  # live tensors otherwise
+        self.weights = {k: v.clone() for k, v in pl_module.state_dict().items()}
+
+
+def test_resume_continues_at_same_step_with_same_optimizer_state(data_root, tmp_path):
+    cfg = tiny("prior", **{"trainer.ema_decay": 0.9})
+    first = train_stage("prior", cfg, data_root=data_root, dataset="shapes", out_dir=tmp_path, max_steps=3)
+    assert first.global_step == 3
+    saved = read_checkpoint(first.checkpoint)
+    record = RecordStart()
+    second = train_stage("prior", cfg, data_root=data_root, dataset="shapes", out_dir=tmp_path, resume=True,
+                         max_steps=5, callbacks=[record])
+    assert record.step == 3 and second.global_step == 5
+    saved_opt = saved["optimizer_states"][0]
+    assert record.optimizer["state"].keys() == saved_opt["state"].keys()
+    for k, state in saved_opt["state"].items():
+        assert torch.equal(record.optimizer["state"][k]["exp_avg"], state["exp_avg"])
+        assert int(record.optimizer["state"][k]["step"]) == 3
+    for k, v in saved["current_model_state"].items():  # raw (not EMA) weights are what training continues
+        assert torch.equal(record.weights[k], v), k
+
+
+def test_bad_input_fails_before_training(data_root, tmp_path, chain):
+    def run(stage, cfg, **kw):
+        return train_stage(stage, cfg, data_root=kw.pop("data_root", data_root), dataset=kw.pop("dataset", "shapes"),
+                           out_dir=tmp_path / "bad", **kw)
+
+    with pytest.raises(ValueError, match="unknown stage"):
+        run("upscaler", tiny("decoder"))
+    with pytest.raises(ConfigError, match="config is for 'prior'"):
+        run("decoder", tiny("prior"))
+    with pytest.raises(CheckpointError, match="'prior' checkpoint"):
+        run("decoder", tiny("decoder"), init=chain["prior"].checkpoint)
+    with pytest.raises(CheckpointError, match="do not fit"):  # another shape
+        run("decoder", tiny("decoder", **{"unet.channels": 32}), init=chain["decoder"].checkpoint)
+    with pytest.raises(DataError, match="shorter than the 40-frame window"):
+        run("decoder", tiny("decoder", **{"data.frames": 40}))
+    write_synthetic_dataset(tmp_path / "empty", "none", num_clips=0)  # no version at all
+    with pytest.raises(DataError, match="none"):
+        run("decoder", tiny("decoder"), data_root=tmp_path / "empty", dataset="none")
+    with pytest.raises(FileNotFoundError, match="resume"):
+        run("decoder", tiny("decoder"), resume=True)
+    assert not (tmp_path / "bad" / "checkpoints").exists()
+
+
+def test_sampling_chain_writes_76_frame_mp4_and_is_seeded(chain, tmp_path):
+    from models.sampling import sample_video
+    from models.video_io import read_frames
+
+    ckpts = {s: chain[s].checkpoint for s in ("prior", "decoder", "interpolation", "sr_low", "sr_high")}
+    result = sample_video("a red circle moving right", ckpts, tmp_path / "v.mp4", steps=1, guidance=2.0, seed=1)
+    frames, fps = read_frames(result.mp4)
+    assert frames.shape == (76, 64, 64, 3)
+    assert result.frames.shape == (76, 64, 64, 3) and result.frames.dtype == torch.uint8
+    assert fps == pytest.approx(20.0)
+    assert result.gif.exists() and result.gif.stat().st_size > 0
+
+
+def test_guidance_and_seed_in_prior_and_decoder(chain, tmp_path):
+    from models.sampling import generate, load_chain
+
+    c = load_chain({"prior": chain["prior"].checkpoint, "decoder": chain["decoder"].checkpoint})
+    a, fps = generate(c, ["a blue square moving up"], steps=2, guidance=3.0, seed=0)
+    b, _ = generate(c, ["a blue square moving up"], steps=2, guidance=3.0, seed=0)
+    assert a.shape == (1, 3, 16, 16, 16) and fps == 4.0
+    assert torch.equal(a, b)
+    assert not torch.equal(a, generate(c, ["a blue square moving up"], steps=2, guidance=1.0, seed=0)[0])
+    with pytest.raises(CheckpointError, match="expected 'decoder'"):
+        load_chain({"prior": chain["prior"].checkpoint, "decoder": chain["prior"].checkpoint})
