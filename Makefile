@@ -6,6 +6,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
+# nothing may silently need a download: the demo and tests use tiny local models
+export HF_HUB_OFFLINE := 1
 
 .PHONY: setup demo test test-fast bench clean
 

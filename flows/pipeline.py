@@ -1,0 +1,352 @@
+"""The end-to-end `pipeline` flow: ingest -> train every stage -> sample -> evaluate -> register.
+
+MLflow: one parent run per pipeline run, a nested run per stage and one for the
+evaluation. Prefect: each stage is a cached task whose key is its config, the
+dataset version, the code and the step it starts from, so an unchanged stage is
+not trained again and a rerun after a failure resumes at the first unfinished stage
+(from that stage's last checkpoint when it was killed mid-training).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NONE as NO_CACHE
+
+from flows.ingest import ingest
+from flows.pipeline_config import PipelineConfig, TrainStep, load_pipeline_config
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = "configs/tiny/pipeline.yaml"
+
+
+def default_tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def code_digest() -> str:
+    """The models package's source: a change to it retrains every stage."""
+    digest = hashlib.sha256()
+    for path in sorted((REPO / "models").rglob("*.py")):
+        digest.update(path.relative_to(REPO).as_posix().encode() + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def step_key(step: TrainStep, version: str, init_key: str | None, code: str, where: str) -> str:
+    payload = {"step": step.model_dump(), "config": Path(_repo_path(step.config)).read_text(), "dataset_version": version,
+               "init": init_key, "code": code, "where": where}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _flatten(prefix: str, value, out: dict) -> dict:
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            _flatten(f"{prefix}.{key}" if prefix else str(key), inner, out)
+    else:
+        out[prefix] = value
+    return out
+
+
+@task(name="train-stage", cache_key_fn=lambda context, params: params["cache_key"], persist_result=True,
+      task_run_name="train {step_name}")
+def train_stage_task(step_name: str, stage: str, config_path: str, overrides: dict, data_root: str, dataset: str,
+                     version: str, init_checkpoint: str | None, out_dir: str, tracking_uri: str, experiment: str,
+                     parent_run_id: str, cache_key: str) -> dict:
+    """Train one stage in a nested MLflow run; resume from its last checkpoint if a killed run left one."""
+    import mlflow
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    from models.config import load_config
+    from models.train import train_stage
+
+    config = load_config(config_path, overrides)
+    last = Path(out_dir) / "checkpoints" / "last.ckpt"
+    resume = last.exists()
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_experiment(experiment)
+    tags = {"mav.kind": "train", "mav.stage": stage, "mav.step": step_name, "mav.cache_key": cache_key,
+            "mav.dataset": dataset, "mav.dataset_version": version, "mav.resumed": str(resume).lower()}
+    with mlflow.start_run(run_name=step_name, parent_run_id=parent_run_id, nested=True, tags=tags,
+                          log_system_metrics=True) as run:
+        params = _flatten("config", config.model_dump(mode="json"), {})
+        params |= {"init_checkpoint": init_checkpoint or "none", "config_file": config_path}
+        mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+        logger = MLFlowLogger(experiment_name=experiment, tracking_uri=tracking_uri, run_id=run.info.run_id)
+        result = train_stage(stage, config, data_root=data_root, dataset=dataset, init=None if resume else init_checkpoint,
+                             resume=resume, out_dir=out_dir, logger=logger)
+        mlflow.log_metrics({"final_train_loss": float(result.train_loss), "global_step": result.global_step})
+        mlflow.log_artifact(str(result.checkpoint), artifact_path="checkpoints")
+        version_number = _register(run.info.run_id, f"{run.info.artifact_uri}/checkpoints/{result.checkpoint.name}",
+                                   step_name, cache_key, tracking_uri)
+    return {"step": step_name, "stage": stage, "checkpoint": str(result.checkpoint), "run_id": run.info.run_id,
+            "global_step": result.global_step, "train_loss": float(result.train_loss), "cache_key": cache_key,
+            "model_version": version_number}
+
+
+def registered_name(step_name: str, prefix: str = "mav") -> str:
+    return f"{prefix}-{step_name.replace('_', '-')}"
+
+
+def _register(run_id: str, source: str, step_name: str, cache_key: str, tracking_uri: str) -> str:
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(tracking_uri)
+    name = registered_name(step_name)
+    try:
+        client.create_registered_model(name, description=f"Make-A-Video step {step_name} (a Lightning checkpoint)")
+    except MlflowException:
+        pass  # exists
+    version = client.create_model_version(name, source, run_id=run_id, tags={"mav.cache_key": cache_key})
+    return version.version
+
+
+@task(name="sample", cache_policy=NO_CACHE)
+def sample_task(prompts: list[str], checkpoints: dict[str, str], out_dir: str, steps, guidance, seed: int) -> list[dict]:
+    import torch
+
+    from models.sampling import sample_videos
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    results = sample_videos(prompts, checkpoints, out_dir, steps=steps, guidance=guidance, seed=seed, device=device)
+    gif_dir = Path(out_dir).parent / "gif"  # previews apart, so the folder of mp4s is the evaluated set
+    gif_dir.mkdir(exist_ok=True)
+    for r in results:
+        if r.gif:
+            r.gif = Path(r.gif).rename(gif_dir / Path(r.gif).name)
+    prompt_file = Path(out_dir) / "prompts.json"
+    prompt_file.write_text(json.dumps({Path(r.mp4).name: r.prompt for r in results}, indent=1))
+    return [{"prompt": r.prompt, "mp4": str(r.mp4), "gif": str(r.gif) if r.gif else None,
+             "frames": int(r.frames.shape[0])} for r in results]
+
+
+def _finished_run_for(tracking_uri: str, experiment: str, version: str, config_digest: str):
+    """A finished pipeline run of this dataset version and config: a repeated event, not new work."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    runs = client.search_runs([exp.experiment_id],
+                              filter_string=f"tags.`mav.kind` = 'pipeline' and tags.`mav.dataset_version` = '{version}' "
+                                            f"and tags.`mav.config_digest` = '{config_digest}' and attributes.status = 'FINISHED'",
+                              max_results=1)
+    return runs[0] if runs else None
+
+
+def _move_champion(client, trained: list[dict], metric: str, value: float, alias: str, log) -> list[str]:
+    """Point `alias` at this run's model versions where the metric beats the current champion's."""
+    moved = []
+    for item in trained:
+        name = registered_name(item["step"])
+        version = item["model_version"]
+        client.set_model_version_tag(name, version, f"mav.{metric}", str(value))
+        try:
+            champion = client.get_model_version_by_alias(name, alias)
+            best = float(champion.tags.get(f"mav.{metric}", "inf"))
+        except Exception:
+            champion, best = None, float("inf")
+        if champion is not None and champion.version == version:
+            continue
+        if value < best:
+            client.set_registered_model_alias(name, alias, version)
+            moved.append(f"{name} v{version}")
+        else:
+            log.info("%s: %s %.4g does not beat the champion's %.4g; alias stays", name, metric, value, best)
+    return moved
+
+
+@flow(name="pipeline", log_prints=True)
+def pipeline(config: str = DEFAULT_CONFIG, dataset: str | None = None, data_root: str | None = None,
+             version: str | None = None, new_clips: int | None = None, min_new_clips: int | None = None,
+             tracking_uri: str | None = None, skip_ingest: bool = False, force: bool = False) -> dict:
+    """Raw video to a scored, registered model. Called by a dataset event, `version` and
+    `new_clips` come from the event: below `min_new_clips` it does nothing, and a version
+    that already has a finished pipeline run is not trained again."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    log = get_run_logger()
+    cfg: PipelineConfig = load_pipeline_config(REPO / config if not Path(config).is_absolute() and not Path(config).exists() else config)
+    dataset = dataset or cfg.dataset
+    data_root = str(Path(data_root or cfg.data_root).resolve())
+    tracking_uri = tracking_uri or cfg.tracking_uri or default_tracking_uri()
+    threshold = cfg.min_new_clips if min_new_clips is None else int(min_new_clips)
+    if new_clips is not None and int(new_clips) < threshold:
+        print(f"{new_clips} new clips < min_new_clips {threshold}: not retraining")
+        return {"skipped": "below threshold", "new_clips": int(new_clips)}
+
+    from_event = version is not None  # a dataset event names the version; a person runs without one
+    if version is None and not skip_ingest:
+        summary = ingest(sources=[str(REPO / s) if not Path(s).exists() else s for s in cfg.sources],
+                         data_root=data_root, dataset=dataset, config=_repo_path(cfg.ingest_config))
+        version = summary["version"]
+    from data_prep.dataset import load_manifest
+
+    manifest = load_manifest(Path(data_root), dataset, version)
+    version = manifest.attrs["version"]
+    config_digest = hashlib.sha256(cfg.model_dump_json().encode()).hexdigest()[:16]
+    done = _finished_run_for(tracking_uri, cfg.experiment, version, config_digest) if from_event and not force else None
+    if done is not None:
+        print(f"dataset {dataset}@{version} already has a finished pipeline run ({done.info.run_id}): nothing to do")
+        return {"skipped": "already done", "run_id": done.info.run_id, "version": version}
+
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_experiment(cfg.experiment)
+    code = code_digest()
+    work = Path(cfg.work_dir).resolve()
+    tags = {"mav.kind": "pipeline", "mav.dataset": dataset, "mav.dataset_version": version,
+            "mav.config_digest": config_digest, "mav.code": code}
+    with mlflow.start_run(run_name=f"pipeline {dataset}@{version}", tags=tags, log_system_metrics=True) as parent:
+        mlflow.log_params({"config": config, "dataset": dataset, "dataset_version": version, "data_root": data_root,
+                           "num_clips": len(manifest), "steps": ",".join(s.name for s in cfg.steps)})
+        mlflow.log_dict(cfg.model_dump(mode="json"), "pipeline_config.json")
+        mlflow.log_input(mlflow.data.from_pandas(manifest.drop(columns=["clip_abspath"]), source=f"{data_root}/datasets/{dataset}",
+                                                 name=f"{dataset}@{version}", digest=version), context="training")
+        trained, keys, checkpoints = [], {}, {}
+        for step in cfg.steps:
+            key = step_key(step, version, keys.get(step.init_from), code, f"{work}|{tracking_uri}")
+            keys[step.name] = key
+            out_dir = work / "stages" / step.name / key
+            has_checkpoint = (out_dir / "checkpoints" / "last.ckpt").exists()
+            result = train_stage_task.with_options(refresh_cache=not has_checkpoint)(
+                step.name, step.stage, _repo_path(step.config), step.overrides, data_root, dataset, version,
+                checkpoints.get(step.init_from), str(out_dir), tracking_uri, cfg.experiment,
+                parent.info.run_id, key)
+            checkpoints[step.name] = result["checkpoint"]
+            cached = result["run_id"] not in _child_run_ids(parent.info.run_id, tracking_uri)
+            print(f"{step.name}: step {result['global_step']}, loss {result['train_loss']:.4f}"
+                  + (f" (unchanged: reused run {result['run_id']})" if cached else ""))
+            mlflow.log_metric(f"{step.name}_train_loss", result["train_loss"])
+            mlflow.set_tag(f"mav.step.{step.name}.run", result["run_id"])
+            trained.append(result)
+
+        chain = {stage: checkpoints[name] for name, stage in _chain_steps(cfg).items()}
+        sample_dir = work / "samples" / parent.info.run_id / "videos"
+        samples = sample_task(cfg.sample.prompts, chain, str(sample_dir), cfg.sample.steps, cfg.sample.guidance,
+                              cfg.sample.seed)
+        for item in samples:
+            mlflow.log_artifact(item["mp4"], artifact_path="samples")
+            if item["gif"]:
+                mlflow.log_artifact(item["gif"], artifact_path="samples")
+
+        from flows.evaluate import evaluate
+
+        ev = cfg.evaluate
+        scores = evaluate(real=f"{dataset}@{version}", fake=str(sample_dir), prompts=str(sample_dir / "prompts.json"),
+                          metrics=ev.metrics, num_videos=ev.num_videos, i3d_weights=ev.i3d_weights,
+                          i3d_sha256=ev.i3d_sha256, clip_model=ev.clip_model, data_root=data_root,
+                          tracking_uri=tracking_uri, clip_length=ev.clip_length, num_resamples=ev.num_resamples,
+                          experiment=cfg.experiment, parent_run_id=parent.info.run_id, run_name="evaluate")
+        metrics = {}
+        for name, r in scores["results"].items():
+            key = f"smoke_{name}" if r.get("smoke") else name
+            metrics[key] = r["value"]
+            if r.get("low") is not None:
+                metrics |= {f"{key}_low": r["low"], f"{key}_high": r["high"]}
+        mlflow.log_metrics(metrics)
+        fvd_key = next((k for k in ("fvd", "smoke_fvd") if k in metrics), None)
+        moved = []
+        if fvd_key:
+            moved = _move_champion(MlflowClient(tracking_uri), trained, fvd_key, metrics[fvd_key],
+                                   cfg.register.alias, log)
+        run_id = parent.info.run_id
+
+    store = tracking_uri.removeprefix("sqlite:///")
+    summary = {"run_id": run_id, "dataset": dataset, "version": version, "metrics": metrics, "samples": samples,
+               "checkpoints": checkpoints, "champion_moved": moved, "tracking_uri": tracking_uri}
+    for line in scores["lines"]:
+        print(line)
+    print(f"sample video: {samples[0]['mp4']}")
+    print(f"champion alias moved: {', '.join(moved) if moved else 'no'}")
+    print(f"MLflow UI: mlflow ui --backend-store-uri {tracking_uri}   (then open http://127.0.0.1:5000)"
+          if store != tracking_uri else f"MLflow: {tracking_uri}")
+    return summary
+
+
+def _repo_path(path: str | None) -> str | None:
+    if path is None:
+        return None
+    return path if Path(path).exists() else str(REPO / path)
+
+
+def _chain_steps(cfg: PipelineConfig) -> dict[str, str]:
+    """The last step of each stage feeds the sampling chain."""
+    chain = {}
+    for step in cfg.steps:
+        chain[step.name] = step.stage
+    last = {stage: name for name, stage in chain.items()}
+    return {name: stage for stage, name in last.items()}
+
+
+def _child_run_ids(parent_run_id: str, tracking_uri: str) -> set[str]:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    parent = client.get_run(parent_run_id)
+    runs = client.search_runs([parent.info.experiment_id],
+                              filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'", max_results=200)
+    return {r.info.run_id for r in runs}
+
+
+@flow(name="train", log_prints=True)
+def train(config: str = DEFAULT_CONFIG, steps: list[str] | None = None, dataset: str | None = None,
+          data_root: str | None = None, version: str | None = None, tracking_uri: str | None = None) -> dict:
+    """Train one step, several, or all (steps=None) of a pipeline config, with the same caching."""
+    cfg = load_pipeline_config(_repo_path(config))
+    selected = [s for s in cfg.steps if steps is None or s.name in steps]
+    unknown = set(steps or []) - {s.name for s in cfg.steps}
+    if unknown:
+        raise ValueError(f"unknown steps {sorted(unknown)}; the config has {', '.join(s.name for s in cfg.steps)}")
+    needed = {s.name for s in selected}
+    for step in reversed(cfg.steps):  # a step needs the steps it starts from
+        if step.name in needed and step.init_from:
+            needed.add(step.init_from)
+    sub = cfg.model_copy(update={"steps": [s for s in cfg.steps if s.name in needed]})
+    return _train_only(sub, dataset or cfg.dataset, data_root or cfg.data_root, version, tracking_uri)
+
+
+def _train_only(cfg: PipelineConfig, dataset: str, data_root: str, version: str | None, tracking_uri: str | None) -> dict:
+    import mlflow
+
+    from data_prep.dataset import load_manifest
+
+    data_root = str(Path(data_root).resolve())
+    version = load_manifest(Path(data_root), dataset, version).attrs["version"]
+    tracking_uri = tracking_uri or cfg.tracking_uri or default_tracking_uri()
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_experiment(cfg.experiment)
+    code, work, keys, checkpoints = code_digest(), Path(cfg.work_dir).resolve(), {}, {}
+    with mlflow.start_run(run_name=f"train {dataset}@{version}",
+                          tags={"mav.kind": "train-only", "mav.dataset_version": version}) as parent:
+        for step in cfg.steps:
+            key = step_key(step, version, keys.get(step.init_from), code, f"{work}|{tracking_uri}")
+            keys[step.name] = key
+            out_dir = work / "stages" / step.name / key
+            result = train_stage_task.with_options(refresh_cache=not (out_dir / "checkpoints/last.ckpt").exists())(
+                step.name, step.stage, _repo_path(step.config), step.overrides, data_root, dataset, version,
+                checkpoints.get(step.init_from), str(out_dir), tracking_uri, cfg.experiment, parent.info.run_id, key)
+            checkpoints[step.name] = result["checkpoint"]
+    return {"version": version, "checkpoints": checkpoints}
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("pipeline", help="end to end: ingest -> train all stages -> sample -> evaluate -> register")
+    parser.add_argument("--config", default=DEFAULT_CONFIG, help=f"pipeline YAML (default {DEFAULT_CONFIG}: the CPU demo)")
+    parser.add_argument("--dataset")
+    parser.add_argument("--data-root")
+    parser.add_argument("--version", help="use this dataset version instead of ingesting")
+    parser.add_argument("--tracking-uri")
+    parser.add_argument("--force", action="store_true", help="with --version: run even if it already has a finished run")
+    parser.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    summary = pipeline(config=args.config, dataset=args.dataset, data_root=args.data_root, version=args.version,
+                       tracking_uri=args.tracking_uri, force=args.force)
+    return 0 if summary else 1
