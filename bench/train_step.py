@@ -46,9 +46,16 @@ def step(module, opt, batch, device):
     return loss
 
 
-def bench_stage(size, stage, device, steps, warmup):
-    cfg = load_config(ROOT / "configs" / size / f"{stage}.yaml", {"clip": "tiny", "trainer.compile": False})
+def bench_stage(size, stage, device, steps, warmup, batch_size=None, compile_net=False, channels_last=False):
+    overrides = {"clip": "tiny", "trainer.compile": False}
+    if batch_size:
+        overrides["data.batch_size"] = batch_size
+    cfg = load_config(ROOT / "configs" / size / f"{stage}.yaml", overrides)
     module = build_stage(cfg).to(device).train()
+    if channels_last:
+        module = module.to(memory_format=torch.channels_last)
+    if compile_net:
+        module.net.compile()  # in place, as trainer.compile does
     opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-5)
     batch = random_batch(cfg, device)
     for _ in range(warmup):
@@ -84,6 +91,9 @@ def main():
     ap.add_argument("--stages", nargs="*", default=list(STAGES))
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=None, help="override each config's batch size")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the network")
+    ap.add_argument("--channels-last", action="store_true")
     args = ap.parse_args()
     device = torch.device(args.device)
     peak = None
@@ -95,7 +105,8 @@ def main():
     print(f"{'stage':22s} {'batch':>5s} {'params M':>9s} {'train M':>8s} {'s/step':>8s} {'samples/s':>10s} "
           f"{'TFLOP/step':>11s} {'TFLOP/s':>8s} {'MFU':>6s} {'mem GiB':>8s}")
     for stage in args.stages:
-        r = bench_stage(args.size, stage, device, args.steps, args.warmup)
+        r = bench_stage(args.size, stage, device, args.steps, args.warmup, args.batch_size, args.compile,
+                        args.channels_last)
         mfu = f"{r['achieved'] / peak:6.1%}" if peak else "   n/a"
         print(f"{r['stage']:22s} {r['batch']:5d} {r['params']:9.1f} {r['trainable']:8.1f} {r['step_s']:8.3f} "
               f"{r['samples_s']:10.2f} {r['tflop_step']:11.3f} {r['achieved'] / 1e12:8.2f} {mfu} {r['mem']:8.1f}",

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
 import tempfile
@@ -26,6 +25,7 @@ import numpy as np
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE as NO_CACHE
 
+from flows.tracking import default_tracking_uri, experiment_id
 from eval.video_io import VIDEO_EXTENSIONS, list_videos, write_gif, write_mp4, write_png
 
 METRICS = ("fvd", "clipsim")
@@ -51,10 +51,6 @@ class VideoSet:
         idx = sorted(np.random.default_rng(seed).choice(len(self.paths), size=n, replace=False).tolist())
         prompts = [self.prompts[i] for i in idx] if self.prompts else None
         return VideoSet(self.source, self.kind, [self.paths[i] for i in idx], prompts, self.version, self.extra)
-
-
-def default_tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
 
 
 def _load_manifest(data_root: Path, name: str, version: str | None):
@@ -214,8 +210,7 @@ def log_task(results: dict, params: dict, clips: list, tracking_uri: str, experi
     from eval.sheets import contact_sheet, video_grid
 
     client = MlflowClient(tracking_uri)
-    exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    exp_id = experiment_id(tracking_uri, experiment)
     smoke = any(r.smoke for r in results.values())
     tags = {"mav.kind": "evaluate", "mav.smoke": str(smoke).lower()}
     if parent_run_id:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
@@ -19,13 +18,10 @@ from prefect.cache_policies import NONE as NO_CACHE
 
 from flows.ingest import ingest
 from flows.pipeline_config import PipelineConfig, TrainStep, load_pipeline_config
+from flows.tracking import default_tracking_uri, use_experiment
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = "configs/tiny/pipeline.yaml"
-
-
-def default_tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
 def code_digest() -> str:
@@ -66,8 +62,7 @@ def train_stage_task(step_name: str, stage: str, config_path: str, overrides: di
     config = load_config(config_path, overrides)
     last = Path(out_dir) / "checkpoints" / "last.ckpt"
     resume = last.exists()
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_experiment(experiment)
+    use_experiment(tracking_uri, experiment)
     tags = {"mav.kind": "train", "mav.stage": stage, "mav.step": step_name, "mav.cache_key": cache_key,
             "mav.dataset": dataset, "mav.dataset_version": version, "mav.resumed": str(resume).lower()}
     with mlflow.start_run(run_name=step_name, parent_run_id=parent_run_id, nested=True, tags=tags,
@@ -196,8 +191,7 @@ def pipeline(config: str = DEFAULT_CONFIG, dataset: str | None = None, data_root
         print(f"dataset {dataset}@{version} already has a finished pipeline run ({done.info.run_id}): nothing to do")
         return {"skipped": "already done", "run_id": done.info.run_id, "version": version}
 
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_experiment(cfg.experiment)
+    use_experiment(tracking_uri, cfg.experiment)
     code = code_digest()
     work = Path(cfg.work_dir).resolve()
     tags = {"mav.kind": "pipeline", "mav.dataset": dataset, "mav.dataset_version": version,
@@ -238,8 +232,12 @@ def pipeline(config: str = DEFAULT_CONFIG, dataset: str | None = None, data_root
         from flows.evaluate import evaluate
 
         ev = cfg.evaluate
+        metrics_wanted = list(ev.metrics)
+        if "fvd" in metrics_wanted and len(manifest) < 2:  # no covariance from one clip
+            print(f"FVD skipped: dataset {dataset}@{version} has {len(manifest)} clip; FVD needs at least 2")
+            metrics_wanted.remove("fvd")
         scores = evaluate(real=f"{dataset}@{version}", fake=str(sample_dir), prompts=str(sample_dir / "prompts.json"),
-                          metrics=ev.metrics, num_videos=ev.num_videos, i3d_weights=ev.i3d_weights,
+                          metrics=metrics_wanted, num_videos=ev.num_videos, i3d_weights=ev.i3d_weights,
                           i3d_sha256=ev.i3d_sha256, clip_model=ev.clip_model, data_root=data_root,
                           tracking_uri=tracking_uri, clip_length=ev.clip_length, num_resamples=ev.num_resamples,
                           experiment=cfg.experiment, parent_run_id=parent.info.run_id, run_name="evaluate")
@@ -254,7 +252,7 @@ def pipeline(config: str = DEFAULT_CONFIG, dataset: str | None = None, data_root
         moved = []
         if fvd_key:
             moved = _move_champion(MlflowClient(tracking_uri), trained, fvd_key, metrics[fvd_key],
-                                   cfg.register.alias, log)
+                                   cfg.registry.alias, log)
         run_id = parent.info.run_id
 
     store = tracking_uri.removeprefix("sqlite:///")
@@ -319,8 +317,7 @@ def _train_only(cfg: PipelineConfig, dataset: str, data_root: str, version: str 
     data_root = str(Path(data_root).resolve())
     version = load_manifest(Path(data_root), dataset, version).attrs["version"]
     tracking_uri = tracking_uri or cfg.tracking_uri or default_tracking_uri()
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_experiment(cfg.experiment)
+    use_experiment(tracking_uri, cfg.experiment)
     code, work, keys, checkpoints = code_digest(), Path(cfg.work_dir).resolve(), {}, {}
     with mlflow.start_run(run_name=f"train {dataset}@{version}",
                           tags={"mav.kind": "train-only", "mav.dataset_version": version}) as parent:

@@ -53,7 +53,7 @@ class PipelineConfig(Strict):
     steps: list[TrainStep] = Field(default_factory=list)
     sample: SampleSettings = Field(default_factory=SampleSettings)
     evaluate: EvaluateSettings = Field(default_factory=EvaluateSettings)
-    register: RegisterSettings = Field(default_factory=RegisterSettings)
+    registry: RegisterSettings = Field(default_factory=RegisterSettings)
 
 
 def load_pipeline_config(path: str | Path) -> PipelineConfig:

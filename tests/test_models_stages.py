@@ -6,7 +6,6 @@ moving-shapes dataset written to tmp (data_prep/synthetic.py); later tests reuse
 import copy
 from pathlib import Path
 
-import pandas as pd
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback

@@ -1,0 +1,34 @@
+"""Where MLflow records go: the tracking URI and experiments (artifacts beside a SQLite store)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def default_tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI, else a SQLite store in the working directory (absolute)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def experiment_id(tracking_uri: str, name: str) -> str:
+    """The experiment's id, created if missing. A SQLite store keeps its artifacts beside the
+    database (MLflow's default, ./mlruns of whatever folder a process runs in, scatters them)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    existing = client.get_experiment_by_name(name)
+    if existing is not None:
+        return existing.experiment_id
+    location = None
+    if tracking_uri.startswith("sqlite:///"):
+        store = Path(tracking_uri.removeprefix("sqlite:///")).parent
+        location = (store / "mlartifacts" / name).as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
+def use_experiment(tracking_uri: str, name: str) -> None:
+    """Point fluent MLflow (mlflow.start_run, Lightning's logger) at this store and experiment."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_experiment(experiment_id=experiment_id(tracking_uri, name))

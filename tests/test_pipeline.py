@@ -1,0 +1,132 @@
+"""The end-to-end pipeline against a real Prefect server and a real MLflow (SQLite) store."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from flows.pipeline import pipeline, registered_name, train
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = REPO / "configs" / "tiny"
+FAST = {"trainer.max_steps": 4, "trainer.warmup_steps": 1, "trainer.checkpoint_every": 2, "trainer.log_every": 1}
+
+
+def write_config(tmp_path: Path, videos: Path, **changes) -> Path:
+    steps = [
+        {"name": "prior", "stage": "prior", "config": str(TINY / "prior.yaml"), "overrides": FAST},
+        {"name": "decoder_image", "stage": "decoder", "config": str(TINY / "decoder.yaml"),
+         "overrides": {**FAST, "mode": "image"}},
+        {"name": "decoder", "stage": "decoder", "config": str(TINY / "decoder.yaml"), "overrides": FAST,
+         "init_from": "decoder_image"},
+        {"name": "interpolation", "stage": "interpolation", "config": str(TINY / "interpolation.yaml"),
+         "overrides": FAST, "init_from": "decoder"},
+        {"name": "sr_low", "stage": "sr_low", "config": str(TINY / "sr_low.yaml"), "overrides": {**FAST, "mode": "image"}},
+        {"name": "sr_high", "stage": "sr_high", "config": str(TINY / "sr_high.yaml"), "overrides": FAST},
+    ]
+    config = {
+        "sources": [str(videos)], "data_root": str(tmp_path / "data"), "dataset": "clips",
+        "ingest_config": str(TINY / "ingest.yaml"), "work_dir": str(tmp_path / "work"),
+        "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "mav-test", "steps": steps,
+        "sample": {"prompts": ["a bunny in a meadow", "a person signing"], "steps": 2, "seed": 0},
+        "evaluate": {"metrics": ["fvd", "clipsim"], "num_videos": 4, "clip_length": 9, "clip_model": "tiny",
+                     "num_resamples": 20},
+    }
+    for key, value in changes.items():
+        config[key] = value
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def runs_of(client: MlflowClient, experiment: str, filter_string: str = ""):
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id], filter_string=filter_string, max_results=500)
+
+
+@pytest.mark.slow
+def test_pipeline_end_to_end_then_cached_rerun(prefect_server, tmp_path, video_dir):
+    config = write_config(tmp_path, video_dir)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first = pipeline(config=str(config))
+    client = MlflowClient(uri)
+    parent = client.get_run(first["run_id"])
+    assert parent.info.status == "FINISHED"
+    assert {"smoke_fvd", "smoke_clipsim", "smoke_fvd_low", "smoke_fvd_high"} <= set(parent.data.metrics)
+    assert parent.inputs.dataset_inputs[0].dataset.digest == first["version"]
+    children = runs_of(client, "mav-test", f"tags.`mlflow.parentRunId` = '{first['run_id']}'")
+    names = sorted(r.info.run_name for r in children)
+    assert names == sorted(["prior", "decoder_image", "decoder", "interpolation", "sr_low", "sr_high", "evaluate"])
+    train = next(r for r in children if r.info.run_name == "decoder")
+    assert train.data.params["config.freeze_spatial"] == "True"
+    assert len(client.get_metric_history(train.info.run_id, "train/loss")) == 4  # every step
+    assert parent.info.artifact_uri.startswith((tmp_path / "mlartifacts").as_uri())
+    artifacts = {a.path for a in client.list_artifacts(first["run_id"], "samples")}
+    assert {"samples/sample-0000.mp4", "samples/sample-0000.gif"} <= artifacts
+    # every step registered, the champion alias on this run's versions (there was none before)
+    for step in ("prior", "decoder", "sr_high"):
+        champion = client.get_model_version_by_alias(registered_name(step), "champion")
+        assert champion.run_id in {r.info.run_id for r in children}
+
+    second = pipeline(config=str(config))
+    assert second["version"] == first["version"] and second["run_id"] != first["run_id"]
+    new_children = runs_of(client, "mav-test", f"tags.`mlflow.parentRunId` = '{second['run_id']}'")
+    assert [r.info.run_name for r in new_children] == ["evaluate"]  # no stage trained again
+    assert second["checkpoints"] == first["checkpoints"]
+
+
+@pytest.mark.slow
+def test_failed_stage_keeps_earlier_results_and_rerun_resumes_there(prefect_server, tmp_path, video_dir):
+    config = write_config(tmp_path, video_dir)
+    raw = yaml.safe_load(config.read_text())
+    raw["steps"][3]["overrides"] = {**FAST, "data.frames": 4000}  # interpolation: clips shorter than the window
+    config.write_text(yaml.safe_dump(raw))
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with pytest.raises(Exception, match="shorter than"):
+        pipeline(config=str(config))
+    failed_parent = runs_of(client, "mav-test", "tags.`mav.kind` = 'pipeline'")[0]
+    assert failed_parent.info.status == "FAILED"
+    steps = {r.info.run_name: r.info.status for r in
+             runs_of(client, "mav-test", f"tags.`mlflow.parentRunId` = '{failed_parent.info.run_id}'")}
+    assert steps == {"prior": "FINISHED", "decoder_image": "FINISHED", "decoder": "FINISHED", "interpolation": "FAILED"}
+
+    raw["steps"][3]["overrides"] = FAST  # fixed
+    config.write_text(yaml.safe_dump(raw))
+    done = pipeline(config=str(config))
+    trained_again = {r.info.run_name for r in
+                     runs_of(client, "mav-test", f"tags.`mlflow.parentRunId` = '{done['run_id']}'")}
+    assert trained_again == {"interpolation", "sr_low", "sr_high", "evaluate"}  # resumed at the failed stage
+
+
+@pytest.mark.slow
+def test_killed_training_resumes_from_its_last_checkpoint(prefect_server, tmp_path, video_dir):
+    config = write_config(tmp_path, video_dir)
+    raw = yaml.safe_load(config.read_text())
+    raw["steps"] = raw["steps"][:1]
+    raw["steps"][0]["overrides"] = {"trainer.max_steps": 200, "trainer.checkpoint_every": 5, "trainer.warmup_steps": 1}
+    config.write_text(yaml.safe_dump(raw))
+    env = {**os.environ, "PREFECT_API_URL": prefect_server}
+    process = subprocess.Popen([sys.executable, "-m", "flows.cli", "pipeline", "--config", str(config)], cwd=REPO,
+                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    checkpoints = tmp_path / "work" / "stages" / "prior"
+    deadline = time.time() + 240
+    while time.time() < deadline and not list(checkpoints.glob("*/checkpoints/step*.ckpt")):
+        time.sleep(0.5)
+    time.sleep(2)
+    os.killpg(process.pid, signal.SIGKILL)  # the worker dies mid-training
+    process.wait()
+    (last,) = list(checkpoints.glob("*/checkpoints/last.ckpt"))
+    import torch
+    killed_at = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
+    assert 0 < killed_at < 200
+
+    done = train(config=str(config), steps=["prior"])  # the same step, same cache key: it resumes
+    assert Path(done["checkpoints"]["prior"]) == last
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (prior_run,) = runs_of(client, "mav-test", "tags.`mav.step` = 'prior' and tags.`mav.resumed` = 'true'")
+    assert prior_run.info.status == "FINISHED" and prior_run.data.metrics["global_step"] == 200
