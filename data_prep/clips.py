@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import av
 import cv2
 import ffmpeg
 import numpy as np
@@ -89,37 +88,42 @@ def clip_id_for(source_sha: str, start: int, end: int, settings_hash: str) -> st
 
 
 class ClipWriter:
-    """Encodes frames of one clip to a temporary mp4 (H.264, yuv420p, no audio)."""
+    """Encodes frames of one clip to a temporary mp4 (H.264, yuv420p, no audio).
+
+    The encoder is an ffmpeg process fed raw I420 frames through a pipe: it runs beside
+    Python on another core, where an in-process encoder would hold the GIL."""
 
     def __init__(self, directory: Path, width: int, height: int, fps: float, cfg: ClipConfig):
         self.path = directory / f".tmp-{uuid.uuid4().hex}.mp4"
-        self.container = av.open(str(self.path), "w")
         rate = _as_fraction(fps)
-        self.stream = self.container.add_stream("libx264", rate=rate)
-        self.stream.width, self.stream.height, self.stream.pix_fmt = width, height, "yuv420p"
-        self.stream.options = {"crf": str(cfg.crf), "preset": cfg.preset}
-        self.stream.codec_context.time_base = 1 / rate
-        # one encoder thread: the parallelism comes from the decoder process and from
-        # processing several sources at once
-        self.stream.codec_context.thread_count = 1
+        raw = ffmpeg.input("pipe:", format="rawvideo", pix_fmt="yuv420p", s=f"{width}x{height}",
+                           framerate=f"{rate.numerator}/{rate.denominator}")
+        out = raw.output(str(self.path), vcodec="libx264", preset=cfg.preset, crf=cfg.crf, pix_fmt="yuv420p",
+                         threads=1, an=None, movflags="+faststart", f="mp4")
+        command = out.global_args("-v", "error", "-nostdin", "-y").compile(cmd=ffmpeg_exe())
+        self.stderr = tempfile.TemporaryFile()
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stderr=self.stderr)
         self.count = 0
 
     def write(self, i420: np.ndarray) -> None:
-        frame = av.VideoFrame.from_ndarray(i420, format="yuv420p")
-        frame.pts = self.count
-        self.container.mux(self.stream.encode(frame))
+        self.process.stdin.write(memoryview(i420).cast("B"))
         self.count += 1
 
     def finish(self) -> Path:
-        self.container.mux(self.stream.encode())
-        self.container.close()
+        self.process.stdin.close()
+        if self.process.wait() != 0:
+            self.stderr.seek(0)
+            detail = self.stderr.read().decode(errors="replace").strip().splitlines()
+            self.path.unlink(missing_ok=True)
+            raise DecodeError(f"encoding a clip failed: {detail[-1] if detail else self.process.returncode}")
+        self.stderr.close()
         return self.path
 
     def abort(self) -> None:
-        try:
-            self.container.close()
-        finally:
-            self.path.unlink(missing_ok=True)
+        self.process.kill()
+        self.process.wait()
+        self.stderr.close()
+        self.path.unlink(missing_ok=True)
 
 
 def _as_fraction(fps: float):
