@@ -15,6 +15,7 @@ import torch
 from eval.clipsim import CLIPSIM, CLIPSIMResult
 from eval.fvd import FrechetVideoDistance, FVDResult
 from eval.i3d import MIN_FRAMES, I3DDetector
+from eval.inception_score import ISResult, VideoInceptionScore
 from eval.video_io import count_frames, read_video
 
 
@@ -102,3 +103,11 @@ def clipsim_of_files(paths: Sequence[str | Path], prompts: Sequence[str], metric
         for path, prompt, clip in zip(paths, prompts, clips):
             metric.update([torch.from_numpy(clip)], [prompt], names=[str(path)])
     return metric.result(num_resamples=num_resamples)
+
+
+def inception_score_of_files(paths: Sequence[str | Path], metric: VideoInceptionScore, spec: ClipSpec,
+                             batch_size: int = 16) -> ISResult:
+    """Video IS (C3D) of one clip per video file."""
+    for _, batch in batches_by_shape(iter_clips(paths, spec), batch_size):
+        metric.update(batch)
+    return metric.result()

@@ -10,6 +10,8 @@ been validated, so IS from here is not yet comparable with published numbers.
 """
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -78,6 +80,18 @@ def inception_score(logits: torch.Tensor, splits: int = 10) -> tuple[float, floa
     return float(s.mean()), float(s.std(unbiased=False))
 
 
+@dataclass(frozen=True)
+class ISResult:
+    value: float  # mean over splits
+    std: float  # over splits
+    num_videos: int
+    splits: int
+    smoke: bool
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
 class VideoInceptionScore(Metric):
     """update(uint8 [B,16,H,W,3]); compute() -> (mean, std) over `splits` splits."""
 
@@ -98,3 +112,14 @@ class VideoInceptionScore(Metric):
 
     def compute(self):
         return inception_score(dim_zero_cat(self.logits), self.splits)
+
+    def result(self) -> ISResult:
+        """compute() as an ISResult (synced across processes). Fewer than 2 videos per split gives
+        fewer splits (a split of one video always scores 1)."""
+        with self.sync_context(dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync,
+                               should_unsync=self._should_unsync):
+            logits = dim_zero_cat(self.logits) if len(self.logits) else torch.zeros(0)
+        if len(logits) < 2:
+            raise ValueError(f"inception score needs at least 2 videos, got {len(logits)}")
+        splits = min(self.splits, len(logits) // 2)
+        return ISResult(*inception_score(logits, splits), len(logits), splits, self.smoke)

@@ -1,11 +1,15 @@
 """The `evaluate` flow: score fake videos against real ones (FVD) and prompts (CLIPSIM), log to MLflow.
 
     mav evaluate --real NAME[@VERSION] --fake runs:/<run_id> --metrics fvd,clipsim
+    mav evaluate --protocol ucf101 --protocol-root UCF101_DIR --checkpoints CKPT_DIR   # FVD + IS
+    mav evaluate --protocol msrvtt --captions test_videodatainfo.json --fake FOLDER    # CLIPSIM (+ FVD)
 
 A source (SRC) is a dataset under --data-root (NAME or NAME@VERSION), a folder of
 videos, or an MLflow run (`runs:/<run_id>[/path]` or `mlflow:<run_id>`) whose video
 artifacts are used. The flow can also make the fake videos itself with a sampler
-(`models.sampling.sample_video` by default when `checkpoints` are given).
+(`models.sampling.sample_videos` by default when `checkpoints` are given). A protocol
+(eval.protocols: UCF-101, MSR-VTT) supplies the prompts, the real videos and the metrics;
+fake videos made elsewhere must carry its prompts (prompts.json: {file name: prompt}).
 Without real weights (no --i3d-weights, CLIP not available locally) it runs on
 random weights and every printed line and logged metric name says "smoke".
 """
@@ -26,9 +30,10 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE as NO_CACHE
 
 from flows.tracking import default_tracking_uri, experiment_id
+from eval.protocols import PROTOCOLS, load_protocol
 from eval.video_io import VIDEO_EXTENSIONS, list_videos, write_gif, write_mp4, write_png
 
-METRICS = ("fvd", "clipsim")
+METRICS = ("fvd", "clipsim", "is")
 RESIZE = "bilinear 224x224 align_corners=False, no crop, [-1,1]"
 _RUN_SRC = re.compile(r"^(?:runs:/|mlflow:)([0-9a-fA-F]{8,})(?:/(.*))?$")
 
@@ -133,15 +138,20 @@ def resolve_source(src: str, data_root: str | Path = "mav-data", tracking_uri: s
 @task(name="sample-videos", cache_policy=NO_CACHE)
 def sample_videos(prompts: list[str], sampler: Callable | None, checkpoints, out_dir: str, steps: int,
                   guidance: float, seed: int, device: str) -> VideoSet:
-    if sampler is None:
-        from models.sampling import sample_video as sampler  # provided by the models package
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, prompt in enumerate(prompts):
-        target = out / f"sample-{i:05d}.mp4"
-        made = sampler(prompt, checkpoints, target, steps=steps, guidance=guidance, seed=seed + i, device=device)
-        paths.append(Path(made) if isinstance(made, (str, Path)) else target)
+    if sampler is None:  # the sampling chain, loaded once, in batches
+        from models.sampling import sample_videos as sample_batches
+
+        made = sample_batches(prompts, checkpoints, out, steps=steps, guidance=guidance, seed=seed, device=device,
+                              gif=False)
+        paths = [Path(r.mp4) for r in made]
+    else:
+        paths = []
+        for i, prompt in enumerate(prompts):
+            target = out / f"sample-{i:05d}.mp4"
+            made = sampler(prompt, checkpoints, target, steps=steps, guidance=guidance, seed=seed + i, device=device)
+            paths.append(Path(made) if isinstance(made, (str, Path)) else target)
     (out / "prompts.json").write_text(json.dumps({p.name: q for p, q in zip(paths, prompts)}, indent=1))
     return VideoSet(str(out), "sampled", paths, list(prompts))
 
@@ -189,19 +199,33 @@ def clipsim_task(fake: VideoSet, prompts: list[str], clip_model: str | None, cli
     return clipsim_of_files(fake.paths, prompts, metric, ClipSpec(clip_length, clip_stride), num_resamples)
 
 
+@task(name="inception-score", cache_policy=NO_CACHE)
+def is_task(fake: VideoSet, c3d_weights: str | None, c3d_sha256: str | None, clip_length: int, clip_stride: int,
+            seed: int, device: str, batch_size: int):
+    """-> (ISResult, C3D checksum); C3D on random weights (smoke) without c3d_weights."""
+    from eval.compute import ClipSpec, inception_score_of_files
+    from eval.inception_score import VideoInceptionScore, load_c3d
+    from eval.protocols import UCF101Settings
+
+    c3d, smoke, digest = load_c3d(c3d_weights, c3d_sha256, device=device, seed=seed)
+    metric = VideoInceptionScore(c3d, smoke, splits=UCF101Settings.is_splits).to(device)
+    return inception_score_of_files(fake.paths, metric, ClipSpec(clip_length, clip_stride), batch_size), digest
+
+
 def result_lines(results: dict) -> list[str]:
     lines = []
     for name, r in results.items():
-        interval = f" [{r.low:.4g}, {r.high:.4g}]" if r.low is not None else ""
+        interval = f" [{r.low:.4g}, {r.high:.4g}]" if getattr(r, "low", None) is not None else ""
+        spread = f" ± {r.std:.3g}" if getattr(r, "std", None) is not None else ""
         smoke = " (smoke)" if r.smoke else ""
         n = f"N={r.num_real}+{r.num_fake}" if name == "fvd" else f"N={r.num_videos}"
-        lines.append(f"{name}: {r.value:.4g}{interval}{smoke}  ({n})")
+        lines.append(f"{name}: {r.value:.4g}{spread}{interval}{smoke}  ({n})")
     return lines
 
 
 @task(name="log-to-mlflow", cache_policy=NO_CACHE)
 def log_task(results: dict, params: dict, clips: list, tracking_uri: str, experiment: str,
-             parent_run_id: str | None, run_name: str | None) -> str:
+             parent_run_id: str | None, run_name: str | None, prompts: dict | None = None) -> str:
     """One MLflow run (nested under parent_run_id if given). Uses MlflowClient, not the fluent
     API, so a caller's active run (e.g. the pipeline's parent run) is left alone."""
     from mlflow import MlflowClient
@@ -224,11 +248,15 @@ def log_task(results: dict, params: dict, clips: list, tracking_uri: str, experi
             # smoke numbers get their own names, so they can never be mistaken for real ones
             key = f"smoke_{name}" if r.smoke else name
             metrics.append(Metric(key, r.value, now, 0))
-            if r.low is not None:
+            if getattr(r, "low", None) is not None:
                 metrics += [Metric(f"{key}_low", r.low, now, 0), Metric(f"{key}_high", r.high, now, 0)]
+            if getattr(r, "std", None) is not None:
+                metrics.append(Metric(f"{key}_std", r.std, now, 0))
         client.log_batch(run_id, metrics=metrics,
                          params=[Param(k, str(v if v is not None else "none")) for k, v in params.items()])
         client.log_dict(run_id, {k: r.as_dict() for k, r in results.items()}, "eval/results.json")
+        if prompts:
+            client.log_dict(run_id, prompts, "eval/prompts.json")
         if clips:
             with tempfile.TemporaryDirectory() as tmp:
                 grid = video_grid(clips)
@@ -246,17 +274,30 @@ def log_task(results: dict, params: dict, clips: list, tracking_uri: str, experi
 # -- the flow -------------------------------------------------------------------------
 @flow(name="evaluate")
 def evaluate(real: str | None = None, fake: str | None = None, prompts: str | None = None,
-             metrics: str | list[str] = "fvd,clipsim", num_videos: int | None = None, i3d_weights: str | None = None,
+             metrics: str | list[str] | None = None, num_videos: int | None = None, i3d_weights: str | None = None,
              i3d_sha256: str | None = None, clip_model: str | None = None, data_root: str = "mav-data",
              tracking_uri: str | None = None, clip_length: int = 16, clip_stride: int = 1, seed: int = 0,
              device: str = "auto", num_resamples: int = 100, unbiased: bool = False, batch_size: int = 16,
              sampler: Callable | None = None, checkpoints=None, sample_dir: str | None = None,
              sample_steps: int = 50, guidance: float = 7.5, experiment: str = "evaluate",
-             parent_run_id: str | None = None, run_name: str | None = None) -> dict:
-    """Score `fake` (or videos sampled from `checkpoints` for `prompts`) against `real`; returns
-    {"results": {metric: dict}, "lines": [...], "run_id": ...}."""
+             parent_run_id: str | None = None, run_name: str | None = None, protocol: str | None = None,
+             protocol_root: str | None = None, split_file: str | None = None, captions: str | None = None,
+             video_root: str | None = None, c3d_weights: str | None = None, c3d_sha256: str | None = None) -> dict:
+    """Score `fake` (or videos sampled from `checkpoints` for `prompts`) against `real`; or run a
+    `protocol` (ucf101: protocol_root, split_file; msrvtt: captions, video_root), which gives the
+    prompts, the real videos and the metrics (fvd + is; clipsim [+ fvd]) and N (2048; all captions).
+    Returns {"results": {metric: dict}, "lines": [...], "prompts": {file: prompt}, "run_id": ...}."""
     import torch
 
+    proto = None
+    if protocol:
+        proto = load_protocol(protocol, root=protocol_root, split_file=split_file, captions=captions,
+                              video_root=video_root, num_videos=num_videos, seed=seed)
+        num_videos = proto.num_videos
+        if real and proto.real:
+            raise ValueError(f"the {protocol} protocol names the real videos itself; drop --real")
+    if metrics is None:
+        metrics = proto.metrics if proto else "fvd,clipsim"
     metrics = [m.strip().lower() for m in (metrics.split(",") if isinstance(metrics, str) else metrics) if m.strip()]
     unknown = set(metrics) - set(METRICS)
     if unknown:
@@ -272,6 +313,7 @@ def evaluate(real: str | None = None, fake: str | None = None, prompts: str | No
     if fake_set is None:
         if sampler is None and checkpoints is None:
             raise ValueError("give --fake SRC, or checkpoints (and prompts) to sample fake videos from")
+        prompt_list = prompt_list or (proto.prompts if proto else None)
         if not prompt_list:
             raise ValueError("sampling fake videos needs prompts")
         prompt_list = prompt_list[:num_videos] if num_videos else prompt_list
@@ -281,15 +323,23 @@ def evaluate(real: str | None = None, fake: str | None = None, prompts: str | No
     if prompt_list is not None:
         fake_set.prompts = prompt_list
     fake_set = fake_set.take(num_videos, seed)
+    if proto and fake_set.prompts:
+        proto.check_prompts(fake_set.prompts, fake_set.source)
 
     results, clips = {}, []
     params = {"metrics": ",".join(metrics), "fake_source": fake_set.source, "fake_kind": fake_set.kind,
               "num_fake": len(fake_set.paths), "clip_length": clip_length, "clip_stride": clip_stride,
               "seed": seed, "device": device}
+    if proto:
+        params |= {"protocol": proto.name} | proto.params
     if "fvd" in metrics:
-        if not real:
-            raise ValueError("fvd needs --real SRC")
-        real_set = resolve_source(real, data_root, tracking_uri).take(num_videos, seed)
+        if proto and proto.real:
+            real_set = VideoSet(proto.real_source, proto.name, proto.real)
+        elif real:
+            real_set = resolve_source(real, data_root, tracking_uri)
+        else:
+            raise ValueError("fvd needs --real SRC" + (" or --video-root" if protocol == "msrvtt" else ""))
+        real_set = real_set.take(num_videos, seed)
         r, clips = fvd_task(real_set, fake_set, i3d_weights, i3d_sha256, clip_length, clip_stride, seed, device,
                             num_resamples, unbiased, batch_size)
         results["fvd"] = r
@@ -304,31 +354,52 @@ def evaluate(real: str | None = None, fake: str | None = None, prompts: str | No
         r = clipsim_task(fake_set, fake_set.prompts, clip_model, clip_length, clip_stride, device, num_resamples * 10)
         results["clipsim"] = r
         params |= {"clip_model": r.clip_model, "clipsim_smoke": r.smoke}
+    if "is" in metrics:
+        r, digest = is_task(fake_set, c3d_weights, c3d_sha256, clip_length, clip_stride, seed, device, batch_size)
+        results["is"] = r
+        params |= {"is_classifier": "C3D", "c3d_sha256": digest, "is_splits": r.splits,
+                   "is_frame_size": "112x112 bilinear", "is_smoke": r.smoke}
     params["smoke"] = any(r.smoke for r in results.values())
-    if not clips:  # clipsim only: still show what was scored
+    if not clips:  # no FVD: still show what was scored
         from eval.compute import ClipSpec, read_clip
 
         clips = [torch.from_numpy(read_clip(p, ClipSpec(clip_length, clip_stride))) for p in fake_set.paths[:16]]
-    run_id = log_task(results, params, clips, tracking_uri, experiment, parent_run_id, run_name)
+    used = {p.name: q for p, q in zip(fake_set.paths, fake_set.prompts)} if fake_set.prompts else None
+    run_id = log_task(results, params, clips, tracking_uri, experiment, parent_run_id, run_name, used)
     lines = result_lines(results)
     logger = get_run_logger()
     for line in lines:
         logger.info(line)
-    return {"results": {k: r.as_dict() for k, r in results.items()}, "lines": lines, "run_id": run_id,
-            "tracking_uri": tracking_uri}
+    return {"results": {k: r.as_dict() for k, r in results.items()}, "lines": lines, "prompts": used,
+            "run_id": run_id, "tracking_uri": tracking_uri}
 
 
 # -- CLI ---------------------------------------------------------------------------------
 def register(subparsers) -> None:
-    p = subparsers.add_parser("evaluate", help="FVD / CLIPSIM of fake videos against real ones, logged to MLflow")
+    p = subparsers.add_parser("evaluate", help="FVD / CLIPSIM / IS of fake videos against real ones, or a benchmark "
+                                               "protocol (UCF-101, MSR-VTT), logged to MLflow")
     p.add_argument("--real", help="dataset NAME[@VERSION], folder of videos, or runs:/<run_id> / mlflow:<run_id>")
     p.add_argument("--fake", help="same forms as --real")
+    p.add_argument("--checkpoints", help="instead of --fake: sample from <stage>.ckpt or <stage>/checkpoints/last.ckpt "
+                                         "in this folder")
     p.add_argument("--prompts", help="prompts of the fake videos: .txt (one per line) or .json (list or {file: prompt})")
-    p.add_argument("--metrics", default="fvd,clipsim")
-    p.add_argument("--num-videos", type=int, default=None, help="videos per set (seeded random subset)")
+    p.add_argument("--metrics", default=None, help=f"comma-separated, of {', '.join(METRICS)} "
+                                                   "(default fvd,clipsim, or the protocol's)")
+    p.add_argument("--num-videos", type=int, default=None,
+                   help="videos per set (seeded random subset; protocols: 2048 for ucf101, all captions for msrvtt)")
+    p.add_argument("--protocol", choices=PROTOCOLS,
+                   help="ucf101: class-template prompts, FVD + IS against --protocol-root; "
+                        "msrvtt: one video per --captions caption, CLIPSIM (+ FVD with --video-root)")
+    p.add_argument("--protocol-root", help="ucf101: folder with UCF-101/ and ucfTrainTestlist/")
+    p.add_argument("--split-file", help="ucf101: split list in ucfTrainTestlist/ or a path (default trainlist01.txt)")
+    p.add_argument("--captions", help="msrvtt: test_videodatainfo.json")
+    p.add_argument("--video-root", help="msrvtt: folder of the test videos (<video_id>.mp4), for FVD")
     p.add_argument("--i3d-weights", default=None, help="i3d_pretrained_400.pt or i3d_torchscript.pt, path or URL; "
                                                        "without it FVD runs in smoke mode")
     p.add_argument("--i3d-sha256", default=None)
+    p.add_argument("--c3d-weights", default=None, help="C3D state dict (UCF-101 classes) for IS, path or URL; "
+                                                       "without it IS runs in smoke mode")
+    p.add_argument("--c3d-sha256", default=None)
     p.add_argument("--clip", dest="clip_model", default=None,
                    help="CLIP hub id or folder (default openai/clip-vit-base-patch32 if cached, else smoke); 'tiny'")
     p.add_argument("--data-root", default="mav-data")
@@ -345,12 +416,25 @@ def register(subparsers) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    out = evaluate(real=args.real, fake=args.fake, prompts=args.prompts, metrics=args.metrics,
-                   num_videos=args.num_videos, i3d_weights=args.i3d_weights, i3d_sha256=args.i3d_sha256,
-                   clip_model=args.clip_model, data_root=args.data_root, tracking_uri=args.tracking_uri,
-                   clip_length=args.clip_length, clip_stride=args.clip_stride, seed=args.seed, device=args.device,
-                   num_resamples=args.bootstrap, unbiased=args.unbiased, batch_size=args.batch_size,
-                   experiment=args.experiment)
+    from flows.train import find_checkpoints
+
+    try:
+        checkpoints = None
+        if args.checkpoints:
+            checkpoints = find_checkpoints(Path(args.checkpoints), {})
+            if not checkpoints:
+                raise FileNotFoundError(f"{args.checkpoints}: no <stage>.ckpt or <stage>/checkpoints/last.ckpt")
+        out = evaluate(real=args.real, fake=args.fake, prompts=args.prompts, metrics=args.metrics,
+                       num_videos=args.num_videos, i3d_weights=args.i3d_weights, i3d_sha256=args.i3d_sha256,
+                       clip_model=args.clip_model, data_root=args.data_root, tracking_uri=args.tracking_uri,
+                       clip_length=args.clip_length, clip_stride=args.clip_stride, seed=args.seed, device=args.device,
+                       num_resamples=args.bootstrap, unbiased=args.unbiased, batch_size=args.batch_size,
+                       experiment=args.experiment, checkpoints=checkpoints, protocol=args.protocol,
+                       protocol_root=args.protocol_root, split_file=args.split_file, captions=args.captions,
+                       video_root=args.video_root, c3d_weights=args.c3d_weights, c3d_sha256=args.c3d_sha256)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     for line in out["lines"]:
         print(line)
     print(f"mlflow run: {out['run_id']} ({out['tracking_uri']})", file=sys.stderr)

@@ -1,11 +1,16 @@
-"""Protocols: UCF-101 prompts and splits, MSR-VTT captions, Inception Score math."""
+"""Protocols: UCF-101 prompts and splits, MSR-VTT captions, Inception Score math, and
+`mav evaluate --protocol ucf101|msrvtt` end to end on tiny local copies of the benchmarks."""
 import json
+import shutil
+import subprocess
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from eval.inception_score import inception_score
-from eval.protocols import UCF101, msrvtt_captions, ucf_prompt
+from eval.protocols import UCF101, load_protocol, msrvtt_captions, msrvtt_protocol, ucf_prompt
 
 
 @pytest.mark.parametrize("name,prompt", [("ApplyEyeMakeup", "a person apply eye makeup"), ("YoYo", "a person yo yo"),
@@ -45,3 +50,156 @@ def test_inception_score_bounds():
     confident[torch.arange(100), torch.arange(100) % 10] = 50.0
     assert inception_score(confident, splits=10)[0] == pytest.approx(10.0, rel=1e-6)
     assert inception_score(torch.zeros(100, 10), splits=10) == pytest.approx((1.0, 0.0))
+
+
+# -- the protocols end to end: `mav evaluate --protocol ...` on tiny local copies ------------------
+UCF_CLASSES = ("ApplyEyeMakeup", "YoYo")
+SOURCES = (("asl_book.mkv", 0.0), ("bigbuckbunny.mp4", 0.5), ("bottle-detection.mp4", 3.0),
+           ("big_buck_bunny_0_30.webm", 8.0), ("bottle-detection.mp4", 20.0), ("big_buck_bunny_0_30.webm", 20.0),
+           ("bigbuckbunny.mp4", 2.5), ("asl_book.mkv", 1.5))
+
+
+def _cut(src: Path, start: float, out: Path) -> Path:
+    """24 frames of a real video at 160x120 (UCF-101 is 320x240 xvid .avi)."""
+    from data_prep.ffmpeg_bin import ffmpeg_exe
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run([ffmpeg_exe(), "-v", "error", "-nostdin", "-y", "-ss", str(start), "-i", str(src), "-frames:v", "24",
+                    "-vf", "scale=160:120", "-an", "-c:v", "mpeg4", "-q:v", "5", str(out)], check=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def benchmarks(tmp_path_factory, samples):
+    """UCF101/{UCF-101/<Class>/v_*.avi, ucfTrainTestlist/}, 2 classes x 2 videos; MSR-VTT captions and
+    test videos; fake folders (other cuts of real videos) with prompts.json sidecars."""
+    root = tmp_path_factory.mktemp("bench")
+    cuts = iter(SOURCES)
+    ucf, rel = root / "UCF101", []
+    for cls in UCF_CLASSES:
+        for g in (1, 2):
+            name, start = next(cuts)
+            rel.append(f"{cls}/v_{cls}_g{g:02d}_c01.avi")
+            _cut(samples / name, start, ucf / "UCF-101" / rel[-1])
+    lists = ucf / "ucfTrainTestlist"
+    lists.mkdir()
+    (lists / "classInd.txt").write_text("".join(f"{i + 1} {c}\n" for i, c in enumerate(UCF_CLASSES)))
+    (lists / "testlist01.txt").write_text("\n".join(rel) + "\n")
+
+    captions = {"video7000": ["a woman applies makeup", "someone paints her face"],
+                "video7001": ["a cartoon rabbit in a forest"], "video7002": ["bottles on a conveyor belt"]}
+    (root / "msrvtt").mkdir()
+    sentences = [{"video_id": v, "caption": c, "sen_id": i} for i, (v, cs) in enumerate(captions.items()) for c in cs]
+    (root / "msrvtt" / "test_videodatainfo.json").write_text(json.dumps({"videos": [], "sentences": sentences}))
+    for vid in captions:
+        name, start = next(cuts)
+        _cut(samples / name, start, root / "msrvtt" / "videos" / f"{vid}.mp4")
+
+    fake_ucf, fake_msr = root / "fake-ucf", root / "fake-msrvtt"
+    fake_ucf_prompts = {}
+    for i, (name, start) in enumerate(SOURCES[4:8]):
+        fake_ucf_prompts[_cut(samples / name, start + 1, fake_ucf / f"f{i}.mp4").name] = ucf_prompt(UCF_CLASSES[i % 2])
+    (fake_ucf / "prompts.json").write_text(json.dumps(fake_ucf_prompts))
+    msr_caps = [c for cs in captions.values() for c in cs][:3]
+    for i, (name, start) in enumerate(SOURCES[1:4]):
+        _cut(samples / name, start + 2, fake_msr / f"m{i}.mp4")
+    (fake_msr / "prompts.json").write_text(json.dumps({f"m{i}.mp4": c for i, c in enumerate(msr_caps)}))
+    return {"ucf": ucf, "captions": root / "msrvtt" / "test_videodatainfo.json", "video_root": root / "msrvtt" / "videos",
+            "fake_ucf": fake_ucf, "fake_msrvtt": fake_msr, "all_captions": [c for cs in captions.values() for c in cs]}
+
+
+def _cli(argv, tmp_path, capsys):
+    from flows.cli import main
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    rc = main(["evaluate", *argv, "--tracking-uri", uri, "--device", "cpu", "--bootstrap", "10"])
+    out, err = capsys.readouterr()
+    return rc, out.strip().splitlines(), err, uri
+
+
+def _only_run(uri):
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("evaluate").experiment_id])
+    assert len(runs) == 1
+    return client, runs[0]
+
+
+def _value(line: str) -> float:
+    value = float(line.split()[1])
+    assert np.isfinite(value)
+    return value
+
+
+def test_ucf101_protocol_on_fake_folder(prefect_server, benchmarks, tmp_path, capsys):
+    rc, out, err, uri = _cli(["--protocol", "ucf101", "--protocol-root", str(benchmarks["ucf"]),
+                              "--split-file", "testlist01.txt", "--fake", str(benchmarks["fake_ucf"])], tmp_path, capsys)
+    assert rc == 0, err
+    fvd, is_ = out[-2:]
+    assert fvd.startswith("fvd: ") and "(smoke)" in fvd and "(N=4+4)" in fvd and _value(fvd) > 0
+    assert is_.startswith("is: ") and "(smoke)" in is_ and "(N=4)" in is_ and _value(is_) >= 1
+    client, run = _only_run(uri)
+    m, p = run.data.metrics, run.data.params
+    assert {"smoke_fvd", "smoke_fvd_low", "smoke_fvd_high", "smoke_is", "smoke_is_std"} == set(m)
+    assert all(np.isfinite(v) for v in m.values()) and m["smoke_is"] == pytest.approx(_value(is_), rel=1e-3)
+    assert p["protocol"] == "ucf101" and p["split_file"].endswith("testlist01.txt") and p["num_real"] == "4"
+    assert p["is_splits"] == "2" and p["c3d_sha256"] == "random" and p["covariance"] == "biased"
+    used = client.download_artifacts(run.info.run_id, "eval/prompts.json", str(tmp_path))
+    assert set(json.loads(Path(used).read_text()).values()) == {"a person apply eye makeup", "a person yo yo"}
+
+
+def test_msrvtt_protocol_on_fake_folder(prefect_server, benchmarks, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    rc, out, err, uri = _cli(["--protocol", "msrvtt", "--captions", str(benchmarks["captions"]), "--video-root",
+                              str(benchmarks["video_root"]), "--fake", str(benchmarks["fake_msrvtt"]), "--clip", "tiny",
+                              "--num-videos", "2"],
+                             tmp_path, capsys)
+    assert rc == 0, err
+    fvd, clipsim = out[-2:]
+    assert clipsim.startswith("clipsim: ") and "(smoke)" in clipsim and -1 <= _value(clipsim) <= 1
+    assert fvd.startswith("fvd: ") and "(N=2+2)" in fvd and _value(fvd) > 0
+    client, run = _only_run(uri)
+    assert {"smoke_clipsim", "smoke_fvd"} <= set(run.data.metrics)
+    assert run.data.params["protocol"] == "msrvtt" and run.data.params["num_captions"] == "4"
+    used = client.download_artifacts(run.info.run_id, "eval/prompts.json", str(tmp_path))
+    assert set(json.loads(Path(used).read_text()).values()) <= set(benchmarks["all_captions"])
+
+
+def test_msrvtt_protocol_prompts(benchmarks):
+    full = msrvtt_protocol(benchmarks["captions"])
+    assert full.prompts == benchmarks["all_captions"] and full.metrics == ("clipsim",) and full.real == []
+    two = msrvtt_protocol(benchmarks["captions"], benchmarks["video_root"], num_videos=2, seed=3)
+    assert len(two.prompts) == 2 and set(two.prompts) <= set(full.prompts)
+    assert two.prompts == msrvtt_protocol(benchmarks["captions"], num_videos=2, seed=3).prompts  # seeded
+    assert two.metrics == ("clipsim", "fvd") and [p.stem for p in two.real] == ["video7000", "video7001", "video7002"]
+    with pytest.raises(ValueError, match="1 prompts are not MSR-VTT test captions, e.g. 'a dog'"):
+        two.check_prompts(["a cartoon rabbit in a forest", "a dog"], "fake-folder")
+
+
+def test_protocol_bad_inputs(prefect_server, benchmarks, tmp_path, capsys):
+    missing = tmp_path / "no-ucf"
+    rc, _, err, _ = _cli(["--protocol", "ucf101", "--protocol-root", str(missing), "--fake",
+                          str(benchmarks["fake_ucf"])], tmp_path, capsys)
+    assert rc == 2 and f"error: {missing}: expected UCF-101/ and ucfTrainTestlist/" in err
+    bad = tmp_path / "captions.json"
+    bad.write_text(json.dumps({"videos": []}))
+    rc, _, err, _ = _cli(["--protocol", "msrvtt", "--captions", str(bad), "--fake", str(benchmarks["fake_msrvtt"])],
+                         tmp_path, capsys)
+    assert rc == 2 and f"error: {bad}: no 'sentences' list" in err
+    with pytest.raises(SystemExit):
+        _cli(["--protocol", "kinetics", "--fake", str(benchmarks["fake_ucf"])], tmp_path, capsys)
+    assert "invalid choice: 'kinetics'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="unknown protocol 'kinetics'"):
+        load_protocol("kinetics")
+    with pytest.raises(ValueError, match="needs its root"):
+        load_protocol("ucf101")
+    with pytest.raises(FileNotFoundError, match="testlist09.txt: no such split file"):
+        load_protocol("ucf101", root=benchmarks["ucf"], split_file="testlist09.txt")
+    partial = tmp_path / "partial"
+    shutil.copytree(benchmarks["video_root"], partial)
+    (partial / "video7002.mp4").unlink()
+    with pytest.raises(FileNotFoundError, match="1 test videos are missing, e.g. video7002"):
+        msrvtt_protocol(benchmarks["captions"], partial)
+    with pytest.raises(FileNotFoundError, match="no-such: no such folder"):
+        msrvtt_protocol(benchmarks["captions"], tmp_path / "no-such")
