@@ -59,32 +59,6 @@ def count_frames(path: str | Path) -> int:
         return sum(1 for _ in container.decode(stream))
 
 
-def write_mp4(path: str | Path, frames: np.ndarray, fps: float = 8.0) -> Path:
-    """Write uint8 [T,H,W,3] as H.264 mp4 (sizes rounded down to even, as yuv420p needs)."""
-    import av
-    from fractions import Fraction
-
-    frames = np.asarray(frames, dtype=np.uint8)
-    h, w = frames.shape[1] // 2 * 2, frames.shape[2] // 2 * 2
-    path = Path(path)
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1000))
-        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-        stream.options = {"crf": "18"}
-        for f in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f[:h, :w]), format="rgb24")))
-        container.mux(stream.encode())
-    return path
-
-
-def write_gif(path: str | Path, frames: np.ndarray, fps: float = 8.0) -> Path:
-    from PIL import Image
-
-    images = [Image.fromarray(np.asarray(f, dtype=np.uint8)) for f in frames]
-    images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
-    return Path(path)
-
-
 def write_png(path: str | Path, image: np.ndarray) -> Path:
     """uint8 [H,W,3] -> PNG, with PIL if present, else PyAV's png encoder."""
     try:

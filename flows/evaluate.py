@@ -31,7 +31,8 @@ from prefect.cache_policies import NONE as NO_CACHE
 
 from flows.tracking import default_tracking_uri, experiment_id
 from eval.protocols import PROTOCOLS, load_protocol
-from eval.video_io import VIDEO_EXTENSIONS, list_videos, write_gif, write_mp4, write_png
+from eval.video_io import VIDEO_EXTENSIONS, list_videos, write_png
+from models.video_io import write_gif, write_mp4
 
 METRICS = ("fvd", "clipsim", "is")
 RESIZE = "bilinear 224x224 align_corners=False, no crop, [-1,1]"
@@ -260,8 +261,8 @@ def log_task(results: dict, params: dict, clips: list, tracking_uri: str, experi
         if clips:
             with tempfile.TemporaryDirectory() as tmp:
                 grid = video_grid(clips)
-                write_mp4(Path(tmp) / "grid.mp4", grid, fps=8)
-                write_gif(Path(tmp) / "grid.gif", grid, fps=8)
+                write_mp4(grid, Path(tmp) / "grid.mp4", fps=8)
+                write_gif(grid, Path(tmp) / "grid.gif", fps=8)
                 write_png(Path(tmp) / "contact_sheet.png", contact_sheet(clips))
                 client.log_artifacts(run_id, tmp, "eval")
     except BaseException:
