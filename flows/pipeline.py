@@ -172,6 +172,9 @@ def pipeline(config: str = DEFAULT_CONFIG, dataset: str | None = None, data_root
     data_root = str(Path(data_root or cfg.data_root).resolve())
     tracking_uri = tracking_uri or cfg.tracking_uri or default_tracking_uri()
     threshold = cfg.min_new_clips if min_new_clips is None else int(min_new_clips)
+    if "tiny" in Path(config).parts:
+        print("tiny configs: tiny models trained from scratch on this machine, a tiny random CLIP built "
+              "locally, and random-weight I3D/CLIP for the metrics (values are labelled smoke)")
     if new_clips is not None and int(new_clips) < threshold:
         print(f"{new_clips} new clips < min_new_clips {threshold}: not retraining")
         return {"skipped": "below threshold", "new_clips": int(new_clips)}
