@@ -1,5 +1,8 @@
 """The MLflow UI (a React app served by `mlflow server`) shows pipeline runs with FVD and CLIPSIM.
 
+The last test runs a real (fast) pipeline and opens the UI over its store; the others log
+two runs named like the pipeline's with chosen values, to check the compare and chart views.
+
 Starts a real `mlflow server` on loopback over a fresh SQLite store, logs two parent runs the
 way the pipeline names them (`pipeline DATASET@VERSION`, tags mav.kind / mav.dataset_version,
 metrics fvd and clipsim) and renders pages in headless Chromium (`--dump-dom` after the
@@ -131,6 +134,33 @@ def test_screenshot_of_the_metric_charts(ui, tmp_path):
         out = Path(target) if Path(target).is_absolute() else REPO / target
         out.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(png, out)
+
+
+def test_ui_over_a_real_pipeline_store(prefect_server, tmp_path, video_dir):
+    """The demo's kind of store: a real (fast) pipeline run, then `mlflow server` over its SQLite file."""
+    if CHROMIUM is None:
+        pytest.skip("headless Chromium not found (/usr/bin/chromium): apt-get install -y chromium")
+    from mlflow import MlflowClient
+
+    from flows.pipeline import pipeline
+    from tests.servers import mlflow_server
+    from tests.test_pipeline import write_config
+
+    summary = pipeline(config=str(write_config(tmp_path, video_dir)))
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run = MlflowClient(store).get_run(summary["run_id"])
+    with mlflow_server(tmp_path / "server", backend_store_uri=store) as server:
+        experiment = run.info.experiment_id
+        runs_page = visible_text(chromium(["--dump-dom", f"{server.url}/#/experiments/{experiment}/runs"],
+                                          tmp_path / "profile"))
+        assert run.info.run_name in runs_page, runs_page[:3000]
+        run_page = visible_text(chromium(["--dump-dom", f"{server.url}/#/experiments/{experiment}/runs/{run.info.run_id}"],
+                                         tmp_path / "profile"))
+    for metric in ("smoke_fvd", "smoke_clipsim"):
+        shown = re.search(rf"\b{metric} (-?[\d.]+(?:e-?\d+)?)\b", run_page)
+        assert shown, (metric, run_page[:3000])
+        value = run.data.metrics[metric]
+        assert abs(float(shown.group(1)) - value) <= max(5e-4, 1e-3 * abs(value)), (metric, shown.group(1), value)
 
 
 if __name__ == "__main__":  # a screenshot of any server: python -m tests.test_mlflow_ui URL EXPERIMENT_ID OUT.png
