@@ -1,10 +1,10 @@
 """One decode pass per source: detect cuts on small frames and write the clips from the same frames.
 
 ffmpeg (a separate process, so it runs beside Python on another core) decodes,
-rotates to the display orientation and scales to the training short side; we
-read raw I420 frames from its pipe (half the bytes of RGB, and no colour
-conversion before the H.264 encoder), feed a half-size BGR copy to the cut
-detector, and route the centre-cropped frames into one encoder per clip. Frames
+rotates to the display orientation, crops the centre square (unless crop: none) and
+scales to the training size; we read raw I420 frames from its pipe (half the bytes of
+RGB, and no colour conversion before the H.264 encoder), feed a half-size BGR copy to
+the cut detector, and route the frames into one encoder process per clip. Frames
 wait in a short delay line so that cuts the detector reports a few frames late
 (and trims around cuts) still land on exact frame boundaries.
 """
@@ -77,8 +77,13 @@ def detection_frame(frame: np.ndarray, width: int, height: int, detect_width: in
     return bgr
 
 
-def decode_command(path: Path, width: int, height: int, threads: int = 1) -> list[str]:
-    stream = ffmpeg.input(str(path), threads=threads)["v:0"].filter("scale", width, height, flags="bilinear")
+def decode_command(path: Path, width: int, height: int, square: bool = False, threads: int = 1) -> list[str]:
+    """Decode, rotate (ffmpeg's autorotate), optionally crop the centre square first (fewer
+    pixels through the scaler and the pipe), scale to width x height, and pipe raw I420."""
+    stream = ffmpeg.input(str(path), threads=threads)["v:0"]
+    if square:
+        stream = stream.filter("crop", "min(iw,ih)", "min(iw,ih)")
+    stream = stream.filter("scale", width, height, flags="bilinear")
     out = stream.output("pipe:", format="rawvideo", pix_fmt="yuv420p", fps_mode="passthrough")
     return out.global_args("-v", "error", "-nostdin").compile(cmd=ffmpeg_exe())
 
@@ -147,6 +152,9 @@ def cut_source(
     """Decode `path` once; return the cuts and the clips written into clips_dir."""
     scfg, ccfg = cfg.scenes, cfg.clips
     width, height = scaled_size(probe.width, probe.height, ccfg.short_side)
+    square = ccfg.crop == "center_square"
+    if square:  # ffmpeg crops; cut detection then sees the centre square too
+        width = height = min(width, height)
     rows, cols = crop_box(width, height, ccfg)
     out_fps = ccfg.fps if ccfg.fps and ccfg.fps < probe.fps else probe.fps
     select = out_fps < probe.fps - 1e-6  # keep frames on an out_fps time grid
@@ -208,7 +216,7 @@ def cut_source(
     pending: deque[tuple[int, np.ndarray]] = deque()
     frame_bytes = width * height * 3 // 2
     with tempfile.TemporaryFile() as stderr:
-        process = subprocess.Popen(decode_command(path, width, height), stdout=subprocess.PIPE, stderr=stderr)
+        process = subprocess.Popen(decode_command(path, width, height, square), stdout=subprocess.PIPE, stderr=stderr)
         index = 0
         try:
             while True:
@@ -217,7 +225,7 @@ def cut_source(
                     break
                 frame = np.frombuffer(data, np.uint8)
                 cut_set.update(detector.push(index, detection_frame(frame, width, height, scfg.detect_width)))
-                pending.append((index, crop_i420(frame, width, height, rows, cols)))
+                pending.append((index, frame if square else crop_i420(frame, width, height, rows, cols)))
                 if len(pending) > delay:
                     emit(*pending.popleft())
                 index += 1

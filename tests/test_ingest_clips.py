@@ -109,3 +109,12 @@ def test_fixed_fps_resamples_clips(shared_videos, tmp_path):
         seconds = (clip["end_frame"] - clip["start_frame"]) / 25
         assert clip["fps"] == 10 and abs(clip["num_frames"] - seconds * 10) <= 1
         assert len(decode(_clip_file(result, clip))) == clip["num_frames"]
+
+
+def test_uncropped_clips_keep_the_whole_frame(shared_videos, tmp_path):
+    cfg = IngestConfig.model_validate({"clips": {"crop": "none"}})
+    result = run(shared_videos / "bikes.mp4", tmp_path, cfg)
+    assert [c["start_frame"] for c in result.clips] == [0, 30, 76, 137, 187]
+    for clip in result.clips:
+        frames = decode(_clip_file(result, clip))
+        assert frames.shape == (clip["num_frames"], 256, 602, 3)  # 640x272 scaled to a 256 short side
