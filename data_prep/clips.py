@@ -41,28 +41,6 @@ def scaled_size(width: int, height: int, short_side: int) -> tuple[int, int]:
     return max(2, round(width * scale / 2) * 2), max(2, round(height * scale / 2) * 2)
 
 
-def crop_box(width: int, height: int, cfg: ClipConfig) -> tuple[slice, slice]:
-    """Rows and columns kept; offsets even so that the I420 chroma planes crop with them."""
-    if cfg.crop == "none":
-        return slice(0, height), slice(0, width)
-    side = min(width, height)
-    top, left = (height - side) // 2 & ~1, (width - side) // 2 & ~1
-    return slice(top, top + side), slice(left, left + side)
-
-
-def crop_i420(frame: np.ndarray, width: int, height: int, rows: slice, cols: slice) -> np.ndarray:
-    """Crop a packed I420 frame ((H*3/2) x W bytes) to a packed I420 frame."""
-    flat = frame.reshape(-1)
-    luma = flat[: width * height].reshape(height, width)
-    quarter = width * height // 4
-    u = flat[width * height: width * height + quarter].reshape(height // 2, width // 2)
-    v = flat[width * height + quarter:].reshape(height // 2, width // 2)
-    half_rows, half_cols = slice(rows.start // 2, rows.stop // 2), slice(cols.start // 2, cols.stop // 2)
-    out_h, out_w = rows.stop - rows.start, cols.stop - cols.start
-    return np.concatenate([luma[rows, cols].reshape(-1), u[half_rows, half_cols].reshape(-1),
-                           v[half_rows, half_cols].reshape(-1)]).reshape(out_h * 3 // 2, out_w)
-
-
 def detection_frame(frame: np.ndarray, width: int, height: int, detect_width: int) -> np.ndarray:
     """A half-size BGR frame from I420: luma subsampled 2x to match the chroma planes."""
     flat = frame.reshape(-1)
@@ -155,7 +133,6 @@ def cut_source(
     square = ccfg.crop == "center_square"
     if square:  # ffmpeg crops; cut detection then sees the centre square too
         width = height = min(width, height)
-    rows, cols = crop_box(width, height, ccfg)
     out_fps = ccfg.fps if ccfg.fps and ccfg.fps < probe.fps else probe.fps
     select = out_fps < probe.fps - 1e-6  # keep frames on an out_fps time grid
     min_frames = max(1, math.ceil(scfg.min_scene_s * out_fps - 1e-6))
@@ -190,7 +167,7 @@ def cut_source(
                 "clip_id": clip_id, "start_frame": clip_start, "end_frame": end,
                 "start_s": time_of(clip_start), "end_s": time_of(end) if end < len(times) else probe.duration_s,
                 "fps": float(out_fps), "num_frames": writer.count,
-                "width": cols.stop - cols.start, "height": rows.stop - rows.start,
+                "width": width, "height": height,
                 "clip_path": f"clips/{clip_id}.mp4",
             })
         writer = None
@@ -204,7 +181,7 @@ def cut_source(
         if trimmed:
             return
         if writer is None:
-            writer = ClipWriter(clips_dir, cols.stop - cols.start, rows.stop - rows.start, out_fps, ccfg)
+            writer = ClipWriter(clips_dir, width, height, out_fps, ccfg)
             clip_start, next_time = i, time_of(i)
         if select:
             if time_of(i) + 1e-6 < next_time:
@@ -225,7 +202,7 @@ def cut_source(
                     break
                 frame = np.frombuffer(data, np.uint8)
                 cut_set.update(detector.push(index, detection_frame(frame, width, height, scfg.detect_width)))
-                pending.append((index, frame if square else crop_i420(frame, width, height, rows, cols)))
+                pending.append((index, frame))
                 if len(pending) > delay:
                     emit(*pending.popleft())
                 index += 1

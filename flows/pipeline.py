@@ -79,7 +79,7 @@ def train_stage_task(step_name: str, stage: str, config_path: str, overrides: di
                                    step_name, cache_key, tracking_uri)
     return {"step": step_name, "stage": stage, "checkpoint": str(result.checkpoint), "run_id": run.info.run_id,
             "global_step": result.global_step, "train_loss": float(result.train_loss), "cache_key": cache_key,
-            "model_version": version_number}
+            "model_version": version_number, "parent_run_id": parent_run_id}
 
 
 def registered_name(step_name: str, prefix: str = "mav") -> str:
@@ -205,25 +205,18 @@ def pipeline(config: str = DEFAULT_CONFIG, dataset: str | None = None, data_root
         mlflow.log_dict(cfg.model_dump(mode="json"), "pipeline_config.json")
         mlflow.log_input(mlflow.data.from_pandas(manifest.drop(columns=["clip_abspath"]), source=f"{data_root}/datasets/{dataset}",
                                                  name=f"{dataset}@{version}", digest=version), context="training")
-        trained, keys, checkpoints = [], {}, {}
-        for step in cfg.steps:
-            key = step_key(step, version, keys.get(step.init_from), code, f"{work}|{tracking_uri}")
-            keys[step.name] = key
-            out_dir = work / "stages" / step.name / key
-            has_checkpoint = (out_dir / "checkpoints" / "last.ckpt").exists()
-            result = train_stage_task.with_options(refresh_cache=not has_checkpoint)(
-                step.name, step.stage, _repo_path(step.config), step.overrides, data_root, dataset, version,
-                checkpoints.get(step.init_from), str(out_dir), tracking_uri, cfg.experiment,
-                parent.info.run_id, key)
-            checkpoints[step.name] = result["checkpoint"]
-            cached = result["run_id"] not in _child_run_ids(parent.info.run_id, tracking_uri)
-            print(f"{step.name}: step {result['global_step']}, loss {result['train_loss']:.4f}"
+        trained = _train_steps(cfg, dataset, data_root, version, tracking_uri, parent.info.run_id, code)
+        for result in trained:
+            # a cached step returns the result of the run that trained it, under another parent
+            cached = result.get("parent_run_id") != parent.info.run_id
+            print(f"{result['step']}: step {result['global_step']}, loss {result['train_loss']:.4f}"
                   + (f" (unchanged: reused run {result['run_id']})" if cached else ""))
-            mlflow.log_metric(f"{step.name}_train_loss", result["train_loss"])
-            mlflow.set_tag(f"mav.step.{step.name}.run", result["run_id"])
-            trained.append(result)
+            mlflow.log_metric(f"{result['step']}_train_loss", result["train_loss"])
+            mlflow.set_tag(f"mav.step.{result['step']}.run", result["run_id"])
+        checkpoints = {result["step"]: result["checkpoint"] for result in trained}
 
-        chain = {stage: checkpoints[name] for name, stage in _chain_steps(cfg).items()}
+        # the last step of each stage feeds the sampling chain
+        chain = {step.stage: checkpoints[step.name] for step in cfg.steps}
         sample_dir = work / "samples" / parent.info.run_id / "videos"
         samples = sample_task(cfg.sample.prompts, chain, str(sample_dir), cfg.sample.steps, cfg.sample.guidance,
                               cfg.sample.seed)
@@ -276,25 +269,6 @@ def _repo_path(path: str | None) -> str | None:
     return path if Path(path).exists() else str(REPO / path)
 
 
-def _chain_steps(cfg: PipelineConfig) -> dict[str, str]:
-    """The last step of each stage feeds the sampling chain."""
-    chain = {}
-    for step in cfg.steps:
-        chain[step.name] = step.stage
-    last = {stage: name for name, stage in chain.items()}
-    return {name: stage for stage, name in last.items()}
-
-
-def _child_run_ids(parent_run_id: str, tracking_uri: str) -> set[str]:
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri)
-    parent = client.get_run(parent_run_id)
-    runs = client.search_runs([parent.info.experiment_id],
-                              filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'", max_results=200)
-    return {r.info.run_id for r in runs}
-
-
 @flow(name="train", log_prints=True)
 def train(config: str = DEFAULT_CONFIG, steps: list[str] | None = None, dataset: str | None = None,
           data_root: str | None = None, version: str | None = None, tracking_uri: str | None = None) -> dict:
@@ -312,6 +286,24 @@ def train(config: str = DEFAULT_CONFIG, steps: list[str] | None = None, dataset:
     return _train_only(sub, dataset or cfg.dataset, data_root or cfg.data_root, version, tracking_uri)
 
 
+def _train_steps(cfg: PipelineConfig, dataset: str, data_root: str, version: str, tracking_uri: str,
+                 parent_run_id: str, code: str) -> list[dict]:
+    """Train the config's steps in order, each a cached task keyed by its inputs and its init step's key."""
+    work, keys, checkpoints, results = Path(cfg.work_dir).resolve(), {}, {}, []
+    for step in cfg.steps:
+        key = step_key(step, version, keys.get(step.init_from), code, f"{work}|{tracking_uri}")
+        keys[step.name] = key
+        out_dir = work / "stages" / step.name / key
+        # a deleted checkpoint invalidates the cached result; a left-over one is resumed from
+        has_checkpoint = (out_dir / "checkpoints" / "last.ckpt").exists()
+        result = train_stage_task.with_options(refresh_cache=not has_checkpoint)(
+            step.name, step.stage, _repo_path(step.config), step.overrides, data_root, dataset, version,
+            checkpoints.get(step.init_from), str(out_dir), tracking_uri, cfg.experiment, parent_run_id, key)
+        checkpoints[step.name] = result["checkpoint"]
+        results.append(result)
+    return results
+
+
 def _train_only(cfg: PipelineConfig, dataset: str, data_root: str, version: str | None, tracking_uri: str | None) -> dict:
     import mlflow
 
@@ -321,18 +313,10 @@ def _train_only(cfg: PipelineConfig, dataset: str, data_root: str, version: str 
     version = load_manifest(Path(data_root), dataset, version).attrs["version"]
     tracking_uri = tracking_uri or cfg.tracking_uri or default_tracking_uri()
     use_experiment(tracking_uri, cfg.experiment)
-    code, work, keys, checkpoints = code_digest(), Path(cfg.work_dir).resolve(), {}, {}
     with mlflow.start_run(run_name=f"train {dataset}@{version}",
                           tags={"mav.kind": "train-only", "mav.dataset_version": version}) as parent:
-        for step in cfg.steps:
-            key = step_key(step, version, keys.get(step.init_from), code, f"{work}|{tracking_uri}")
-            keys[step.name] = key
-            out_dir = work / "stages" / step.name / key
-            result = train_stage_task.with_options(refresh_cache=not (out_dir / "checkpoints/last.ckpt").exists())(
-                step.name, step.stage, _repo_path(step.config), step.overrides, data_root, dataset, version,
-                checkpoints.get(step.init_from), str(out_dir), tracking_uri, cfg.experiment, parent.info.run_id, key)
-            checkpoints[step.name] = result["checkpoint"]
-    return {"version": version, "checkpoints": checkpoints}
+        results = _train_steps(cfg, dataset, data_root, version, tracking_uri, parent.info.run_id, code_digest())
+    return {"version": version, "checkpoints": {r["step"]: r["checkpoint"] for r in results}}
 
 
 def register(subparsers) -> None:

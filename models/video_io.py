@@ -55,11 +55,7 @@ def write_mp4(frames, path: str | Path, fps: float = 8.0, crf: int = 18) -> Path
         stream.width, stream.height = w + pad_w, h + pad_h
         stream.pix_fmt = "yuv420p"
         stream.options = {"crf": str(crf)}
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+        _encode(container, stream, frames)
     return path
 
 
@@ -72,9 +68,12 @@ def write_gif(frames, path: str | Path, fps: float = 8.0) -> Path:
         stream = container.add_stream("gif", rate=Fraction(fps).limit_denominator(100))
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = "rgb8"
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+        _encode(container, stream, frames)
     return path
+
+
+def _encode(container, stream, frames: np.ndarray) -> None:
+    """RGB frames through the stream's encoder into the container, then flush."""
+    for frame in frames:
+        container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+    container.mux(stream.encode())

@@ -181,8 +181,13 @@ def prefect_server(root: Path, port: int | None = None, timeout: float = 180) ->
                                        "--no-ui"], root / "server.log", server_env)
     service.url = url
     service.env = env
+    yield from _serve(service, f"{url}/api/health", timeout)
+
+
+def _serve(service: Service, health_url: str, timeout: float) -> Iterator[Service]:
+    """Yield the service once its health URL answers; stop it afterwards, whatever happened."""
     try:
-        wait_http(service, f"{url}/api/health", timeout)
+        wait_http(service, health_url, timeout)
         yield service
     finally:
         stop(service)
@@ -254,11 +259,7 @@ def mlflow_server(root: Path, port: int | None = None, timeout: float = 120,
     service = spawn("mlflow server", cmd, root / "server.log", server_env, cwd=root)
     service.url = url
     service.env = env
-    try:
-        wait_http(service, f"{url}/health", timeout)
-        yield service
-    finally:
-        stop(service)
+    yield from _serve(service, f"{url}/health", timeout)
 
 
 # -- pytest fixtures ---------------------------------------------------------------------------
