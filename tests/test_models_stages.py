@@ -89,8 +89,11 @@ def test_video_decoder_trains_only_temporal_layers(chain):
 
 
 def test_loss_decreases(data_root, tmp_path):
-    """Loss on a fixed batch, fixed noise and timesteps: before vs after 30 steps."""
-    cfg = tiny("decoder", mode="image", **{"trainer.max_steps": 30, "data.batch_size": 8})
+    """Loss on a fixed batch, fixed noise and timesteps: before vs after 60 steps.
+
+    30 steps left the ratio at 0.67-0.73 across seeds (flaky against 0.7); 60 give 0.50-0.58."""
+    cfg = tiny("decoder", mode="image", **{"trainer.max_steps": 60, "data.batch_size": 8})
+    torch.manual_seed(0)  # the batch's random windows
     batch = next(iter(StageDataModule(cfg, data_root, "shapes").check().train_dataloader()))
     gen = torch.Generator().manual_seed(0)
     noise = torch.randn(batch["image"].shape, generator=gen)
