@@ -2,6 +2,9 @@
 
 Each flows module that offers a subcommand defines `register(subparsers)`,
 which adds its parser and sets `func` to a handler taking the parsed args.
+Only the module of the command being run is imported (torch, MLflow and Prefect
+take seconds to import), and commands that run Prefect flows start Prefect's
+temporary server first, so that it boots while the imports run.
 """
 from __future__ import annotations
 
@@ -10,34 +13,44 @@ import importlib
 import os
 import sys
 
-COMMAND_MODULES = ["flows.ingest", "flows.train", "flows.evaluate", "flows.pipeline"]
+from flows.early_server import ServerError, serving, start_if_needed
+
+COMMAND_MODULES = {"ingest": "flows.ingest", "train": "flows.train", "sample": "flows.train",
+                   "evaluate": "flows.evaluate", "pipeline": "flows.pipeline"}
+FLOW_COMMANDS = {"ingest", "evaluate", "pipeline"}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser for `command` alone, or for every command (help, unknown commands)."""
     parser = argparse.ArgumentParser(prog="mav", description="Make-A-Video platform")
     subparsers = parser.add_subparsers(dest="command", required=True)
-    for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as err:
-            if err.name == name:  # module not written yet
-                continue
-            raise
-        module.register(subparsers)
+    modules = [COMMAND_MODULES[command]] if command in COMMAND_MODULES else COMMAND_MODULES.values()
+    for name in dict.fromkeys(modules):
+        importlib.import_module(name).register(subparsers)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("DO_NOT_TRACK", "1")  # offline: no telemetry calls
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # a fresh PREFECT_HOME runs database migrations on the temporary server's first start
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
-    args = build_parser().parse_args(argv)
+    command = argv[0] if argv else None
+    server = start_if_needed() if command in FLOW_COMMANDS and "-h" not in argv and "--help" not in argv else None
     try:
-        return int(args.func(args) or 0)
+        args = build_parser(command).parse_args(argv)
+        with serving(server):
+            return int(args.func(args) or 0)
+    except ServerError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        if server is not None:
+            server.stop()
 
 
 if __name__ == "__main__":

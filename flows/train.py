@@ -33,14 +33,8 @@ def register(subparsers) -> None:
     sample.add_argument("--steps", type=int)
     sample.add_argument("--guidance", type=float)
     sample.add_argument("--seed", type=int, default=0)
-    sample.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    sample.add_argument("--device", default="auto", help="cuda, cpu, ... (default: cuda when available)")
     sample.set_defaults(func=run_sample)
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def _overrides(pairs: list[str]) -> dict:
@@ -90,9 +84,13 @@ def find_checkpoints(folder: Path | None, explicit: dict[str, Path | None]) -> d
 
 
 def run_sample(args) -> int:
+    import torch
+
     from models.sampling import sample_video, sample_videos
     from models.stages import CheckpointError
 
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     checkpoints = find_checkpoints(args.checkpoints, {s: getattr(args, f"ckpt_{s}") for s in STAGES})
     try:
         if len(args.prompt) == 1:

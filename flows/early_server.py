@@ -1,0 +1,116 @@
+"""Prefect's temporary API server, started before `mav` imports anything heavy.
+
+With no API URL configured, Prefect starts a temporary server when the first flow
+runs: it imports its server module in our process (~2.5 s) and then waits for the
+server to boot (~5 s), all before any work. `mav` instead starts the same server (the
+command and flags Prefect's SubprocessASGIServer uses) as its first act, so the boot
+overlaps the imports, and points the flow at it once the imports are done.
+"""
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+
+
+class ServerError(RuntimeError):
+    pass
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class EarlyServer:
+    def __init__(self) -> None:
+        self.port = _free_port()
+        self.process = self._spawn()
+
+    def _spawn(self) -> subprocess.Popen:
+        self.log = tempfile.TemporaryFile()  # this process's output only
+        command = [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app",
+                   "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "error", "--lifespan", "on"]
+        env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+        return subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api"
+
+    def wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                if "address already in use" not in self._log().lower():
+                    raise ServerError(f"the temporary Prefect server exited ({self.process.returncode}): {self._reason()}")
+                self.port = _free_port()  # taken between _free_port and uvicorn's bind
+                self.process = self._spawn()
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.05)
+        self.stop()
+        raise ServerError(f"the temporary Prefect server did not start within {timeout_s:.0f} s: {self._reason()}")
+
+    def _log(self) -> str:
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")
+
+    def _reason(self) -> str:
+        """The exception line of the server's traceback, else its last line."""
+        lines = [line.strip() for line in self._log().splitlines() if line.strip()]
+        errors = [line for line in lines if re.match(r"^[\w.]+(Error|Exception)\b.*:", line)]
+        return (errors or lines or ["no output"])[-1]
+
+    def stop(self) -> None:
+        """Ask the server to shut down; it finishes on its own, nobody waits for it."""
+        if self.process.poll() is None:
+            self.process.terminate()
+        self.log.close()
+
+
+def start_if_needed() -> EarlyServer | None:
+    """A server to overlap with the imports, unless Prefect is configured or already set up in-process."""
+    if os.environ.get("PREFECT_API_URL") or "prefect" in sys.modules:
+        return None
+    return EarlyServer()
+
+
+@contextmanager
+def serving(server: EarlyServer | None):
+    """Run the block against `server`, unless there is none or the settings name another API."""
+    if server is None:
+        yield
+        return
+    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, get_current_settings, temporary_settings
+
+    if get_current_settings().api.url:  # a profile or prefect.toml names a server: use that one
+        server.stop()
+        yield
+        return
+    server.wait_ready(float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")))
+    # no UI on a temporary server, so no "View at" links to it
+    updates = {"PREFECT_API_URL": server.url, "PREFECT_UI_URL": ""}
+    before = {key: os.environ.get(key) for key in updates}
+    os.environ.update(updates)  # threads without Prefect's context read the environment
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: server.url, PREFECT_UI_URL: ""}):
+            yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

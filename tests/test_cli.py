@@ -1,0 +1,49 @@
+"""The `mav` command as a user runs it: no Prefect server configured, so it starts its own."""
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from data_prep.ffmpeg_bin import ffmpeg_exe
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def mav(*args: str, prefect_home: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env.update(PREFECT_HOME=str(prefect_home), PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180")
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_ingest_runs_its_flow_on_a_temporary_server(tmp_path, samples):
+    video = tmp_path / "videos" / "short.mp4"
+    video.parent.mkdir()
+    subprocess.run([ffmpeg_exe(), "-v", "error", "-i", str(samples / "bottle-detection.mp4"), "-t", "3",
+                    "-c", "copy", str(video)], check=True)
+    home = tmp_path / "prefect-home"
+    done = mav("ingest", str(video.parent), "--data-root", str(tmp_path / "root"), "--no-progress", prefect_home=home)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "sources: 1 processed, 0 already done, 0 failed" in done.stdout + done.stderr
+    assert "View at" not in done.stdout + done.stderr  # the temporary server has no UI to link to
+    with sqlite3.connect(home / "prefect.db") as db:  # the server's store: the flow and its task ran there
+        flows = db.execute("select flow.name, flow_run.state_type from flow_run join flow "
+                           "on flow.id = flow_run.flow_id").fetchall()
+        tasks = db.execute("select state_type from task_run").fetchall()
+    assert flows == [("ingest", "COMPLETED")]
+    assert tasks == [("COMPLETED",)]
+
+
+def test_a_server_that_cannot_start_is_a_clear_error(tmp_path):
+    home = tmp_path / "not-a-folder"
+    home.write_text("PREFECT_HOME must be a folder")
+    done = mav("ingest", str(tmp_path), "--data-root", str(tmp_path / "root"), "--no-progress", prefect_home=home)
+    assert done.returncode == 2
+    assert "error: the temporary Prefect server exited" in done.stderr
+    assert "unable to open database file" in done.stderr.splitlines()[-1]  # the reason, not a traceback
