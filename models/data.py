@@ -82,7 +82,8 @@ class ClipSampler:
             idx = window_indices(n, self.frames, stride, rng)
         video, _ = read_frames(src, idx)
         x = resize_crop(video, self.cfg.size, rng if self.cfg.random_crop else None)
-        sample = {"fps": torch.tensor(fps / stride, dtype=torch.float32), "caption": row.get("caption") or ""}
+        sample = {"fps": torch.tensor(fps / stride, dtype=torch.float32), "caption": row.get("caption") or "",
+                  "clip_id": row["clip_id"]}
         sample["video" if self.frames > 1 else "image"] = x if self.frames > 1 else x[:, 0]
         return sample
 
@@ -104,8 +105,23 @@ class ClipFiles(Dataset):
         return self.sampler(row["clip_abspath"], row, _rng())
 
 
+def reader_part() -> tuple[int, int]:
+    """This reader's index and the number of readers: DDP ranks x DataLoader workers."""
+    import torch.distributed as dist
+
+    distributed = dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    info = torch.utils.data.get_worker_info()
+    worker, workers = (info.id, info.num_workers) if info else (0, 1)
+    return rank * workers + worker, world * workers
+
+
 class ClipShards(IterableDataset):
-    """WebDataset shards of <clip_id>.mp4 + <clip_id>.json, split over nodes and workers, repeated."""
+    """WebDataset shards of <clip_id>.mp4 + <clip_id>.json, split over ranks and workers, repeated.
+
+    Each reader takes its own shards; with fewer shards than readers (small datasets,
+    many GPUs) every reader streams all shards in the same order and keeps every n-th
+    sample, so no rank idles or hangs on an empty shard list and none sees another's samples."""
 
     def __init__(self, shards: list[str], sampler: ClipSampler, keep: set[str], buffer: int):
         self.shards, self.sampler, self.keep, self.buffer = shards, sampler, keep, buffer
@@ -114,10 +130,15 @@ class ClipShards(IterableDataset):
         import webdataset as wds
 
         rng = _rng()
-        pipeline = wds.WebDataset(self.shards, shardshuffle=len(self.shards), nodesplitter=wds.split_by_node,
-                                  workersplitter=wds.split_by_worker, empty_check=False, repeat=True)
-        pipeline = pipeline.select(lambda s: s["__key__"] in self.keep).shuffle(self.buffer)
-        for s in pipeline:
+        part, parts = reader_part()
+        by_shard = len(self.shards) >= parts
+        shards = self.shards[part::parts] if by_shard else self.shards
+        pipeline = wds.WebDataset(shards, shardshuffle=len(shards) if by_shard else False, nodesplitter=None,
+                                  workersplitter=None, empty_check=False, repeat=True)
+        pipeline = pipeline.select(lambda s: s["__key__"] in self.keep)
+        if not by_shard:
+            pipeline = pipeline.slice(part, None, parts)
+        for s in pipeline.shuffle(self.buffer, rng=rng):
             row = json.loads(s["json"])
             yield self.sampler(s["mp4"], row, rng)
 

@@ -60,6 +60,17 @@ def test_data_module_batches(data_root):
     assert next(iter(dm.train_dataloader()))["image"].shape == (4, 3, 64, 64)
 
 
+def test_readers_split_one_shard_without_overlap(data_root):
+    """Two DataLoader workers (readers, like two DDP ranks) over a one-shard dataset: each reads its
+    own half, in shard order, so one pass over both covers every clip exactly once."""
+    cfg = tiny("decoder", **{"data.batch_size": 1, "data.num_workers": 2, "data.shuffle_buffer": 0})
+    dm = StageDataModule(cfg, data_root, "shapes").check()
+    assert len(dm.train_set.shards) == 1
+    loader = iter(dm.train_dataloader())
+    seen = [next(loader)["clip_id"][0] for _ in range(8)]
+    assert sorted(seen) == sorted(dm.train_set.keep)  # 8 clips, 8 distinct
+
+
 def test_stride_realises_fps_and_fits_the_clip():
     import random
 
@@ -185,3 +196,21 @@ def test_guidance_and_seed_in_prior_and_decoder(chain, tmp_path):
     assert not torch.equal(a, generate(c, ["a blue square moving up"], steps=2, guidance=1.0, seed=0)[0])
     with pytest.raises(CheckpointError, match="expected 'decoder'"):
         load_chain({"prior": chain["prior"].checkpoint, "decoder": chain["prior"].checkpoint})
+
+
+@pytest.mark.slow
+def test_ddp_on_two_processes_splits_the_data_and_keeps_weights_in_sync(data_root, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    probe = ROOT / "tests" / "ddp_probe.py"
+    done = subprocess.run([sys.executable, str(probe), str(data_root), "shapes", str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(r["world"] == 2 and r["step"] == 4 for r in ranks)
+    assert ranks[0]["weights"] == ranks[1]["weights"]  # gradients were all-reduced
+    first_pass = [set(r["ids"][:4]) for r in ranks]  # 8 clips in one shard: 4 per rank per pass
+    assert len(first_pass[0]) == len(first_pass[1]) == 4 and not first_pass[0] & first_pass[1]
+    assert (tmp_path / "checkpoints" / "last.ckpt").exists()
