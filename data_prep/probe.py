@@ -31,7 +31,7 @@ class Probe:
 
 
 def probe(path: Path) -> Probe:
-    """Probe by demuxing packets (no full decode); one frame is decoded for its rotation."""
+    """Probe in one pass over the packets (no full decode); the first frame is decoded for its rotation."""
     path = Path(path)
     if path.stat().st_size == 0:
         raise ProbeError("empty file (0 bytes)")
@@ -47,19 +47,27 @@ def probe(path: Path) -> Probe:
         has_audio = bool(container.streams.audio)
         time_base = stream.time_base
         pts = []
+        first: av.VideoFrame | None = None  # decoded in the same pass, for its display rotation
+        decode_error: Exception | None = None
         try:
             for packet in container.demux(stream):
                 if packet.pts is not None and packet.size:
                     pts.append(packet.pts)
+                if first is None and packet.size:
+                    first, decode_error = _first_frame(stream, packet, decode_error)
         except av.error.FFmpegError as err:
             if not pts:
                 raise ProbeError(f"cannot read video packets ({err.strerror or err})") from None
         if not pts:
             raise ProbeError("video stream has no frames")
+        if first is None:
+            first, decode_error = _first_frame(stream, None, decode_error)  # flush the decoder's delay
+        if first is None:
+            raise ProbeError(f"first frame does not decode ({decode_error or 'no frame out of the decoder'})")
         pts.sort()
         start = pts[0]
         times = [float((p - start) * time_base) for p in pts]
-        rotation = _rotation(path)
+        rotation = int(round(first.rotation or 0)) % 360
         declared = stream.frames  # from the container's index (0 where it keeps none)
         if declared and len(pts) < declared - 1:
             raise ProbeError(f"truncated file: the container lists {declared} frames but only {len(pts)} are present")
@@ -79,10 +87,10 @@ def probe(path: Path) -> Probe:
     )
 
 
-def _rotation(path: Path) -> int:
-    with av.open(str(path)) as container:
-        try:
-            frame = next(container.decode(video=0))
-        except (StopIteration, av.error.FFmpegError) as err:
-            raise ProbeError(f"first frame does not decode ({err})") from None
-        return int(round(frame.rotation or 0)) % 360
+def _first_frame(stream, packet, error):
+    """The first frame the decoder gives for `packet` (None flushes it), and the last decode error."""
+    try:
+        frames = stream.codec_context.decode(packet)
+    except av.error.FFmpegError as err:
+        return None, err
+    return (frames[0] if frames else None), error
