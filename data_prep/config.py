@@ -76,5 +76,13 @@ def load_ingest_config(path: str | Path | None) -> IngestConfig:
     try:
         return IngestConfig.model_validate(raw)
     except ValidationError as err:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
-        raise ConfigError(f"ingest config {path}: {problems}") from None
+        raise ConfigError(f"ingest config {path}: {describe(err)}") from None
+
+
+def describe(err: ValidationError) -> str:
+    """A pydantic error in one line: `dotted.key: message` per problem (shared by every config loader)."""
+    problems = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        problems.append(f"{key}: {'unknown key' if e['type'] == 'extra_forbidden' else e['msg']}")
+    return "; ".join(problems)

@@ -6,6 +6,8 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from data_prep.config import describe
+
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -63,8 +65,7 @@ def load_pipeline_config(path: str | Path) -> PipelineConfig:
     try:
         config = PipelineConfig.model_validate(yaml.safe_load(path.read_text()) or {})
     except ValidationError as err:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
-        raise ValueError(f"pipeline config {path}: {problems}") from None
+        raise ValueError(f"pipeline config {path}: {describe(err)}") from None
     names = [s.name for s in config.steps]
     for step in config.steps:
         if step.init_from and step.init_from not in names[: names.index(step.name)]:

@@ -11,6 +11,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
+from data_prep.config import describe
+
 STAGES = ("prior", "decoder", "interpolation", "sr_low", "sr_high")
 
 
@@ -130,22 +132,13 @@ class StageConfig(Strict):
         return self.mode == "video"
 
 
-def _describe(err: ValidationError) -> str:
-    lines = []
-    for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
-        lines.append(f"{key}: {msg}")
-    return "; ".join(lines)
-
-
 def parse_config(raw: dict, source: str = "config") -> StageConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
     try:
         return StageConfig.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(f"{source}: {_describe(err)}") from None
+        raise ConfigError(f"{source}: {describe(err)}") from None
 
 
 def load_config(path: str | Path, overrides: dict | None = None) -> StageConfig:
