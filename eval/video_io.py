@@ -9,43 +9,29 @@ VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".gif")
 
 
 def read_video(path: str | Path, num_frames: int | None = None, stride: int = 1, offset: int = 0) -> np.ndarray:
-    """Decode frames offset, offset+stride, ... (num_frames of them, or all) as RGB uint8 [T,H,W,3].
+    """Decode frames offset, offset+stride, ... (num_frames of them, or all) as RGB uint8 [T,H,W,3], upright.
 
-    Frame numbers are in decode order. Decoding stops as soon as enough frames
-    are read. Raises ValueError naming the file if the frame size changes mid-stream
-    or the file holds fewer frames than asked for.
+    Frame numbers are in decode order; decoding stops as soon as enough frames are read.
+    Raises ValueError naming the file for mixed frame sizes or too few frames.
     """
-    import av
+    from models.video_io import TooFewFrames, read_frames
 
     if stride < 1 or offset < 0:
         raise ValueError(f"{path}: stride must be >= 1 and offset >= 0 (got stride={stride}, offset={offset})")
-    frames: list[np.ndarray] = []
-    last = None if num_frames is None else offset + (num_frames - 1) * stride
-    with av.open(str(path)) as container:
-        if not container.streams.video:
-            raise ValueError(f"{path}: no video stream")
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        for i, frame in enumerate(container.decode(stream)):
-            if last is not None and i > last:
-                break
-            if i < offset or (i - offset) % stride:
-                continue
-            rgb = frame.to_ndarray(format="rgb24")
-            # display rotation (phone videos): ffmpeg's angle is counter-clockwise, like np.rot90's k
-            k = round(getattr(frame, "rotation", 0) or 0) // 90 % 4
-            if k:
-                rgb = np.ascontiguousarray(np.rot90(rgb, k))
-            if frames and rgb.shape != frames[0].shape:
-                raise ValueError(f"{path}: frame {i} is {rgb.shape[1]}x{rgb.shape[0]} but earlier frames are "
-                                 f"{frames[0].shape[1]}x{frames[0].shape[0]} (mixed frame sizes in one video)")
-            frames.append(rgb)
-    if num_frames is not None and len(frames) < num_frames:
+    indices = None if num_frames is None else list(range(offset, offset + num_frames * stride, stride))
+    try:
+        frames, _ = read_frames(path, indices)
+    except TooFewFrames as err:
+        readable = sum(i < err.available for i in indices)
         raise ValueError(f"{path}: needs {num_frames} frames at offset {offset}, stride {stride}, "
-                         f"but only {len(frames)} could be read (video too short)")
-    if not frames:
+                         f"but only {readable} could be read (video too short)") from None
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+    if indices is None:
+        frames = frames[offset::stride]
+    if not len(frames):
         raise ValueError(f"{path}: no frames decoded")
-    return np.stack(frames)
+    return frames
 
 
 def count_frames(path: str | Path) -> int:

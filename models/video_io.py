@@ -10,25 +10,47 @@ import numpy as np
 import torch
 
 
+class TooFewFrames(ValueError):
+    def __init__(self, available: int, asked: int):
+        super().__init__(f"video has only {available} frames, frame {asked} was asked for")
+        self.available = available
+
+
 def read_frames(src: str | Path | bytes, indices: list[int] | None = None) -> tuple[np.ndarray, float]:
-    """Decode frames (all, or those at `indices` in decode order) -> (uint8 [T,H,W,3], fps)."""
-    wanted = None if indices is None else sorted(set(indices))
-    last = None if wanted is None else wanted[-1]
+    """Decode frames (all, or those at `indices` in decode order) -> (uint8 [T,H,W,3] upright, fps).
+
+    Frames come out in their display orientation (phone videos carry a rotation). Raises
+    ValueError if the file has fewer frames than asked for or changes frame size mid-stream."""
+    wanted = None if indices is None else set(indices)
+    last = None if indices is None else max(indices, default=-1)
     frames: dict[int, np.ndarray] = {}
     with av.open(io.BytesIO(src) if isinstance(src, bytes) else str(src)) as container:
+        if not container.streams.video:
+            raise ValueError("no video stream")
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         fps = float(stream.average_rate or stream.guessed_rate or 0) or 25.0
+        shape, decoded = None, 0
         for i, frame in enumerate(container.decode(stream)):
-            if wanted is None or i in wanted:
-                frames[i] = frame.to_ndarray(format="rgb24")
-            if last is not None and i >= last:
+            if last is not None and i > last:
                 break
+            decoded = i + 1
+            if wanted is not None and i not in wanted:
+                continue
+            rgb = frame.to_ndarray(format="rgb24")
+            k = round(frame.rotation or 0) // 90 % 4  # ffmpeg's angle is counter-clockwise, like np.rot90's k
+            if k:
+                rgb = np.ascontiguousarray(np.rot90(rgb, k))
+            if shape is not None and rgb.shape != shape:
+                raise ValueError(f"frame {i} is {rgb.shape[1]}x{rgb.shape[0]} but earlier frames are "
+                                 f"{shape[1]}x{shape[0]} (mixed frame sizes in one video)")
+            shape = rgb.shape
+            frames[i] = rgb
     if indices is None:
         return (np.stack([frames[i] for i in sorted(frames)]) if frames else np.zeros((0, 0, 0, 3), np.uint8)), fps
-    missing = [i for i in wanted if i not in frames]
+    missing = sorted(wanted - frames.keys())
     if missing:
-        raise ValueError(f"video has only {len(frames) and max(frames) + 1} frames, frame {missing[0]} was asked for")
+        raise TooFewFrames(decoded, missing[0])
     return np.stack([frames[i] for i in indices]), fps
 
 
