@@ -46,8 +46,11 @@ def step(module, opt, batch, device):
     return loss
 
 
-def bench_stage(size, stage, device, steps, warmup, batch_size=None, compile_net=False, channels_last=False):
+def bench_stage(size, stage, device, steps, warmup, batch_size=None, compile_net=False, channels_last=False,
+                grad_checkpoint=False):
     overrides = {"clip": "tiny", "trainer.compile": False}
+    if stage != "prior":
+        overrides["unet.grad_checkpoint"] = grad_checkpoint
     if batch_size:
         overrides["data.batch_size"] = batch_size
     cfg = load_config(ROOT / "configs" / size / f"{stage}.yaml", overrides)
@@ -94,6 +97,7 @@ def main():
     ap.add_argument("--batch-size", type=int, default=None, help="override each config's batch size")
     ap.add_argument("--compile", action="store_true", help="torch.compile the network")
     ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument("--grad-checkpoint", action="store_true", help="recompute U-Net blocks in backward (larger batches)")
     args = ap.parse_args()
     device = torch.device(args.device)
     peak = None
@@ -106,7 +110,7 @@ def main():
           f"{'TFLOP/step':>11s} {'TFLOP/s':>8s} {'MFU':>6s} {'mem GiB':>8s}")
     for stage in args.stages:
         r = bench_stage(args.size, stage, device, args.steps, args.warmup, args.batch_size, args.compile,
-                        args.channels_last)
+                        args.channels_last, args.grad_checkpoint)
         mfu = f"{r['achieved'] / peak:6.1%}" if peak else "   n/a"
         print(f"{r['stage']:22s} {r['batch']:5d} {r['params']:9.1f} {r['trainable']:8.1f} {r['step_s']:8.3f} "
               f"{r['samples_s']:10.2f} {r['tflop_step']:11.3f} {r['achieved'] / 1e12:8.2f} {mfu} {r['mem']:8.1f}",
