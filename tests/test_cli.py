@@ -5,6 +5,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -47,3 +48,27 @@ def test_a_server_that_cannot_start_is_a_clear_error(tmp_path):
     assert done.returncode == 2
     assert "error: the temporary Prefect server exited" in done.stderr
     assert "unable to open database file" in done.stderr.splitlines()[-1]  # the reason, not a traceback
+
+
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(c) for c in path.read_text().split()] if path.exists() else []
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc to find child processes")
+def test_the_server_dies_with_a_killed_mav(tmp_path, samples):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    process = subprocess.Popen([sys.executable, "-m", "flows.cli", "ingest", str(samples), "--data-root",
+                                str(tmp_path / "root"), "--no-progress"], env=env, cwd=REPO,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not (servers := _children(process.pid)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert servers, "mav started no server process"
+    process.kill()  # SIGKILL: no finally, no atexit
+    process.wait()
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{servers[0]}").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not Path(f"/proc/{servers[0]}").exists(), "the temporary server outlived mav"
