@@ -59,6 +59,7 @@ class EarlyServer:
 
     def wait_ready(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
+        direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never via a proxy
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 if "address already in use" not in self._log().lower():
@@ -66,7 +67,7 @@ class EarlyServer:
                 self.port = _free_port()  # taken between _free_port and uvicorn's bind
                 self.process = self._spawn()
             try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
+                with direct.open(f"{self.url}/health", timeout=2) as response:
                     if response.status == 200:
                         return
             except (urllib.error.URLError, OSError):
