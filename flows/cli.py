@@ -48,9 +48,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    finally:
-        if server is not None:
-            server.stop()
 
 
 if __name__ == "__main__":

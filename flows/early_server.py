@@ -8,6 +8,7 @@ overlaps the imports, and points the flow at it once the imports are done.
 """
 from __future__ import annotations
 
+import atexit
 import ctypes
 import os
 import re
@@ -94,10 +95,16 @@ class EarlyServer:
 
 
 def start_if_needed() -> EarlyServer | None:
-    """A server to overlap with the imports, unless Prefect is configured or already set up in-process."""
+    """A server to overlap with the imports, unless Prefect is configured or already set up in-process.
+
+    It stops at interpreter exit: Prefect's log and event workers drain to it when
+    threads shut down, which comes before atexit (stopped any earlier, they retry for
+    a minute or more)."""
     if os.environ.get("PREFECT_API_URL") or "prefect" in sys.modules:
         return None
-    return EarlyServer()
+    server = EarlyServer()
+    atexit.register(server.stop)
+    return server
 
 
 @contextmanager
