@@ -9,8 +9,11 @@ not trained again and a rerun after a failure resumes at the first unfinished st
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
+import logging
+import warnings
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
@@ -47,6 +50,19 @@ def _flatten(prefix: str, value, out: dict) -> dict:
     return out
 
 
+@functools.cache
+def quiet_library_chatter() -> None:
+    """Keep the flow's log readable: Lightning's per-fit banners (device lines, a LitLogger tip),
+    MLflow's system-metrics start/stop lines, transformers' loading bars and a torch deprecation
+    inside Lightning repeat for every stage. Their warnings and errors still show."""
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # "Loading weights" bars of the CLIP load
+
+
 @task(name="train-stage", cache_key_fn=lambda context, params: params["cache_key"], persist_result=True,
       task_run_name="train {step_name}")
 def train_stage_task(step_name: str, stage: str, config_path: str, overrides: dict, data_root: str, dataset: str,
@@ -59,6 +75,7 @@ def train_stage_task(step_name: str, stage: str, config_path: str, overrides: di
     from models.config import load_config
     from models.train import train_stage
 
+    quiet_library_chatter()
     config = load_config(config_path, overrides)
     last = Path(out_dir) / "checkpoints" / "last.ckpt"
     resume = last.exists()
@@ -167,6 +184,7 @@ def pipeline(config: str = DEFAULT_CONFIG, dataset: str | None = None, data_root
     from mlflow import MlflowClient
 
     log = get_run_logger()
+    quiet_library_chatter()
     cfg: PipelineConfig = load_pipeline_config(REPO / config if not Path(config).is_absolute() and not Path(config).exists() else config)
     dataset = dataset or cfg.dataset
     data_root = str(Path(data_root or cfg.data_root).resolve())
@@ -203,8 +221,11 @@ def pipeline(config: str = DEFAULT_CONFIG, dataset: str | None = None, data_root
         mlflow.log_params({"config": config, "dataset": dataset, "dataset_version": version, "data_root": data_root,
                            "num_clips": len(manifest), "steps": ",".join(s.name for s in cfg.steps)})
         mlflow.log_dict(cfg.model_dump(mode="json"), "pipeline_config.json")
-        mlflow.log_input(mlflow.data.from_pandas(manifest.drop(columns=["clip_abspath"]), source=f"{data_root}/datasets/{dataset}",
-                                                 name=f"{dataset}@{version}", digest=version), context="training")
+        with warnings.catch_warnings():  # MLflow registers the local source type twice, and hints that
+            warnings.simplefilter("ignore", UserWarning)  # int columns cannot hold missing values (ours have none)
+            inputs = mlflow.data.from_pandas(manifest.drop(columns=["clip_abspath"]), name=f"{dataset}@{version}",
+                                             source=f"{data_root}/datasets/{dataset}", digest=version)
+            mlflow.log_input(inputs, context="training")
         trained = _train_steps(cfg, dataset, data_root, version, tracking_uri, parent.info.run_id, code)
         for result in trained:
             # a cached step returns the result of the run that trained it, under another parent
