@@ -32,20 +32,19 @@ def read_frames(src: str | Path | bytes, indices: list[int] | None = None) -> tu
         fps = float(stream.average_rate or stream.guessed_rate or 0) or 25.0
         shape, decoded = None, 0
         for i, frame in enumerate(container.decode(stream)):
-            if last is not None and i > last:
-                break
             decoded = i + 1
-            if wanted is not None and i not in wanted:
-                continue
-            rgb = frame.to_ndarray(format="rgb24")
-            k = round(frame.rotation or 0) // 90 % 4  # ffmpeg's angle is counter-clockwise, like np.rot90's k
-            if k:
-                rgb = np.ascontiguousarray(np.rot90(rgb, k))
-            if shape is not None and rgb.shape != shape:
-                raise ValueError(f"frame {i} is {rgb.shape[1]}x{rgb.shape[0]} but earlier frames are "
-                                 f"{shape[1]}x{shape[0]} (mixed frame sizes in one video)")
-            shape = rgb.shape
-            frames[i] = rgb
+            if wanted is None or i in wanted:
+                rgb = frame.to_ndarray(format="rgb24")
+                k = round(frame.rotation or 0) // 90 % 4  # ffmpeg's angle is counter-clockwise, like np.rot90's k
+                if k:
+                    rgb = np.ascontiguousarray(np.rot90(rgb, k))
+                if shape is not None and rgb.shape != shape:
+                    raise ValueError(f"frame {i} is {rgb.shape[1]}x{rgb.shape[0]} but earlier frames are "
+                                     f"{shape[1]}x{shape[0]} (mixed frame sizes in one video)")
+                shape = rgb.shape
+                frames[i] = rgb
+            if last is not None and i >= last:  # stop decoding once the last wanted frame is in
+                break
     if indices is None:
         return (np.stack([frames[i] for i in sorted(frames)]) if frames else np.zeros((0, 0, 0, 3), np.uint8)), fps
     missing = sorted(wanted - frames.keys())
