@@ -32,7 +32,6 @@ from prefect.cache_policies import NONE as NO_CACHE
 from flows.tracking import default_tracking_uri, experiment_id
 from eval.protocols import PROTOCOLS, load_protocol
 from eval.video_io import VIDEO_EXTENSIONS, list_videos, write_png
-from models.video_io import write_gif, write_mp4
 
 METRICS = ("fvd", "clipsim", "is")
 RESIZE = "bilinear 224x224 align_corners=False, no crop, [-1,1]"
@@ -60,17 +59,8 @@ class VideoSet:
 
 
 def _load_manifest(data_root: Path, name: str, version: str | None):
-    try:
-        from data_prep.dataset import load_manifest
-    except ImportError:  # shim for docs/dataset-format.md, should data_prep be absent
-        import pandas as pd
+    from data_prep.dataset import load_manifest
 
-        ds = data_root / "datasets" / name
-        version = version if version not in (None, "latest") else (ds / "latest").read_text().strip()
-        manifest = pd.read_parquet(ds / "versions" / version / "manifest.parquet")
-        manifest["clip_abspath"] = [str(ds / p) for p in manifest["clip_path"]]
-        manifest.attrs["version"] = version
-        return manifest
     return load_manifest(data_root, name, version or "latest")
 
 
@@ -177,7 +167,7 @@ def fvd_task(real: VideoSet, fake: VideoSet, i3d_weights: str | None, i3d_sha256
 def load_clip_for_eval(clip_model: str | None, device: str, log=print):
     """CLIP for CLIPSIM. None = the default ViT-B/32 if it is available locally, else a tiny
     random CLIP (smoke); "tiny" = the tiny random CLIP; anything else must load."""
-    from models.clip import DEFAULT_CLIP, FrozenCLIP, build_tiny_clip
+    from models.clip import DEFAULT_CLIP, FrozenCLIP, tiny_clip_path
 
     if clip_model not in (None, "tiny"):
         return FrozenCLIP.load(clip_model, device=device)
@@ -187,7 +177,7 @@ def load_clip_for_eval(clip_model: str | None, device: str, log=print):
         except Exception as err:  # offline without a cached copy: OSError / hub errors
             log(f"CLIP {DEFAULT_CLIP} is not available ({type(err).__name__}); CLIPSIM runs in SMOKE mode "
                 "on a tiny random CLIP. Pass --clip PATH for real numbers.")
-    return FrozenCLIP.load(build_tiny_clip(tempfile.mkdtemp(prefix="mav-tiny-clip-")), device=device)
+    return FrozenCLIP.load(tiny_clip_path(), device=device)
 
 
 @task(name="clipsim", cache_policy=NO_CACHE)
@@ -233,6 +223,7 @@ def log_task(results: dict, params: dict, clips: list, tracking_uri: str, experi
     from mlflow.entities import Metric, Param
 
     from eval.sheets import contact_sheet, video_grid
+    from models.video_io import write_gif, write_mp4  # torch: imported when logging, not with the CLI
 
     client = MlflowClient(tracking_uri)
     exp_id = experiment_id(tracking_uri, experiment)

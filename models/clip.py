@@ -9,7 +9,10 @@ tests and the CPU demo run offline. A tiny model says so: `FrozenCLIP.is_tiny`.
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
+import uuid
 from collections import Counter
 from pathlib import Path
 
@@ -125,8 +128,9 @@ def build_tiny_clip(out_dir: str | Path, seed: int = 0, image_size: int = 32, nu
     )
     config = CLIPConfig(text_config=text_config, vision_config=vision_config, projection_dim=16)
     setattr(config, TINY_MARKER, True)
-    torch.manual_seed(seed)
-    CLIPModel(config).save_pretrained(out)
+    with torch.random.fork_rng(devices=[]):  # seeded weights without moving the caller's random state
+        torch.manual_seed(seed)
+        CLIPModel(config).save_pretrained(out)
     _image_processor_class()(
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
         image_mean=list(OPENAI_MEAN), image_std=list(OPENAI_STD),
@@ -240,3 +244,17 @@ class FrozenCLIP(nn.Module):
         b = video.shape[0]
         emb = self.encode_images(rearrange(video, "b t c h w -> (b t) c h w"))
         return rearrange(emb, "(b t) d -> b t d", b=b)
+
+
+def tiny_clip_path() -> Path:
+    """The tiny random CLIP under $MAV_CACHE (default ~/.cache/mav), built once; concurrent
+    builders race to an atomic rename and the loser's copy (same seed, same model) is dropped."""
+    path = Path(os.environ.get("MAV_CACHE", Path.home() / ".cache" / "mav")) / "tiny-clip"
+    if not (path / "config.json").exists():
+        tmp = path.with_name(f".tmp-{uuid.uuid4().hex}")
+        build_tiny_clip(tmp)
+        try:
+            tmp.rename(path)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path

@@ -14,10 +14,7 @@ replaced by `null_condition(cond)`: zeros, which is also what CFG dropout trains
 from __future__ import annotations
 
 import math
-import os
 import random
-import shutil
-import uuid
 from pathlib import Path
 
 import lightning as L
@@ -38,26 +35,12 @@ class CheckpointError(ValueError):
     pass
 
 
-def tiny_clip_dir() -> Path:
-    return Path(os.environ.get("MAV_CACHE", Path.home() / ".cache" / "mav")) / "tiny-clip"
-
-
 def load_clip(name: str):
-    """FrozenCLIP by hub id / folder; "tiny" builds (once, deterministically seeded) a tiny random one."""
-    from models.clip import FrozenCLIP, build_tiny_clip
+    """FrozenCLIP by hub id / folder; "tiny" is the tiny random one, built once (models.clip.tiny_clip_path)."""
+    from models.clip import FrozenCLIP, tiny_clip_path
 
     if name not in _CLIPS:
-        path = name
-        if name == "tiny":
-            path = tiny_clip_dir()
-            if not (path / "config.json").exists():
-                tmp = path.with_name(f".tmp-{uuid.uuid4().hex}")
-                build_tiny_clip(tmp)
-                try:
-                    tmp.rename(path)
-                except OSError:  # another process won the race: same seed, same model
-                    shutil.rmtree(tmp, ignore_errors=True)
-        _CLIPS[name] = FrozenCLIP.load(path)
+        _CLIPS[name] = FrozenCLIP.load(tiny_clip_path() if name == "tiny" else name)
     return _CLIPS[name]
 
 
@@ -84,7 +67,7 @@ class DiffusionStage(L.LightningModule):
                 p.requires_grad_("temporal" in name)
         if self.config.trainer.compile:
             self.net.compile()  # in place: state_dict keys unchanged
-        self.last_loss = float("nan")
+        self.last_loss = torch.tensor(float("nan"))
 
     # the frozen CLIP is shared and kept out of state_dict / EMA copies
     @property
@@ -112,7 +95,7 @@ class DiffusionStage(L.LightningModule):
         x0, cond = self.conditioning(batch)
         loss = self.diffusion.loss(lambda x, t: self.denoise(x, t, cond), x0)
         self.log("train/loss", loss, prog_bar=True, batch_size=x0.shape[0])
-        self.last_loss = float(loss.detach())
+        self.last_loss = loss.detach()  # a tensor: float() here would wait for the GPU every step
         return loss
 
     def configure_optimizers(self):
