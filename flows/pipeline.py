@@ -88,7 +88,8 @@ def train_stage_task(step_name: str, stage: str, config_path: str, overrides: di
         params |= {"init_checkpoint": init_checkpoint or "none", "config_file": config_path}
         mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
         logger = MLFlowLogger(experiment_name=experiment, tracking_uri=tracking_uri, run_id=run.info.run_id)
-        result = train_stage(stage, config, data_root=data_root, dataset=dataset, init=None if resume else init_checkpoint,
+        result = train_stage(stage, config, data_root=data_root, dataset=dataset, version=version,
+                             init=None if resume else init_checkpoint,
                              resume=resume, out_dir=out_dir, logger=logger)
         mlflow.log_metrics({"final_train_loss": float(result.train_loss), "global_step": result.global_step})
         mlflow.log_artifact(str(result.checkpoint), artifact_path="checkpoints")

@@ -171,23 +171,26 @@ def image_text_pairs(path: Path) -> list[tuple[Path, str]]:
 
 
 # -- the data module ---------------------------------------------------------------------
-def read_manifest(data_root: Path, dataset: str) -> tuple[pd.DataFrame, list[str]]:
+def read_manifest(data_root: Path, dataset: str, version: str | None = None) -> tuple[pd.DataFrame, list[str]]:
+    """The manifest and shards of one version (default: latest, resolved once for both)."""
     from data_prep.dataset import DatasetError, load_manifest, shard_paths
 
     try:
-        manifest = load_manifest(data_root, dataset)
-        shards = [str(p) for p in shard_paths(data_root, dataset)]
+        manifest = load_manifest(data_root, dataset, version or "latest")
+        shards = [str(p) for p in shard_paths(data_root, dataset, manifest.attrs["version"])]
     except (DatasetError, FileNotFoundError, KeyError) as err:
         raise DataError(f"dataset {dataset!r} under {data_root}: {err}") from None
     return manifest, shards
 
 
 class StageDataModule(L.LightningDataModule):
-    def __init__(self, config: StageConfig, data_root: str | Path | None = None, dataset: str | None = None):
+    def __init__(self, config: StageConfig, data_root: str | Path | None = None, dataset: str | None = None,
+                 version: str | None = None):
         super().__init__()
         self.config = config
         self.data_root = Path(data_root) if data_root else None
         self.dataset_name = dataset
+        self.version = version
         self.train_set: Dataset | IterableDataset | None = None
 
     def check(self) -> "StageDataModule":
@@ -203,7 +206,7 @@ class StageDataModule(L.LightningDataModule):
             return self
         if self.data_root is None or not self.dataset_name:
             raise DataError(f"stage {cfg.stage!r} needs --data-root and --dataset (an ingested video dataset)")
-        manifest, shards = read_manifest(self.data_root, self.dataset_name)
+        manifest, shards = read_manifest(self.data_root, self.dataset_name, self.version)
         if manifest.empty:
             raise DataError(f"dataset {self.dataset_name!r} is empty: no clips to train on")
         window = data.frames if cfg.video else 1

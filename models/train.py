@@ -71,8 +71,9 @@ def build_trainer(cfg: StageConfig, out_dir: Path, *, logger=None, callbacks=Non
 
 
 def train_stage(stage: str, config: StageConfig | dict | str | Path, *, data_root: str | Path | None = None,
-                dataset: str | None = None, init: str | Path | None = None, resume: bool = False,
-                out_dir: str | Path, logger=None, callbacks=None, max_steps: int | None = None) -> TrainResult:
+                dataset: str | None = None, version: str | None = None, init: str | Path | None = None,
+                resume: bool = False, out_dir: str | Path, logger=None, callbacks=None,
+                max_steps: int | None = None) -> TrainResult:
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
     cfg = as_config(config)
@@ -83,7 +84,7 @@ def train_stage(stage: str, config: StageConfig | dict | str | Path, *, data_roo
     if resume and not last.exists():
         raise FileNotFoundError(f"--resume: no {last} to continue from")
 
-    datamodule = StageDataModule(cfg, data_root, dataset).check()
+    datamodule = StageDataModule(cfg, data_root, dataset, version).check()
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     module = build_stage(cfg)
     if resume:
@@ -95,4 +96,4 @@ def train_stage(stage: str, config: StageConfig | dict | str | Path, *, data_roo
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if resume else None)
     ckpt_cb = trainer.checkpoint_callback
     best = Path(ckpt_cb.best_model_path) if ckpt_cb and ckpt_cb.best_model_path else None
-    return TrainResult(stage, last, best, trainer.global_step, module.last_loss)
+    return TrainResult(stage, last, best, trainer.global_step, float(module.last_loss))
