@@ -143,7 +143,7 @@ def cut_source(
     detector = CutDetector(scfg, probe.fps)
     delay = detector.lag + trim + 1
     settings = cfg.clip_settings_hash()
-    result = CutResult(cuts=detector.cuts, clips_dir=clips_dir)
+    result = CutResult(cuts=[], clips_dir=clips_dir)
     clips_dir.mkdir(parents=True, exist_ok=True)
 
     def time_of(i: int) -> float:
@@ -175,7 +175,7 @@ def cut_source(
     def emit(i: int, frame: np.ndarray) -> None:
         nonlocal writer, clip_start, next_time
         boundary = i in cut_set
-        trimmed = trim > 0 and any(c - trim <= i < c + trim for c in cut_set)
+        trimmed = i in trim_set
         if writer is not None and (boundary or trimmed or writer.count >= max_frames):
             close(i)
         if trimmed:
@@ -190,6 +190,13 @@ def cut_source(
         writer.write(frame)
 
     cut_set: set[int] = set()
+    trim_set: set[int] = set()  # frames within `trim` of a cut: one lookup per frame, not a scan of the cuts
+
+    def add_cuts(cuts: list[int]) -> None:
+        cut_set.update(cuts)
+        for c in cuts:
+            trim_set.update(range(c - trim, c + trim))
+
     pending: deque[tuple[int, np.ndarray]] = deque()
     frame_bytes = width * height * 3 // 2
     with tempfile.TemporaryFile() as stderr:
@@ -201,7 +208,7 @@ def cut_source(
                 if len(data) < frame_bytes:
                     break
                 frame = np.frombuffer(data, np.uint8)
-                cut_set.update(detector.push(index, detection_frame(frame, width, height, scfg.detect_width)))
+                add_cuts(detector.push(index, detection_frame(frame, width, height, scfg.detect_width)))
                 pending.append((index, frame))
                 if len(pending) > delay:
                     emit(*pending.popleft())
@@ -215,7 +222,7 @@ def cut_source(
                 message = stderr.read().decode(errors="replace").strip().splitlines()
                 detail = message[-1] if message else f"ffmpeg exit code {code}"
                 raise DecodeError(f"decode failed after {index} frames: {detail}")
-            cut_set.update(detector.finish())
+            add_cuts(detector.finish())
             while pending:
                 emit(*pending.popleft())
             close(index)
@@ -230,5 +237,5 @@ def cut_source(
     if on_frames:
         on_frames(index % 32)
     result.frames_decoded = index
-    result.cuts = sorted(set(detector.cuts))
+    result.cuts = sorted(cut_set)
     return result

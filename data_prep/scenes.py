@@ -31,7 +31,6 @@ class CutDetector:
     def __init__(self, cfg: SceneConfig, fps: float):
         self.detector = make_detector(cfg, fps)
         self.fps = Fraction(fps).limit_denominator(100000) if fps > 0 else Fraction(25)
-        self.cuts: list[int] = []
         self.last = -1
 
     @property
@@ -51,6 +50,4 @@ class CutDetector:
         return self._keep(found)
 
     def _keep(self, found) -> list[int]:
-        new = sorted({int(tc.frame_num if hasattr(tc, "frame_num") else tc) for tc in found} - {0})
-        self.cuts.extend(new)
-        return new
+        return sorted({int(tc.frame_num if hasattr(tc, "frame_num") else tc) for tc in found} - {0})
