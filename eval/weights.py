@@ -14,6 +14,8 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+from data_prep.download import sha256_file
+
 
 class ChecksumError(ValueError):
     """A weights file whose sha256 is not the expected one."""
@@ -21,14 +23,6 @@ class ChecksumError(ValueError):
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("MAV_WEIGHTS_CACHE", Path.home() / ".cache" / "mav" / "weights"))
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def is_url(src: str | Path) -> bool:
