@@ -37,4 +37,4 @@ bench: $(STAMP)
 	$(PY) bench/ingest.py
 
 clean:
-	rm -rf $(VENV) mav-data mlflow.db mlruns demo-out
+	rm -rf $(VENV) mav-data mav-runs mlflow.db mlartifacts mlruns demo-out
