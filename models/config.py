@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from data_prep.config import describe
 
@@ -95,8 +95,9 @@ class TrainerConfig(Strict):
     devices: int | str = "auto"
     num_nodes: int = 1
     strategy: Literal["auto", "ddp", "fsdp"] = "auto"
-    ema_decay: float = 0.0  # 0 disables EMA of weights
+    ema_decay: float = Field(0.0, ge=0.0, lt=1.0)  # 0 disables EMA of weights
     compile: bool = False
+    channels_last: bool = True  # U-Net activations as [N H W C]: faster convs, temporal layers without copies
     log_every: int = 10
     checkpoint_every: int = 500
     seed: int = 0

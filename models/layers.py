@@ -31,7 +31,7 @@ def zero_(module: nn.Module) -> nn.Module:
 
 
 class PseudoConv3d(nn.Module):
-    """Conv2d over each frame, then Conv1d over time at each pixel (Dirac init: identity)."""
+    """Conv2d over each frame, then a 1D conv over time at each pixel (Dirac init: identity)."""
 
     def __init__(self, dim_in: int, dim_out: int, kernel: int = 3, temporal: bool = False, temporal_kernel: int = 3):
         super().__init__()
@@ -46,10 +46,12 @@ class PseudoConv3d(nn.Module):
         x = self.spatial(x)
         if frames is None or self.temporal is None:
             return x
-        h, w = x.shape[-2:]
-        x = rearrange(x, "(b t) c h w -> (b h w) c t", t=frames)
-        x = self.temporal(x)
-        return rearrange(x, "(b h w) c t -> (b t) c h w", h=h, w=w)
+        # the Conv1d's weights run as a (k, 1, 1) Conv3d: on channels_last frames, [(b t) h w c] in
+        # memory is [b c t h w] in channels_last_3d, so both rearranges are views, not copies
+        x = rearrange(x, "(b t) c h w -> b c t h w", t=frames)
+        x = F.conv3d(x, self.temporal.weight[..., None, None], self.temporal.bias,
+                     padding=(self.temporal.padding[0], 0, 0))
+        return rearrange(x, "b c t h w -> (b t) c h w")
 
 
 class Attention(nn.Module):

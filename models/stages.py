@@ -65,8 +65,12 @@ class DiffusionStage(L.LightningModule):
         if self.config.video and self.config.freeze_spatial:
             for name, p in self.net.named_parameters():
                 p.requires_grad_("temporal" in name)
+        if self.config.trainer.channels_last:
+            self.net.to(memory_format=torch.channels_last)
         if self.config.trainer.compile:
-            self.net.compile()  # in place: state_dict keys unchanged
+            # in place: state_dict keys unchanged. Static shapes: a shape change recompiles for that shape
+            # instead of switching to symbolic shapes (slower kernels; inductor failed on them here)
+            self.net.compile(dynamic=False)
         self.last_loss = torch.tensor(float("nan"))
 
     # the frozen CLIP is shared and kept out of state_dict / EMA copies
