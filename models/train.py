@@ -12,11 +12,12 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, EMAWeightAveraging, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from models.config import STAGES, ConfigError, StageConfig, as_config
 from models.data import StageDataModule
+from models.ema import ShardedEMA
 from models.stages import build_stage, check_resume, init_from_checkpoint
 
 
@@ -60,7 +61,7 @@ def build_trainer(cfg: StageConfig, out_dir: Path, *, logger=None, callbacks=Non
                                 every_n_train_steps=tc.checkpoint_every, save_last=True, save_top_k=1)
     cbs: list[Callback] = [checkpoint, *(callbacks or [])]
     if tc.ema_decay > 0:
-        cbs.append(EMAWeightAveraging(decay=tc.ema_decay))
+        cbs.append(ShardedEMA(tc.ema_decay))
     return L.Trainer(
         max_steps=max_steps or tc.max_steps, accelerator=tc.accelerator, devices=tc.devices, num_nodes=tc.num_nodes,
         strategy=_strategy(tc.strategy, tc.accelerator), precision=precision, gradient_clip_val=tc.grad_clip or None,

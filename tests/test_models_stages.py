@@ -149,6 +149,45 @@ def test_resume_continues_at_same_step_with_same_optimizer_state(data_root, tmp_
         assert torch.equal(record.weights[k], v), k
 
 
+class RecordWeights(Callback):
+    """The trainable weights at the start and after every optimizer step."""
+
+    def on_train_start(self, trainer, pl_module):
+        self.names = [n for n, p in pl_module.named_parameters() if p.requires_grad]
+        self.steps = [self.weights(pl_module)]
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.steps.append(self.weights(pl_module))
+
+    def weights(self, pl_module):
+        return {n: p.detach().clone() for n, p in pl_module.named_parameters() if p.requires_grad}
+
+
+def test_ema_averages_every_step_and_resumes_from_the_saved_average(data_root, tmp_path):
+    decay = 0.5
+    cfg = tiny("decoder", mode="image", **{"trainer.ema_decay": decay})
+    first, second = RecordWeights(), RecordWeights()
+    result = train_stage("decoder", cfg, data_root=data_root, dataset="shapes", out_dir=tmp_path, max_steps=3,
+                         callbacks=[first])
+    saved = read_checkpoint(result.checkpoint)
+    train_stage("decoder", cfg, data_root=data_root, dataset="shapes", out_dir=tmp_path, resume=True, max_steps=5,
+                callbacks=[second])
+    ema = dict(first.steps[0])
+    for weights in first.steps[1:]:
+        ema = {n: decay * ema[n] + (1 - decay) * weights[n] for n in ema}
+    for n in first.names:
+        assert torch.allclose(saved["state_dict"][n], ema[n], atol=1e-6), n
+        assert torch.equal(saved["current_model_state"][n], first.steps[-1][n]), n
+    assert any(not torch.equal(ema[n], first.steps[-1][n]) for n in first.names)  # the average is not the last step
+    for n in first.names:  # the second run continues the average, not a fresh one from the raw weights
+        assert torch.equal(second.steps[0][n], first.steps[-1][n]), n
+    for weights in second.steps[1:]:
+        ema = {n: decay * ema[n] + (1 - decay) * weights[n] for n in ema}
+    last = read_checkpoint(result.checkpoint)
+    for n in first.names:
+        assert torch.allclose(last["state_dict"][n], ema[n], atol=1e-6), n
+
+
 def test_bad_input_fails_before_training(data_root, tmp_path, chain):
     def run(stage, cfg, **kw):
         return train_stage(stage, cfg, data_root=kw.pop("data_root", data_root), dataset=kw.pop("dataset", "shapes"),
@@ -199,8 +238,18 @@ def test_guidance_and_seed_in_prior_and_decoder(chain, tmp_path):
 
 
 @pytest.mark.slow
-def test_ddp_on_two_processes_splits_the_data_and_keeps_weights_in_sync(data_root, tmp_path):
+def check_ddp_ranks(out):
     import json
+
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(r["world"] == 2 and r["step"] == 4 for r in ranks)
+    assert ranks[0]["weights"] == ranks[1]["weights"]  # gradients were all-reduced
+    first_pass = [set(r["ids"][:4]) for r in ranks]  # 8 clips in one shard: 4 per rank per pass
+    assert len(first_pass[0]) == len(first_pass[1]) == 4 and not first_pass[0] & first_pass[1]
+    assert (out / "checkpoints" / "last.ckpt").exists()
+
+
+def test_ddp_on_two_processes_splits_the_data_and_keeps_weights_in_sync(data_root, tmp_path):
     import subprocess
     import sys
 
@@ -208,12 +257,30 @@ def test_ddp_on_two_processes_splits_the_data_and_keeps_weights_in_sync(data_roo
     done = subprocess.run([sys.executable, str(probe), str(data_root), "shapes", str(tmp_path)], cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert all(r["world"] == 2 and r["step"] == 4 for r in ranks)
-    assert ranks[0]["weights"] == ranks[1]["weights"]  # gradients were all-reduced
-    first_pass = [set(r["ids"][:4]) for r in ranks]  # 8 clips in one shard: 4 per rank per pass
-    assert len(first_pass[0]) == len(first_pass[1]) == 4 and not first_pass[0] & first_pass[1]
-    assert (tmp_path / "checkpoints" / "last.ckpt").exists()
+    check_ddp_ranks(tmp_path)
+
+
+def test_ddp_on_two_nodes_launched_like_a_cluster(data_root, tmp_path):
+    """trainer.num_nodes: two 'nodes' of one process each, each started by hand with its NODE_RANK
+    and the master's address, as SLURM-less clusters (and torchrun users) launch them."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    probe = ROOT / "tests" / "ddp_probe.py"
+    nodes = []
+    for node_rank in (0, 1):
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "NODE_RANK": str(node_rank)}
+        env.pop("LOCAL_RANK", None)
+        nodes.append(subprocess.Popen([sys.executable, str(probe), str(data_root), "shapes", str(tmp_path), "2"],
+                                      cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    errors = [node.communicate(timeout=600)[1] for node in nodes]
+    assert all(node.returncode == 0 for node in nodes), "\n".join(e[-2000:] for e in errors)
+    check_ddp_ranks(tmp_path)
 
 
 class RecordCompiled(Callback):

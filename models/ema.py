@@ -1,0 +1,81 @@
+"""EMA of the trained weights that also works on sharded (FSDP) models.
+
+Lightning's EMAWeightAveraging keeps a deep copy of the whole, unsharded module and
+averages it against `pl_module`'s parameters, which under FSDP are each rank's shards:
+it fails as soon as a model is sharded over more than one device. Here each rank keeps
+the EMA of exactly the parameter storage it holds (the full tensors without FSDP, its
+local shards with FSDP's `use_orig_params`), so the update is local and costs no
+communication. Whole EMA weights are only assembled when a checkpoint is written, by
+swapping the averages in and asking the strategy for its (gathered) state dict.
+
+Checkpoints keep Lightning's layout: `state_dict` holds the EMA weights (what sampling
+loads) and `current_model_state` the raw weights that `--resume` continues from.
+"""
+from __future__ import annotations
+
+import torch
+from lightning.pytorch.callbacks import Callback
+
+
+class ShardedEMA(Callback):
+    def __init__(self, decay: float):
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"ema_decay must be in (0, 1), got {decay}")
+        self.decay = decay
+        self.params: list[torch.nn.Parameter] = []
+        self.shadow: list[torch.Tensor] = []
+        self._resumed: dict | list | None = None  # EMA read from a checkpoint: whole state or local shards
+
+    def on_train_start(self, trainer, pl_module):
+        # after the strategy wrapped (and sharded) the model and after any checkpoint was restored
+        named = [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in named]
+        if isinstance(self._resumed, dict):
+            self.shadow = [self._resumed[n].to(device=p.device, dtype=p.dtype).clone() for n, p in named]
+        elif isinstance(self._resumed, list):
+            self.shadow = self._resumed
+        else:
+            self.shadow = [p.detach().clone() for p in self.params]
+        self._resumed = None
+
+    @torch.no_grad()
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1.0 - self.decay)
+
+    @torch.no_grad()
+    def on_train_end(self, trainer, pl_module):
+        for p, e in zip(self.params, self.shadow):  # the trained module ends with the averaged weights
+            p.copy_(e)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        if not self.shadow:  # outside fit: the weights already are the averaged ones
+            return
+        self._swap()
+        try:  # collective under FSDP: every rank is here. Unsharded state_dict tensors share the params'
+            # storage, which the swap back overwrites: hence the copies
+            ema_state = {k: v.clone() for k, v in trainer.strategy.lightning_module_state_dict().items()}
+        finally:
+            self._swap()
+        checkpoint["current_model_state"] = checkpoint["state_dict"]
+        checkpoint["state_dict"] = ema_state
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint):
+        if "current_model_state" not in checkpoint:
+            return  # a checkpoint written without EMA: the average starts from its weights
+        # Lightning has just loaded `state_dict` (the EMA) into the model; training continues from the raw weights
+        if "state_dict" in checkpoint:  # restored before the strategy set the model up
+            self._resumed = checkpoint["state_dict"]
+            pl_module.load_state_dict(checkpoint["current_model_state"])
+        else:  # FSDP restores after sharding and consumes `state_dict`: the local shards now hold the EMA
+            from lightning.fabric.strategies.fsdp import _load_raw_module_state
+
+            self._resumed = [p.detach().clone() for p in pl_module.parameters() if p.requires_grad]
+            _load_raw_module_state(checkpoint["current_model_state"], module=trainer.strategy.model,
+                                   world_size=trainer.world_size)
+
+    @torch.no_grad()
+    def _swap(self):
+        for p, e in zip(self.params, self.shadow):
+            tmp = p.detach().clone()
+            p.copy_(e)
+            e.copy_(tmp)
