@@ -1,9 +1,11 @@
-"""Trains the tiny decoder on two CPU processes with Lightning's DDP (gloo); run by test_ddp.
+"""Trains the tiny decoder on two CPU processes with Lightning's DDP (gloo); run by the DDP tests.
 
-Lightning relaunches this script for rank 1. Each rank writes OUT/rank<N>.json: the clip
-ids of the batches it trained on, its step, the world size and a hash of its final weights.
+One node of two devices: Lightning relaunches this script for rank 1. Two nodes of one
+device each: the test starts it once per node, with NODE_RANK, MASTER_ADDR and MASTER_PORT
+set as a cluster's launcher would. Each rank writes OUT/rank<N>.json: the clip ids of the
+batches it trained on, its step, the world size and a hash of its final weights.
 
-    python tests/ddp_probe.py DATA_ROOT DATASET OUT
+    python tests/ddp_probe.py DATA_ROOT DATASET OUT [NUM_NODES]
 """
 import hashlib
 import json
@@ -35,9 +37,11 @@ class Record(Callback):
 
 def main() -> None:
     data_root, dataset, out = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
+    nodes = int(sys.argv[4]) if len(sys.argv) > 4 else 1
     cfg = load_config(REPO / "configs" / "tiny" / "decoder.yaml", {
         "mode": "image", "data.batch_size": 2, "data.num_workers": 0, "data.shuffle_buffer": 0,
-        "trainer.strategy": "ddp", "trainer.accelerator": "cpu", "trainer.devices": 2, "trainer.max_steps": 4})
+        "trainer.strategy": "ddp", "trainer.accelerator": "cpu", "trainer.devices": 2 // nodes,
+        "trainer.num_nodes": nodes, "trainer.max_steps": 4})
     train_stage("decoder", cfg, data_root=data_root, dataset=dataset, out_dir=out, callbacks=[Record(out)])
 
 
