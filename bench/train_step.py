@@ -4,8 +4,9 @@
     python bench/train_step.py --size tiny --device cpu
 
 Random batches of each stage's training shape (no data loading), bf16 autocast on
-CUDA, forward + backward + AdamW step. FLOPs from torch.utils.flop_counter over one
-step (includes recomputation where gradient checkpointing is on). CLIP is the tiny
+CUDA, forward + backward + AdamW step. Model FLOPs from torch.utils.flop_counter over
+one step without recomputation (see model_flops), so MFU never counts the forward
+that gradient checkpointing repeats. CLIP is the tiny
 local one (no downloads): its cost and the embedding width (16 vs 512/768) are a
 negligible part of each stage's FLOPs.
 """
@@ -46,36 +47,59 @@ def step(module, opt, batch, device):
     return loss
 
 
-def bench_stage(size, stage, device, steps, warmup, batch_size=None, compile_net=False, channels_last=False,
-                grad_checkpoint=False):
+def model_flops(module, cfg, device) -> float:
+    """FLOPs of one training step on the config's batch, without recomputation: counted in eager
+    mode on a batch of 2 with gradient checkpointing off (FLOPs are linear in the batch), so
+    MFU stays model FLOPs utilisation even when checkpointing recomputes the forward."""
+    small = cfg.model_copy(deep=True)
+    small.data.batch_size = 2
+    checkpointing = getattr(module.net, "grad_checkpoint", False)
+    module.net.grad_checkpoint = False
+    counter = FlopCounterMode(display=False)
+    with counter:
+        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+            x0, cond = module.conditioning(random_batch(small, device))
+            loss = module.diffusion.loss(lambda x, t: module.denoise(x, t, cond), x0)
+        loss.backward()
+    module.zero_grad(set_to_none=True)
+    module.net.grad_checkpoint = checkpointing
+    return counter.get_total_flops() * cfg.data.batch_size / 2
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench_stage(size, stage, device, steps, warmup, batch_size=None, compile_net=False, channels_last=None,
+                grad_checkpoint=False, profile=None):
     overrides = {"clip": "tiny", "trainer.compile": False}
+    if channels_last is not None:
+        overrides["trainer.channels_last"] = channels_last
     if stage != "prior":
         overrides["unet.grad_checkpoint"] = grad_checkpoint
     if batch_size:
         overrides["data.batch_size"] = batch_size
     cfg = load_config(ROOT / "configs" / size / f"{stage}.yaml", overrides)
     module = build_stage(cfg).to(device).train()
-    if channels_last:
-        module = module.to(memory_format=torch.channels_last)
+    flops = model_flops(module, cfg, device)
     if compile_net:
-        module.net.compile()  # in place, as trainer.compile does
+        module.net.compile(dynamic=False)  # in place, as trainer.compile does
     opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-5)
     batch = random_batch(cfg, device)
+    t0 = time.perf_counter()
     for _ in range(warmup):
         step(module, opt, batch, device)
-    flops_counter = FlopCounterMode(display=False)
-    with flops_counter:
-        step(module, opt, batch, device)
-    flops = flops_counter.get_total_flops()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    sync(device)
+    warmup_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     for _ in range(steps):
         loss = step(module, opt, batch, device)
     loss.item()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    sync(device)
     dt = (time.perf_counter() - t0) / steps
+    if profile:
+        write_profile(module, opt, batch, device, Path(profile))
     params = sum(p.numel() for p in module.net.parameters()) / 1e6
     trainable = sum(p.numel() for p in module.net.parameters() if p.requires_grad) / 1e6
     mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
@@ -84,7 +108,21 @@ def bench_stage(size, stage, device, steps, warmup, batch_size=None, compile_net
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     return dict(stage=f"{stage}({cfg.mode})", batch=cfg.data.batch_size, params=params, trainable=trainable,
-                step_s=dt, samples_s=cfg.data.batch_size / dt, tflop_step=flops / 1e12, achieved=flops / dt, mem=mem)
+                step_s=dt, samples_s=cfg.data.batch_size / dt, tflop_step=flops / 1e12, achieved=flops / dt, mem=mem,
+                warmup_s=warmup_s)
+
+
+def write_profile(module, opt, batch, device, path: Path):
+    """Kernels of two steps by device time, for deciding what to optimise next."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(2):
+            step(module, opt, batch, device)
+        sync(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    path.write_text(prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=90))
 
 
 def main():
@@ -96,24 +134,27 @@ def main():
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=None, help="override each config's batch size")
     ap.add_argument("--compile", action="store_true", help="torch.compile the network")
-    ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument("--channels-last", action=argparse.BooleanOptionalAction, help="default: the config's")
     ap.add_argument("--grad-checkpoint", action="store_true", help="recompute U-Net blocks in backward (larger batches)")
+    ap.add_argument("--profile", metavar="FILE", help="write the top kernels of two steps (last stage) to FILE")
     args = ap.parse_args()
     device = torch.device(args.device)
     peak = None
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest conv algorithms once
         name = torch.cuda.get_device_name()
         peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
         print(f"device: {name}, bf16 dense peak: {peak / 1e12 if peak else 'unknown'} TFLOPs")
     print(f"{'stage':22s} {'batch':>5s} {'params M':>9s} {'train M':>8s} {'s/step':>8s} {'samples/s':>10s} "
-          f"{'TFLOP/step':>11s} {'TFLOP/s':>8s} {'MFU':>6s} {'mem GiB':>8s}")
+          f"{'TFLOP/step':>11s} {'TFLOP/s':>8s} {'MFU':>6s} {'mem GiB':>8s} {'warmup s':>8s}")
     for stage in args.stages:
         r = bench_stage(args.size, stage, device, args.steps, args.warmup, args.batch_size, args.compile,
-                        args.channels_last, args.grad_checkpoint)
+                        args.channels_last, args.grad_checkpoint, args.profile)
         mfu = f"{r['achieved'] / peak:6.1%}" if peak else "   n/a"
         print(f"{r['stage']:22s} {r['batch']:5d} {r['params']:9.1f} {r['trainable']:8.1f} {r['step_s']:8.3f} "
-              f"{r['samples_s']:10.2f} {r['tflop_step']:11.3f} {r['achieved'] / 1e12:8.2f} {mfu} {r['mem']:8.1f}",
+              f"{r['samples_s']:10.2f} {r['tflop_step']:11.3f} {r['achieved'] / 1e12:8.2f} {mfu} {r['mem']:8.1f} "
+              f"{r['warmup_s']:8.1f}",
               flush=True)
 
 
