@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,8 +73,11 @@ def sync(device):
 
 
 def bench_stage(size, stage, device, steps, warmup, batch_size=None, compile_net=False, channels_last=None,
-                grad_checkpoint=False, profile=None):
+                grad_checkpoint=False, profile=None, settings=()):
     overrides = {"clip": "tiny", "trainer.compile": False}
+    for setting in settings:  # KEY=VALUE, the value read as YAML: unet.channels=192, freeze_spatial=false
+        key, _, value = setting.partition("=")
+        overrides[key] = yaml.safe_load(value)
     if channels_last is not None:
         overrides["trainer.channels_last"] = channels_last
     if stage != "prior":
@@ -136,6 +140,7 @@ def main():
     ap.add_argument("--compile", action="store_true", help="torch.compile the network")
     ap.add_argument("--channels-last", action=argparse.BooleanOptionalAction, help="default: the config's")
     ap.add_argument("--grad-checkpoint", action="store_true", help="recompute U-Net blocks in backward (larger batches)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
     ap.add_argument("--profile", metavar="FILE", help="write the top kernels of two steps (last stage) to FILE")
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -150,7 +155,7 @@ def main():
           f"{'TFLOP/step':>11s} {'TFLOP/s':>8s} {'MFU':>6s} {'mem GiB':>8s} {'warmup s':>8s}")
     for stage in args.stages:
         r = bench_stage(args.size, stage, device, args.steps, args.warmup, args.batch_size, args.compile,
-                        args.channels_last, args.grad_checkpoint, args.profile)
+                        args.channels_last, args.grad_checkpoint, args.profile, args.set)
         mfu = f"{r['achieved'] / peak:6.1%}" if peak else "   n/a"
         print(f"{r['stage']:22s} {r['batch']:5d} {r['params']:9.1f} {r['trainable']:8.1f} {r['step_s']:8.3f} "
               f"{r['samples_s']:10.2f} {r['tflop_step']:11.3f} {r['achieved'] / 1e12:8.2f} {mfu} {r['mem']:8.1f} "

@@ -30,6 +30,18 @@ def zero_(module: nn.Module) -> nn.Module:
     return module
 
 
+class GroupNorm(nn.GroupNorm):
+    """GroupNorm that keeps its input's dtype under autocast. Autocast runs group_norm in float32
+    and returns float32, so every norm -> SiLU -> conv would move twice the bytes of bf16; the
+    kernel accumulates its statistics in float32 either way."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 or not torch.is_autocast_enabled(x.device.type):
+            return super().forward(x)
+        with torch.autocast(x.device.type, enabled=False):
+            return F.group_norm(x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
+
+
 class PseudoConv3d(nn.Module):
     """Conv2d over each frame, then a 1D conv over time at each pixel (Dirac init: identity)."""
 
@@ -83,7 +95,7 @@ class SpatialAttention(nn.Module):
 
     def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int | None = None, groups: int = 32):
         super().__init__()
-        self.norm = nn.GroupNorm(min(groups, dim), dim)
+        self.norm = GroupNorm(min(groups, dim), dim)
         self.attn = Attention(dim, heads, dim_head, context_dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:

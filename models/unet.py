@@ -17,17 +17,17 @@ from einops import rearrange, repeat
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from models.layers import PseudoConv3d, SpatialAttention, TemporalAttention, sinusoidal_embedding, zero_
+from models.layers import GroupNorm, PseudoConv3d, SpatialAttention, TemporalAttention, sinusoidal_embedding, zero_
 
 
 class ResBlock(nn.Module):
     def __init__(self, dim_in: int, dim_out: int, emb_dim: int, temporal: bool, temporal_kernel: int,
                  dropout: float, groups: int):
         super().__init__()
-        self.norm1 = nn.GroupNorm(min(groups, dim_in), dim_in)
+        self.norm1 = GroupNorm(min(groups, dim_in), dim_in)
         self.conv1 = PseudoConv3d(dim_in, dim_out, temporal=temporal, temporal_kernel=temporal_kernel)
         self.emb_proj = nn.Linear(emb_dim, 2 * dim_out)
-        self.norm2 = nn.GroupNorm(min(groups, dim_out), dim_out)
+        self.norm2 = GroupNorm(min(groups, dim_out), dim_out)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = PseudoConv3d(dim_out, dim_out, temporal=temporal, temporal_kernel=temporal_kernel)
         self.skip = nn.Conv2d(dim_in, dim_out, 1) if dim_in != dim_out else nn.Identity()
@@ -145,7 +145,7 @@ class UNet(nn.Module):
                 if level > 0 and i == num_res_blocks:
                     blocks.append(Upsample(d))
                 self.up.append(nn.ModuleList(blocks))
-        self.norm_out = nn.GroupNorm(min(groups, d), d)
+        self.norm_out = GroupNorm(min(groups, d), d)
         self.conv_out = PseudoConv3d(d, out_channels, temporal=temporal, temporal_kernel=temporal_kernel)
         zero_(self.conv_out.spatial)
 
