@@ -88,7 +88,10 @@ def bench_stage(size, stage, device, steps, warmup, batch_size=None, compile_net
     module = build_stage(cfg).to(device).train()
     flops = model_flops(module, cfg, device)
     if compile_net:
-        module.net.compile(dynamic=False)  # in place, as trainer.compile does
+        if compile_net == "blocks" and hasattr(module.net, "compile_blocks"):
+            module.net.compile_blocks()  # as trainer.compile does
+        else:
+            module.net.compile(dynamic=False)
     opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-5)
     batch = random_batch(cfg, device)
     t0 = time.perf_counter()
@@ -137,7 +140,8 @@ def main():
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=None, help="override each config's batch size")
-    ap.add_argument("--compile", action="store_true", help="torch.compile the network")
+    ap.add_argument("--compile", nargs="?", const="blocks", choices=["blocks", "whole"],
+                    help="torch.compile the U-Net block by block (as trainer.compile does) or as one graph")
     ap.add_argument("--channels-last", action=argparse.BooleanOptionalAction, help="default: the config's")
     ap.add_argument("--grad-checkpoint", action="store_true", help="recompute U-Net blocks in backward (larger batches)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")

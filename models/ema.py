@@ -67,7 +67,7 @@ class ShardedEMA(Callback):
             self._resumed = checkpoint["state_dict"]
             pl_module.load_state_dict(checkpoint["current_model_state"])
         else:  # FSDP restores after sharding and consumes `state_dict`: the local shards now hold the EMA
-            from lightning.fabric.strategies.fsdp import _load_raw_module_state
+            from lightning.fabric.strategies.model_parallel import _load_raw_module_state  # FSDP's own loader
 
             self._resumed = [p.detach().clone() for p in pl_module.parameters() if p.requires_grad]
             _load_raw_module_state(checkpoint["current_model_state"], module=trainer.strategy.model,

@@ -67,10 +67,11 @@ class DiffusionStage(L.LightningModule):
                 p.requires_grad_("temporal" in name)
         if self.config.trainer.channels_last:
             self.net.to(memory_format=torch.channels_last)
-        if self.config.trainer.compile:
-            # in place: state_dict keys unchanged. Static shapes: a shape change recompiles for that shape
-            # instead of switching to symbolic shapes (slower kernels; inductor failed on them here)
-            self.net.compile(dynamic=False)
+        if self.config.trainer.compile:  # in place: state_dict keys unchanged
+            if isinstance(self.net, UNet):
+                self.net.compile_blocks()
+            else:  # static shapes: a shape change recompiles instead of switching to symbolic ones
+                self.net.compile(dynamic=False)
         self.last_loss = torch.tensor(float("nan"))
 
     # the frozen CLIP is shared and kept out of state_dict / EMA copies

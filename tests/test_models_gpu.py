@@ -4,12 +4,13 @@ Skipped without a GPU (CI has none); run on a GPU host with `pytest -m gpu`.
 """
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
 from data_prep.synthetic import write_synthetic_dataset
 from models.config import load_config
-from models.stages import load_stage, read_checkpoint
+from models.stages import build_stage, load_stage, read_checkpoint
 from models.train import train_stage
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,30 +30,35 @@ def data_root(tmp_path_factory):
     return root
 
 
-def trainable(state: dict, module) -> dict:
-    names = {f"net.{n}" for n, p in module.net.named_parameters() if p.requires_grad}
-    return {k: v.float().cpu() for k, v in state.items() if k in names}
+def update(state: dict, init: dict) -> torch.Tensor:
+    """All trainable weights' change from initialisation, as one vector."""
+    return torch.cat([(state[k].float().cpu() - v).flatten() for k, v in init.items()])
 
 
 def test_fsdp_trains_like_one_device_and_resumes(data_root, tmp_path):
     """The video decoder (frozen spatial layers: mixed requires_grad inside FSDP units) trains under
-    FSDP to the same weights as without it, writes plain checkpoints with the EMA, and resumes."""
+    FSDP along the same path as without it, writes plain checkpoints with the EMA, and resumes.
+    (FSDP's bf16-mixed keeps bf16 parameter copies, plain bf16-mixed autocasts fp32 ones: the two
+    updates agree in direction and size, not bit for bit.)"""
     common = {"data.shuffle_buffer": 0, "trainer.ema_decay": 0.5, "trainer.precision": "bf16-mixed"}
-    plain = train_stage("decoder", tiny("decoder", **common), data_root=data_root, dataset="shapes",
-                        out_dir=tmp_path / "plain", max_steps=3)
+    cfg_plain = tiny("decoder", **common)
+    L.seed_everything(cfg_plain.trainer.seed, workers=True, verbose=False)  # as train_stage does: same init
+    init = {f"net.{n}": p.detach().clone() for n, p in build_stage(cfg_plain).net.named_parameters()
+            if p.requires_grad}
+    plain = train_stage("decoder", cfg_plain, data_root=data_root, dataset="shapes", out_dir=tmp_path / "plain",
+                        max_steps=3)
     cfg = tiny("decoder", **common, **{"trainer.strategy": "fsdp"})
     sharded = train_stage("decoder", cfg, data_root=data_root, dataset="shapes", out_dir=tmp_path / "fsdp",
                           max_steps=3)
     assert sharded.global_step == 3
     a, b = read_checkpoint(plain.checkpoint), read_checkpoint(sharded.checkpoint)
     assert a["state_dict"].keys() == b["state_dict"].keys()  # FSDP wrappers left no trace in the names
-    module = load_stage(sharded.checkpoint, "decoder")  # loads as a plain module
-    for key in ("state_dict", "current_model_state"):
-        ta, tb = trainable(a[key], module), trainable(b[key], module)
-        assert ta and all(torch.allclose(ta[k], tb[k], atol=2e-3, rtol=0) for k in ta), key
-    moved = [k for k, v in trainable(b["current_model_state"], module).items()
-             if not torch.equal(v, trainable(b["state_dict"], module)[k])]
-    assert moved  # the EMA differs from the raw weights
+    load_stage(sharded.checkpoint, "decoder")  # loads as a plain module
+    for key in ("state_dict", "current_model_state"):  # EMA and raw weights
+        ua, ub = update(a[key], init), update(b[key], init)
+        assert ua.norm() > 0 and torch.cosine_similarity(ua, ub, dim=0) > 0.9, key
+        assert 0.8 < ub.norm() / ua.norm() < 1.25, key
+    assert not torch.equal(update(b["state_dict"], init), update(b["current_model_state"], init))  # EMA != raw
     resumed = train_stage("decoder", cfg, data_root=data_root, dataset="shapes", out_dir=tmp_path / "fsdp",
                           resume=True, max_steps=5)
     assert resumed.global_step == 5 and resumed.train_loss == resumed.train_loss

@@ -285,7 +285,7 @@ def test_ddp_on_two_nodes_launched_like_a_cluster(data_root, tmp_path):
 
 class RecordCompiled(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.compiled = pl_module.net._compiled_call_impl is not None
+        self.compiled = pl_module.net.down[0][0]._compiled_call_impl is not None
 
 
 @pytest.mark.slow
@@ -294,13 +294,17 @@ def test_compiled_training_writes_plain_checkpoints(data_root, tmp_path):
     checkpoint has the plain parameter names, so it loads into an uncompiled module."""
     import math
 
+    from torch._dynamo.utils import counters
+
     record = RecordCompiled()
+    graphs = counters["stats"]["unique_graphs"]
     cfg = tiny("decoder", mode="image", **{"trainer.compile": True})
     result = train_stage("decoder", cfg, data_root=data_root, dataset="shapes", out_dir=tmp_path, max_steps=2,
                          callbacks=[record])
     assert record.compiled and result.global_step == 2 and math.isfinite(result.train_loss)
+    assert counters["stats"]["unique_graphs"] > graphs  # dynamo captured the blocks (no silent eager fallback)
     state = read_checkpoint(result.checkpoint)["state_dict"]
     assert not any("_orig_mod" in key for key in state)
     plain = load_stage(result.checkpoint)
-    assert plain.net._compiled_call_impl is None
+    assert plain.net.down[0][0]._compiled_call_impl is None
     assert torch.equal(plain.net.conv_in.spatial.weight, state["net.conv_in.spatial.weight"])
