@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# One prepared GPU session (device tool): the FSDP test, then the decoder's MFU with the U-Net
-# compiled block by block. Expects wheels for what the CUDA image lacks in .whl/ (pydantic,
-# diffusers, av, webdataset). Eager sweep of 2026-11-27 (NCHW / channels_last / batch 32 with
-# checkpointing): `bench` lines below with --no-channels-last, --batch-size 32 --grad-checkpoint.
+# One prepared GPU session (device tool, about 6 minutes on an H100): the GPU tests (FSDP,
+# compiled channels_last bf16), then the base decoder's MFU eager and compiled block by block,
+# with a profile of the compiled step. Expects wheels for what the CUDA image lacks in .whl/
+# (pydantic, pydantic_core, annotated-types, typing-inspection, diffusers, av, webdataset,
+# braceexpand, importlib_metadata, zipp). Results and their dates: bench/RESULTS.md.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -12,10 +13,13 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 MAV_CACHE=/tmp/mav-cache
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
+python3 -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__)" | tee -a "$OUT/device.txt"
 date -u +%Y-%m-%dT%H:%MZ | tee -a "$OUT/device.txt"
+timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -p no:warnings --tb=short tests/test_models_gpu.py \
+  > "$OUT/gpu_tests.txt" 2>&1
+grep -E '^(FAILED|ERROR|E  )|passed|failed' "$OUT/gpu_tests.txt" | tail -15
 bench() { timeout "$1" python3 bench/train_step.py --size base --device cuda --stages decoder "${@:2}" 2>&1 \
   | grep -v -e Warning -e warn -e '^Loading' -e '^Writing' | tee -a "$OUT/train_step.txt"; }
-timeout 100 python3 -m pytest -q -m gpu -p no:cacheprovider -p no:warnings --tb=short tests/test_models_gpu.py -k fsdp \
-  > "$OUT/gpu_tests.txt" 2>&1
-grep -v -e '^\s*$' "$OUT/gpu_tests.txt" | tail -30
-echo "== channels_last, batch 16, compile blocks" | tee -a "$OUT/train_step.txt"; bench 230 --batch-size 16 --compile
+echo "== eager, NCHW, batch 8" | tee -a "$OUT/train_step.txt"; bench 60 --no-channels-last --batch-size 8
+echo "== compiled block by block, channels_last, batch 16 (+ profile)" | tee -a "$OUT/train_step.txt"
+bench 240 --channels-last --batch-size 16 --compile --profile "$OUT/profile_compiled.txt"

@@ -103,6 +103,16 @@ class DiffusionStage(L.LightningModule):
         self.last_loss = loss.detach()  # a tensor: float() here would wait for the GPU every step
         return loss
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        if gradient_clip_val and isinstance(self.trainer.model, FullyShardedDataParallel):
+            # the norm over every rank's shards: only FSDP's own method computes it (Lightning's clipping
+            # refuses FSDP, Lightning-AI/pytorch-lightning#19235)
+            self.trainer.model.clip_grad_norm_(gradient_clip_val)
+        else:
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def configure_optimizers(self):
         tc = self.config.trainer
         params = [p for p in self.parameters() if p.requires_grad]
