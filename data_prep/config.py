@@ -46,12 +46,16 @@ class ClipConfig(BaseModel):
     preset: str = "ultrafast"
 
 
+# containers ingest reads (folders are scanned for these) and evaluation accepts
+VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".mov", ".avi", ".m4v", ".mpg", ".mpeg", ".ts", ".flv")
+
+
 class IngestConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     download: DownloadConfig = Field(default_factory=DownloadConfig)
     scenes: SceneConfig = Field(default_factory=SceneConfig)
     clips: ClipConfig = Field(default_factory=ClipConfig)
-    video_extensions: list[str] = [".mp4", ".mkv", ".webm", ".mov", ".avi", ".m4v", ".mpg", ".mpeg", ".ts", ".flv"]
+    video_extensions: list[str] = list(VIDEO_EXTENSIONS)
     shard_max_clips: int = 256
     workers: int = 2  # sources processed at once
 

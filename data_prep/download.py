@@ -15,10 +15,9 @@ from urllib.parse import urljoin, urlparse
 
 import requests
 
-from data_prep.config import DownloadConfig
+from data_prep.config import VIDEO_EXTENSIONS, DownloadConfig
 
 CHUNK = 1 << 16  # small enough that a broken response still leaves most bytes for a resume
-KNOWN_SUFFIXES = {".mp4", ".mkv", ".webm", ".mov", ".avi", ".m4v", ".mpg", ".mpeg", ".ts", ".flv"}
 
 
 class DownloadError(RuntimeError):
@@ -42,7 +41,7 @@ def sha256_file(path: Path) -> str:
 
 def _suffix(url: str) -> str:
     suffix = Path(urlparse(url).path).suffix.lower()
-    return suffix if suffix in KNOWN_SUFFIXES else ".video"
+    return suffix if suffix in VIDEO_EXTENSIONS else ".video"
 
 
 def _open(session: requests.Session, url: str, offset: int, cfg: DownloadConfig) -> requests.Response:

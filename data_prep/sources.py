@@ -4,7 +4,7 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 LIST_SUFFIXES = {".txt", ".csv", ".tsv", ".parquet"}
 URL_COLUMNS = ("url", "URL", "link", "source", "path")
@@ -28,8 +28,8 @@ def _ref_for(text: str, base: Path | None = None) -> SourceRef:
     parsed = urlparse(text)
     if parsed.scheme in ("http", "https"):
         return SourceRef(text, "url")
-    if parsed.scheme == "file":
-        return SourceRef(str(Path(parsed.path).absolute()), "file")
+    if parsed.scheme == "file":  # file:///a/my%20clip.mp4 names "/a/my clip.mp4"
+        return SourceRef(str(Path(unquote(parsed.path)).absolute()), "file")
     if parsed.scheme and len(parsed.scheme) > 1:  # "C:" style drive letters are paths
         return SourceRef(text, "unsupported")
     path = Path(text).expanduser()

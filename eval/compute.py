@@ -16,7 +16,7 @@ from eval.clipsim import CLIPSIM, CLIPSIMResult
 from eval.fvd import FrechetVideoDistance, FVDResult
 from eval.i3d import MIN_FRAMES, I3DDetector
 from eval.inception_score import ISResult, VideoInceptionScore
-from eval.video_io import count_frames, read_video
+from eval.video_io import VideoTooShort, count_frames, read_video
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ def read_clip(path: str | Path, spec: ClipSpec, index: int = 0) -> np.ndarray:
         offset = int(np.random.default_rng([spec.seed, index]).integers(0, total - spec.span + 1))
     try:
         return read_video(path, spec.length, spec.stride, offset)
-    except ValueError:
+    except VideoTooShort:
         if offset == 0:
             raise
         return read_video(path, spec.length, spec.stride, 0)  # container over-reported its frame count

@@ -5,14 +5,20 @@ from pathlib import Path
 
 import numpy as np
 
-VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".gif")
+from data_prep.config import VIDEO_EXTENSIONS as INGESTED
+
+VIDEO_EXTENSIONS = (*INGESTED, ".gif")  # what ingest reads, and the GIFs that samplers write
+
+
+class VideoTooShort(ValueError):
+    """Fewer frames than a clip needs at the asked offset and stride."""
 
 
 def read_video(path: str | Path, num_frames: int | None = None, stride: int = 1, offset: int = 0) -> np.ndarray:
     """Decode frames offset, offset+stride, ... (num_frames of them, or all) as RGB uint8 [T,H,W,3], upright.
 
     Frame numbers are in decode order; decoding stops as soon as enough frames are read.
-    Raises ValueError naming the file for mixed frame sizes or too few frames.
+    Raises ValueError naming the file for mixed frame sizes, VideoTooShort for too few frames.
     """
     from models.video_io import TooFewFrames, read_frames
 
@@ -23,8 +29,8 @@ def read_video(path: str | Path, num_frames: int | None = None, stride: int = 1,
         frames, _ = read_frames(path, indices)
     except TooFewFrames as err:
         readable = sum(i < err.available for i in indices)
-        raise ValueError(f"{path}: needs {num_frames} frames at offset {offset}, stride {stride}, "
-                         f"but only {readable} could be read (video too short)") from None
+        raise VideoTooShort(f"{path}: needs {num_frames} frames at offset {offset}, stride {stride}, "
+                            f"but only {readable} could be read (video too short)") from None
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from None
     if indices is None:

@@ -46,3 +46,15 @@ def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_ingest_config(bad)
     assert "scenes.detector" in str(err.value) and "clips.short_sid" in str(err.value)
+
+
+def test_file_urls_are_percent_decoded(tmp_path):
+    (ref,) = expand_sources([f"file://{tmp_path}/my%20clip%231.mp4"], EXT)
+    assert ref.kind == "file" and ref.source == str(tmp_path / "my clip#1.mp4")
+
+
+def test_evaluation_accepts_every_container_ingest_reads():
+    from data_prep.config import IngestConfig
+    from eval.video_io import VIDEO_EXTENSIONS
+
+    assert set(IngestConfig().video_extensions) <= set(VIDEO_EXTENSIONS)

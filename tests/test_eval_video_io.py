@@ -1,0 +1,37 @@
+"""eval's clip reader: too-short videos are told apart from broken ones."""
+import numpy as np
+import pytest
+
+from eval.compute import ClipSpec, read_clip
+from eval.video_io import VideoTooShort, list_videos, read_video
+from models.video_io import write_mp4
+
+
+@pytest.fixture
+def ramp(tmp_path):
+    frames = np.repeat(np.arange(0, 240, 8, dtype=np.uint8)[:, None, None, None], 3, axis=3)  # 30 frames
+    return write_mp4(np.broadcast_to(frames, (30, 32, 32, 3)), tmp_path / "ramp clip.mp4", fps=10, crf=0)
+
+
+def test_too_short_is_its_own_error_and_names_the_file(ramp):
+    assert read_video(ramp, 10, 2, 5).shape == (10, 32, 32, 3)
+    with pytest.raises(VideoTooShort, match="ramp clip.mp4.*only 12 could be read"):
+        read_video(ramp, 16, 2, 6)
+
+
+def test_read_clip_reads_a_random_window_and_passes_other_errors_through(tmp_path, ramp):
+    """Only a too-short read is retried at offset 0 (for containers that over-report their
+    frames); an unreadable file raises its own error, not a too-short one."""
+    spec = ClipSpec(length=9, stride=1, random_offset=True, seed=0)
+    assert read_clip(ramp, spec).shape == (9, 32, 32, 3)
+    junk = tmp_path / "junk.mp4"
+    junk.write_bytes(b"not a video" * 100)
+    with pytest.raises(Exception, match="junk.mp4|Invalid data") as err:
+        read_clip(junk, spec)
+    assert not isinstance(err.value, VideoTooShort)
+
+
+def test_list_videos_finds_gifs_and_mpeg_ts(tmp_path):
+    for name in ("a.gif", "b.ts", "c.mpg", "d.txt"):
+        (tmp_path / name).write_bytes(b"x")
+    assert [p.name for p in list_videos(tmp_path)] == ["a.gif", "b.ts", "c.mpg"]
