@@ -52,15 +52,20 @@ def atomic_write_json(path: Path, payload) -> None:
 
 
 @contextlib.contextmanager
-def locked(directory: Path):
-    """One ingest at a time per dataset (other processes wait)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / ".lock", "w") as handle:
+def file_lock(path: Path):
+    """An exclusive lock on `path` (created if missing); other holders, in any process, wait."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def locked(directory: Path):
+    """One ingest at a time per dataset (other processes wait)."""
+    return file_lock(directory / ".lock")
 
 
 def remove_stale_temporaries(directory: Path, older_than_s: float = 0.0) -> int:

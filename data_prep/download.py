@@ -16,6 +16,7 @@ from urllib.parse import urljoin, urlparse
 import requests
 
 from data_prep.config import VIDEO_EXTENSIONS, DownloadConfig
+from data_prep.dataset import file_lock
 
 CHUNK = 1 << 16  # small enough that a broken response still leaves most bytes for a resume
 
@@ -119,7 +120,14 @@ def download(url: str, raw_dir: Path, cfg: DownloadConfig) -> tuple[Path, str]:
         raise DownloadError(f"unsupported URL scheme {scheme!r} (only http, https and file)")
     partial_dir = raw_dir / ".partial"
     partial_dir.mkdir(parents=True, exist_ok=True)
-    part = partial_dir / (hashlib.sha256(url.encode()).hexdigest()[:32] + ".part")
+    key = hashlib.sha256(url.encode()).hexdigest()[:32]
+    # raw/ is shared by every dataset under DATA_ROOT: two ingests fetching one URL must not
+    # append to the same partial file at once (the second waits, then downloads its own copy)
+    with file_lock(raw_dir / ".locks" / f"{key}.lock"):
+        return _download(url, partial_dir / f"{key}.part", raw_dir, cfg)
+
+
+def _download(url: str, part: Path, raw_dir: Path, cfg: DownloadConfig) -> tuple[Path, str]:
     delay = cfg.backoff_s
     session = requests.Session()
     for attempt in range(cfg.retries + 1):

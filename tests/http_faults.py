@@ -7,7 +7,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 class FaultServer:
-    """routes: path -> (kind, payload). Kinds: ok, ok_no_range, 404, stall, cut, cut_once, redirect, html, big."""
+    """routes: path -> (kind, payload). Kinds: ok, ok_no_range, slow, 404, stall, cut, cut_once, redirect, html, big."""
 
     def __init__(self, routes: dict[str, tuple[str, object]]):
         self.routes = routes
@@ -63,6 +63,18 @@ class FaultServer:
 
     def _ok_no_range(self, h, data: bytes):
         self._send(h, data, 200, {"Content-Length": str(len(data)), "Content-Type": "video/mp4"})
+
+    def _slow(self, h, data: bytes):
+        """The whole file, in 20 pieces 20 ms apart (downloads that overlap in time)."""
+        h.send_response(200)
+        h.send_header("Content-Length", str(len(data)))
+        h.send_header("Content-Type", "video/mp4")
+        h.end_headers()
+        step = len(data) // 20 + 1
+        for start in range(0, len(data), step):
+            h.wfile.write(data[start:start + step])
+            h.wfile.flush()
+            time.sleep(0.02)
 
     def _404(self, h, _):
         self._send(h, b"not here", 404, {"Content-Length": "8"})
