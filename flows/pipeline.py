@@ -21,7 +21,7 @@ from prefect.cache_policies import NONE as NO_CACHE
 
 from flows.ingest import ingest
 from flows.pipeline_config import PipelineConfig, TrainStep, load_pipeline_config
-from flows.tracking import default_tracking_uri, use_experiment
+from flows.tracking import default_tracking_uri, store_identity, use_experiment
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = "configs/tiny/pipeline.yaml"
@@ -312,8 +312,9 @@ def _train_steps(cfg: PipelineConfig, dataset: str, data_root: str, version: str
                  parent_run_id: str, code: str) -> list[dict]:
     """Train the config's steps in order, each a cached task keyed by its inputs and its init step's key."""
     work, keys, checkpoints, results = Path(cfg.work_dir).resolve(), {}, {}, []
+    where = f"{work}|{store_identity(tracking_uri, cfg.experiment)}"
     for step in cfg.steps:
-        key = step_key(step, version, keys.get(step.init_from), code, f"{work}|{tracking_uri}")
+        key = step_key(step, version, keys.get(step.init_from), code, where)
         keys[step.name] = key
         out_dir = work / "stages" / step.name / key
         # a deleted checkpoint invalidates the cached result; a left-over one is resumed from

@@ -26,6 +26,16 @@ def experiment_id(tracking_uri: str, name: str) -> str:
     return client.create_experiment(name, artifact_location=location)
 
 
+def store_identity(tracking_uri: str, name: str) -> str:
+    """The experiment as a cache key: its store, id and creation time. A store deleted and made
+    again at the same URI (rm mlflow.db) is a new identity, so cached steps whose MLflow runs
+    lived in the old store are trained again instead of pointing at runs that are gone."""
+    from mlflow import MlflowClient
+
+    exp = MlflowClient(tracking_uri).get_experiment(experiment_id(tracking_uri, name))
+    return f"{tracking_uri}|{exp.experiment_id}|{exp.creation_time}"
+
+
 def use_experiment(tracking_uri: str, name: str) -> None:
     """Point fluent MLflow (mlflow.start_run, Lightning's logger) at this store and experiment."""
     import mlflow

@@ -62,9 +62,9 @@ def test_pipeline_end_to_end_then_cached_rerun(prefect_server, tmp_path, video_d
     children = runs_of(client, "mav-test", f"tags.`mlflow.parentRunId` = '{first['run_id']}'")
     names = sorted(r.info.run_name for r in children)
     assert names == sorted(["prior", "decoder_image", "decoder", "interpolation", "sr_low", "sr_high", "evaluate"])
-    train = next(r for r in children if r.info.run_name == "decoder")
-    assert train.data.params["config.freeze_spatial"] == "True"
-    assert len(client.get_metric_history(train.info.run_id, "train/loss")) == 4  # every step
+    decoder_run = next(r for r in children if r.info.run_name == "decoder")
+    assert decoder_run.data.params["config.freeze_spatial"] == "True"
+    assert len(client.get_metric_history(decoder_run.info.run_id, "train/loss")) == 4  # every step
     assert parent.info.artifact_uri.startswith((tmp_path / "mlartifacts").as_uri())
     artifacts = {a.path for a in client.list_artifacts(first["run_id"], "samples")}
     assert {"samples/sample-0000.mp4", "samples/sample-0000.gif"} <= artifacts
@@ -78,6 +78,19 @@ def test_pipeline_end_to_end_then_cached_rerun(prefect_server, tmp_path, video_d
     new_children = runs_of(client, "mav-test", f"tags.`mlflow.parentRunId` = '{second['run_id']}'")
     assert [r.info.run_name for r in new_children] == ["evaluate"]  # no stage trained again
     assert second["checkpoints"] == first["checkpoints"]
+
+    # the MLflow store deleted by hand and made again at the same URI: cached steps point at runs
+    # that are gone, so the step trains again and logs into the new store (a new process, as a
+    # user's next command would be: this one keeps connections to the deleted file)
+    (tmp_path / "mlflow.db").unlink()
+    script = (f"from flows.pipeline import train; from mlflow import MlflowClient; from tests.test_pipeline import runs_of\n"
+              f"train({str(config)!r}, ['prior'])\n"
+              f"runs = runs_of(MlflowClient({uri!r}), 'mav-test', \"tags.`mav.kind` = 'train'\")\n"
+              f"print([(r.info.run_name, r.info.status) for r in runs])")
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PREFECT_API_URL": prefect_server})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "[('prior', 'FINISHED')]"
 
 
 @pytest.mark.slow
