@@ -203,6 +203,8 @@ def test_bad_input_fails_before_training(data_root, tmp_path, chain):
         run("decoder", tiny("decoder", **{"unet.channels": 32}), init=chain["decoder"].checkpoint)
     with pytest.raises(DataError, match="shorter than the 40-frame window"):
         run("decoder", tiny("decoder", **{"data.frames": 40}))
+    with pytest.raises(DataError, match=r"smaller than data.size=128 px \(largest short side: 64 px\)"):
+        run("sr_high", tiny("sr_high", **{"data.size": 128}))
     write_synthetic_dataset(tmp_path / "empty", "none", num_clips=0)  # no version at all
     with pytest.raises(DataError, match="none"):
         run("decoder", tiny("decoder"), data_root=tmp_path / "empty", dataset="none")
