@@ -127,8 +127,8 @@ def resolve_source(src: str, data_root: str | Path = "mav-data", tracking_uri: s
 
 # -- tasks ---------------------------------------------------------------------------
 @task(name="sample-videos", cache_policy=NO_CACHE)
-def sample_videos(prompts: list[str], sampler: Callable | None, checkpoints, out_dir: str, steps: int,
-                  guidance: float, seed: int, device: str) -> VideoSet:
+def sample_videos(prompts: list[str], sampler: Callable | None, checkpoints, out_dir: str, steps: int | None,
+                  guidance: float | None, seed: int, device: str) -> VideoSet:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if sampler is None:  # the sampling chain, loaded once, in batches
@@ -271,7 +271,7 @@ def evaluate(real: str | None = None, fake: str | None = None, prompts: str | No
              tracking_uri: str | None = None, clip_length: int = 16, clip_stride: int = 1, seed: int = 0,
              device: str = "auto", num_resamples: int = 100, unbiased: bool = False, batch_size: int = 16,
              sampler: Callable | None = None, checkpoints=None, sample_dir: str | None = None,
-             sample_steps: int = 50, guidance: float = 7.5, experiment: str = "evaluate",
+             sample_steps: int | None = None, guidance: float | None = None, experiment: str = "evaluate",
              parent_run_id: str | None = None, run_name: str | None = None, protocol: str | None = None,
              protocol_root: str | None = None, split_file: str | None = None, captions: str | None = None,
              video_root: str | None = None, c3d_weights: str | None = None, c3d_sha256: str | None = None) -> dict:
@@ -324,6 +324,8 @@ def evaluate(real: str | None = None, fake: str | None = None, prompts: str | No
               "seed": seed, "device": device}
     if proto:
         params |= {"protocol": proto.name} | proto.params
+    if checkpoints is not None and fake is None:
+        params |= {"sample_steps": sample_steps or "per stage config", "guidance": guidance or "per stage config"}
     if "fvd" in metrics:
         if proto and proto.real:
             real_set = VideoSet(proto.real_source, proto.name, proto.real)
@@ -403,6 +405,10 @@ def register(subparsers) -> None:
     p.add_argument("--bootstrap", type=int, default=100, help="bootstrap resamples for the FVD interval (0: none)")
     p.add_argument("--unbiased", action="store_true", help="unbiased covariance (default: biased, as StyleGAN-V)")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--sample-steps", type=int, default=None,
+                   help="with --checkpoints: sampler steps per stage (default: each stage config's sample_steps)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="with --checkpoints: classifier-free guidance (default: each stage config's guidance)")
     p.add_argument("--experiment", default="evaluate")
     p.set_defaults(func=_run)
 
@@ -421,7 +427,8 @@ def _run(args: argparse.Namespace) -> int:
                        clip_model=args.clip_model, data_root=args.data_root, tracking_uri=args.tracking_uri,
                        clip_length=args.clip_length, clip_stride=args.clip_stride, seed=args.seed, device=args.device,
                        num_resamples=args.bootstrap, unbiased=args.unbiased, batch_size=args.batch_size,
-                       experiment=args.experiment, checkpoints=checkpoints, protocol=args.protocol,
+                       experiment=args.experiment, checkpoints=checkpoints, sample_steps=args.sample_steps,
+                       guidance=args.guidance, protocol=args.protocol,
                        protocol_root=args.protocol_root, split_file=args.split_file, captions=args.captions,
                        video_root=args.video_root, c3d_weights=args.c3d_weights, c3d_sha256=args.c3d_sha256)
     except (ValueError, FileNotFoundError) as err:
