@@ -165,6 +165,9 @@ def main():
               f"{r['samples_s']:10.2f} {r['tflop_step']:11.3f} {r['achieved'] / 1e12:8.2f} {mfu} {r['mem']:8.1f} "
               f"{r['warmup_s']:8.1f}",
               flush=True)
+    # the ratio to the physical floor (the card's bf16 peak), last
+    print(f"{r['stage']} MFU: {r['achieved'] / peak:.1%} of the {peak / 1e12:.0f} TFLOP/s bf16 peak" if peak
+          else f"{r['stage']}: {r['samples_s']:.2f} samples/s (no peak known for {device.type}: no MFU)")
 
 
 if __name__ == "__main__":
