@@ -1,8 +1,8 @@
 """EMA of the trained weights that also works on sharded (FSDP) models.
 
 Lightning's EMAWeightAveraging keeps a deep copy of the whole, unsharded module and
-averages it against `pl_module`'s parameters, which under FSDP are each rank's shards:
-it fails as soon as a model is sharded over more than one device. Here each rank keeps
+averages it against `pl_module`'s parameters, which under FSDP are each rank's shards
+(its docs: "sharded models do not work with weight averaging"). Here each rank keeps
 the EMA of exactly the parameter storage it holds (the full tensors without FSDP, its
 local shards with FSDP's `use_orig_params`), so the update is local and costs no
 communication. Whole EMA weights are only assembled when a checkpoint is written, by
@@ -67,7 +67,9 @@ class ShardedEMA(Callback):
             self._resumed = checkpoint["state_dict"]
             pl_module.load_state_dict(checkpoint["current_model_state"])
         else:  # FSDP restores after sharding and consumes `state_dict`: the local shards now hold the EMA
-            from lightning.fabric.strategies.model_parallel import _load_raw_module_state  # FSDP's own loader
+            from lightning.fabric.strategies.model_parallel import (
+                _load_raw_module_state,  # FSDP's own loader
+            )
 
             self._resumed = [p.detach().clone() for p in pl_module.parameters() if p.requires_grad]
             _load_raw_module_state(checkpoint["current_model_state"], module=trainer.strategy.model,
