@@ -12,13 +12,22 @@ import torch
 from models.unet import UNet
 
 
+def misfits(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> list[str]:
+    """What stops `state` loading into a net whose state is `own`, where only the temporal layers
+    may be missing (they start as the identity: inflation). Empty when it fits."""
+    mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+                  for k, v in state.items() if k in own and own[k].shape != v.shape]
+    unexpected = [f"unexpected {k}" for k in state if k not in own]
+    missing = [f"missing {k}" for k in own if k not in state and "temporal" not in k]
+    return mismatched[:3] + unexpected[:3] + missing[:3]
+
+
 def load_inflated(video: UNet, image_state: dict[str, torch.Tensor]) -> UNet:
     """Load image weights into a video U-Net; everything it lacks must be temporal."""
-    missing, unexpected = video.load_state_dict(image_state, strict=False)
-    not_temporal = [k for k in missing if "temporal" not in k]
-    if not_temporal or unexpected:
-        raise ValueError(f"image weights do not fit the video net: missing {not_temporal[:5]}, "
-                         f"unexpected {unexpected[:5]}")
+    problems = misfits(video.state_dict(), image_state)
+    if problems:
+        raise ValueError(f"image weights do not fit the video net: {'; '.join(problems)}")
+    video.load_state_dict(image_state, strict=False)
     return video
 
 

@@ -24,7 +24,7 @@ from einops import rearrange
 
 from models.config import StageConfig, as_config
 from models.diffusion import Diffusion, guided
-from models.inflate import widen_input
+from models.inflate import misfits, widen_input
 from models.prior import DiffusionPrior
 from models.unet import UNet
 
@@ -275,7 +275,8 @@ def read_checkpoint(path: str | Path) -> dict:
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        # mmap: checks such as --resume's read only the pages they touch, not the whole file twice
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except Exception as err:  # noqa: BLE001 - any unreadable file is the same user error
         raise CheckpointError(f"{path}: not a readable checkpoint ({err})") from None
     if not isinstance(ckpt, dict) or "stage" not in ckpt.get("hyper_parameters", {}):
@@ -295,14 +296,9 @@ def fit_state(module: DiffusionStage, state: dict, source: str) -> dict:
     key = "conv_in.spatial.weight"
     if key in state and key in own and state[key].shape[1] < own[key].shape[1]:
         state = widen_input(state, own[key].shape[1])  # decoder -> interpolation: new channels start at zero
-    mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-                  for k, v in state.items() if k in own and own[k].shape != v.shape]
-    unexpected = [k for k in state if k not in own]
-    missing = [k for k in own if k not in state and "temporal" not in k]  # temporal layers: inflation
-    if mismatched or unexpected or missing:
-        detail = "; ".join(mismatched[:3] + [f"unexpected {k}" for k in unexpected[:3]] +
-                           [f"missing {k}" for k in missing[:3]])
-        raise CheckpointError(f"{source}: weights do not fit this {module.config.stage} model ({detail})")
+    problems = misfits(own, state)  # temporal layers may be missing: inflation
+    if problems:
+        raise CheckpointError(f"{source}: weights do not fit this {module.config.stage} model ({'; '.join(problems)})")
     return state
 
 
