@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data_prep.clips import clip_id_for
 from data_prep.dataset import commit_version
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 80, 230), "yellow": (230, 210, 40),
@@ -58,7 +59,7 @@ def write_synthetic_dataset(data_root: str | Path, name: str = "synthetic", num_
         video, caption = moving_shape_frames(rng, frames, size)
         source = f"synthetic://{name}/{seed}/{i}"
         source_sha = hashlib.sha256(source.encode()).hexdigest()
-        clip_id = hashlib.sha256(f"{source_sha}:0:{frames}:{size}:{fps}".encode()).hexdigest()[:16]
+        clip_id = clip_id_for(source_sha, 0, frames, f"{size}:{fps}")
         write_mp4(video, root / "clips" / f"{clip_id}.mp4", fps=fps, crf=10)
         rows.append(dict(clip_id=clip_id, source=source, source_sha256=source_sha, start_frame=0, end_frame=frames,
                          start_s=0.0, end_s=frames / fps, fps=float(fps), num_frames=frames, width=size,

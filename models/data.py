@@ -13,7 +13,6 @@ the window, no captions for the prior) raises DataError in `check()`, before tra
 """
 from __future__ import annotations
 
-import json
 import random
 import warnings
 from pathlib import Path
@@ -123,8 +122,10 @@ class ClipShards(IterableDataset):
     many GPUs) every reader streams all shards in the same order and keeps every n-th
     sample, so no rank idles or hangs on an empty shard list and none sees another's samples."""
 
-    def __init__(self, shards: list[str], sampler: ClipSampler, keep: set[str], buffer: int):
-        self.shards, self.sampler, self.keep, self.buffer = shards, sampler, keep, buffer
+    def __init__(self, shards: list[str], sampler: ClipSampler, rows: dict[str, dict], buffer: int):
+        # rows: the checked manifest by clip id (it wins over each shard's json: fallback captions,
+        # clips filtered out); a shard sample whose id is not in it is skipped
+        self.shards, self.sampler, self.rows, self.buffer = shards, sampler, rows, buffer
 
     def __iter__(self):
         import webdataset as wds
@@ -135,12 +136,11 @@ class ClipShards(IterableDataset):
         shards = self.shards[part::parts] if by_shard else self.shards
         pipeline = wds.WebDataset(shards, shardshuffle=len(shards) if by_shard else False, nodesplitter=None,
                                   workersplitter=None, empty_check=False, repeat=True)
-        pipeline = pipeline.select(lambda s: s["__key__"] in self.keep)
+        pipeline = pipeline.select(lambda s: s["__key__"] in self.rows)
         if not by_shard:
             pipeline = pipeline.slice(part, None, parts)
         for s in pipeline.shuffle(self.buffer, rng=rng):
-            row = json.loads(s["json"])
-            yield self.sampler(s["mp4"], row, rng)
+            yield self.sampler(s["mp4"], self.rows[s["__key__"]], rng)
 
 
 class ImageText(Dataset):
@@ -234,8 +234,7 @@ class StageDataModule(L.LightningDataModule):
         if source == "shards":
             if not shards:
                 raise DataError(f"dataset {self.dataset_name!r} has no shards; use data.source: clips")
-            by_id = {r["clip_id"]: r for r in rows}
-            self.train_set = ClipShards(shards, _CaptionOverride(sampler, by_id), set(by_id), data.shuffle_buffer)
+            self.train_set = ClipShards(shards, sampler, {r["clip_id"]: r for r in rows}, data.shuffle_buffer)
         else:
             self.train_set = ClipFiles(rows, sampler)
         return self
@@ -264,13 +263,3 @@ class StageDataModule(L.LightningDataModule):
                           num_workers=data.num_workers, persistent_workers=data.num_workers > 0,
                           drop_last=not iterable and len(self.train_set) >= data.batch_size,
                           pin_memory=torch.cuda.is_available())
-
-
-class _CaptionOverride:
-    """Shards carry the manifest row as json; the checked manifest (fallback captions) wins."""
-
-    def __init__(self, sampler: ClipSampler, rows: dict[str, dict]):
-        self.sampler, self.rows = sampler, rows
-
-    def __call__(self, src, row, rng):
-        return self.sampler(src, self.rows.get(row["clip_id"], row), rng)

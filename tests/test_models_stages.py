@@ -68,7 +68,7 @@ def test_readers_split_one_shard_without_overlap(data_root):
     assert len(dm.train_set.shards) == 1
     loader = iter(dm.train_dataloader())
     seen = [next(loader)["clip_id"][0] for _ in range(8)]
-    assert sorted(seen) == sorted(dm.train_set.keep)  # 8 clips, 8 distinct
+    assert sorted(seen) == sorted(dm.train_set.rows)  # 8 clips, 8 distinct
 
 
 def test_stride_realises_fps_and_fits_the_clip():
