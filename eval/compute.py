@@ -50,10 +50,12 @@ def read_clip(path: str | Path, spec: ClipSpec, index: int = 0) -> np.ndarray:
         return read_video(path, spec.length, spec.stride, 0)  # container over-reported its frame count
 
 
-def iter_clips(paths: Sequence[str | Path], spec: ClipSpec, workers: int = 2) -> Iterator[tuple[str, np.ndarray]]:
-    """(path, clip) in order; decoding runs ahead in threads (PyAV releases the GIL)."""
-    if spec.length < MIN_FRAMES:
-        raise ValueError(f"clip length {spec.length} is below {MIN_FRAMES}, the shortest clip I3D accepts")
+def iter_clips(paths: Sequence[str | Path], spec: ClipSpec, workers: int = 2,
+               min_frames: int = MIN_FRAMES) -> Iterator[tuple[str, np.ndarray]]:
+    """(path, clip) in order; decoding runs ahead in threads (PyAV releases the GIL). min_frames:
+    the shortest clip the metric's network accepts (I3D's by default)."""
+    if spec.length < min_frames:
+        raise ValueError(f"clip length {spec.length} is below {min_frames}, the shortest clip I3D accepts")
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for path, clip in zip(paths, pool.map(lambda a: read_clip(a[1], spec, a[0]), enumerate(paths))):
             yield str(path), clip
@@ -98,10 +100,8 @@ def clipsim_of_files(paths: Sequence[str | Path], prompts: Sequence[str], metric
         raise ValueError(f"CLIPSIM: {len(paths)} videos but {len(prompts)} prompts")
     # CLIPSIM scores every frame, so any length works (no 9-frame minimum)
     spec = ClipSpec(max(spec.length, 1), spec.stride, spec.random_offset, spec.seed)
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        clips = pool.map(lambda a: read_clip(a[1], spec, a[0]), enumerate(paths))
-        for path, prompt, clip in zip(paths, prompts, clips):
-            metric.update([torch.from_numpy(clip)], [prompt], names=[str(path)])
+    for (path, clip), prompt in zip(iter_clips(paths, spec, min_frames=1), prompts):
+        metric.update([torch.from_numpy(clip)], [prompt], names=[path])
     return metric.result(num_resamples=num_resamples)
 
 

@@ -214,6 +214,20 @@ def result_lines(results: dict) -> list[str]:
     return lines
 
 
+def metric_values(results: dict) -> dict[str, float]:
+    """MLflow metric names and values of the results: smoke numbers get their own names (smoke_fvd),
+    so they can never be mistaken for real ones; intervals as <name>_low/_high, a spread as _std."""
+    out = {}
+    for name, r in results.items():
+        key = f"smoke_{name}" if r.smoke else name
+        out[key] = r.value
+        if getattr(r, "low", None) is not None:
+            out |= {f"{key}_low": r.low, f"{key}_high": r.high}
+        if getattr(r, "std", None) is not None:
+            out[f"{key}_std"] = r.std
+    return out
+
+
 @task(name="log-to-mlflow", cache_policy=NO_CACHE)
 def log_task(results: dict, params: dict, clips: list, tracking_uri: str, experiment: str,
              parent_run_id: str | None, run_name: str | None, prompts: dict | None = None) -> str:
@@ -235,15 +249,7 @@ def log_task(results: dict, params: dict, clips: list, tracking_uri: str, experi
     run_id = run.info.run_id
     try:
         now = int(time.time() * 1000)
-        metrics = []
-        for name, r in results.items():
-            # smoke numbers get their own names, so they can never be mistaken for real ones
-            key = f"smoke_{name}" if r.smoke else name
-            metrics.append(Metric(key, r.value, now, 0))
-            if getattr(r, "low", None) is not None:
-                metrics += [Metric(f"{key}_low", r.low, now, 0), Metric(f"{key}_high", r.high, now, 0)]
-            if getattr(r, "std", None) is not None:
-                metrics.append(Metric(f"{key}_std", r.std, now, 0))
+        metrics = [Metric(key, value, now, 0) for key, value in metric_values(results).items()]
         client.log_batch(run_id, metrics=metrics,
                          params=[Param(k, str(v if v is not None else "none")) for k, v in params.items()])
         client.log_dict(run_id, {k: r.as_dict() for k, r in results.items()}, "eval/results.json")
@@ -364,8 +370,8 @@ def evaluate(real: str | None = None, fake: str | None = None, prompts: str | No
     logger = get_run_logger()
     for line in lines:
         logger.info(line)
-    return {"results": {k: r.as_dict() for k, r in results.items()}, "lines": lines, "prompts": used,
-            "run_id": run_id, "tracking_uri": tracking_uri}
+    return {"results": {k: r.as_dict() for k, r in results.items()}, "metrics": metric_values(results),
+            "lines": lines, "prompts": used, "run_id": run_id, "tracking_uri": tracking_uri}
 
 
 # -- CLI ---------------------------------------------------------------------------------

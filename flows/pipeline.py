@@ -259,12 +259,7 @@ def pipeline(config: str = DEFAULT_CONFIG, dataset: str | None = None, data_root
                           i3d_sha256=ev.i3d_sha256, clip_model=ev.clip_model, data_root=data_root,
                           tracking_uri=tracking_uri, clip_length=ev.clip_length, num_resamples=ev.num_resamples,
                           experiment=cfg.experiment, parent_run_id=parent.info.run_id, run_name="evaluate")
-        metrics = {}
-        for name, r in scores["results"].items():
-            key = f"smoke_{name}" if r.get("smoke") else name
-            metrics[key] = r["value"]
-            if r.get("low") is not None:
-                metrics |= {f"{key}_low": r["low"], f"{key}_high": r["high"]}
+        metrics = scores["metrics"]  # the names the evaluate run logged, on the parent run too
         mlflow.log_metrics(metrics)
         fvd_key = next((k for k in ("fvd", "smoke_fvd") if k in metrics), None)
         moved = []
