@@ -9,20 +9,17 @@ from scenedetect import AdaptiveDetector, ContentDetector, FrameTimecode, HashDe
 from data_prep.config import SceneConfig
 
 
+# detector name -> (class, the keyword its threshold goes by)
+DETECTORS = {"content": (ContentDetector, "threshold"), "adaptive": (AdaptiveDetector, "adaptive_threshold"),
+             "histogram": (HistogramDetector, "threshold"), "hash": (HashDetector, "threshold")}
+
+
 def make_detector(cfg: SceneConfig, fps: float):
     # The detector's min_scene_len (its default, 15 frames) merges the flicker of fades into
     # one cut; clip lengths are then set by our own filter (min/max scene, trim).
-    if cfg.detector == "content":
-        kwargs = {"threshold": cfg.threshold} if cfg.threshold is not None else {}
-        return ContentDetector(min_scene_len=cfg.detector_min_frames, **kwargs)
-    if cfg.detector == "adaptive":
-        kwargs = {"adaptive_threshold": cfg.threshold} if cfg.threshold is not None else {}
-        return AdaptiveDetector(min_scene_len=cfg.detector_min_frames, **kwargs)
-    if cfg.detector == "histogram":
-        kwargs = {"threshold": cfg.threshold} if cfg.threshold is not None else {}
-        return HistogramDetector(min_scene_len=cfg.detector_min_frames, **kwargs)
-    kwargs = {"threshold": cfg.threshold} if cfg.threshold is not None else {}
-    return HashDetector(min_scene_len=cfg.detector_min_frames, **kwargs)
+    cls, threshold_kw = DETECTORS[cfg.detector]
+    kwargs = {threshold_kw: cfg.threshold} if cfg.threshold is not None else {}
+    return cls(min_scene_len=cfg.detector_min_frames, **kwargs)
 
 
 class CutDetector:
@@ -36,7 +33,7 @@ class CutDetector:
     @property
     def lag(self) -> int:
         """How many frames late a cut may be reported."""
-        return int(getattr(self.detector, "event_buffer_length", 0) or 0)
+        return int(self.detector.event_buffer_length)
 
     def push(self, index: int, frame_bgr: np.ndarray) -> list[int]:
         self.last = index
@@ -50,4 +47,4 @@ class CutDetector:
         return self._keep(found)
 
     def _keep(self, found) -> list[int]:
-        return sorted({int(tc.frame_num if hasattr(tc, "frame_num") else tc) for tc in found} - {0})
+        return sorted({int(tc.frame_num) for tc in found} - {0})

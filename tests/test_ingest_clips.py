@@ -120,3 +120,23 @@ def test_uncropped_clips_keep_the_whole_frame(shared_videos, tmp_path):
     for clip in result.clips:
         frames = decode(_clip_file(result, clip))
         assert frames.shape == (clip["num_frames"], 256, 602, 3)  # 640x272 scaled to a 256 short side
+
+
+@pytest.mark.parametrize("detector,threshold", [("content", None), ("content", 20.0), ("adaptive", None),
+                                                ("adaptive", 2.0), ("histogram", None), ("histogram", 0.1),
+                                                ("hash", None), ("hash", 0.3)])
+def test_every_detector_finds_a_hard_cut(detector, threshold):
+    """Each configurable PySceneDetect detector, with its own threshold keyword, finds the one cut
+    between two unrelated textures (frame 20), and nothing else."""
+    import numpy as np
+
+    from data_prep.config import SceneConfig
+    from data_prep.scenes import CutDetector
+
+    rng = np.random.default_rng(0)
+    shots = [np.kron(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8), np.ones((8, 8, 1), np.uint8)) for _ in range(2)]
+    cuts = CutDetector(SceneConfig(detector=detector, threshold=threshold, detector_min_frames=5), fps=25.0)
+    found = []
+    for i in range(40):
+        found += cuts.push(i, shots[i >= 20])
+    assert found + cuts.finish() == [20]
