@@ -218,11 +218,12 @@ class StageDataModule(L.LightningDataModule):
             warnings.warn(f"skipping {int(short.sum())} clips shorter than the {window}-frame window")
         manifest = manifest[~short]
         # a clip smaller than the training size would be upsampled: blurry targets (fatal for super-resolution)
-        small = manifest[["width", "height"]].min(axis=1) < data.size
+        short_side = manifest[["width", "height"]].min(axis=1)
+        small = short_side < data.size
         if small.all():
             raise DataError(f"every clip of {self.dataset_name!r} is smaller than data.size={data.size} px (largest "
-                            f"short side: {int(manifest[['width', 'height']].min(axis=1).max())} px); ingest it with "
-                            f"clips.short_side >= {data.size} or lower data.size")
+                            f"short side: {int(short_side.max())} px); ingest it with clips.short_side >= "
+                            f"{data.size} or lower data.size")
         if small.any():
             warnings.warn(f"skipping {int(small.sum())} clips smaller than data.size={data.size} px")
         manifest = manifest[~small]
