@@ -120,11 +120,18 @@ def download(url: str, raw_dir: Path, cfg: DownloadConfig) -> tuple[Path, str]:
         raise DownloadError(f"unsupported URL scheme {scheme!r} (only http, https and file)")
     partial_dir = raw_dir / ".partial"
     partial_dir.mkdir(parents=True, exist_ok=True)
-    key = hashlib.sha256(url.encode()).hexdigest()[:32]
-    # raw/ is shared by every dataset under DATA_ROOT: two ingests fetching one URL must not
-    # append to the same partial file at once (the second waits, then downloads its own copy)
-    with file_lock(raw_dir / ".locks" / f"{key}.lock"):
-        return _download(url, partial_dir / f"{key}.part", raw_dir, cfg)
+    with _url_lock(raw_dir, url):
+        return _download(url, partial_dir / f"{_url_key(url)}.part", raw_dir, cfg)
+
+
+def _url_key(url: str) -> str:
+    return hashlib.sha256(url.encode()).hexdigest()[:32]
+
+
+def _url_lock(raw_dir: Path, url: str):
+    """raw/ is shared by every dataset under DATA_ROOT: two ingests fetching one URL must not write
+    the same partial file (or yt-dlp folder) at once. The second waits, then fetches its own copy."""
+    return file_lock(raw_dir / ".locks" / f"{_url_key(url)}.lock")
 
 
 def _download(url: str, part: Path, raw_dir: Path, cfg: DownloadConfig) -> tuple[Path, str]:
@@ -168,17 +175,19 @@ def download_page(url: str, raw_dir: Path) -> tuple[Path, str]:
         import yt_dlp
     except ImportError:
         raise DownloadError("the URL is a web page; install the 'pages' extra (yt-dlp) to fetch page URLs") from None
-    work = raw_dir / ".partial" / hashlib.sha256(url.encode()).hexdigest()[:32]
-    work.mkdir(parents=True, exist_ok=True)
-    options = {"outtmpl": str(work / "video.%(ext)s"), "format": "mp4/bestvideo", "quiet": True, "noprogress": True}
-    try:
-        with yt_dlp.YoutubeDL(options) as ydl:
-            ydl.download([url])
-    except Exception as err:  # yt-dlp raises its own DownloadError types
-        raise DownloadError(f"yt-dlp: {err}") from None
-    files = [p for p in work.iterdir() if p.is_file() and not p.name.endswith(".part")]
-    if not files:
-        raise DownloadError("yt-dlp finished but wrote no file")
-    stored = _store(files[0], raw_dir, files[0].suffix.lower() or ".video")
-    shutil.rmtree(work, ignore_errors=True)
-    return stored
+    work = raw_dir / ".partial" / _url_key(url)
+    with _url_lock(raw_dir, url):
+        work.mkdir(parents=True, exist_ok=True)
+        options = {"outtmpl": str(work / "video.%(ext)s"), "format": "mp4/bestvideo", "quiet": True,
+                   "noprogress": True}
+        try:
+            with yt_dlp.YoutubeDL(options) as ydl:
+                ydl.download([url])
+        except Exception as err:  # yt-dlp raises its own DownloadError types
+            raise DownloadError(f"yt-dlp: {err}") from None
+        files = [p for p in work.iterdir() if p.is_file() and not p.name.endswith(".part")]
+        if not files:
+            raise DownloadError("yt-dlp finished but wrote no file")
+        stored = _store(files[0], raw_dir, files[0].suffix.lower() or ".video")
+        shutil.rmtree(work, ignore_errors=True)
+        return stored
