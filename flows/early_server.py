@@ -66,6 +66,7 @@ class EarlyServer:
                 if "address already in use" not in self._log().lower():
                     raise ServerError(f"the temporary Prefect server exited ({self.process.returncode}): {self._reason()}")
                 self.port = _free_port()  # taken between _free_port and uvicorn's bind
+                self.log.close()
                 self.process = self._spawn()
             try:
                 with direct.open(f"{self.url}/health", timeout=2) as response:
@@ -74,8 +75,9 @@ class EarlyServer:
             except (urllib.error.URLError, OSError):
                 pass
             time.sleep(0.05)
+        reason = self._reason()  # before stop() closes the log
         self.stop()
-        raise ServerError(f"the temporary Prefect server did not start within {timeout_s:.0f} s: {self._reason()}")
+        raise ServerError(f"the temporary Prefect server did not start within {timeout_s:.0f} s: {reason}")
 
     def _log(self) -> str:
         self.log.seek(0)

@@ -50,6 +50,15 @@ def test_a_server_that_cannot_start_is_a_clear_error(tmp_path):
     assert "unable to open database file" in done.stderr.splitlines()[-1]  # the reason, not a traceback
 
 
+def test_a_server_that_starts_too_slowly_is_a_clear_error():
+    from flows.early_server import EarlyServer, ServerError
+
+    server = EarlyServer()
+    with pytest.raises(ServerError, match="did not start within 0 s: "):
+        server.wait_ready(0.0)  # no time at all: the error still carries the server's reason
+    assert server.process.wait(timeout=30) is not None  # and the server was stopped
+
+
 def _children(pid: int) -> list[int]:
     path = Path(f"/proc/{pid}/task/{pid}/children")
     return [int(c) for c in path.read_text().split()] if path.exists() else []
