@@ -39,7 +39,8 @@ def read_clip(path: str | Path, spec: ClipSpec, index: int = 0) -> np.ndarray:
     if spec.random_offset:
         total = count_frames(path)
         if total < spec.span:
-            raise ValueError(f"{path}: {total} frames, shorter than one clip ({spec.length} frames, stride {spec.stride})")
+            raise VideoTooShort(f"{path}: {total} frames, shorter than one clip ({spec.length} frames, "
+                                f"stride {spec.stride})")
         # one generator per (seed, video index): the choice does not depend on thread timing
         offset = int(np.random.default_rng([spec.seed, index]).integers(0, total - spec.span + 1))
     try:
@@ -50,12 +51,8 @@ def read_clip(path: str | Path, spec: ClipSpec, index: int = 0) -> np.ndarray:
         return read_video(path, spec.length, spec.stride, 0)  # container over-reported its frame count
 
 
-def iter_clips(paths: Sequence[str | Path], spec: ClipSpec, workers: int = 2,
-               min_frames: int = MIN_FRAMES) -> Iterator[tuple[str, np.ndarray]]:
-    """(path, clip) in order; decoding runs ahead in threads (PyAV releases the GIL). min_frames:
-    the shortest clip the metric's network accepts (I3D's by default)."""
-    if spec.length < min_frames:
-        raise ValueError(f"clip length {spec.length} is below {min_frames}, the shortest clip I3D accepts")
+def iter_clips(paths: Sequence[str | Path], spec: ClipSpec, workers: int = 2) -> Iterator[tuple[str, np.ndarray]]:
+    """(path, clip) in order; decoding runs ahead in threads (PyAV releases the GIL)."""
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for path, clip in zip(paths, pool.map(lambda a: read_clip(a[1], spec, a[0]), enumerate(paths))):
             yield str(path), clip
@@ -83,6 +80,8 @@ def fvd_of_files(real: Sequence[str | Path], fake: Sequence[str | Path], detecto
     clips are appended to `keep_clips` (for pictures) when a list is given."""
     if real_spec.length != fake_spec.length:
         raise ValueError(f"real and fake clips must have one length, got {real_spec.length} and {fake_spec.length}")
+    if real_spec.length < MIN_FRAMES:  # before any decoding
+        raise ValueError(f"clip length {real_spec.length} is below {MIN_FRAMES}, the shortest clip I3D accepts")
     metric = FrechetVideoDistance(detector, unbiased=unbiased, clip_stride=real_spec.stride).to(detector.device)
     for is_real, paths, spec in ((True, real, real_spec), (False, fake, fake_spec)):
         if len(paths) < 2:
@@ -100,7 +99,7 @@ def clipsim_of_files(paths: Sequence[str | Path], prompts: Sequence[str], metric
         raise ValueError(f"CLIPSIM: {len(paths)} videos but {len(prompts)} prompts")
     # CLIPSIM scores every frame, so any length works (no 9-frame minimum)
     spec = ClipSpec(max(spec.length, 1), spec.stride, spec.random_offset, spec.seed)
-    for (path, clip), prompt in zip(iter_clips(paths, spec, min_frames=1), prompts):
+    for (path, clip), prompt in zip(iter_clips(paths, spec), prompts):
         metric.update([torch.from_numpy(clip)], [prompt], names=[path])
     return metric.result(num_resamples=num_resamples)
 

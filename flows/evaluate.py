@@ -331,7 +331,8 @@ def evaluate(real: str | None = None, fake: str | None = None, prompts: str | No
     if proto:
         params |= {"protocol": proto.name} | proto.params
     if checkpoints is not None and fake is None:
-        params |= {"sample_steps": sample_steps or "per stage config", "guidance": guidance or "per stage config"}
+        params |= {"sample_steps": "per stage config" if sample_steps is None else sample_steps,
+                   "guidance": "per stage config" if guidance is None else guidance}
     if "fvd" in metrics:
         if proto and proto.real:
             real_set = VideoSet(proto.real_source, proto.name, proto.real)

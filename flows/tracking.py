@@ -32,7 +32,7 @@ def store_identity(tracking_uri: str, name: str) -> str:
     lived in the old store are trained again instead of pointing at runs that are gone."""
     from mlflow import MlflowClient
 
-    exp = MlflowClient(tracking_uri).get_experiment(experiment_id(tracking_uri, name))
+    exp = MlflowClient(tracking_uri).get_experiment_by_name(name)  # use_experiment made it
     return f"{tracking_uri}|{exp.experiment_id}|{exp.creation_time}"
 
 

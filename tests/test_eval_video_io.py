@@ -17,6 +17,8 @@ def test_too_short_is_its_own_error_and_names_the_file(ramp):
     assert read_video(ramp, 10, 2, 5).shape == (10, 32, 32, 3)
     with pytest.raises(VideoTooShort, match="ramp clip.mp4.*only 12 could be read"):
         read_video(ramp, 16, 2, 6)
+    with pytest.raises(VideoTooShort, match="ramp clip.mp4: 30 frames, shorter than one clip"):
+        read_clip(ramp, ClipSpec(length=40, random_offset=True))  # the random-offset path too
 
 
 def test_read_clip_reads_a_random_window_and_passes_other_errors_through(tmp_path, ramp):
