@@ -17,19 +17,26 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 
+def _sharded(trainer) -> bool:
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    return isinstance(trainer.strategy, FSDPStrategy)
+
+
 class ShardedEMA(Callback):
-    def __init__(self, decay: float):
-        if not 0.0 < decay < 1.0:
-            raise ValueError(f"ema_decay must be in (0, 1), got {decay}")
+    def __init__(self, decay: float):  # 0 < decay < 1: TrainerConfig.ema_decay checks it
         self.decay = decay
+        self.names: list[str] = []
         self.params: list[torch.nn.Parameter] = []
         self.shadow: list[torch.Tensor] = []
         self._resumed: dict | list | None = None  # EMA read from a checkpoint: whole state or local shards
+        self._step = -1  # the optimizer step last averaged in
 
     def on_train_start(self, trainer, pl_module):
         # after the strategy wrapped (and sharded) the model and after any checkpoint was restored
         named = [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad]
-        self.params = [p for _, p in named]
+        self.names, self.params = [n for n, _ in named], [p for _, p in named]
+        self._step = trainer.global_step
         if isinstance(self._resumed, dict):
             self.shadow = [self._resumed[n].to(device=p.device, dtype=p.dtype).clone() for n, p in named]
         elif isinstance(self._resumed, list):
@@ -40,30 +47,37 @@ class ShardedEMA(Callback):
 
     @torch.no_grad()
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self._step:  # gradient accumulation: no optimizer step this batch
+            return
+        self._step = trainer.global_step
         torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1.0 - self.decay)
 
     @torch.no_grad()
     def on_train_end(self, trainer, pl_module):
         for p, e in zip(self.params, self.shadow):  # the trained module ends with the averaged weights
             p.copy_(e)
+        self.names, self.params, self.shadow = [], [], []  # release the copy; later saves hold the average
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint):
         if not self.shadow:  # outside fit: the weights already are the averaged ones
             return
+        checkpoint["current_model_state"] = checkpoint["state_dict"]
+        if not _sharded(trainer):  # the parameter names are the state_dict's keys; saved before the next update
+            checkpoint["state_dict"] = {**checkpoint["state_dict"], **dict(zip(self.names, self.shadow))}
+            return
         self._swap()
-        try:  # collective under FSDP: every rank is here. Unsharded state_dict tensors share the params'
-            # storage, which the swap back overwrites: hence the copies
-            ema_state = {k: v.clone() for k, v in trainer.strategy.lightning_module_state_dict().items()}
+        try:  # collective under FSDP: every rank is here. Unsharded state_dict tensors may share the
+            # params' storage, which the swap back overwrites: hence the copies
+            state = trainer.strategy.lightning_module_state_dict()
+            checkpoint["state_dict"] = {k: v.clone() for k, v in state.items()}
         finally:
             self._swap()
-        checkpoint["current_model_state"] = checkpoint["state_dict"]
-        checkpoint["state_dict"] = ema_state
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint):
         if "current_model_state" not in checkpoint:
             return  # a checkpoint written without EMA: the average starts from its weights
         # Lightning has just loaded `state_dict` (the EMA) into the model; training continues from the raw weights
-        if "state_dict" in checkpoint:  # restored before the strategy set the model up
+        if not _sharded(trainer):  # restored before the strategy set the model up
             self._resumed = checkpoint["state_dict"]
             pl_module.load_state_dict(checkpoint["current_model_state"])
         else:  # FSDP restores after sharding and consumes `state_dict`: the local shards now hold the EMA

@@ -154,18 +154,21 @@ class RecordWeights(Callback):
 
     def on_train_start(self, trainer, pl_module):
         self.names = [n for n, p in pl_module.named_parameters() if p.requires_grad]
-        self.steps = [self.weights(pl_module)]
+        self.steps, self.first = [self.weights(pl_module)], trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.steps.append(self.weights(pl_module))
+        if trainer.global_step == self.first + len(self.steps):  # batches that stepped the optimizer
+            self.steps.append(self.weights(pl_module))
 
     def weights(self, pl_module):
         return {n: p.detach().clone() for n, p in pl_module.named_parameters() if p.requires_grad}
 
 
-def test_ema_averages_every_step_and_resumes_from_the_saved_average(data_root, tmp_path):
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_ema_averages_every_step_and_resumes_from_the_saved_average(data_root, tmp_path, accumulate):
+    """One EMA update per optimizer step (with accumulate=2, two batches make one step)."""
     decay = 0.5
-    cfg = tiny("decoder", mode="image", **{"trainer.ema_decay": decay})
+    cfg = tiny("decoder", mode="image", **{"trainer.ema_decay": decay, "trainer.accumulate_grad_batches": accumulate})
     first, second = RecordWeights(), RecordWeights()
     result = train_stage("decoder", cfg, data_root=data_root, dataset="shapes", out_dir=tmp_path, max_steps=3,
                          callbacks=[first])
