@@ -242,7 +242,6 @@ def test_guidance_and_seed_in_prior_and_decoder(chain, tmp_path):
         load_chain({"prior": chain["prior"].checkpoint, "decoder": chain["prior"].checkpoint})
 
 
-@pytest.mark.slow
 def check_ddp_ranks(out):
     import json
 
@@ -254,6 +253,7 @@ def check_ddp_ranks(out):
     assert (out / "checkpoints" / "last.ckpt").exists()
 
 
+@pytest.mark.slow
 def test_ddp_on_two_processes_splits_the_data_and_keeps_weights_in_sync(data_root, tmp_path):
     import subprocess
     import sys
@@ -265,6 +265,7 @@ def test_ddp_on_two_processes_splits_the_data_and_keeps_weights_in_sync(data_roo
     check_ddp_ranks(tmp_path)
 
 
+@pytest.mark.slow
 def test_ddp_on_two_nodes_launched_like_a_cluster(data_root, tmp_path):
     """trainer.num_nodes: two 'nodes' of one process each, each started by hand with its NODE_RANK
     and the master's address, as SLURM-less clusters (and torchrun users) launch them."""
