@@ -73,25 +73,21 @@ def sync(device):
 
 
 def bench_stage(size, stage, device, steps, warmup, batch_size=None, compile_net=False, channels_last=None,
-                grad_checkpoint=False, profile=None, settings=()):
-    overrides = {"clip": "tiny", "trainer.compile": False}
+                grad_checkpoint=None, profile=None, settings=()):
+    overrides = {"clip": "tiny", "trainer.compile": compile_net}
     for setting in settings:  # KEY=VALUE, the value read as YAML: unet.channels=192, freeze_spatial=false
         key, _, value = setting.partition("=")
         overrides[key] = yaml.safe_load(value)
     if channels_last is not None:
         overrides["trainer.channels_last"] = channels_last
-    if stage != "prior":
+    if stage != "prior" and grad_checkpoint is not None:
         overrides["unet.grad_checkpoint"] = grad_checkpoint
     if batch_size:
         overrides["data.batch_size"] = batch_size
     cfg = load_config(ROOT / "configs" / size / f"{stage}.yaml", overrides)
     module = build_stage(cfg).to(device).train()
-    flops = model_flops(module, cfg, device)
-    if compile_net:
-        if compile_net == "blocks" and hasattr(module.net, "compile_blocks"):
-            module.net.compile_blocks()  # as trainer.compile does
-        else:
-            module.net.compile(dynamic=False)
+    flops = model_flops(module, cfg, device)  # eager, before compiling
+    module.configure_model()  # channels_last and compile, as training does
     opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-5)
     batch = random_batch(cfg, device)
     t0 = time.perf_counter()
@@ -140,10 +136,10 @@ def main():
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=None, help="override each config's batch size")
-    ap.add_argument("--compile", nargs="?", const="blocks", choices=["blocks", "whole"],
-                    help="torch.compile the U-Net block by block (as trainer.compile does) or as one graph")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the net, as trainer.compile does")
     ap.add_argument("--channels-last", action=argparse.BooleanOptionalAction, help="default: the config's")
-    ap.add_argument("--grad-checkpoint", action="store_true", help="recompute U-Net blocks in backward (larger batches)")
+    ap.add_argument("--grad-checkpoint", action=argparse.BooleanOptionalAction,
+                    help="recompute U-Net blocks in backward (larger batches); default: the config's")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
     ap.add_argument("--profile", metavar="FILE", help="write the top kernels of two steps (last stage) to FILE")
     args = ap.parse_args()
@@ -158,8 +154,9 @@ def main():
     print(f"{'stage':22s} {'batch':>5s} {'params M':>9s} {'train M':>8s} {'s/step':>8s} {'samples/s':>10s} "
           f"{'TFLOP/step':>11s} {'TFLOP/s':>8s} {'MFU':>6s} {'mem GiB':>8s} {'warmup s':>8s}")
     for stage in args.stages:
+        profile = args.profile if stage == args.stages[-1] else None
         r = bench_stage(args.size, stage, device, args.steps, args.warmup, args.batch_size, args.compile,
-                        args.channels_last, args.grad_checkpoint, args.profile, args.set)
+                        args.channels_last, args.grad_checkpoint, profile, args.set)
         mfu = f"{r['achieved'] / peak:6.1%}" if peak else "   n/a"
         print(f"{r['stage']:22s} {r['batch']:5d} {r['params']:9.1f} {r['trainable']:8.1f} {r['step_s']:8.3f} "
               f"{r['samples_s']:10.2f} {r['tflop_step']:11.3f} {r['achieved'] / 1e12:8.2f} {mfu} {r['mem']:8.1f} "

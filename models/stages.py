@@ -65,6 +65,11 @@ class DiffusionStage(L.LightningModule):
         if self.config.video and self.config.freeze_spatial:
             for name, p in self.net.named_parameters():
                 p.requires_grad_("temporal" in name)
+        self.last_loss = torch.tensor(float("nan"))
+
+    def configure_model(self):
+        """The training form of the net (Lightning calls this before the strategy wraps the model);
+        sampling (load_stage) keeps the plain eager net in its default layout."""
         if self.config.trainer.channels_last:
             self.net.to(memory_format=torch.channels_last)
         if self.config.trainer.compile:  # in place: state_dict keys unchanged
@@ -72,7 +77,6 @@ class DiffusionStage(L.LightningModule):
                 self.net.compile_blocks()
             else:  # static shapes: a shape change recompiles instead of switching to symbolic ones
                 self.net.compile(dynamic=False)
-        self.last_loss = torch.tensor(float("nan"))
 
     # the frozen CLIP is shared and kept out of state_dict / EMA copies
     @property
@@ -333,8 +337,6 @@ def load_stage(path: str | Path, stage: str | None = None, device: str | torch.d
     hp = ckpt["hyper_parameters"]
     if stage is not None and hp["stage"] != stage:
         raise CheckpointError(f"{path} is a {hp['stage']!r} checkpoint, expected {stage!r}")
-    config = as_config(hp["config"]).model_copy(update={"freeze_spatial": False})
-    config.trainer.compile = False
-    module = build_stage(config)
+    module = build_stage(as_config(hp["config"]).model_copy(update={"freeze_spatial": False}))
     module.net.load_state_dict(net_state(ckpt))
     return module.to(device).eval()
