@@ -210,23 +210,13 @@ class StageDataModule(L.LightningDataModule):
         if manifest.empty:
             raise DataError(f"dataset {self.dataset_name!r} is empty: no clips to train on")
         window = data.frames if cfg.video else 1
-        short = manifest["num_frames"] < window
-        if short.all():
-            raise DataError(f"every clip of {self.dataset_name!r} is shorter than the {window}-frame window "
-                            f"(longest: {int(manifest['num_frames'].max())} frames); lower data.frames")
-        if short.any():
-            warnings.warn(f"skipping {int(short.sum())} clips shorter than the {window}-frame window")
-        manifest = manifest[~short]
+        manifest = self._drop(manifest, manifest["num_frames"] < window, f"shorter than the {window}-frame window",
+                              f"longest: {int(manifest['num_frames'].max())} frames); lower data.frames")
         # a clip smaller than the training size would be upsampled: blurry targets (fatal for super-resolution)
         short_side = manifest[["width", "height"]].min(axis=1)
-        small = short_side < data.size
-        if small.all():
-            raise DataError(f"every clip of {self.dataset_name!r} is smaller than data.size={data.size} px (largest "
-                            f"short side: {int(short_side.max())} px); ingest it with clips.short_side >= "
-                            f"{data.size} or lower data.size")
-        if small.any():
-            warnings.warn(f"skipping {int(small.sum())} clips smaller than data.size={data.size} px")
-        manifest = manifest[~small]
+        manifest = self._drop(manifest, short_side < data.size, f"smaller than data.size={data.size} px",
+                              f"largest short side: {int(short_side.max())} px); ingest it with clips.short_side "
+                              f">= {data.size} or lower data.size")
         if cfg.stage == "prior":
             manifest = self._captioned(manifest)
         rows = manifest.to_dict("records")
@@ -239,6 +229,14 @@ class StageDataModule(L.LightningDataModule):
         else:
             self.train_set = ClipFiles(rows, sampler)
         return self
+
+    def _drop(self, manifest: pd.DataFrame, unfit: pd.Series, what: str, hint: str) -> pd.DataFrame:
+        """Skip the clips that are `what` (with a warning); all of them is an error ending in `hint`."""
+        if unfit.all():
+            raise DataError(f"every clip of {self.dataset_name!r} is {what} ({hint}")
+        if unfit.any():
+            warnings.warn(f"skipping {int(unfit.sum())} clips {what}")
+        return manifest[~unfit]
 
     def _captioned(self, manifest: pd.DataFrame) -> pd.DataFrame:
         captioned = manifest[manifest["caption"].fillna("").str.strip() != ""]
