@@ -14,17 +14,18 @@ class VideoTooShort(ValueError):
     """Fewer frames than a clip needs at the asked offset and stride."""
 
 
-def read_video(path: str | Path, num_frames: int | None = None, stride: int = 1, offset: int = 0) -> np.ndarray:
-    """Decode frames offset, offset+stride, ... (num_frames of them, or all) as RGB uint8 [T,H,W,3], upright.
+def read_video(path: str | Path, num_frames: int, stride: int = 1, offset: int = 0) -> np.ndarray:
+    """Decode frames offset, offset+stride, ... (num_frames of them) as RGB uint8 [T,H,W,3], upright.
 
     Frame numbers are in decode order; decoding stops as soon as enough frames are read.
     Raises ValueError naming the file for mixed frame sizes, VideoTooShort for too few frames.
     """
     from models.video_io import TooFewFrames, read_frames
 
-    if stride < 1 or offset < 0:
-        raise ValueError(f"{path}: stride must be >= 1 and offset >= 0 (got stride={stride}, offset={offset})")
-    indices = None if num_frames is None else list(range(offset, offset + num_frames * stride, stride))
+    if num_frames < 1 or stride < 1 or offset < 0:
+        raise ValueError(f"{path}: num_frames and stride must be >= 1 and offset >= 0 "
+                         f"(got {num_frames}, {stride}, {offset})")
+    indices = list(range(offset, offset + num_frames * stride, stride))
     try:
         frames, _ = read_frames(path, indices)
     except TooFewFrames as err:
@@ -33,10 +34,6 @@ def read_video(path: str | Path, num_frames: int | None = None, stride: int = 1,
                             f"but only {readable} could be read (video too short)") from None
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from None
-    if indices is None:
-        frames = frames[offset::stride]
-    if not len(frames):
-        raise ValueError(f"{path}: no frames decoded")
     return frames
 
 
