@@ -42,28 +42,48 @@ class GroupNorm(nn.GroupNorm):
             return F.group_norm(x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
 
 
+class ScalarEmbedding(nn.Sequential):
+    """One number per sample (diffusion timestep, fps) -> sinusoidal features -> MLP."""
+
+    def __init__(self, dim: int, out_dim: int, zero_init: bool = False):
+        super().__init__(nn.Linear(dim, out_dim), nn.SiLU(), nn.Linear(out_dim, out_dim))
+        self.dim = dim
+        if zero_init:  # adds nothing at first (a new input to a trained net)
+            zero_(self[2])
+
+    def forward(self, values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return super().forward(sinusoidal_embedding(values, self.dim).to(dtype))
+
+
+class TemporalConv(nn.Conv1d):
+    """1D conv over time at each pixel of `[(b t), c, h, w]` frames; Dirac init: the identity."""
+
+    def __init__(self, dim: int, kernel: int = 3):
+        super().__init__(dim, dim, kernel, padding=kernel // 2)
+        nn.init.dirac_(self.weight)
+        nn.init.zeros_(self.bias)
+
+    def forward(self, x: torch.Tensor, frames: int) -> torch.Tensor:
+        # runs as a (k, 1, 1) Conv3d: on channels_last frames, [(b t) h w c] in memory is
+        # [b c t h w] in channels_last_3d, so both rearranges are views, not copies
+        x = rearrange(x, "(b t) c h w -> b c t h w", t=frames)
+        x = F.conv3d(x, self.weight[..., None, None], self.bias, padding=(self.padding[0], 0, 0))
+        return rearrange(x, "b c t h w -> (b t) c h w")
+
+
 class PseudoConv3d(nn.Module):
-    """Conv2d over each frame, then a 1D conv over time at each pixel (Dirac init: identity)."""
+    """Conv2d over each frame, then a 1D conv over time at each pixel."""
 
     def __init__(self, dim_in: int, dim_out: int, kernel: int = 3, temporal: bool = False, temporal_kernel: int = 3):
         super().__init__()
         self.spatial = nn.Conv2d(dim_in, dim_out, kernel, padding=kernel // 2)
-        self.temporal = None
-        if temporal:
-            self.temporal = nn.Conv1d(dim_out, dim_out, temporal_kernel, padding=temporal_kernel // 2)
-            nn.init.dirac_(self.temporal.weight)
-            nn.init.zeros_(self.temporal.bias)
+        self.temporal = TemporalConv(dim_out, temporal_kernel) if temporal else None
 
     def forward(self, x: torch.Tensor, frames: int | None = None) -> torch.Tensor:
         x = self.spatial(x)
         if frames is None or self.temporal is None:
             return x
-        # the Conv1d's weights run as a (k, 1, 1) Conv3d: on channels_last frames, [(b t) h w c] in
-        # memory is [b c t h w] in channels_last_3d, so both rearranges are views, not copies
-        x = rearrange(x, "(b t) c h w -> b c t h w", t=frames)
-        x = F.conv3d(x, self.temporal.weight[..., None, None], self.temporal.bias,
-                     padding=(self.temporal.padding[0], 0, 0))
-        return rearrange(x, "b c t h w -> (b t) c h w")
+        return self.temporal(x, frames)
 
 
 class Attention(nn.Module):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.layers import sinusoidal_embedding
+from models.layers import ScalarEmbedding
 
 
 class DiffusionPrior(nn.Module):
@@ -22,7 +22,7 @@ class DiffusionPrior(nn.Module):
         self.width, self.max_tokens = width, max_tokens
         self.token_proj = nn.Linear(token_dim, width)
         self.text_proj = nn.Linear(embed_dim, width)
-        self.time_embed = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
+        self.time_embed = ScalarEmbedding(width, width)
         self.x_proj = nn.Linear(embed_dim, width)
         self.query = nn.Parameter(torch.randn(width) * 0.02)
         self.pos = nn.Parameter(torch.randn(max_tokens + 4, width) * 0.02)
@@ -41,7 +41,7 @@ class DiffusionPrior(nn.Module):
             parts.append(self.token_proj(text_tokens[:, : self.max_tokens].to(x_t.dtype)))
         parts += [
             self.text_proj(text_emb.to(x_t.dtype))[:, None],
-            self.time_embed(sinusoidal_embedding(t, self.width).to(x_t.dtype))[:, None],
+            self.time_embed(t, x_t.dtype)[:, None],
             self.x_proj(x_t)[:, None],
             self.query.expand(b, 1, -1).to(x_t.dtype),
         ]

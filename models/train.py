@@ -41,19 +41,29 @@ class StepCheckpoint(ModelCheckpoint):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
-def _strategy(name: str, accelerator: str):
+def fsdp_strategy(cls=None, **kwargs):
+    """FSDP with one unit per U-Net block, and inside them a unit per layer that only the video
+    model has: frozen spatial weights and trained temporal weights then never share a flat
+    parameter (FSDP would keep a gradient for the whole of it)."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from models.layers import ScalarEmbedding, TemporalAttention, TemporalConv
+    from models.unet import AttentionBlock, ResBlock
+
+    units = {ResBlock, AttentionBlock, TemporalConv, TemporalAttention, ScalarEmbedding}
+    return (cls or FSDPStrategy)(auto_wrap_policy=units, activation_checkpointing_policy=None, **kwargs)
+
+
+def _strategy(name: str):
     if name == "fsdp":
-        from lightning.pytorch.strategies import FSDPStrategy
-
-        from models.unet import AttentionBlock, ResBlock
-
-        return FSDPStrategy(auto_wrap_policy={ResBlock, AttentionBlock}, activation_checkpointing_policy=None)
+        return fsdp_strategy()
     if name == "ddp":
         return "ddp"
     return "auto"
 
 
-def build_trainer(cfg: StageConfig, out_dir: Path, *, logger=None, callbacks=None, max_steps=None) -> L.Trainer:
+def build_trainer(cfg: StageConfig, out_dir: Path, *, logger=None, callbacks=None, max_steps=None,
+                  strategy=None) -> L.Trainer:
     tc = cfg.trainer
     cuda = torch.cuda.is_available() and tc.accelerator in ("auto", "gpu", "cuda")
     precision = tc.precision if tc.precision != "auto" else ("bf16-mixed" if cuda else "32-true")
@@ -64,7 +74,7 @@ def build_trainer(cfg: StageConfig, out_dir: Path, *, logger=None, callbacks=Non
         cbs.append(ShardedEMA(tc.ema_decay))
     return L.Trainer(
         max_steps=max_steps or tc.max_steps, accelerator=tc.accelerator, devices=tc.devices, num_nodes=tc.num_nodes,
-        strategy=_strategy(tc.strategy, tc.accelerator), precision=precision, gradient_clip_val=tc.grad_clip or None,
+        strategy=strategy or _strategy(tc.strategy), precision=precision, gradient_clip_val=tc.grad_clip or None,
         accumulate_grad_batches=tc.accumulate_grad_batches, log_every_n_steps=tc.log_every, callbacks=cbs,
         logger=logger if logger is not None else CSVLogger(out_dir, name="logs"), default_root_dir=out_dir,
         enable_model_summary=False, enable_progress_bar=False, limit_val_batches=0, num_sanity_val_steps=0,
@@ -74,7 +84,9 @@ def build_trainer(cfg: StageConfig, out_dir: Path, *, logger=None, callbacks=Non
 def train_stage(stage: str, config: StageConfig | dict | str | Path, *, data_root: str | Path | None = None,
                 dataset: str | None = None, version: str | None = None, init: str | Path | None = None,
                 resume: bool = False, out_dir: str | Path, logger=None, callbacks=None,
-                max_steps: int | None = None) -> TrainResult:
+                max_steps: int | None = None, strategy=None) -> TrainResult:
+    """`strategy`: a Lightning Strategy object to use instead of `trainer.strategy` (a cluster's own
+    environment or FSDP settings)."""
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
     cfg = as_config(config)
@@ -93,7 +105,7 @@ def train_stage(stage: str, config: StageConfig | dict | str | Path, *, data_roo
     elif init:
         init_from_checkpoint(module, init)
 
-    trainer = build_trainer(cfg, out_dir, logger=logger, callbacks=callbacks, max_steps=max_steps)
+    trainer = build_trainer(cfg, out_dir, logger=logger, callbacks=callbacks, max_steps=max_steps, strategy=strategy)
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if resume else None)
     ckpt_cb = trainer.checkpoint_callback
     best = Path(ckpt_cb.best_model_path) if ckpt_cb and ckpt_cb.best_model_path else None

@@ -20,9 +20,9 @@ from torch.utils.checkpoint import checkpoint
 from models.layers import (
     GroupNorm,
     PseudoConv3d,
+    ScalarEmbedding,
     SpatialAttention,
     TemporalAttention,
-    sinusoidal_embedding,
     zero_,
 )
 
@@ -115,10 +115,9 @@ class UNet(nn.Module):
         emb_dim = channels * 4
         self.emb_dim = emb_dim
 
-        self.time_embed = nn.Sequential(nn.Linear(channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.time_embed = ScalarEmbedding(channels, emb_dim)
         if temporal:  # new in the video model: must add zero at init
-            self.temporal_fps_embed = nn.Sequential(nn.Linear(channels, emb_dim), nn.SiLU(),
-                                                    zero_(nn.Linear(emb_dim, emb_dim)))
+            self.temporal_fps_embed = ScalarEmbedding(channels, emb_dim, zero_init=True)
         context_dim = None
         if cond_dim:
             context_dim = emb_dim
@@ -173,9 +172,9 @@ class UNet(nn.Module):
         if video:
             x = rearrange(x, "b c t h w -> (b t) c h w")
 
-        emb = self.time_embed(sinusoidal_embedding(t.expand(b) if t.ndim == 0 else t, self.channels).to(x.dtype))
+        emb = self.time_embed(t.expand(b) if t.ndim == 0 else t, x.dtype)
         if self.temporal and fps is not None:
-            emb = emb + self.temporal_fps_embed(sinusoidal_embedding(fps, self.channels).to(x.dtype))
+            emb = emb + self.temporal_fps_embed(fps, x.dtype)
         context = None
         if hasattr(self, "image_embed"):
             if image_emb is None:
