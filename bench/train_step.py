@@ -17,14 +17,13 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[1]
 import sys  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
-from models.config import STAGES, load_config  # noqa: E402
+from models.config import STAGES, load_config, parse_overrides  # noqa: E402
 from models.stages import build_stage  # noqa: E402
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense tensor-core TFLOPs (SXM)
@@ -74,10 +73,7 @@ def sync(device):
 
 def bench_stage(size, stage, device, steps, warmup, batch_size=None, compile_net=False, channels_last=None,
                 grad_checkpoint=None, profile=None, settings=()):
-    overrides = {"clip": "tiny", "trainer.compile": compile_net}
-    for setting in settings:  # KEY=VALUE, the value read as YAML: unet.channels=192, freeze_spatial=false
-        key, _, value = setting.partition("=")
-        overrides[key] = yaml.safe_load(value)
+    overrides = {"clip": "tiny", "trainer.compile": compile_net, **parse_overrides(settings)}
     if channels_last is not None:
         overrides["trainer.channels_last"] = channels_last
     if stage != "prior" and grad_checkpoint is not None:

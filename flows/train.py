@@ -37,20 +37,8 @@ def register(subparsers) -> None:
     sample.set_defaults(func=run_sample)
 
 
-def _overrides(pairs: list[str]) -> dict:
-    import yaml
-
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise SystemExit(f"--set expects KEY=VALUE, got {pair!r}")
-        out[key] = yaml.safe_load(value)
-    return out
-
-
 def run_train(args) -> int:
-    from models.config import ConfigError, load_config
+    from models.config import ConfigError, load_config, parse_overrides
     from models.data import DataError
     from models.stages import CheckpointError
     from models.train import train_stage
@@ -59,7 +47,7 @@ def run_train(args) -> int:
         print(f"error: unknown stage {args.stage!r}; stages are {', '.join(STAGES)}", file=sys.stderr)
         return 2
     try:
-        config = load_config(args.config, _overrides(args.set))
+        config = load_config(args.config, parse_overrides(args.set))
         result = train_stage(args.stage, config, data_root=args.data_root, dataset=args.dataset, init=args.init,
                              resume=args.resume, out_dir=args.out or Path("runs") / args.stage,
                              max_steps=args.max_steps)

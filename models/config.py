@@ -161,6 +161,20 @@ def load_config(path: str | Path, overrides: dict | None = None) -> StageConfig:
     return parse_config(raw, str(path))
 
 
+def parse_overrides(pairs: list[str]) -> dict:
+    """Command-line `KEY=VALUE` settings (dotted keys, values read as YAML) -> load_config's overrides."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"a setting must be KEY=VALUE (e.g. trainer.max_steps=5), got {pair!r}")
+        try:
+            out[key] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"setting {pair!r}: the value is not valid YAML: {err}") from None
+    return out
+
+
 def as_config(config: StageConfig | dict | str | Path) -> StageConfig:
     if isinstance(config, StageConfig):
         return config
