@@ -1,5 +1,8 @@
 """Training on a CUDA GPU: FSDP from config (with EMA and exact resume), bf16, channels_last, compile.
 
+(test_models_stages.py checks FSDP's numbers against DDP's exactly, on two CPU processes in float32;
+here FSDP runs on CUDA with bf16 parameter copies.)
+
 Skipped without a GPU (CI has none); run on a GPU host with `pytest -m gpu`.
 """
 from pathlib import Path
@@ -10,7 +13,7 @@ import torch
 
 from data_prep.synthetic import write_synthetic_dataset
 from models.config import load_config
-from models.stages import build_stage, load_stage, read_checkpoint
+from models.stages import build_stage, init_from_checkpoint, load_stage, read_checkpoint
 from models.train import train_stage
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,16 +43,21 @@ def test_fsdp_trains_like_one_device_and_resumes(data_root, tmp_path):
     FSDP along the same path as without it, writes plain checkpoints with the EMA, and resumes.
     (FSDP's bf16-mixed keeps bf16 parameter copies, plain bf16-mixed autocasts fp32 ones: the two
     updates agree in direction and size, not bit for bit.)"""
+    # inflated from a trained image decoder: from scratch, the zero-initialised (and frozen) output
+    # conv would keep every gradient but its own at zero
+    image = train_stage("decoder", tiny("decoder", mode="image"), data_root=data_root, dataset="shapes",
+                        out_dir=tmp_path / "image", max_steps=2).checkpoint
     common = {"data.shuffle_buffer": 0, "trainer.ema_decay": 0.5, "trainer.precision": "bf16-mixed"}
     cfg_plain = tiny("decoder", **common)
     L.seed_everything(cfg_plain.trainer.seed, workers=True, verbose=False)  # as train_stage does: same init
-    init = {f"net.{n}": p.detach().clone() for n, p in build_stage(cfg_plain).net.named_parameters()
-            if p.requires_grad}
+    module = build_stage(cfg_plain)
+    init_from_checkpoint(module, image)
+    init = {f"net.{n}": p.detach().clone() for n, p in module.net.named_parameters() if p.requires_grad}
     plain = train_stage("decoder", cfg_plain, data_root=data_root, dataset="shapes", out_dir=tmp_path / "plain",
-                        max_steps=3)
+                        init=image, max_steps=3)
     cfg = tiny("decoder", **common, **{"trainer.strategy": "fsdp"})
     sharded = train_stage("decoder", cfg, data_root=data_root, dataset="shapes", out_dir=tmp_path / "fsdp",
-                          max_steps=3)
+                          init=image, max_steps=3)
     assert sharded.global_step == 3
     a, b = read_checkpoint(plain.checkpoint), read_checkpoint(sharded.checkpoint)
     assert a["state_dict"].keys() == b["state_dict"].keys()  # FSDP wrappers left no trace in the names

@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import Callback
 from data_prep.synthetic import write_synthetic_dataset
 from models.config import ConfigError, load_config
 from models.data import DataError, StageDataModule, draw_stride
-from models.stages import CheckpointError, load_stage, read_checkpoint
+from models.stages import CheckpointError, build_stage, load_stage, read_checkpoint
 from models.train import train_stage
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -253,15 +253,21 @@ def check_ddp_ranks(out):
     assert (out / "checkpoints" / "last.ckpt").exists()
 
 
-@pytest.mark.slow
-def test_ddp_on_two_processes_splits_the_data_and_keeps_weights_in_sync(data_root, tmp_path):
+def run_probe(data_root, out, *args, env=None, wait=True):
+    """tests/dist_probe.py: training on two CPU processes (Lightning starts the second)."""
     import subprocess
     import sys
 
-    probe = ROOT / "tests" / "ddp_probe.py"
-    done = subprocess.run([sys.executable, str(probe), str(data_root), "shapes", str(tmp_path)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    cmd = [sys.executable, str(ROOT / "tests" / "dist_probe.py"), str(data_root), "shapes", str(out), *args]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if wait:
+        assert proc.wait(timeout=600) == 0, proc.stderr.read()[-3000:]
+    return proc
+
+
+@pytest.mark.slow
+def test_ddp_on_two_processes_splits_the_data_and_keeps_weights_in_sync(data_root, tmp_path):
+    run_probe(data_root, tmp_path)
     check_ddp_ranks(tmp_path)
 
 
@@ -271,22 +277,59 @@ def test_ddp_on_two_nodes_launched_like_a_cluster(data_root, tmp_path):
     and the master's address, as SLURM-less clusters (and torchrun users) launch them."""
     import os
     import socket
-    import subprocess
-    import sys
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    probe = ROOT / "tests" / "ddp_probe.py"
     nodes = []
     for node_rank in (0, 1):
         env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "NODE_RANK": str(node_rank)}
         env.pop("LOCAL_RANK", None)
-        nodes.append(subprocess.Popen([sys.executable, str(probe), str(data_root), "shapes", str(tmp_path), "2"],
-                                      cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+        nodes.append(run_probe(data_root, tmp_path, "--nodes", "2", env=env, wait=False))
     errors = [node.communicate(timeout=600)[1] for node in nodes]
     assert all(node.returncode == 0 for node in nodes), "\n".join(e[-2000:] for e in errors)
     check_ddp_ranks(tmp_path)
+
+
+@pytest.mark.slow
+def test_fsdp_on_two_processes_trains_as_ddp_does_and_resumes(data_root, tmp_path):
+    """trainer.strategy fsdp: torch's FSDP shards the video decoder over two CPU processes (gloo);
+    the GPU test repeats this on CUDA. Same data, same float32 maths as DDP, so the weights must
+    agree: the gradient clipping (a tiny limit, so it clips every step) needs the norm over both
+    ranks' shards, the EMA averages each rank's shards, and the checkpoint gathers both. Frozen
+    spatial layers (video mode) sit beside the trained temporal ones, and gradient checkpointing is on."""
+    # inflated from a trained image decoder: from scratch, the zero-initialised (and frozen) output
+    # conv would keep every gradient but its own at zero
+    image = train_stage("decoder", tiny("decoder", mode="image"), data_root=data_root, dataset="shapes",
+                        out_dir=tmp_path / "image", max_steps=2)
+    settings = ["--set", "mode=video", "trainer.grad_clip=0.001", "trainer.ema_decay=0.5",
+                "unet.grad_checkpoint=true"]
+    for strategy in ("ddp", "fsdp"):
+        run_probe(data_root, tmp_path / strategy, "--strategy", strategy, "--steps", "3", "--init",
+                  str(image.checkpoint), *settings)
+    ddp, fsdp = (read_checkpoint(tmp_path / s / "checkpoints" / "last.ckpt") for s in ("ddp", "fsdp"))
+    for key in ("current_model_state", "state_dict"):  # raw and EMA weights
+        assert fsdp[key].keys() == ddp[key].keys()  # FSDP's wrappers left no trace in the names
+        for name, value in ddp[key].items():
+            torch.testing.assert_close(fsdp[key][name], value, rtol=1e-5, atol=1e-6, msg=f"{key} {name}")
+    # Adam's moments: the clipped gradients' scale shows here (Adam's steps hardly depend on it).
+    # DDP numbers the optimizer's parameters, FSDP all of the module's
+    names = [n for n, _ in build_stage(tiny("decoder", mode="video")).named_parameters()]
+    trained = [n for n in names if "temporal" in n]
+    for i, name in enumerate(trained):
+        for moment, value in ddp["optimizer_states"][0]["state"][i].items():
+            torch.testing.assert_close(fsdp["optimizer_states"][0]["state"][names.index(name)][moment], value,
+                                       rtol=1e-4, atol=1e-12, msg=f"{moment} {name}")
+    assert any(not torch.equal(ddp["state_dict"][n], ddp["current_model_state"][n]) for n in trained)  # EMA lags
+    load_stage(tmp_path / "fsdp" / "checkpoints" / "last.ckpt", "decoder")  # a plain module's checkpoint
+
+    for strategy in ("ddp", "fsdp"):  # --resume: FSDP loads the raw weights, EMA and optimizer state back
+        run_probe(data_root, tmp_path / strategy, "--strategy", strategy, "--steps", "5", "--resume", *settings)
+    ddp, fsdp = (read_checkpoint(tmp_path / s / "checkpoints" / "last.ckpt") for s in ("ddp", "fsdp"))
+    assert fsdp["global_step"] == ddp["global_step"] == 5
+    for key in ("current_model_state", "state_dict"):
+        for name, value in ddp[key].items():
+            torch.testing.assert_close(fsdp[key][name], value, rtol=1e-5, atol=1e-6, msg=f"resumed {key} {name}")
 
 
 class RecordCompiled(Callback):
