@@ -81,13 +81,13 @@ class ShardedEMA(Callback):
             self._resumed = checkpoint["state_dict"]
             pl_module.load_state_dict(checkpoint["current_model_state"])
         else:  # FSDP restores after sharding and consumes `state_dict`: the local shards now hold the EMA
-            from lightning.fabric.strategies.model_parallel import (
-                _load_raw_module_state,  # FSDP's own loader
-            )
+            from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
             self._resumed = [p.detach().clone() for p in pl_module.parameters() if p.requires_grad]
-            _load_raw_module_state(checkpoint["current_model_state"], module=trainer.strategy.model,
-                                   world_size=trainer.world_size)
+            model = trainer.strategy.model  # each rank reads the whole state and keeps its shards
+            with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT, FullStateDictConfig(rank0_only=False)):
+                model.load_state_dict(checkpoint["current_model_state"])
 
     @torch.no_grad()
     def _swap(self):

@@ -73,11 +73,9 @@ def _full_state_dict_on_cpu(module, world_size, rank0_only=True):
 
 
 def cpu_fsdp() -> FSDPStrategy:
-    import lightning.fabric.strategies.model_parallel as fabric_model_parallel
     import lightning.pytorch.strategies.fsdp as pytorch_fsdp
 
     pytorch_fsdp._get_full_state_dict_context = _full_state_dict_on_cpu
-    fabric_model_parallel._get_full_state_dict_context = _full_state_dict_on_cpu
     return fsdp_strategy(CPUFSDPStrategy)
 
 
