@@ -51,7 +51,7 @@ def run_train(args) -> int:
         result = train_stage(args.stage, config, data_root=args.data_root, dataset=args.dataset, init=args.init,
                              resume=args.resume, out_dir=args.out or Path("runs") / args.stage,
                              max_steps=args.max_steps)
-    except (ConfigError, DataError, CheckpointError, FileNotFoundError, ValueError) as err:
+    except (ConfigError, DataError, CheckpointError, FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"{result.stage}: step {result.global_step}, loss {result.train_loss:.4f}, checkpoint {result.checkpoint}")

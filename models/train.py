@@ -67,8 +67,12 @@ def build_trainer(cfg: StageConfig, out_dir: Path, *, logger=None, callbacks=Non
     tc = cfg.trainer
     cuda = torch.cuda.is_available() and tc.accelerator in ("auto", "gpu", "cuda")
     precision = tc.precision if tc.precision != "auto" else ("bf16-mixed" if cuda else "32-true")
+    # no version counter: it writes `last-v1.ckpt` beside an existing `last.ckpt` whenever the run folder
+    # was moved since the checkpoint (Lightning compares absolute paths), and --resume would then
+    # continue from the stale one. train_stage refuses a fresh run in a folder that has a last.ckpt
     checkpoint = StepCheckpoint(dirpath=out_dir / "checkpoints", filename="step{step:07d}", auto_insert_metric_name=False,
-                                every_n_train_steps=tc.checkpoint_every, save_last=True, save_top_k=1)
+                                every_n_train_steps=tc.checkpoint_every, save_last=True, save_top_k=1,
+                                enable_version_counter=False)
     cbs: list[Callback] = [checkpoint, *(callbacks or [])]
     if tc.ema_decay > 0:
         cbs.append(ShardedEMA(tc.ema_decay))
@@ -96,6 +100,8 @@ def train_stage(stage: str, config: StageConfig | dict | str | Path, *, data_roo
     last = out_dir / "checkpoints" / "last.ckpt"
     if resume and not last.exists():
         raise FileNotFoundError(f"--resume: no {last} to continue from")
+    if not resume and last.exists():
+        raise FileExistsError(f"{last} is an earlier run's: pass --resume to continue it, or another --out")
 
     datamodule = StageDataModule(cfg, data_root, dataset, version).check()
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)

@@ -132,14 +132,19 @@ class RecordStart(Callback):
 
 
 def test_resume_continues_at_same_step_with_same_optimizer_state(data_root, tmp_path):
+    """Also after the run folder moved (another mount point, a copy): the checkpoint names its
+    old path, and the new `last.ckpt` must still replace the one resumed from."""
     cfg = tiny("prior", **{"trainer.ema_decay": 0.9})
-    first = train_stage("prior", cfg, data_root=data_root, dataset="shapes", out_dir=tmp_path, max_steps=3)
+    first = train_stage("prior", cfg, data_root=data_root, dataset="shapes", out_dir=tmp_path / "run", max_steps=3)
     assert first.global_step == 3
     saved = read_checkpoint(first.checkpoint)
+    (tmp_path / "run").rename(tmp_path / "moved")
     record = RecordStart()
-    second = train_stage("prior", cfg, data_root=data_root, dataset="shapes", out_dir=tmp_path, resume=True,
-                         max_steps=5, callbacks=[record])
+    second = train_stage("prior", cfg, data_root=data_root, dataset="shapes", out_dir=tmp_path / "moved",
+                         resume=True, max_steps=5, callbacks=[record])
     assert record.step == 3 and second.global_step == 5
+    assert read_checkpoint(second.checkpoint)["global_step"] == 5
+    assert not list((tmp_path / "moved" / "checkpoints").glob("last-v*"))
     saved_opt = saved["optimizer_states"][0]
     assert record.optimizer["state"].keys() == saved_opt["state"].keys()
     for k, state in saved_opt["state"].items():
@@ -213,6 +218,10 @@ def test_bad_input_fails_before_training(data_root, tmp_path, chain):
         run("decoder", tiny("decoder"), data_root=tmp_path / "empty", dataset="none")
     with pytest.raises(FileNotFoundError, match="resume"):
         run("decoder", tiny("decoder"), resume=True)
+    done = chain["decoder"].checkpoint
+    with pytest.raises(FileExistsError, match="earlier run's: pass --resume"):  # would hide that run's last.ckpt
+        train_stage("decoder", tiny("decoder"), data_root=data_root, dataset="shapes", out_dir=done.parent.parent)
+    assert read_checkpoint(done)["global_step"] == STEPS
     assert not (tmp_path / "bad" / "checkpoints").exists()
 
 
