@@ -117,6 +117,23 @@ class DiffusionStage(L.LightningModule):
         else:
             self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
+    def on_save_checkpoint(self, checkpoint):
+        """Optimizer state numbered as FSDP numbers it, by position among all the module's parameters
+        (frozen ones included) rather than among the optimizer's, so a checkpoint resumes under any
+        strategy: FSDP maps the numbers to names by that position (a frozen spatial layer would get
+        a temporal layer's moments), a plain optimizer by the order of the saved groups."""
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        if isinstance(self.trainer.strategy, FSDPStrategy) or "optimizer_states" not in checkpoint:
+            return
+        position = {id(p): i for i, p in enumerate(self.parameters())}
+        for optimizer, state in zip(self.trainer.optimizers, checkpoint["optimizer_states"]):
+            params = [p for group in optimizer.param_groups for p in group["params"]]  # saved as 0, 1, ...
+            renumber = {i: position[id(p)] for i, p in enumerate(params)}
+            state["state"] = {renumber[i]: v for i, v in state["state"].items()}
+            for group in state["param_groups"]:
+                group["params"] = [renumber[i] for i in group["params"]]
+
     def configure_optimizers(self):
         tc = self.config.trainer
         params = [p for p in self.parameters() if p.requires_grad]
