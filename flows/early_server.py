@@ -5,6 +5,15 @@ runs: it imports its server module in our process (~2.5 s) and then waits for th
 server to boot (~5 s), all before any work. `mav` instead starts the same server (the
 command and flags Prefect's SubprocessASGIServer uses) as its first act, so the boot
 overlaps the imports, and points the flow at it once the imports are done.
+
+Where it differs from SubprocessASGIServer, on purpose: it passes no settings in the
+child's environment (Prefect's settings are not loaded yet; the child reads the same
+profile, prefect.toml and environment itself) and no `--app-dir` (that would need
+Prefect's path: the child imports it from the same environment); it starts before the
+arguments are parsed (parsing imports the command's module, the import it overlaps, so a
+mistyped flag costs a server start and stop); and it tries another port only when the log
+says the address was in use, not on uvicorn's exit status 3, which every start-up failure
+gives (a database that cannot open would be retried until the timeout).
 """
 from __future__ import annotations
 
