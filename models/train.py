@@ -41,17 +41,17 @@ class StepCheckpoint(ModelCheckpoint):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
-def fsdp_strategy(cls=None, **kwargs):
+def fsdp_strategy(cls=None):
     """FSDP with one unit per U-Net block, and inside them a unit per layer that only the video
     model has: frozen spatial weights and trained temporal weights then never share a flat
-    parameter (FSDP would keep a gradient for the whole of it)."""
+    parameter (FSDP would keep a gradient for the whole of it). `cls`: an FSDPStrategy subclass."""
     from lightning.pytorch.strategies import FSDPStrategy
 
     from models.layers import ScalarEmbedding, TemporalAttention, TemporalConv
     from models.unet import AttentionBlock, ResBlock
 
     units = {ResBlock, AttentionBlock, TemporalConv, TemporalAttention, ScalarEmbedding}
-    return (cls or FSDPStrategy)(auto_wrap_policy=units, activation_checkpointing_policy=None, **kwargs)
+    return (cls or FSDPStrategy)(auto_wrap_policy=units, activation_checkpointing_policy=None)
 
 
 def _strategy(name: str):

@@ -262,16 +262,27 @@ def check_ddp_ranks(out):
     assert (out / "checkpoints" / "last.ckpt").exists()
 
 
-def run_probe(data_root, out, *args, env=None, wait=True):
-    """tests/dist_probe.py: training on two CPU processes (Lightning starts the second)."""
+def run_probe(data_root, out, *args, nodes=1):
+    """tests/dist_probe.py: training on two CPU processes. One node: Lightning starts the second
+    process. Two nodes: each is started by hand with its NODE_RANK and the master's address, as
+    SLURM-less clusters (and torchrun users) launch them."""
+    import os
+    import socket
     import subprocess
     import sys
 
-    cmd = [sys.executable, str(ROOT / "tests" / "dist_probe.py"), str(data_root), "shapes", str(out), *args]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    if wait:
-        assert proc.wait(timeout=600) == 0, proc.stderr.read()[-3000:]
-    return proc
+    cmd = [sys.executable, str(ROOT / "tests" / "dist_probe.py"), str(data_root), "shapes", str(out), *args,
+           "--nodes", str(nodes)]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    envs = [None] if nodes == 1 else [
+        {**{k: v for k, v in os.environ.items() if k != "LOCAL_RANK"},
+         "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "NODE_RANK": str(rank)} for rank in range(nodes)]
+    procs = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for env in envs]
+    errors = [proc.communicate(timeout=600)[1] for proc in procs]
+    assert all(proc.returncode == 0 for proc in procs), "\n".join(e[-3000:] for e in errors)
 
 
 @pytest.mark.slow
@@ -282,31 +293,19 @@ def test_ddp_on_two_processes_splits_the_data_and_keeps_weights_in_sync(data_roo
 
 @pytest.mark.slow
 def test_ddp_on_two_nodes_launched_like_a_cluster(data_root, tmp_path):
-    """trainer.num_nodes: two 'nodes' of one process each, each started by hand with its NODE_RANK
-    and the master's address, as SLURM-less clusters (and torchrun users) launch them."""
-    import os
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    nodes = []
-    for node_rank in (0, 1):
-        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "NODE_RANK": str(node_rank)}
-        env.pop("LOCAL_RANK", None)
-        nodes.append(run_probe(data_root, tmp_path, "--nodes", "2", env=env, wait=False))
-    errors = [node.communicate(timeout=600)[1] for node in nodes]
-    assert all(node.returncode == 0 for node in nodes), "\n".join(e[-2000:] for e in errors)
+    """trainer.num_nodes: two 'nodes' of one process each."""
+    run_probe(data_root, tmp_path, nodes=2)
     check_ddp_ranks(tmp_path)
 
 
 @pytest.mark.slow
-def test_fsdp_on_two_processes_trains_as_ddp_does_and_resumes(data_root, tmp_path):
+def test_fsdp_trains_as_ddp_does_and_resumes_across_strategies_and_nodes(data_root, tmp_path):
     """trainer.strategy fsdp: torch's FSDP shards the video decoder over two CPU processes (gloo);
     the GPU test repeats this on CUDA. Same data, same float32 maths as DDP, so the weights must
     agree: the gradient clipping (a tiny limit, so it clips every step) needs the norm over both
     ranks' shards, the EMA averages each rank's shards, and the checkpoint gathers both. Frozen
-    spatial layers (video mode) sit beside the trained temporal ones, and gradient checkpointing is on."""
+    spatial layers (video mode) sit beside the trained temporal ones, and gradient checkpointing is
+    on. Then each resumes from the other's checkpoint, FSDP over two 'nodes' of one process each."""
     # inflated from a trained image decoder: from scratch, the zero-initialised (and frozen) output
     # conv would keep every gradient but its own at zero
     image = train_stage("decoder", tiny("decoder", mode="image"), data_root=data_root, dataset="shapes",
@@ -337,8 +336,9 @@ def test_fsdp_on_two_processes_trains_as_ddp_does_and_resumes(data_root, tmp_pat
     # FSDP loads the raw weights, EMA and optimizer state of a DDP checkpoint, DDP those FSDP wrote
     (tmp_path / "ddp").rename(tmp_path / "ddp_then_fsdp")
     (tmp_path / "fsdp").rename(tmp_path / "fsdp_then_ddp")
-    for strategy, out in (("fsdp", "ddp_then_fsdp"), ("ddp", "fsdp_then_ddp")):
-        run_probe(data_root, tmp_path / out, "--strategy", strategy, "--steps", "5", "--resume", *settings)
+    run_probe(data_root, tmp_path / "ddp_then_fsdp", "--strategy", "fsdp", "--steps", "5", "--resume", *settings,
+              nodes=2)
+    run_probe(data_root, tmp_path / "fsdp_then_ddp", "--strategy", "ddp", "--steps", "5", "--resume", *settings)
     ddp, fsdp = (read_checkpoint(tmp_path / s / "checkpoints" / "last.ckpt") for s in ("fsdp_then_ddp", "ddp_then_fsdp"))
     assert fsdp["global_step"] == ddp["global_step"] == 5
     for key in ("current_model_state", "state_dict"):
