@@ -104,3 +104,23 @@ def test_pipeline_exits_when_its_flow_is_done(tmp_path, video_dir):
     assert process.wait(timeout=60) == 0
     assert finished_at is not None
     assert time.monotonic() - finished_at < 30, "mav kept running long after its flow had finished"
+
+
+def test_train_command_trains_refuses_a_used_folder_and_resumes(tmp_path, capsys):
+    """`mav train` in-process (it runs no flow, so no server): each error is one line and exit 2."""
+    from data_prep.synthetic import write_synthetic_dataset
+    from flows.cli import main
+    from models.stages import read_checkpoint
+
+    write_synthetic_dataset(tmp_path / "data", "shapes", num_clips=4, frames=12, size=32, fps=12)
+    out = tmp_path / "prior"
+    base = ["train", "prior", "--config", str(REPO / "configs" / "tiny" / "prior.yaml"), "--data-root",
+            str(tmp_path / "data"), "--dataset", "shapes", "--out", str(out)]
+    assert main([*base, "--max-steps", "2"]) == 0
+    assert "prior: step 2" in capsys.readouterr().out
+    assert main([*base, "--max-steps", "4"]) == 2  # would have hidden the first run's last.ckpt
+    assert "last.ckpt is an earlier run's: pass --resume" in capsys.readouterr().err
+    assert main([*base, "--max-steps", "4", "--set", "trainer.lr"]) == 2
+    assert "a setting must be KEY=VALUE" in capsys.readouterr().err
+    assert main([*base, "--max-steps", "4", "--resume"]) == 0
+    assert read_checkpoint(out / "checkpoints" / "last.ckpt")["global_step"] == 4
