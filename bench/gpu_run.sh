@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One prepared GPU session (device tool, about 9.5 minutes on an H100): the FSDP GPU test, then
 # the base decoder's MFU compiled block by block, channels_last (with a profile) and NCHW.
-# Expects wheels for what the CUDA image lacks in .whl/ (pydantic, pydantic_core, annotated-types, typing-inspection, diffusers, av, webdataset,
-# braceexpand, importlib_metadata, zipp). Results and their dates: bench/RESULTS.md.
+# Expects wheels for what the CUDA image lacks in .whl/ (pydantic, pydantic_core,
+# annotated-types, typing-inspection, diffusers, av, webdataset, braceexpand, importlib_metadata,
+# zipp). Results and their dates: bench/RESULTS.md.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
