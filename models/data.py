@@ -2,7 +2,9 @@
 
 Video comes from `DATA_ROOT/datasets/NAME` (docs/dataset-format.md): the WebDataset
 shards (streamed, shuffled per shard and in a buffer) or the manifest's clip files
-(random access). PyAV decodes in the DataLoader's worker processes. Each sample is
+(a new shuffled order every pass). PyAV decodes in the DataLoader's worker processes.
+Every source is an endless, reproducible stream that a resumed run continues
+(`SampleStream`). Each sample is
 a random window: `frames` frames at a random stride that realises a target fps drawn
 from a Beta distribution over `fps_range`; the stride fps is returned for conditioning.
 Image-mode stages get one random frame per clip. Resize: short side to `size`, then a
@@ -13,6 +15,8 @@ the window, no captions for the prior) raises DataError in `check()`, before tra
 """
 from __future__ import annotations
 
+import hashlib
+import itertools
 import random
 import warnings
 from pathlib import Path
@@ -23,7 +27,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import DataLoader, IterableDataset
 
 from models.config import StageConfig
 from models.video_io import read_frames
@@ -87,36 +91,84 @@ class ClipSampler:
         return sample
 
 
-def _rng() -> random.Random:
-    # seeded from torch's per-worker seed (Lightning's seed_everything(workers=True))
-    return random.Random(torch.initial_seed() + random.getrandbits(32))
+def stream_seed(*parts) -> int:
+    """A seed that depends on `parts` only (not on process, worker or hash randomisation)."""
+    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "little")
 
 
-class ClipFiles(Dataset):
-    def __init__(self, rows: list[dict], sampler: ClipSampler):
-        self.rows, self.sampler = rows, sampler
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, i):
-        row = self.rows[i]
-        return self.sampler(row["clip_abspath"], row, _rng())
-
-
-def reader_part() -> tuple[int, int]:
-    """This reader's index and the number of readers: DDP ranks x DataLoader workers."""
+def readers() -> tuple[int, int, int, int]:
+    """(DDP rank, world size, DataLoader worker, workers) of the calling reader."""
     import torch.distributed as dist
 
     distributed = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     info = torch.utils.data.get_worker_info()
     worker, workers = (info.id, info.num_workers) if info else (0, 1)
-    return rank * workers + worker, world * workers
+    return rank, world, worker, workers
 
 
-class ClipShards(IterableDataset):
-    """WebDataset shards of <clip_id>.mp4 + <clip_id>.json, split over ranks and workers, repeated.
+class SampleStream(IterableDataset):
+    """An endless stream per reader (DDP rank x DataLoader worker) that can resume where it was.
+
+    The order and each sample's randomness (window, stride, crop) follow from the seed, the
+    reader and the sample's position only. A resumed run sets `resume_batches` (the batches
+    its rank trained on) and every reader skips what it already gave, before decoding it: the
+    run goes on with the samples, windows and crops the uninterrupted run would have drawn,
+    instead of replaying the start of the stream. Subclasses give `items` (cheap: rows or
+    undecoded samples) and `load` (the decode)."""
+
+    seed, resume_batches, batch_size = 0, 0, 1
+
+    def items(self, part: int, parts: int):
+        raise NotImplementedError
+
+    def load(self, item, rng: random.Random) -> dict:
+        raise NotImplementedError
+
+    def __iter__(self):
+        rank, world, worker, workers = readers()
+        # the DataLoader takes batch i from worker i % workers, counting from 0 again after a resume:
+        # so this worker plays the part of the one that would have made the next batch, and skips
+        # the samples that part gave to the batches already trained on
+        done = self.resume_batches
+        role = (worker + done) % workers
+        part, parts = rank * workers + role, world * workers
+        skip = (done // workers + (role < done % workers)) * self.batch_size
+        for position, item in enumerate(self.items(part, parts)):
+            if position >= skip:
+                yield self.load(item, random.Random(stream_seed(self.seed, part, position)))
+
+
+class RowStream(SampleStream):
+    """Rows in a new shuffled order every pass (the same order for every reader), each reader
+    keeping every n-th: readers never share a sample, however few rows there are."""
+
+    def __init__(self, rows: list):
+        self.rows = rows
+
+    def items(self, part: int, parts: int):
+        return itertools.islice(self._passes(), part, None, parts)
+
+    def _passes(self):
+        for epoch in itertools.count():
+            order = list(range(len(self.rows)))
+            random.Random(stream_seed(self.seed, "epoch", epoch)).shuffle(order)
+            yield from (self.rows[i] for i in order)
+
+
+class ClipFiles(RowStream):
+    """The manifest's clip files (data.source: clips)."""
+
+    def __init__(self, rows: list[dict], sampler: ClipSampler):
+        super().__init__(rows)
+        self.sampler = sampler
+
+    def load(self, row: dict, rng: random.Random) -> dict:
+        return self.sampler(row["clip_abspath"], row, rng)
+
+
+class ClipShards(SampleStream):
+    """WebDataset shards of <clip_id>.mp4 + <clip_id>.json, split over readers, pass after pass.
 
     Each reader takes its own shards; with fewer shards than readers (small datasets,
     many GPUs) every reader streams all shards in the same order and keeps every n-th
@@ -127,38 +179,49 @@ class ClipShards(IterableDataset):
         # clips filtered out); a shard sample whose id is not in it is skipped
         self.shards, self.sampler, self.rows, self.buffer = shards, sampler, rows, buffer
 
-    def __iter__(self):
+    def items(self, part: int, parts: int):
         import webdataset as wds
 
-        rng = _rng()
-        part, parts = reader_part()
-        by_shard = len(self.shards) >= parts
-        shards = self.shards[part::parts] if by_shard else self.shards
-        pipeline = wds.WebDataset(shards, shardshuffle=len(shards) if by_shard else False, nodesplitter=None,
-                                  workersplitter=None, empty_check=False, repeat=True)
-        pipeline = pipeline.select(lambda s: s["__key__"] in self.rows)
-        if not by_shard:
-            pipeline = pipeline.slice(part, None, parts)
-        for s in pipeline.shuffle(self.buffer, rng=rng):
-            yield self.sampler(s["mp4"], self.rows[s["__key__"]], rng)
+        if len(self.shards) >= parts:
+            samples = self._passes(self.shards[part::parts], shuffle_seed=stream_seed(self.seed, part))
+        else:
+            samples = itertools.islice(self._passes(self.shards, shuffle_seed=None), part, None, parts)
+        if self.buffer < 1:
+            return samples
+        return wds.filters.shuffle(self.buffer, rng=random.Random(stream_seed(self.seed, part, "buffer")))(samples)
+
+    def _passes(self, shards: list[str], shuffle_seed: int | None):
+        """The manifest's samples of `shards`, pass after pass (in a new shard order each, if seeded)."""
+        import webdataset as wds
+
+        for epoch in itertools.count():
+            found = False
+            shuffle = len(shards) if shuffle_seed is not None else False
+            for sample in wds.WebDataset(shards, shardshuffle=shuffle, nodesplitter=None, workersplitter=None,
+                                         empty_check=False, seed=stream_seed(shuffle_seed, epoch)):
+                if sample["__key__"] in self.rows:
+                    found = True
+                    yield sample
+            if not found:  # an endless stream would wait forever
+                raise DataError(f"none of the manifest's {len(self.rows)} clips is in the shards {shards}")
+
+    def load(self, sample: dict, rng: random.Random) -> dict:
+        return self.sampler(sample["mp4"], self.rows[sample["__key__"]], rng)
 
 
-class ImageText(Dataset):
+class ImageText(RowStream):
     """Folder of images with same-named .txt captions (the prior's image-text pairs)."""
 
     def __init__(self, pairs: list[tuple[Path, str]], size: int):
-        self.pairs, self.size = pairs, size
+        super().__init__(pairs)
+        self.size = size
 
-    def __len__(self):
-        return len(self.pairs)
-
-    def __getitem__(self, i):
+    def load(self, pair: tuple[Path, str], rng: random.Random) -> dict:
         from PIL import Image
 
-        path, caption = self.pairs[i]
+        path, caption = pair
         image = np.asarray(Image.open(path).convert("RGB"))[None]
-        return {"image": resize_crop(image, self.size, _rng())[:, 0], "caption": caption,
-                "fps": torch.tensor(0.0)}
+        return {"image": resize_crop(image, self.size, rng)[:, 0], "caption": caption, "fps": torch.tensor(0.0)}
 
 
 def image_text_pairs(path: Path) -> list[tuple[Path, str]]:
@@ -191,7 +254,7 @@ class StageDataModule(L.LightningDataModule):
         self.data_root = Path(data_root) if data_root else None
         self.dataset_name = dataset
         self.version = version
-        self.train_set: Dataset | IterableDataset | None = None
+        self.train_set: SampleStream | None = None
 
     def check(self) -> "StageDataModule":
         """Resolve and validate the data; every problem is a DataError raised here, before training."""
@@ -256,9 +319,9 @@ class StageDataModule(L.LightningDataModule):
     def train_dataloader(self):
         if self.train_set is None:
             self.check()
-        data = self.config.data
-        iterable = isinstance(self.train_set, IterableDataset)
-        return DataLoader(self.train_set, batch_size=data.batch_size, shuffle=not iterable,
-                          num_workers=data.num_workers, persistent_workers=data.num_workers > 0,
-                          drop_last=not iterable and len(self.train_set) >= data.batch_size,
-                          pin_memory=torch.cuda.is_available())
+        data, trainer = self.config.data, self.trainer
+        self.train_set.seed, self.train_set.batch_size = self.config.trainer.seed, data.batch_size
+        # on --resume Lightning has restored the step before it asks for the data
+        self.train_set.resume_batches = trainer.global_step * trainer.accumulate_grad_batches if trainer else 0
+        return DataLoader(self.train_set, batch_size=data.batch_size, num_workers=data.num_workers,
+                          persistent_workers=data.num_workers > 0, pin_memory=torch.cuda.is_available())

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from models.config import StageConfig, as_config
+from models.data import stream_seed
 from models.diffusion import Diffusion, guided
 from models.inflate import misfits, widen_input
 from models.prior import DiffusionPrior
@@ -99,6 +100,17 @@ class DiffusionStage(L.LightningModule):
         if "extra" in cond:
             x_t = torch.cat([x_t, cond["extra"].to(x_t.dtype)], dim=1)
         return self.net(x_t, t, cond.get("image_emb"), cond.get("fps"))
+
+    def on_train_start(self):
+        self.batches_seen = self.trainer.global_step * self.trainer.accumulate_grad_batches
+
+    def on_train_batch_start(self, batch, batch_idx):
+        # noise, timesteps, condition dropout and masks follow from (seed, rank, batch): a resumed
+        # run draws what the uninterrupted one would have, and each rank draws its own
+        seed = stream_seed(self.config.trainer.seed, self.global_rank, self.batches_seen)
+        torch.manual_seed(seed)
+        random.seed(seed)
+        self.batches_seen += 1
 
     def training_step(self, batch, batch_idx):
         x0, cond = self.conditioning(batch)

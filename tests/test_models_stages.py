@@ -71,6 +71,15 @@ def test_readers_split_one_shard_without_overlap(data_root):
     assert sorted(seen) == sorted(dm.train_set.rows)  # 8 clips, 8 distinct
 
 
+def test_shards_without_any_manifest_clip_are_an_error_not_a_hang(data_root):
+    from models.data import ClipShards
+
+    dm = StageDataModule(tiny("decoder"), data_root, "shapes").check()
+    stream = ClipShards(dm.train_set.shards, dm.train_set.sampler, {"not-a-clip": {}}, buffer=0)
+    with pytest.raises(DataError, match="none of the manifest's 1 clips is in the shards"):
+        next(iter(stream))
+
+
 def test_stride_realises_fps_and_fits_the_clip():
     import random
 
@@ -152,6 +161,27 @@ def test_resume_continues_at_same_step_with_same_optimizer_state(data_root, tmp_
         assert int(record.optimizer["state"][k]["step"]) == 3
     for k, v in saved["current_model_state"].items():  # raw (not EMA) weights are what training continues
         assert torch.equal(record.weights[k], v), k
+
+
+@pytest.mark.parametrize("source,workers", [("shards", 0), ("clips", 2)])
+def test_resumed_training_is_the_uninterrupted_training(data_root, tmp_path, source, workers):
+    """--resume goes on with the samples, windows, crops, noise and timesteps that the uninterrupted
+    run drew (it replayed the start of the data stream and of the random numbers): the same weights
+    and EMA, bit for bit, from the shards and from the clip files, in one process or two workers."""
+    cfg = tiny("decoder", mode="image", **{"data.source": source, "data.num_workers": workers,
+                                           "data.batch_size": 3, "trainer.ema_decay": 0.5})
+
+    def train(name, steps, resume=False):
+        return train_stage("decoder", cfg, data_root=data_root, dataset="shapes", out_dir=tmp_path / name,
+                           max_steps=steps, resume=resume)
+
+    straight = train("straight", 5)
+    train("resumed", 3)
+    resumed = train("resumed", 5, resume=True)
+    a, b = read_checkpoint(straight.checkpoint), read_checkpoint(resumed.checkpoint)
+    for key in ("current_model_state", "state_dict"):
+        for name, value in a[key].items():
+            assert torch.equal(b[key][name], value), (key, name)
 
 
 class RecordWeights(Callback):
