@@ -2,11 +2,11 @@
 
 Video comes from `DATA_ROOT/datasets/NAME` (docs/dataset-format.md): the WebDataset
 shards (streamed, shuffled per shard and in a buffer) or the manifest's clip files
-(a new shuffled order every pass). PyAV decodes in the DataLoader's worker processes.
-Every source is an endless, reproducible stream that a resumed run continues
-(`SampleStream`). Each sample is
-a random window: `frames` frames at a random stride that realises a target fps drawn
-from a Beta distribution over `fps_range`; the stride fps is returned for conditioning.
+(a new shuffled order every pass). Every source is an endless, reproducible stream
+that a resumed run continues (`SampleStream`). PyAV decodes in the DataLoader's worker
+processes. Each sample is a random window: `frames` frames at a random stride that
+realises a target fps drawn from a Beta distribution over `fps_range`; the stride fps
+is returned for conditioning.
 Image-mode stages get one random frame per clip. Resize: short side to `size`, then a
 random (or centre) square crop.
 
