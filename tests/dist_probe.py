@@ -58,8 +58,8 @@ class CPUFSDPStrategy(FSDPStrategy):
 def _full_state_dict_on_cpu(module, world_size, rank0_only=True):
     """Lightning's full-state-dict context without `offload_to_cpu`. On CPU that "offload" copies
     nothing, so the gathered tensors stay views of buffers that FSDP frees or reuses: the weights
-    segfault (Lightning-AI/pytorch-lightning#21804) and each parameter's `exp_avg` would be
-    saved as the `exp_avg_sq` gathered after it into the same buffer."""
+    segfault (Lightning-AI/pytorch-lightning#21804), and an optimizer moment can be saved as
+    the next one gathered into the same buffer (seen: a bias's `exp_avg` saved as its `exp_avg_sq`)."""
     from torch.distributed.fsdp import (
         FullOptimStateDictConfig,
         FullStateDictConfig,
