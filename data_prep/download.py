@@ -16,7 +16,7 @@ from urllib.parse import urljoin, urlparse
 import requests
 
 from data_prep.config import VIDEO_EXTENSIONS, DownloadConfig
-from data_prep.dataset import file_lock
+from data_prep.dataset import atomic_write_bytes, file_lock
 
 CHUNK = 1 << 16  # small enough that a broken response still leaves most bytes for a resume
 
@@ -117,8 +117,10 @@ def download(url: str, raw_dir: Path, cfg: DownloadConfig) -> tuple[Path, str]:
         raise DownloadError(f"unsupported URL scheme {scheme!r} (only http, https and file)")
     partial_dir = raw_dir / ".partial"
     partial_dir.mkdir(parents=True, exist_ok=True)
+    asked = time.time()
     with _url_lock(raw_dir, url):
-        return _download(url, partial_dir / f"{_url_key(url)}.part", raw_dir, cfg)
+        return _fetched_since(raw_dir, url, asked) or _record(
+            raw_dir, url, _download(url, partial_dir / f"{_url_key(url)}.part", raw_dir, cfg))
 
 
 def _url_key(url: str) -> str:
@@ -127,8 +129,29 @@ def _url_key(url: str) -> str:
 
 def _url_lock(raw_dir: Path, url: str):
     """raw/ is shared by every dataset under DATA_ROOT: two ingests fetching one URL must not write
-    the same partial file (or yt-dlp folder) at once. The second waits, then fetches its own copy."""
+    the same partial file (or yt-dlp folder) at once. The second waits, then takes what the first
+    stored (`_fetched_since`)."""
     return file_lock(raw_dir / ".locks" / f"{_url_key(url)}.lock")
+
+
+def _record(raw_dir: Path, url: str, stored: tuple[Path, str]) -> tuple[Path, str]:
+    """Note which raw file `url` gave, for ingests that waited on its lock meanwhile."""
+    atomic_write_bytes(raw_dir / ".locks" / f"{_url_key(url)}.done", stored[0].name.encode())
+    return stored
+
+
+def _fetched_since(raw_dir: Path, url: str, since: float) -> tuple[Path, str] | None:
+    """The raw file `url` gave to a fetch that finished after `since` (while this one waited for the
+    lock), if still there. Older fetches do not count: a later ingest fetches again, as the
+    bytes behind a URL can change."""
+    record = raw_dir / ".locks" / f"{_url_key(url)}.done"
+    try:
+        if record.stat().st_mtime < since:
+            return None
+        path = raw_dir / record.read_text().strip()
+    except FileNotFoundError:
+        return None
+    return (path, path.name.split(".")[0]) if path.is_file() else None
 
 
 def _download(url: str, part: Path, raw_dir: Path, cfg: DownloadConfig) -> tuple[Path, str]:
@@ -173,7 +196,10 @@ def download_page(url: str, raw_dir: Path) -> tuple[Path, str]:
     except ImportError:
         raise DownloadError("the URL is a web page; install the 'pages' extra (yt-dlp) to fetch page URLs") from None
     work = raw_dir / ".partial" / _url_key(url)
+    asked = time.time()
     with _url_lock(raw_dir, url):
+        if fetched := _fetched_since(raw_dir, url, asked):
+            return fetched
         work.mkdir(parents=True, exist_ok=True)
         options = {"outtmpl": str(work / "video.%(ext)s"), "format": "mp4/bestvideo", "quiet": True,
                    "noprogress": True}
@@ -187,4 +213,4 @@ def download_page(url: str, raw_dir: Path) -> tuple[Path, str]:
             raise DownloadError("yt-dlp finished but wrote no file")
         stored = _store(files[0], raw_dir, files[0].suffix.lower() or ".video")
         shutil.rmtree(work, ignore_errors=True)
-        return stored
+        return _record(raw_dir, url, stored)

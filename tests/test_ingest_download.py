@@ -26,15 +26,19 @@ def test_download_is_content_addressed_and_stored_once(tmp_path, video_bytes):
 
 def test_concurrent_downloads_of_one_url_do_not_mix_their_bytes(tmp_path, video_bytes):
     """Two datasets' ingests share DATA_ROOT/raw: fetching the same URL at once must not append
-    to one partial file from two responses."""
+    to one partial file from two responses, and the one that waited takes what the other stored.
+    A later ingest fetches the URL again (the bytes behind it may have changed)."""
     from concurrent.futures import ThreadPoolExecutor
 
     with FaultServer({"/same.mkv": ("slow", video_bytes)}) as srv:
         with ThreadPoolExecutor(2) as pool:
             results = list(pool.map(lambda _: download(f"{srv.base}/same.mkv", tmp_path, FAST), range(2)))
+        assert len(srv.requests) == 1
+        later = download(f"{srv.base}/same.mkv", tmp_path, FAST)
+        assert len(srv.requests) == 2
     expected = hashlib.sha256(video_bytes).hexdigest()
-    assert [sha for _, sha in results] == [expected, expected]
-    assert results[0][0] == results[1][0] and results[0][0].read_bytes() == video_bytes
+    assert [sha for _, sha in results] == [expected, expected] and later[1] == expected
+    assert results[0][0] == results[1][0] == later[0] and results[0][0].read_bytes() == video_bytes
 
 
 def test_a_response_cut_short_is_resumed_with_range(tmp_path, video_bytes):
