@@ -16,11 +16,7 @@ from __future__ import annotations
 import torch
 from lightning.pytorch.callbacks import Callback
 
-
-def _sharded(trainer) -> bool:
-    from lightning.pytorch.strategies import FSDPStrategy
-
-    return isinstance(trainer.strategy, FSDPStrategy)
+from models.stages import sharded
 
 
 class ShardedEMA(Callback):
@@ -62,7 +58,7 @@ class ShardedEMA(Callback):
         if not self.shadow:  # outside fit: the weights already are the averaged ones
             return
         checkpoint["current_model_state"] = checkpoint["state_dict"]
-        if not _sharded(trainer):  # the parameter names are the state_dict's keys; saved before the next update
+        if not sharded(trainer):  # the parameter names are the state_dict's keys; saved before the next update
             checkpoint["state_dict"] = {**checkpoint["state_dict"], **dict(zip(self.names, self.shadow))}
             return
         self._swap()
@@ -77,7 +73,7 @@ class ShardedEMA(Callback):
         if "current_model_state" not in checkpoint:
             return  # a checkpoint written without EMA: the average starts from its weights
         # Lightning has just loaded `state_dict` (the EMA) into the model; training continues from the raw weights
-        if not _sharded(trainer):  # restored before the strategy set the model up
+        if not sharded(trainer):  # restored before the strategy set the model up
             self._resumed = checkpoint["state_dict"]
             pl_module.load_state_dict(checkpoint["current_model_state"])
         else:  # FSDP restores after sharding and consumes `state_dict`: the local shards now hold the EMA

@@ -14,7 +14,6 @@ replaced by `null_condition(cond)`: zeros, which is also what CFG dropout trains
 from __future__ import annotations
 
 import math
-import random
 from pathlib import Path
 
 import lightning as L
@@ -51,6 +50,18 @@ def drop(cond: torch.Tensor, p: float) -> torch.Tensor:
         return cond
     keep = (torch.rand(cond.shape[0], device=cond.device) >= p).to(cond.dtype)
     return cond * keep.view(-1, *([1] * (cond.ndim - 1)))
+
+
+def _draw(low: int, high: int) -> int:
+    """A random integer in [low, high] from torch's generator (the one training seeds per batch)."""
+    return int(torch.randint(low, high + 1, ()))
+
+
+def sharded(trainer: L.Trainer) -> bool:
+    """Whether the trainer shards the model (FSDP): clipping, checkpoints and EMA then differ."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    return isinstance(trainer.strategy, FSDPStrategy)
 
 
 class DiffusionStage(L.LightningModule):
@@ -105,11 +116,10 @@ class DiffusionStage(L.LightningModule):
         self.batches_seen = self.trainer.global_step * self.trainer.accumulate_grad_batches
 
     def on_train_batch_start(self, batch, batch_idx):
-        # noise, timesteps, condition dropout and masks follow from (seed, rank, batch): a resumed
-        # run draws what the uninterrupted one would have, and each rank draws its own
-        seed = stream_seed(self.config.trainer.seed, self.global_rank, self.batches_seen)
-        torch.manual_seed(seed)
-        random.seed(seed)
+        # noise, timesteps, condition dropout and masks (all from torch's generator) follow from
+        # (seed, rank, batch): a resumed run draws what the uninterrupted one would have, and each
+        # rank draws its own
+        torch.manual_seed(stream_seed(self.config.trainer.seed, self.global_rank, self.batches_seen))
         self.batches_seen += 1
 
     def training_step(self, batch, batch_idx):
@@ -120,9 +130,7 @@ class DiffusionStage(L.LightningModule):
         return loss
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
-        from torch.distributed.fsdp import FullyShardedDataParallel
-
-        if gradient_clip_val and isinstance(self.trainer.model, FullyShardedDataParallel):
+        if gradient_clip_val and sharded(self.trainer):
             # the norm over every rank's shards: only FSDP's own method computes it (Lightning's clipping
             # refuses FSDP, Lightning-AI/pytorch-lightning#19235)
             self.trainer.model.clip_grad_norm_(gradient_clip_val)
@@ -134,9 +142,7 @@ class DiffusionStage(L.LightningModule):
         (frozen ones included) rather than among the optimizer's, so a checkpoint resumes under any
         strategy: FSDP maps the numbers to names by that position (a frozen spatial layer would get
         a temporal layer's moments), a plain optimizer by the order of the saved groups."""
-        from lightning.pytorch.strategies import FSDPStrategy
-
-        if isinstance(self.trainer.strategy, FSDPStrategy) or "optimizer_states" not in checkpoint:
+        if sharded(self.trainer) or "optimizer_states" not in checkpoint:
             return
         position = {id(p): i for i, p in enumerate(self.parameters())}
         for optimizer, state in zip(self.trainer.optimizers, checkpoint["optimizer_states"]):
@@ -233,11 +239,11 @@ class InterpolationStage(DecoderStage):
         data = self.config.data
         mask = torch.zeros(b, 1, t, 1, 1, device=self.device)
         for i in range(b):
-            mode = random.choice(data.mask_modes)
+            mode = data.mask_modes[_draw(0, len(data.mask_modes) - 1)]
             if mode == "interpolate":
-                mask[i, :, :: random.randint(2, max(2, data.max_skip))] = 1
+                mask[i, :, :: _draw(2, max(2, data.max_skip))] = 1
             elif mode == "extrapolate":
-                mask[i, :, : random.randint(1, max(1, t // 2))] = 1
+                mask[i, :, : _draw(1, max(1, t // 2))] = 1
             else:
                 mask[i, :, 0] = 1
         return mask
