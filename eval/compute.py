@@ -4,6 +4,8 @@ Plain library code (no Prefect, no MLflow): the evaluate flow and the protocols 
 """
 from __future__ import annotations
 
+import os
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,10 +14,10 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from eval.clipsim import CLIPSIM, CLIPSIMResult
-from eval.fvd import FrechetVideoDistance, FVDResult
-from eval.i3d import MIN_FRAMES, I3DDetector
-from eval.inception_score import ISResult, VideoInceptionScore
+from eval.clipsim import CLIPSIM
+from eval.fvd import FrechetVideoDistance
+from eval.i3d import MIN_FRAMES
+from eval.inception_score import VideoInceptionScore
 from eval.video_io import VideoTooShort, count_frames, read_video
 
 
@@ -51,11 +53,27 @@ def read_clip(path: str | Path, spec: ClipSpec, index: int = 0) -> np.ndarray:
         return read_video(path, spec.length, spec.stride, 0)  # container over-reported its frame count
 
 
-def iter_clips(paths: Sequence[str | Path], spec: ClipSpec, workers: int = 2) -> Iterator[tuple[str, np.ndarray]]:
-    """(path, clip) in order; decoding runs ahead in threads (PyAV releases the GIL)."""
+def iter_clips(paths: Sequence[str | Path], spec: ClipSpec, workers: int | None = None,
+               ahead: int | None = None) -> Iterator[tuple[str, np.ndarray]]:
+    """(path, clip) in order; decoding runs ahead in threads (PyAV releases the GIL), at most
+    `ahead` clips (default 2 per thread) beyond the one consumed, so a slow consumer holds only
+    that many decoded clips in memory (Executor.map would decode every file into memory)."""
+    workers = workers or min(8, os.cpu_count() or 2)
+    ahead = ahead or 2 * workers
+    pending: deque = deque()
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        for path, clip in zip(paths, pool.map(lambda a: read_clip(a[1], spec, a[0]), enumerate(paths))):
-            yield str(path), clip
+        try:
+            for index, path in enumerate(paths):
+                pending.append((path, pool.submit(read_clip, path, spec, index)))
+                if len(pending) > ahead:
+                    path, clip = pending.popleft()
+                    yield str(path), clip.result()
+            while pending:
+                path, clip = pending.popleft()
+                yield str(path), clip.result()
+        finally:  # an error or an early stop: do not decode the rest
+            for _, clip in pending:
+                clip.cancel()
 
 
 def batches_by_shape(items: Iterator[tuple[str, np.ndarray]], batch_size: int) -> Iterator[tuple[list[str], torch.Tensor]]:
@@ -73,40 +91,38 @@ def batches_by_shape(items: Iterator[tuple[str, np.ndarray]], batch_size: int) -
         yield names, torch.from_numpy(np.stack(clips))
 
 
-def fvd_of_files(real: Sequence[str | Path], fake: Sequence[str | Path], detector: I3DDetector,
-                 real_spec: ClipSpec, fake_spec: ClipSpec, batch_size: int = 16, num_resamples: int = 100,
-                 unbiased: bool = False, keep_clips: list | None = None, max_keep: int = 16) -> FVDResult:
-    """FVD between two lists of video files (one clip per video); the first `max_keep` fake
-    clips are appended to `keep_clips` (for pictures) when a list is given."""
-    if real_spec.length != fake_spec.length:
-        raise ValueError(f"real and fake clips must have one length, got {real_spec.length} and {fake_spec.length}")
-    if real_spec.length < MIN_FRAMES:  # before any decoding
-        raise ValueError(f"clip length {real_spec.length} is below {MIN_FRAMES}, the shortest clip I3D accepts")
-    metric = FrechetVideoDistance(detector, unbiased=unbiased, clip_stride=real_spec.stride).to(detector.device)
-    for is_real, paths, spec in ((True, real, real_spec), (False, fake, fake_spec)):
-        if len(paths) < 2:
-            raise ValueError(f"FVD needs at least 2 {'real' if is_real else 'fake'} videos, got {len(paths)}")
-        for names, batch in batches_by_shape(iter_clips(paths, spec), batch_size):
-            metric.update(batch, real=is_real, names=names)
-            if keep_clips is not None and not is_real and len(keep_clips) < max_keep:
-                keep_clips.extend(batch.unbind(0)[: max_keep - len(keep_clips)])
-    return metric.result(num_resamples=num_resamples)
-
-
-def clipsim_of_files(paths: Sequence[str | Path], prompts: Sequence[str], metric: CLIPSIM, spec: ClipSpec,
-                     num_resamples: int = 1000) -> CLIPSIMResult:
-    if len(paths) != len(prompts):
-        raise ValueError(f"CLIPSIM: {len(paths)} videos but {len(prompts)} prompts")
-    # CLIPSIM scores every frame, so any length works (no 9-frame minimum)
-    spec = ClipSpec(max(spec.length, 1), spec.stride, spec.random_offset, spec.seed)
-    for (path, clip), prompt in zip(iter_clips(paths, spec), prompts):
-        metric.update([torch.from_numpy(clip)], [prompt], names=[path])
-    return metric.result(num_resamples=num_resamples)
-
-
-def inception_score_of_files(paths: Sequence[str | Path], metric: VideoInceptionScore, spec: ClipSpec,
-                             batch_size: int = 16) -> ISResult:
-    """Video IS (C3D) of one clip per video file."""
-    for _, batch in batches_by_shape(iter_clips(paths, spec), batch_size):
-        metric.update(batch)
-    return metric.result()
+def score_files(fake: Sequence[str | Path], fake_spec: ClipSpec, *, fvd: FrechetVideoDistance | None = None,
+                real: Sequence[str | Path] = (), real_spec: ClipSpec | None = None, clipsim: CLIPSIM | None = None,
+                prompts: Sequence[str] | None = None, inception: VideoInceptionScore | None = None,
+                batch_size: int = 16, keep_clips: list | None = None, max_keep: int = 16) -> None:
+    """Feed the metrics given (read their result() afterwards): the real videos are decoded once,
+    for FVD, and the fake ones once for all of them, batch by batch (decoding a large sample set,
+    not the networks, is the slow part on a GPU). The first `max_keep` fake clips are appended to
+    `keep_clips` (for pictures) when a list is given. Every input is checked before any decoding."""
+    if fvd is not None:
+        real_spec = real_spec or fake_spec
+        if real_spec.length != fake_spec.length:
+            raise ValueError(f"real and fake clips must have one length, got {real_spec.length} and {fake_spec.length}")
+        if real_spec.length < MIN_FRAMES:
+            raise ValueError(f"clip length {real_spec.length} is below {MIN_FRAMES}, the shortest clip I3D accepts")
+        for kind, paths in (("real", real), ("fake", fake)):
+            if len(paths) < 2:
+                raise ValueError(f"FVD needs at least 2 {kind} videos, got {len(paths)}")
+    if clipsim is not None and (prompts is None or len(prompts) != len(fake)):
+        raise ValueError(f"CLIPSIM: {len(fake)} videos but {0 if prompts is None else len(prompts)} prompts")
+    if inception is not None and fake_spec.length != 16:
+        raise ValueError(f"inception score: C3D takes 16-frame clips, got a clip length of {fake_spec.length}")
+    if fvd is not None:
+        for names, batch in batches_by_shape(iter_clips(real, real_spec), batch_size):
+            fvd.update(batch, real=True, names=names)
+    done = 0
+    for names, batch in batches_by_shape(iter_clips(fake, fake_spec), batch_size):
+        if fvd is not None:
+            fvd.update(batch, real=False, names=names)
+        if clipsim is not None:
+            clipsim.update(batch, prompts[done: done + len(names)], names=names)
+        if inception is not None:
+            inception.update(batch)
+        if keep_clips is not None and len(keep_clips) < max_keep:
+            keep_clips.extend(batch.unbind(0)[: max_keep - len(keep_clips)])
+        done += len(names)

@@ -147,23 +147,6 @@ def sample_videos(prompts: list[str], sampler: Callable | None, checkpoints, out
     return VideoSet(str(out), "sampled", paths, list(prompts))
 
 
-@task(name="fvd", cache_policy=NO_CACHE)
-def fvd_task(real: VideoSet, fake: VideoSet, i3d_weights: str | None, i3d_sha256: str | None, clip_length: int,
-             clip_stride: int, seed: int, device: str, num_resamples: int, unbiased: bool, batch_size: int):
-    """-> (FVDResult, the first 16 fake clips for the pictures)"""
-    from eval.compute import ClipSpec, fvd_of_files
-    from eval.i3d import load_i3d
-
-    detector = load_i3d(i3d_weights, sha256=i3d_sha256, device=device, batch_size=batch_size,
-                        amp_dtype=None, channels_last=device.startswith("cuda"))
-    real_spec = ClipSpec(clip_length, clip_stride, random_offset=True, seed=seed)
-    fake_spec = ClipSpec(clip_length, clip_stride, random_offset=False, seed=seed)
-    clips: list = []
-    result = fvd_of_files(real.paths, fake.paths, detector, real_spec, fake_spec, batch_size=batch_size,
-                          num_resamples=num_resamples, unbiased=unbiased, keep_clips=clips)
-    return result, clips
-
-
 def load_clip_for_eval(clip_model: str | None, device: str, log=print):
     """CLIP for CLIPSIM. None = the default ViT-B/32 if it is available locally, else a tiny
     random CLIP (smoke); "tiny" = the tiny random CLIP; anything else must load."""
@@ -180,27 +163,48 @@ def load_clip_for_eval(clip_model: str | None, device: str, log=print):
     return FrozenCLIP.load(tiny_clip_path(), device=device)
 
 
-@task(name="clipsim", cache_policy=NO_CACHE)
-def clipsim_task(fake: VideoSet, prompts: list[str], clip_model: str | None, clip_length: int, clip_stride: int,
-                 device: str, num_resamples: int):
-    from eval.clipsim import CLIPSIM
-    from eval.compute import ClipSpec, clipsim_of_files
+@task(name="score", cache_policy=NO_CACHE)
+def score_task(metrics: list[str], real: VideoSet | None, fake: VideoSet, prompts: list[str] | None,
+               clip_length: int, clip_stride: int, seed: int, device: str, batch_size: int, *,
+               i3d_weights: str | None = None, i3d_sha256: str | None = None, clip_model: str | None = None,
+               c3d_weights: str | None = None, c3d_sha256: str | None = None, num_resamples: int = 100,
+               unbiased: bool = False) -> tuple[dict, list, dict]:
+    """-> ({metric: result}, the first 16 fake clips for the pictures, {"c3d_sha256": ...}).
+    The fake videos are decoded once for every metric; the real ones (FVD) with one random
+    offset per video, as StyleGAN-V does, the fake ones from their first frame."""
+    from eval.compute import ClipSpec, score_files
 
-    metric = CLIPSIM(load_clip_for_eval(clip_model, device, get_run_logger().warning)).to(device)
-    return clipsim_of_files(fake.paths, prompts, metric, ClipSpec(clip_length, clip_stride), num_resamples)
+    fvd = clipsim = inception = None
+    extra = {}
+    if "fvd" in metrics:
+        from eval.fvd import FrechetVideoDistance
+        from eval.i3d import load_i3d
 
+        detector = load_i3d(i3d_weights, sha256=i3d_sha256, device=device, batch_size=batch_size,
+                            amp_dtype=None, channels_last=device.startswith("cuda"))
+        fvd = FrechetVideoDistance(detector, unbiased=unbiased, clip_stride=clip_stride).to(device)
+    if "clipsim" in metrics:
+        from eval.clipsim import CLIPSIM
 
-@task(name="inception-score", cache_policy=NO_CACHE)
-def is_task(fake: VideoSet, c3d_weights: str | None, c3d_sha256: str | None, clip_length: int, clip_stride: int,
-            seed: int, device: str, batch_size: int):
-    """-> (ISResult, C3D checksum); C3D on random weights (smoke) without c3d_weights."""
-    from eval.compute import ClipSpec, inception_score_of_files
-    from eval.inception_score import VideoInceptionScore, load_c3d
-    from eval.protocols import UCF101Settings
+        clipsim = CLIPSIM(load_clip_for_eval(clip_model, device, get_run_logger().warning)).to(device)
+    if "is" in metrics:
+        from eval.inception_score import VideoInceptionScore, load_c3d
+        from eval.protocols import UCF101Settings
 
-    c3d, smoke, digest = load_c3d(c3d_weights, c3d_sha256, device=device, seed=seed)
-    metric = VideoInceptionScore(c3d, smoke, splits=UCF101Settings.is_splits).to(device)
-    return inception_score_of_files(fake.paths, metric, ClipSpec(clip_length, clip_stride), batch_size), digest
+        c3d, smoke, extra["c3d_sha256"] = load_c3d(c3d_weights, c3d_sha256, device=device, seed=seed)
+        inception = VideoInceptionScore(c3d, smoke, splits=UCF101Settings.is_splits).to(device)
+    clips: list = []
+    score_files(fake.paths, ClipSpec(clip_length, clip_stride), fvd=fvd, real=real.paths if real else (),
+                real_spec=ClipSpec(clip_length, clip_stride, random_offset=True, seed=seed), clipsim=clipsim,
+                prompts=prompts, inception=inception, batch_size=batch_size, keep_clips=clips)
+    results = {}
+    if fvd is not None:
+        results["fvd"] = fvd.result(num_resamples=num_resamples)
+    if clipsim is not None:
+        results["clipsim"] = clipsim.result(num_resamples=num_resamples * 10)
+    if inception is not None:
+        results["is"] = inception.result()
+    return results, clips, extra
 
 
 def result_lines(results: dict) -> list[str]:
@@ -324,7 +328,6 @@ def evaluate(real: str | None = None, fake: str | None = None, prompts: str | No
     if proto and fake_set.prompts:
         proto.check_prompts(fake_set.prompts, fake_set.source)
 
-    results, clips = {}, []
     params = {"metrics": ",".join(metrics), "fake_source": fake_set.source, "fake_kind": fake_set.kind,
               "num_fake": len(fake_set.paths), "clip_length": clip_length, "clip_stride": clip_stride,
               "seed": seed, "device": device}
@@ -333,6 +336,7 @@ def evaluate(real: str | None = None, fake: str | None = None, prompts: str | No
     if checkpoints is not None and fake is None:
         params |= {"sample_steps": "per stage config" if sample_steps is None else sample_steps,
                    "guidance": "per stage config" if guidance is None else guidance}
+    real_set = None
     if "fvd" in metrics:
         if proto and proto.real:
             real_set = VideoSet(proto.real_source, proto.name, proto.real)
@@ -341,30 +345,25 @@ def evaluate(real: str | None = None, fake: str | None = None, prompts: str | No
         else:
             raise ValueError("fvd needs --real SRC" + (" or --video-root" if protocol == "msrvtt" else ""))
         real_set = real_set.take(num_videos, seed)
-        r, clips = fvd_task(real_set, fake_set, i3d_weights, i3d_sha256, clip_length, clip_stride, seed, device,
-                            num_resamples, unbiased, batch_size)
-        results["fvd"] = r
+    if "clipsim" in metrics and not fake_set.prompts:
+        raise ValueError(f"clipsim needs prompts: pass --prompts FILE (none found with {fake_set.source})")
+    results, clips, extra = score_task(metrics, real_set, fake_set, fake_set.prompts, clip_length, clip_stride, seed,
+                                       device, batch_size, i3d_weights=i3d_weights, i3d_sha256=i3d_sha256,
+                                       clip_model=clip_model, c3d_weights=c3d_weights, c3d_sha256=c3d_sha256,
+                                       num_resamples=num_resamples, unbiased=unbiased)
+    if "fvd" in results:
+        r = results["fvd"]
         params |= {"real_source": real_set.source, "real_version": real_set.version, "num_real": r.num_real,
                    "resize": RESIZE, "covariance": "unbiased" if unbiased else "biased",
                    "real_offset": "one random offset per video", "detector": r.detector,
                    "detector_sha256": r.detector_sha256, "fvd_smoke": r.smoke,
                    "bootstrap_resamples": num_resamples}
-    if "clipsim" in metrics:
-        if not fake_set.prompts:
-            raise ValueError(f"clipsim needs prompts: pass --prompts FILE (none found with {fake_set.source})")
-        r = clipsim_task(fake_set, fake_set.prompts, clip_model, clip_length, clip_stride, device, num_resamples * 10)
-        results["clipsim"] = r
-        params |= {"clip_model": r.clip_model, "clipsim_smoke": r.smoke}
-    if "is" in metrics:
-        r, digest = is_task(fake_set, c3d_weights, c3d_sha256, clip_length, clip_stride, seed, device, batch_size)
-        results["is"] = r
-        params |= {"is_classifier": "C3D", "c3d_sha256": digest, "is_splits": r.splits,
-                   "is_frame_size": "112x112 bilinear", "is_smoke": r.smoke}
+    if "clipsim" in results:
+        params |= {"clip_model": results["clipsim"].clip_model, "clipsim_smoke": results["clipsim"].smoke}
+    if "is" in results:
+        params |= {"is_classifier": "C3D", "c3d_sha256": extra["c3d_sha256"], "is_splits": results["is"].splits,
+                   "is_frame_size": "112x112 bilinear", "is_smoke": results["is"].smoke}
     params["smoke"] = any(r.smoke for r in results.values())
-    if not clips:  # no FVD: still show what was scored
-        from eval.compute import ClipSpec, read_clip
-
-        clips = [torch.from_numpy(read_clip(p, ClipSpec(clip_length, clip_stride))) for p in fake_set.paths[:16]]
     used = {p.name: q for p, q in zip(fake_set.paths, fake_set.prompts)} if fake_set.prompts else None
     run_id = log_task(results, params, clips, tracking_uri, experiment, parent_run_id, run_name, used)
     lines = result_lines(results)

@@ -1,0 +1,100 @@
+"""eval.compute: one decoding pass feeds every metric, and decoding stays a bounded step ahead."""
+import time
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+import eval.compute as compute
+from eval.clipsim import CLIPSIM
+from eval.compute import ClipSpec, iter_clips, read_clip, score_files
+from eval.fvd import FrechetVideoDistance
+from eval.i3d import load_i3d
+from eval.inception_score import VideoInceptionScore, load_c3d
+from models.clip import FrozenCLIP, build_tiny_clip
+from models.video_io import write_mp4
+
+
+def _videos(folder, count, seed, frames=20, size=32):
+    folder.mkdir()
+    rng = np.random.default_rng(seed)
+    return [write_mp4(rng.integers(0, 256, (frames, size, size, 3), dtype=np.uint8), folder / f"v{i}.mp4", fps=8)
+            for i in range(count)]
+
+
+@pytest.fixture
+def decodes(monkeypatch):
+    """How often each file was decoded (the real read_clip, counted)."""
+    counts: Counter = Counter()
+    real_read = compute.read_clip
+
+    def counted(path, spec, index=0):
+        counts[str(path)] += 1
+        return real_read(path, spec, index)
+
+    monkeypatch.setattr(compute, "read_clip", counted)
+    return counts
+
+
+def _metrics(clip):
+    return (FrechetVideoDistance(load_i3d(None, batch_size=4)),
+            CLIPSIM(clip),
+            VideoInceptionScore(*load_c3d(None, seed=0)[:2], splits=1))
+
+
+def test_every_video_is_decoded_once_and_each_metric_gets_its_clips(tmp_path, decodes):
+    real = _videos(tmp_path / "real", 3, seed=0)
+    fake = _videos(tmp_path / "fake", 3, seed=1)
+    prompts = ["a red ball", "a dog running", "rain on a window"]
+    clip = FrozenCLIP.load(build_tiny_clip(tmp_path / "clip"))
+    real_spec = ClipSpec(16, random_offset=True, seed=3)  # 20-frame videos: offsets 0..4
+    fake_spec = ClipSpec(16)
+    fvd, clipsim, inception = _metrics(clip)
+    kept: list = []
+    # batches of 2 over 3 fakes: the prompts must follow their videos across batches
+    score_files(fake, fake_spec, fvd=fvd, real=real, real_spec=real_spec, clipsim=clipsim, prompts=prompts,
+                inception=inception, batch_size=2, keep_clips=kept, max_keep=2)
+    assert decodes == Counter({str(p): 1 for p in real + fake})
+
+    # the same metrics fed clip by clip, each file read on its own
+    ref_fvd, ref_clipsim, ref_inception = _metrics(clip)
+    fake_clips = torch.stack([torch.from_numpy(read_clip(p, fake_spec)) for p in fake])
+    ref_fvd.update(torch.stack([torch.from_numpy(read_clip(p, real_spec, i)) for i, p in enumerate(real)]), real=True)
+    ref_fvd.update(fake_clips, real=False)
+    for one, prompt in zip(fake_clips, prompts):
+        ref_clipsim.update([one], [prompt])
+    ref_inception.update(fake_clips)
+    assert fvd.result(num_resamples=0).value == pytest.approx(ref_fvd.result(num_resamples=0).value, rel=1e-6)
+    assert clipsim.result(num_resamples=0).value == pytest.approx(ref_clipsim.result(num_resamples=0).value, abs=1e-6)
+    assert inception.result().value == pytest.approx(ref_inception.result().value, rel=1e-6)
+    assert len(kept) == 2 and all(torch.equal(a, b) for a, b in zip(kept, fake_clips[:2]))
+
+
+def test_bad_inputs_stop_before_any_decoding(tmp_path, decodes):
+    fake = _videos(tmp_path / "fake", 2, seed=1, frames=10)
+    clip = FrozenCLIP.load(build_tiny_clip(tmp_path / "clip"))
+    fvd, clipsim, inception = _metrics(clip)
+    with pytest.raises(ValueError, match="FVD needs at least 2 real videos, got 1"):
+        score_files(fake, ClipSpec(10), fvd=fvd, real=fake[:1])
+    with pytest.raises(ValueError, match="CLIPSIM: 2 videos but 1 prompts"):
+        score_files(fake, ClipSpec(10), clipsim=clipsim, prompts=["one"])
+    with pytest.raises(ValueError, match="C3D takes 16-frame clips, got a clip length of 10"):
+        score_files(fake, ClipSpec(10), inception=inception)
+    assert not decodes
+
+
+def test_decoding_runs_a_bounded_number_of_clips_ahead(tmp_path, decodes):
+    paths = _videos(tmp_path / "v", 10, seed=2, frames=4, size=16)
+    clips = iter_clips(paths, ClipSpec(4), workers=2, ahead=3)
+    first, _ = next(clips)
+    time.sleep(0.5)  # a slow consumer: the threads must not decode the whole list meanwhile
+    assert first == str(paths[0]) and sum(decodes.values()) == 4  # the consumed clip + 3 ahead
+    assert [name for name, _ in clips] == [str(p) for p in paths[1:]]  # in order
+    assert decodes == Counter({str(p): 1 for p in paths})
+
+    decodes.clear()
+    clips = iter_clips(paths, ClipSpec(4), workers=1, ahead=2)
+    next(clips)
+    clips.close()  # an early stop leaves the rest undecoded
+    assert sum(decodes.values()) <= 3
