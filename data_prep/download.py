@@ -6,17 +6,18 @@ complete, hashed file. No path is ever built from a name taken from the URL.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import shutil
 import time
 from pathlib import Path
+from typing import Callable
 from urllib.parse import urljoin, urlparse
 
 import requests
 
 from data_prep.config import VIDEO_EXTENSIONS, DownloadConfig
-from data_prep.dataset import atomic_write_bytes, file_lock
 
 CHUNK = 1 << 16  # small enough that a broken response still leaves most bytes for a resume
 
@@ -117,41 +118,48 @@ def download(url: str, raw_dir: Path, cfg: DownloadConfig) -> tuple[Path, str]:
         raise DownloadError(f"unsupported URL scheme {scheme!r} (only http, https and file)")
     partial_dir = raw_dir / ".partial"
     partial_dir.mkdir(parents=True, exist_ok=True)
-    asked = time.time()
-    with _url_lock(raw_dir, url):
-        return _fetched_since(raw_dir, url, asked) or _record(
-            raw_dir, url, _download(url, partial_dir / f"{_url_key(url)}.part", raw_dir, cfg))
+    return fetch_once(raw_dir, url, lambda: _download(url, partial_dir / f"{_url_key(url)}.part", raw_dir, cfg))
 
 
 def _url_key(url: str) -> str:
     return hashlib.sha256(url.encode()).hexdigest()[:32]
 
 
-def _url_lock(raw_dir: Path, url: str):
-    """raw/ is shared by every dataset under DATA_ROOT: two ingests fetching one URL must not write
-    the same partial file (or yt-dlp folder) at once. The second waits, then takes what the first
-    stored (`_fetched_since`)."""
-    return file_lock(raw_dir / ".locks" / f"{_url_key(url)}.lock")
+def fetch_once(raw_dir: Path, url: str, fetch: Callable[[], tuple[Path, str]]) -> tuple[Path, str]:
+    """`fetch()` under a lock per URL: raw/ is shared by every dataset under DATA_ROOT, and two
+    ingests fetching one URL must not write the same partial file (or yt-dlp folder) at once.
+    The lock file lives only while the URL is being fetched: its holder writes the stored file's
+    name into it and removes it before letting go, and those that waited take that file instead
+    of fetching again. A later ingest fetches again (the bytes behind a URL can change); if the
+    holder failed, its waiters try again as if they had just come."""
+    lock = raw_dir / ".locks" / f"{_url_key(url)}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)  # no truncation: a waiter reads what it holds
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if _is_current(fd, lock):  # ours: fetch, leave the result for our waiters, remove the file
+                try:
+                    os.ftruncate(fd, 0)  # a holder killed before removing it may have left a name
+                    stored = fetch()
+                    os.pwrite(fd, stored[0].name.encode(), 0)
+                    return stored
+                finally:
+                    lock.unlink(missing_ok=True)  # still locked: nobody can take this file over
+            name = os.pread(fd, 4096, 0).decode()  # the holder we waited for has finished
+        finally:
+            os.close(fd)  # releases the lock
+        if name and (raw_dir / name).is_file():
+            return raw_dir / name, name.split(".")[0]
 
 
-def _record(raw_dir: Path, url: str, stored: tuple[Path, str]) -> tuple[Path, str]:
-    """Note which raw file `url` gave, for ingests that waited on its lock meanwhile."""
-    atomic_write_bytes(raw_dir / ".locks" / f"{_url_key(url)}.done", stored[0].name.encode())
-    return stored
-
-
-def _fetched_since(raw_dir: Path, url: str, since: float) -> tuple[Path, str] | None:
-    """The raw file `url` gave to a fetch that finished after `since` (while this one waited for the
-    lock), if still there. Older fetches do not count: a later ingest fetches again, as the
-    bytes behind a URL can change."""
-    record = raw_dir / ".locks" / f"{_url_key(url)}.done"
+def _is_current(fd: int, path: Path) -> bool:
+    """Is the open file still the one at `path` (not removed, or replaced by a newer lock)?"""
     try:
-        if record.stat().st_mtime < since:
-            return None
-        path = raw_dir / record.read_text().strip()
+        here, there = os.fstat(fd), os.stat(path)
     except FileNotFoundError:
-        return None
-    return (path, path.name.split(".")[0]) if path.is_file() else None
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
 
 
 def _download(url: str, part: Path, raw_dir: Path, cfg: DownloadConfig) -> tuple[Path, str]:
@@ -196,10 +204,8 @@ def download_page(url: str, raw_dir: Path) -> tuple[Path, str]:
     except ImportError:
         raise DownloadError("the URL is a web page; install the 'pages' extra (yt-dlp) to fetch page URLs") from None
     work = raw_dir / ".partial" / _url_key(url)
-    asked = time.time()
-    with _url_lock(raw_dir, url):
-        if fetched := _fetched_since(raw_dir, url, asked):
-            return fetched
+
+    def fetch() -> tuple[Path, str]:
         work.mkdir(parents=True, exist_ok=True)
         options = {"outtmpl": str(work / "video.%(ext)s"), "format": "mp4/bestvideo", "quiet": True,
                    "noprogress": True}
@@ -213,4 +219,6 @@ def download_page(url: str, raw_dir: Path) -> tuple[Path, str]:
             raise DownloadError("yt-dlp finished but wrote no file")
         stored = _store(files[0], raw_dir, files[0].suffix.lower() or ".video")
         shutil.rmtree(work, ignore_errors=True)
-        return _record(raw_dir, url, stored)
+        return stored
+
+    return fetch_once(raw_dir, url, fetch)

@@ -1,4 +1,5 @@
 import hashlib
+from pathlib import Path
 
 import pytest
 
@@ -91,3 +92,60 @@ def test_a_web_page_is_recognised(tmp_path):
     with FaultServer({"/watch": ("html", None)}) as srv:
         with pytest.raises(PageURLError, match="web page"):
             download(f"{srv.base}/watch", tmp_path, FAST)
+
+
+def test_the_url_lock_hands_its_result_to_waiters_and_leaves_no_file(tmp_path):
+    """fetch_once: waiters take what the holder stored; a failed holder makes a waiter fetch itself;
+    the lock file is gone once nobody fetches the URL."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from data_prep.download import fetch_once
+
+    stored = tmp_path / "abc.mp4"
+    stored.write_bytes(b"video")
+    holding, release = threading.Event(), threading.Event()
+    fetches = []
+
+    def fetch(outcome):
+        def run():
+            fetches.append(outcome)
+            holding.set()
+            release.wait(5)
+            if outcome == "fail":
+                raise DownloadError("HTTP 503")
+            return stored, "abc"
+        return run
+
+    for first in ("ok", "fail"):
+        holding.clear(), release.clear(), fetches.clear()
+        with ThreadPoolExecutor(3) as pool:
+            holder = pool.submit(fetch_once, tmp_path, "http://h/v.mp4", fetch(first))
+            holding.wait(5)  # the holder is fetching: these two wait on its lock
+            waiters = [pool.submit(fetch_once, tmp_path, "http://h/v.mp4", fetch("ok")) for _ in range(2)]
+            _wait_for_blocked_flocks(next((tmp_path / ".locks").iterdir()), 2)
+            release.set()
+            results = [w.result(10) for w in waiters]
+        if first == "ok":
+            assert fetches == ["ok"]  # the waiters took the holder's file
+        else:  # both waiters try again as newcomers: one fetches, the other waits on it or comes after
+            assert fetches[0] == "fail" and fetches[1:] in (["ok"], ["ok", "ok"])
+        assert results == [(stored, "abc")] * 2
+        if first == "fail":
+            with pytest.raises(DownloadError, match="503"):
+                holder.result()
+        assert not list((tmp_path / ".locks").iterdir())
+
+
+def _wait_for_blocked_flocks(path, count, timeout=10.0):
+    """Until `count` flock() calls wait on `path` (Linux lists them in /proc/locks as '->')."""
+    import os
+    import time
+
+    inode, deadline = os.stat(path).st_ino, time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        lines = Path("/proc/locks").read_text().splitlines()
+        if sum("->" in line and f":{inode} " in line for line in lines) >= count:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"{count} waiters never blocked on {path}")
