@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One prepared GPU session (device tool, about 9.5 minutes on an H100): the FSDP GPU test, then
-# the base decoder's MFU compiled block by block, channels_last (with a profile) and NCHW.
+# the base decoder's MFU compiled block by block, channels_last (with a profile), at 128 and 192
+# channels.
 # Expects wheels for what the CUDA image lacks in .whl/ (pydantic, pydantic_core,
 # annotated-types, typing-inspection, diffusers, av, webdataset, braceexpand, importlib_metadata,
 # zipp). Results and their dates: bench/RESULTS.md.
@@ -23,6 +24,7 @@ bench() { timeout "$1" python3 bench/train_step.py --size base --device cuda --s
   | grep -v -e Warning -e warn -e '^Loading' -e '^Writing' | tee -a "$OUT/train_step.txt"; }
 echo "== compiled block by block, channels_last, batch 16 (+ profile)" | tee -a "$OUT/train_step.txt"
 bench 195 --channels-last --batch-size 16 --compile --profile "$OUT/profile_compiled.txt"
-# the base configs pair compile with channels_last: this is the number that choice lacks
-echo "== compiled block by block, NCHW, batch 16" | tee -a "$OUT/train_step.txt"
-bench 195 --no-channels-last --batch-size 16 --compile
+# width: at 128 channels the 64x64 level's ResBlocks move more bytes per FLOP than an H100's
+# ridge point (about 300 FLOP/byte in bf16); at 192 they move less (RESULTS.md, next steps)
+echo "== compiled block by block, channels_last, batch 16, 192 channels" | tee -a "$OUT/train_step.txt"
+bench 195 --channels-last --batch-size 16 --compile --set unet.channels=192
