@@ -57,7 +57,7 @@ class IngestConfig(BaseModel):
     clips: ClipConfig = Field(default_factory=ClipConfig)
     video_extensions: list[str] = list(VIDEO_EXTENSIONS)
     shard_max_clips: int = 256
-    workers: int = 2  # sources processed at once
+    workers: int = Field(2, ge=1)  # sources processed at once
 
     def clip_settings_hash(self) -> str:
         """What a clip's bytes depend on; part of every clip id."""

@@ -47,10 +47,14 @@ def _publish(dataset: str, data_root: Path, outcomes: list[SourceOutcome], resul
 
 @flow(name="ingest", log_prints=True)
 def ingest(sources: list[str], data_root: str = "mav-data", dataset: str = "default",
-           config: str | None = None, progress: bool = False) -> dict:
-    """Ingest `sources` (files, folders, URLs, URL lists) into DATA_ROOT/datasets/DATASET."""
+           config: str | None = None, progress: bool = False, workers: int | None = None) -> dict:
+    """Ingest `sources` (files, folders, URLs, URL lists) into DATA_ROOT/datasets/DATASET,
+    `workers` (default: the config's) sources at a time on whatever task runner the flow has."""
     logger = get_run_logger()
     cfg = load_ingest_config(config)
+    workers = workers or cfg.workers
+    if workers < 1:
+        raise ValueError(f"workers (sources processed at once) must be >= 1, got {workers}")
     root = Path(data_root).resolve()
     ds_dir = dataset_dir(root, dataset)
     refs = expand_sources(sources, cfg.video_extensions)
@@ -65,10 +69,23 @@ def ingest(sources: list[str], data_root: str = "mav-data", dataset: str = "defa
                 frames_bar.update(n)
 
         callback = on_frames if progress and _runs_in_threads() else None
-        futures = [process_source_task.submit(ref, str(root), str(ds_dir), cfg.model_dump(), callback) for ref in refs]
-        outcomes: list[SourceOutcome] = []
-        for future in tqdm(futures, desc="sources", unit="src", disable=not progress or None, position=0):
-            outcomes.append(future.result())
+        sources_bar = tqdm(total=len(refs), desc="sources", unit="src", disable=not progress or None, position=0)
+        # Prefect's default thread runner (the pipeline's, a deployment's) has no bound: each source
+        # runs an ffmpeg decoder and encoders, so at most `workers` are submitted at once
+        slots = threading.BoundedSemaphore(workers)
+
+        def finished(_future) -> None:
+            slots.release()
+            with lock:
+                sources_bar.update(1)
+
+        futures = []
+        for ref in refs:
+            slots.acquire()
+            futures.append(process_source_task.submit(ref, str(root), str(ds_dir), cfg.model_dump(), callback))
+            futures[-1].add_done_callback(finished)
+        outcomes: list[SourceOutcome] = [future.result() for future in futures]
+        sources_bar.close()
         frames_bar.close()
         new_rows = [row for o in outcomes if o.status != "failed" for row in o.clips]
         failures = [o.failure_row() for o in outcomes if o.status == "failed"]
@@ -134,5 +151,5 @@ def _run(args: argparse.Namespace) -> int:
     workers = args.workers or load_ingest_config(args.config).workers
     run = with_task_runner(args.task_runner, args.dask_address, workers)
     summary = run(sources=args.sources, data_root=args.data_root, dataset=args.dataset,
-                  config=args.config, progress=not args.no_progress)
+                  config=args.config, progress=not args.no_progress, workers=workers)
     return 0 if summary["total_clips"] else 1

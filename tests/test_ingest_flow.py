@@ -68,8 +68,15 @@ def test_bad_inputs_are_reported_and_the_rest_goes_on(prefect_server, tmp_path, 
 
 def test_rerun_is_idempotent_and_a_new_video_is_processed_alone(prefect_server, tmp_path, video_dir, samples):
     root = tmp_path / "root"
-    first = ingest(sources=[str(video_dir)], data_root=str(root), dataset="d")
+    one_at_a_time = tmp_path / "ingest.yaml"
+    one_at_a_time.write_text("workers: 1\n")  # not part of the clip settings: later runs find the same sources
+    state = ingest(sources=[str(video_dir)], data_root=str(root), dataset="d", config=str(one_at_a_time),
+                   return_state=True)
+    first = state.result()
     assert first["created"] and first["sources"]["new"] == 2
+    # the flow's own (unbounded) thread runner still processed one source at a time
+    runs = _finished_task_runs(state.state_details.flow_run_id, "process ", 2)
+    assert runs[0].end_time <= runs[1].start_time, [(r.start_time, r.end_time) for r in runs]
     files_before = sorted(p.name for p in (root / "datasets/d/clips").iterdir())
     again = ingest(sources=[str(video_dir)], data_root=str(root), dataset="d")
     assert not again["created"] and again["version"] == first["version"] and again["sources"]["unchanged"] == 2
@@ -90,6 +97,25 @@ def test_rerun_is_idempotent_and_a_new_video_is_processed_alone(prefect_server, 
             members |= {m.name for m in tar.getmembers()}
     ids = set(clip_table(root, "d")["clip_id"])
     assert members == {f"{i}.mp4" for i in ids} | {f"{i}.json" for i in ids}
+
+
+def _finished_task_runs(flow_run_id, name_prefix: str, count: int) -> list:
+    """The flow run's finished task runs whose names start with `name_prefix`, by start time (the
+    server records them asynchronously)."""
+    import anyio
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+
+    for _ in range(40):
+        runs = [r for r in anyio.run(read) if r.name.startswith(name_prefix) and r.end_time is not None]
+        if len(runs) >= count:
+            return sorted(runs, key=lambda r: r.start_time)
+        time.sleep(0.5)
+    raise AssertionError(f"{count} finished '{name_prefix}...' task runs never appeared")
 
 
 def test_new_version_emits_event_and_artifact(prefect_server, tmp_path, video_dir):
