@@ -27,8 +27,8 @@ MANIFEST_COLUMNS = [
 FAILURE_COLUMNS = ["source", "stage", "reason"]
 
 
-class DatasetError(LookupError):
-    pass
+class DatasetError(ValueError, LookupError):
+    """A dataset or version that is not there (a bad input, so the commands report it as one)."""
 
 
 def dataset_dir(data_root: Path, name: str) -> Path:

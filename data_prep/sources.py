@@ -13,7 +13,7 @@ URL_COLUMNS = ("url", "URL", "link", "source", "path")
 @dataclass(frozen=True)
 class SourceRef:
     source: str  # as the user gave it (a path or a URL)
-    kind: str  # "file" or "url"
+    kind: str  # "file", "url", "unsupported" (a scheme), "empty" (a folder or list naming nothing)
 
 
 class SourceError(ValueError):
@@ -42,10 +42,10 @@ def read_url_list(path: Path) -> list[str]:
     """Entries of a .txt (one per line, # comments), .csv/.tsv or .parquet list."""
     suffix = path.suffix.lower()
     if suffix == ".txt":
-        lines = (line.strip() for line in path.read_text().splitlines())
+        lines = (line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines())  # -sig: a BOM
         return [line for line in lines if line and not line.startswith("#")]
     if suffix in (".csv", ".tsv"):
-        with path.open(newline="") as handle:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
             rows = list(csv.reader(handle, delimiter="\t" if suffix == ".tsv" else ","))
         if not rows:
             return []
@@ -74,9 +74,10 @@ def expand_sources(items: list[str], video_extensions: list[str]) -> list[Source
         path = Path(ref.source)
         if ref.kind == "file" and path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in extensions)
-            refs.extend(SourceRef(str(p), "file") for p in found)
+            refs.extend([SourceRef(str(p), "file") for p in found] or [SourceRef(ref.source, "empty")])
         elif ref.kind == "file" and path.suffix.lower() in LIST_SUFFIXES and path.is_file():
-            refs.extend(_ref_for(entry, base=path.parent) for entry in read_url_list(path))
+            entries = read_url_list(path)
+            refs.extend([_ref_for(entry, base=path.parent) for entry in entries] or [SourceRef(ref.source, "empty")])
         else:
             refs.append(ref)
     seen: set[str] = set()

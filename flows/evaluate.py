@@ -65,10 +65,20 @@ def _load_manifest(data_root: Path, name: str, version: str | None):
 
 
 def _sidecar_prompts(folder: Path, paths: list[Path]) -> list[str] | None:
-    for name in ("prompts.json", "prompts.txt"):
-        if (folder / name).is_file():
-            return read_prompts(folder / name, paths)
+    """prompts.json / prompts.txt in `folder`, or else in the one folder that holds the videos
+    (a run's samples/ artifacts)."""
+    parents = {p.parent for p in paths}
+    for where in [folder] + (list(parents) if len(parents) == 1 else []):
+        for name in ("prompts.json", "prompts.txt"):
+            if (where / name).is_file():
+                return read_prompts(where / name, paths)
     return None
+
+
+def _without_previews(paths: list[Path]) -> list[Path]:
+    """Drop a GIF beside a video of the same name: `mav sample` writes both, and the GIF is a preview."""
+    videos = {(p.parent, p.stem) for p in paths if p.suffix.lower() != ".gif"}
+    return [p for p in paths if p.suffix.lower() != ".gif" or (p.parent, p.stem) not in videos]
 
 
 def read_prompts(path: str | Path, videos: Sequence[Path] | None = None) -> list[str]:
@@ -102,13 +112,13 @@ def resolve_source(src: str, data_root: str | Path = "mav-data", tracking_uri: s
         local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=sub or None,
                                                          dst_path=str(dst), tracking_uri=tracking_uri))
         # sample videos, not the evaluation's own grid pictures
-        paths = [p for p in list_videos(local) if "grid" not in p.stem and p.suffix != ".gif"]
+        paths = _without_previews([p for p in list_videos(local) if "grid" not in p.stem])
         if not paths:
             raise ValueError(f"{src}: the run has no video artifacts ({', '.join(VIDEO_EXTENSIONS)})")
         return VideoSet(src, "mlflow-run", paths, _sidecar_prompts(local, paths), extra={"run_id": run_id})
     folder = Path(src).expanduser()
     if folder.is_dir():
-        paths = list_videos(folder)
+        paths = _without_previews(list_videos(folder))
         if not paths:
             raise ValueError(f"{src}: folder holds no videos ({', '.join(VIDEO_EXTENSIONS)})")
         return VideoSet(src, "folder", paths, _sidecar_prompts(folder, paths))

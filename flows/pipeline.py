@@ -13,6 +13,7 @@ import functools
 import hashlib
 import json
 import logging
+import sys
 import warnings
 from pathlib import Path
 
@@ -67,7 +68,7 @@ def quiet_library_chatter() -> None:
       task_run_name="train {step_name}")
 def train_stage_task(step_name: str, stage: str, config_path: str, overrides: dict, data_root: str, dataset: str,
                      version: str, init_checkpoint: str | None, out_dir: str, tracking_uri: str, experiment: str,
-                     parent_run_id: str, cache_key: str) -> dict:
+                     parent_run_id: str, cache_key: str, model_name: str) -> dict:
     """Train one stage in a nested MLflow run; resume from its last checkpoint if a killed run left one."""
     import mlflow
     from lightning.pytorch.loggers import MLFlowLogger
@@ -94,7 +95,7 @@ def train_stage_task(step_name: str, stage: str, config_path: str, overrides: di
         mlflow.log_metrics({"final_train_loss": float(result.train_loss), "global_step": result.global_step})
         mlflow.log_artifact(str(result.checkpoint), artifact_path="checkpoints")
         version_number = _register(run.info.run_id, f"{run.info.artifact_uri}/checkpoints/{result.checkpoint.name}",
-                                   step_name, cache_key, tracking_uri)
+                                   model_name, step_name, cache_key, tracking_uri)
     return {"step": step_name, "stage": stage, "checkpoint": str(result.checkpoint), "run_id": run.info.run_id,
             "global_step": result.global_step, "train_loss": float(result.train_loss), "cache_key": cache_key,
             "model_version": version_number, "parent_run_id": parent_run_id}
@@ -104,12 +105,11 @@ def registered_name(step_name: str, prefix: str = "mav") -> str:
     return f"{prefix}-{step_name.replace('_', '-')}"
 
 
-def _register(run_id: str, source: str, step_name: str, cache_key: str, tracking_uri: str) -> str:
+def _register(run_id: str, source: str, name: str, step_name: str, cache_key: str, tracking_uri: str) -> str:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
     client = MlflowClient(tracking_uri)
-    name = registered_name(step_name)
     try:
         client.create_registered_model(name, description=f"Make-A-Video step {step_name} (a Lightning checkpoint)")
     except MlflowException:
@@ -152,13 +152,16 @@ def _finished_run_for(tracking_uri: str, experiment: str, version: str, config_d
     return runs[0] if runs else None
 
 
-def _move_champion(client, trained: list[dict], metric: str, value: float, alias: str, log) -> list[str]:
-    """Point `alias` at this run's model versions where the metric beats the current champion's."""
+def _move_champion(client, trained: list[dict], metric: str, value: float, alias: str, prefix: str, log) -> list[str]:
+    """Tag each of this run's model versions with the best `metric` of any sampling chain it was
+    part of (a version reused from an earlier run keeps its better score: a worse chain around it
+    says nothing against it), and point `alias` at those whose best beats the champion's."""
     moved = []
     for item in trained:
-        name = registered_name(item["step"])
+        name = registered_name(item["step"], prefix)
         version = item["model_version"]
-        client.set_model_version_tag(name, version, f"mav.{metric}", str(value))
+        best_here = min(value, float(client.get_model_version(name, version).tags.get(f"mav.{metric}", "inf")))
+        client.set_model_version_tag(name, version, f"mav.{metric}", str(best_here))
         try:
             champion = client.get_model_version_by_alias(name, alias)
             best = float(champion.tags.get(f"mav.{metric}", "inf"))
@@ -166,11 +169,11 @@ def _move_champion(client, trained: list[dict], metric: str, value: float, alias
             champion, best = None, float("inf")
         if champion is not None and champion.version == version:
             continue
-        if value < best:
+        if best_here < best:
             client.set_registered_model_alias(name, alias, version)
             moved.append(f"{name} v{version}")
         else:
-            log.info("%s: %s %.4g does not beat the champion's %.4g; alias stays", name, metric, value, best)
+            log.info("%s: %s %.4g does not beat the champion's %.4g; alias stays", name, metric, best_here, best)
     return moved
 
 
@@ -200,8 +203,8 @@ def pipeline(config: str = DEFAULT_CONFIG, dataset: str | None = None, data_root
 
     from_event = version is not None  # a dataset event names the version; a person runs without one
     if version is None and not skip_ingest:
-        summary = ingest(sources=[str(REPO / s) if not Path(s).exists() else s for s in cfg.sources],
-                         data_root=data_root, dataset=dataset, config=_repo_path(cfg.ingest_config))
+        summary = ingest(sources=ingest_sources(cfg.sources), data_root=data_root, dataset=dataset,
+                         config=_repo_path(cfg.ingest_config))
         version = summary["version"]
     from data_prep.dataset import load_manifest
 
@@ -246,6 +249,8 @@ def pipeline(config: str = DEFAULT_CONFIG, dataset: str | None = None, data_root
             mlflow.log_artifact(item["mp4"], artifact_path="samples")
             if item["gif"]:
                 mlflow.log_artifact(item["gif"], artifact_path="samples")
+        # with the videos, so `mav evaluate --fake runs:/<this run>` finds their prompts
+        mlflow.log_artifact(str(sample_dir / "prompts.json"), artifact_path="samples")
 
         from flows.evaluate import evaluate
 
@@ -265,7 +270,7 @@ def pipeline(config: str = DEFAULT_CONFIG, dataset: str | None = None, data_root
         moved = []
         if fvd_key:
             moved = _move_champion(MlflowClient(tracking_uri), trained, fvd_key, metrics[fvd_key],
-                                   cfg.registry.alias, log)
+                                   cfg.registry.alias, cfg.registry.model_prefix, log)
         run_id = parent.info.run_id
 
     store = tracking_uri.removeprefix("sqlite:///")
@@ -278,6 +283,12 @@ def pipeline(config: str = DEFAULT_CONFIG, dataset: str | None = None, data_root
     print(f"MLflow UI: mlflow ui --backend-store-uri {tracking_uri}   (then open http://127.0.0.1:5000)"
           if store != tracking_uri else f"MLflow: {tracking_uri}")
     return summary
+
+
+def ingest_sources(sources: list[str]) -> list[str]:
+    """A config's sources for ingest: URLs as they are, relative paths from the repository when
+    they are not relative to the working directory."""
+    return [source if "://" in source else _repo_path(source) for source in sources]
 
 
 def _repo_path(path: str | None) -> str | None:
@@ -307,7 +318,8 @@ def _train_steps(cfg: PipelineConfig, dataset: str, data_root: str, version: str
                  parent_run_id: str, code: str) -> list[dict]:
     """Train the config's steps in order, each a cached task keyed by its inputs and its init step's key."""
     work, keys, checkpoints, results = Path(cfg.work_dir).resolve(), {}, {}, []
-    where = f"{work}|{store_identity(tracking_uri, cfg.experiment)}"
+    # where results are recorded: a step trained for another folder, store or registry name is not reused
+    where = f"{work}|{store_identity(tracking_uri, cfg.experiment)}|{cfg.registry.model_prefix}"
     for step in cfg.steps:
         key = step_key(step, version, keys.get(step.init_from), code, where)
         keys[step.name] = key
@@ -316,7 +328,8 @@ def _train_steps(cfg: PipelineConfig, dataset: str, data_root: str, version: str
         has_checkpoint = (out_dir / "checkpoints" / "last.ckpt").exists()
         result = train_stage_task.with_options(refresh_cache=not has_checkpoint)(
             step.name, step.stage, _repo_path(step.config), step.overrides, data_root, dataset, version,
-            checkpoints.get(step.init_from), str(out_dir), tracking_uri, cfg.experiment, parent_run_id, key)
+            checkpoints.get(step.init_from), str(out_dir), tracking_uri, cfg.experiment, parent_run_id, key,
+            registered_name(step.name, cfg.registry.model_prefix))
         checkpoints[step.name] = result["checkpoint"]
         results.append(result)
     return results
@@ -349,6 +362,10 @@ def register(subparsers) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    summary = pipeline(config=args.config, dataset=args.dataset, data_root=args.data_root, version=args.version,
-                       tracking_uri=args.tracking_uri, force=args.force)
+    try:
+        summary = pipeline(config=args.config, dataset=args.dataset, data_root=args.data_root, version=args.version,
+                           tracking_uri=args.tracking_uri, force=args.force)
+    except (ValueError, FileNotFoundError) as err:  # bad input: a config, a dataset version, data (the flow logs the trace)
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return 0 if summary else 1

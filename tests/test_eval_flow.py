@@ -74,6 +74,35 @@ def test_bad_sources_and_prompts(tmp_path):
         read_prompts(p, [tmp_path / f"{i}.mp4" for i in range(3)])
 
 
+def test_gif_previews_beside_their_videos_are_not_scored(tmp_path):
+    """`mav sample` writes sample-0000.mp4 and its preview sample-0000.gif: one video each, and the
+    prompts line up with the videos; a GIF with no video beside it is a video of its own."""
+    import numpy as np
+
+    from models.video_io import write_gif, write_mp4
+
+    frames = np.zeros((4, 16, 16, 3), dtype=np.uint8)
+    for i in range(2):
+        write_mp4(frames, tmp_path / f"sample-{i:04d}.mp4", fps=4)
+        write_gif(frames, tmp_path / f"sample-{i:04d}.gif", fps=4)
+    write_gif(frames, tmp_path / "only.gif", fps=4)
+    (tmp_path / "prompts.txt").write_text("a cat\na dog\na gif\n")
+    videos = resolve_source(str(tmp_path))
+    assert [p.name for p in videos.paths] == ["only.gif", "sample-0000.mp4", "sample-0001.mp4"]
+    assert videos.prompts == ["a cat", "a dog", "a gif"]
+
+
+def test_a_missing_dataset_version_is_a_clean_cli_error(prefect_server, tmp_path, two_folders, capsys):
+    from flows.cli import main
+
+    _, fake, _ = two_folders
+    (tmp_path / "data" / "datasets" / "clips").mkdir(parents=True)
+    rc = main(["evaluate", "--real", "clips@deadbeef", "--fake", str(fake), "--metrics", "fvd",
+               "--data-root", str(tmp_path / "data"), "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"])
+    assert rc == 2
+    assert "error: dataset 'clips' has no version 'deadbeef'" in capsys.readouterr().err
+
+
 def test_sampler_hook_makes_the_fake_set(tmp_path, shared_videos):
     from flows.evaluate import sample_videos
 

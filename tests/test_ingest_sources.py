@@ -29,6 +29,29 @@ def test_url_lists_txt_csv_parquet(tmp_path):
     assert [r.kind for r in refs] == ["url", "url", "file", "url", "url"]
 
 
+def test_url_lists_saved_with_a_byte_order_mark(tmp_path):
+    (tmp_path / "list.txt").write_text("http://h/a.mp4\nhttp://h/b.mp4\n", encoding="utf-8-sig")
+    (tmp_path / "list.csv").write_text("url,caption\nhttp://h/c.mp4,x\n", encoding="utf-8-sig")
+    refs = expand_sources([str(tmp_path / "list.txt"), str(tmp_path / "list.csv")], EXT)
+    assert [(r.source, r.kind) for r in refs] == [("http://h/a.mp4", "url"), ("http://h/b.mp4", "url"),
+                                                 ("http://h/c.mp4", "url")]
+
+
+def test_a_folder_or_list_naming_no_videos_is_a_failed_source(tmp_path):
+    from data_prep.ingest import process_source
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no videos here")
+    (tmp_path / "list.txt").write_text("# nothing yet\n")
+    refs = expand_sources([str(tmp_path / "empty"), str(tmp_path / "list.txt")], EXT)
+    assert [r.kind for r in refs] == ["empty", "empty"]
+    cfg = load_ingest_config(None)
+    outcomes = [process_source(ref, tmp_path / "root", tmp_path / "root" / "datasets" / "d", cfg) for ref in refs]
+    assert [(o.status, o.reason) for o in outcomes] == [
+        ("failed", "folder holds no video files (by extension: the ingest config's video_extensions)"),
+        ("failed", "URL list has no entries")]
+
+
 def test_parquet_without_url_column_is_a_clear_error(tmp_path):
     pd.DataFrame({"x": [1]}).to_parquet(tmp_path / "bad.parquet")
     with pytest.raises(SourceError, match="no url column"):

@@ -67,7 +67,13 @@ def test_pipeline_end_to_end_then_cached_rerun(prefect_server, tmp_path, video_d
     assert len(client.get_metric_history(decoder_run.info.run_id, "train/loss")) == 4  # every step
     assert parent.info.artifact_uri.startswith((tmp_path / "mlartifacts").as_uri())
     artifacts = {a.path for a in client.list_artifacts(first["run_id"], "samples")}
-    assert {"samples/sample-0000.mp4", "samples/sample-0000.gif"} <= artifacts
+    assert {"samples/sample-0000.mp4", "samples/sample-0000.gif", "samples/prompts.json"} <= artifacts
+    # the run's samples are an evaluate source, with their prompts
+    from flows.evaluate import resolve_source
+
+    samples = resolve_source(f"runs:/{first['run_id']}", tracking_uri=uri)
+    assert [p.name for p in samples.paths] == ["sample-0000.mp4", "sample-0001.mp4"]
+    assert samples.prompts == ["a bunny in a meadow", "a person signing"]
     # every step registered, the champion alias on this run's versions (there was none before)
     for step in ("prior", "decoder", "sr_high"):
         champion = client.get_model_version_by_alias(registered_name(step), "champion")
@@ -143,3 +149,43 @@ def test_killed_training_resumes_from_its_last_checkpoint(prefect_server, tmp_pa
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     (prior_run,) = runs_of(client, "mav-test", "tags.`mav.step` = 'prior' and tags.`mav.resumed` = 'true'")
     assert prior_run.info.status == "FINISHED" and prior_run.data.metrics["global_step"] == 200
+
+
+def test_config_sources_keep_urls_and_find_relative_paths_in_the_repository(tmp_path, monkeypatch):
+    from flows.pipeline import ingest_sources
+
+    monkeypatch.chdir(tmp_path)  # data/samples is not relative to the working directory here
+    url = "https://example.com/videos/clip.mp4"
+    assert ingest_sources([url, "data/samples", "/abs/videos"]) == [url, str(REPO / "data/samples"), "/abs/videos"]
+
+
+def test_champion_follows_each_versions_best_chain_under_the_configured_prefix(tmp_path):
+    """A version reused by a later, worse chain keeps its score: a worse new version cannot beat it."""
+    import logging
+
+    from flows.pipeline import _move_champion, _register
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("champion")
+
+    def new_version(step):
+        run = client.create_run(experiment)
+        client.set_terminated(run.info.run_id)
+        name = registered_name(step, "team")
+        return {"step": step, "model_version": _register(run.info.run_id, f"{run.info.artifact_uri}/x.ckpt", name,
+                                                         step, "key", uri)}
+
+    def move(items, fvd):
+        return _move_champion(client, items, "fvd", fvd, "champion", "team", logging.getLogger("test"))
+
+    prior_1, sr_1 = new_version("prior"), new_version("sr_high")
+    assert move([prior_1, sr_1], 100.0) == ["team-prior v1", "team-sr-high v1"]
+    sr_2 = new_version("sr_high")
+    assert move([prior_1, sr_2], 300.0) == []  # prior v1 reused around a worse sr_high
+    assert client.get_model_version("team-prior", "1").tags["mav.fvd"] == "100.0"
+    prior_2 = new_version("prior")
+    assert move([prior_2, sr_1], 200.0) == []  # worse than the 100 that prior v1 scored
+    assert str(client.get_model_version_by_alias("team-prior", "champion").version) == "1"
+    assert move([prior_2, sr_1], 50.0) == ["team-prior v2"]
+    assert client.get_model_version("team-sr-high", "1").tags["mav.fvd"] == "50.0"  # its best chain now
