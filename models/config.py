@@ -58,7 +58,7 @@ class DataConfig(Strict):
     # video: the ingest's WebDataset shards ("shards"), its clip files via the manifest ("clips"),
     # or whichever exists ("auto"); the prior may also read image-text pairs ("images": image_path)
     source: Literal["auto", "shards", "clips", "images"] = "auto"
-    image_path: str | None = None  # folder of <name>.jpg + <name>.txt, or a .tar / folder of jpg+txt shards
+    image_path: str | None = None  # folder of <name>.jpg + <name>.txt, or a WebDataset .tar / folder of .tar
     size: int = 64  # output side in pixels (SR: the high-res side)
     lowres_size: int | None = None  # SR input side
     frames: int = 16  # clip window (video mode)

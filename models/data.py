@@ -96,17 +96,6 @@ def stream_seed(*parts) -> int:
     return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "little")
 
 
-def readers() -> tuple[int, int, int, int]:
-    """(DDP rank, world size, DataLoader worker, workers) of the calling reader."""
-    import torch.distributed as dist
-
-    distributed = dist.is_available() and dist.is_initialized()
-    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    info = torch.utils.data.get_worker_info()
-    worker, workers = (info.id, info.num_workers) if info else (0, 1)
-    return rank, world, worker, workers
-
-
 class SampleStream(IterableDataset):
     """An endless stream per reader (DDP rank x DataLoader worker) that can resume where it was.
 
@@ -118,6 +107,9 @@ class SampleStream(IterableDataset):
     undecoded samples) and `load` (the decode)."""
 
     seed, resume_batches, batch_size = 0, 0, 1
+    # set by the data module from the trainer: a worker started by spawn or forkserver (macOS,
+    # Python 3.14) has no process group to ask, and would read as rank 0 on every rank
+    rank, world = 0, 1
 
     def items(self, part: int, parts: int):
         raise NotImplementedError
@@ -126,13 +118,14 @@ class SampleStream(IterableDataset):
         raise NotImplementedError
 
     def __iter__(self):
-        rank, world, worker, workers = readers()
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
         # the DataLoader takes batch i from worker i % workers, counting from 0 again after a resume:
         # so this worker plays the part of the one that would have made the next batch, and skips
         # the samples that part gave to the batches already trained on
         done = self.resume_batches
         role = (worker + done) % workers
-        part, parts = rank * workers + role, world * workers
+        part, parts = self.rank * workers + role, self.world * workers
         skip = (done // workers + (role < done % workers)) * self.batch_size
         for position, item in enumerate(self.items(part, parts)):
             if position >= skip:
@@ -167,23 +160,35 @@ class ClipFiles(RowStream):
         return self.sampler(row["clip_abspath"], row, rng)
 
 
-class ClipShards(SampleStream):
-    """WebDataset shards of <clip_id>.mp4 + <clip_id>.json, split over readers, pass after pass.
+class ShardStream(SampleStream):
+    """WebDataset shards split over readers, pass after pass (the ingest's clips, image-text pairs).
 
-    Each reader takes its own shards; with fewer shards than readers (small datasets,
-    many GPUs) every reader streams all shards in the same order and keeps every n-th
-    sample, so no rank idles or hangs on an empty shard list and none sees another's samples."""
+    A reader's samples are drawn as often as its share of samples is small, and the DataLoader
+    takes as many from every reader: so readers take whole shards only when the shards split
+    into groups of near-equal sample counts (`balanced_groups`); otherwise (few shards, or a
+    small shard added by a later dataset version) every reader streams all shards in the same
+    order and keeps every n-th sample. Either way no reader idles and none sees another's
+    samples. `counts`: how many samples each shard gives (`keep`); shards giving none are skipped."""
 
-    def __init__(self, shards: list[str], sampler: ClipSampler, rows: dict[str, dict], buffer: int):
-        # rows: the checked manifest by clip id (it wins over each shard's json: fallback captions,
-        # clips filtered out); a shard sample whose id is not in it is skipped
-        self.shards, self.sampler, self.rows, self.buffer = shards, sampler, rows, buffer
+    what = "samples"
+
+    def __init__(self, shards: list[str], counts: list[int], buffer: int):
+        self.shards = [shard for shard, n in zip(shards, counts) if n]
+        self.counts = [n for n in counts if n]
+        self.buffer = buffer
+        if not self.shards:
+            raise DataError(f"no {self.what} in the shards {shards}")
+
+    def keep(self, sample: dict) -> bool:
+        raise NotImplementedError
 
     def items(self, part: int, parts: int):
         import webdataset as wds
 
-        if len(self.shards) >= parts:
-            samples = self._passes(self.shards[part::parts], shuffle_seed=stream_seed(self.seed, part))
+        groups = balanced_groups(self.counts, parts)
+        if groups is not None:
+            own = [self.shards[i] for i in groups[part]]
+            samples = self._passes(own, shuffle_seed=stream_seed(self.seed, part))
         else:
             samples = itertools.islice(self._passes(self.shards, shuffle_seed=None), part, None, parts)
         if self.buffer < 1:
@@ -191,7 +196,7 @@ class ClipShards(SampleStream):
         return wds.filters.shuffle(self.buffer, rng=random.Random(stream_seed(self.seed, part, "buffer")))(samples)
 
     def _passes(self, shards: list[str], shuffle_seed: int | None):
-        """The manifest's samples of `shards`, pass after pass (in a new shard order each, if seeded)."""
+        """The kept samples of `shards`, pass after pass (in a new shard order each, if seeded)."""
         import webdataset as wds
 
         for epoch in itertools.count():
@@ -199,29 +204,99 @@ class ClipShards(SampleStream):
             shuffle = len(shards) if shuffle_seed is not None else False
             for sample in wds.WebDataset(shards, shardshuffle=shuffle, nodesplitter=None, workersplitter=None,
                                          empty_check=False, seed=stream_seed(shuffle_seed, epoch)):
-                if sample["__key__"] in self.rows:
+                if self.keep(sample):
                     found = True
                     yield sample
-            if not found:  # an endless stream would wait forever
-                raise DataError(f"none of the manifest's {len(self.rows)} clips is in the shards {shards}")
+            if not found:  # the headers promised samples (counts) that the data does not hold: do not spin
+                raise DataError(f"no {self.what} in the shards {shards}")
+
+
+def shard_keys(shard: str | Path) -> dict[str, set[str]]:
+    """{sample key: its file extensions} of a WebDataset shard, from the tar headers only."""
+    import tarfile
+
+    keys: dict[str, set[str]] = {}
+    with tarfile.open(shard) as tar:
+        for name in tar.getnames():
+            folder, _, base = name.rpartition("/")
+            stem, dot, ext = base.partition(".")
+            if dot:
+                keys.setdefault(f"{folder}/{stem}" if folder else stem, set()).add(ext.lower())
+    return keys
+
+
+class ClipShards(ShardStream):
+    """The ingest's shards of <clip_id>.mp4 + <clip_id>.json (data.source: shards)."""
+
+    what = "manifest clips"
+
+    def __init__(self, shards: list[str], sampler: ClipSampler, rows: dict[str, dict], buffer: int):
+        # rows: the checked manifest by clip id (it wins over each shard's json: fallback captions,
+        # clips filtered out); a shard sample whose id is not in it is skipped
+        self.sampler, self.rows = sampler, rows
+        counts = [sum("mp4" in exts and key in rows for key, exts in shard_keys(s).items()) for s in shards]
+        super().__init__(shards, counts, buffer)
+
+    def keep(self, sample: dict) -> bool:
+        return sample["__key__"] in self.rows and "mp4" in sample
 
     def load(self, sample: dict, rng: random.Random) -> dict:
         return self.sampler(sample["mp4"], self.rows[sample["__key__"]], rng)
 
 
+def image_sample(image, caption: str, size: int, rng: random.Random | None) -> dict:
+    """An image (path or file object) and its caption as a prior sample; rng=None: centre crop."""
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(image).convert("RGB"))[None]
+    return {"image": resize_crop(pixels, size, rng)[:, 0], "caption": caption, "fps": torch.tensor(0.0)}
+
+
 class ImageText(RowStream):
     """Folder of images with same-named .txt captions (the prior's image-text pairs)."""
 
-    def __init__(self, pairs: list[tuple[Path, str]], size: int):
+    def __init__(self, pairs: list[tuple[Path, str]], size: int, random_crop: bool = True):
         super().__init__(pairs)
-        self.size = size
+        self.size, self.random_crop = size, random_crop
 
     def load(self, pair: tuple[Path, str], rng: random.Random) -> dict:
-        from PIL import Image
+        return image_sample(pair[0], pair[1], self.size, rng if self.random_crop else None)
 
-        path, caption = pair
-        image = np.asarray(Image.open(path).convert("RGB"))[None]
-        return {"image": resize_crop(image, self.size, rng)[:, 0], "caption": caption, "fps": torch.tensor(0.0)}
+
+class ImageTextShards(ShardStream):
+    """WebDataset shards of <key>.jpg (or .png, .webp) + <key>.txt (the prior's image-text pairs)."""
+
+    what = "captioned images (<key>.jpg + <key>.txt)"
+    image_exts = tuple(ext.lstrip(".") for ext in IMAGE_EXTS)
+
+    def __init__(self, shards: list[str], size: int, random_crop: bool, buffer: int):
+        self.size, self.random_crop = size, random_crop
+        counts = [sum("txt" in exts and any(e in exts for e in self.image_exts) for exts in shard_keys(s).values())
+                  for s in shards]
+        super().__init__(shards, counts, buffer)
+
+    def keep(self, sample: dict) -> bool:  # an empty caption counts as none
+        return bool(sample.get("txt", b"").strip()) and any(e in sample for e in self.image_exts)
+
+    def load(self, sample: dict, rng: random.Random) -> dict:
+        import io
+
+        image = next(sample[e] for e in self.image_exts if e in sample)
+        return image_sample(io.BytesIO(image), sample["txt"].decode().strip(), self.size,
+                            rng if self.random_crop else None)
+
+
+def balanced_groups(counts: list[int], parts: int, tolerance: float = 0.1) -> list[list[int]] | None:
+    """Shard indices in `parts` groups whose clip counts differ by at most `tolerance` (largest
+    shard first, each to the group with the fewest clips), or None if they cannot."""
+    if len(counts) < parts:
+        return None
+    groups, totals = [[] for _ in range(parts)], [0] * parts
+    for index in sorted(range(len(counts)), key=lambda i: -counts[i]):
+        lightest = totals.index(min(totals))
+        groups[lightest].append(index)
+        totals[lightest] += counts[index]
+    return groups if max(totals) <= (1 + tolerance) * min(totals) else None
 
 
 def image_text_pairs(path: Path) -> list[tuple[Path, str]]:
@@ -260,12 +335,7 @@ class StageDataModule(L.LightningDataModule):
         """Resolve and validate the data; every problem is a DataError raised here, before training."""
         cfg, data = self.config, self.config.data
         if data.source == "images":
-            if not data.image_path:
-                raise DataError("data.image_path: source 'images' needs a folder of image + .txt pairs")
-            pairs = image_text_pairs(Path(data.image_path))
-            if not pairs:
-                raise DataError(f"data.image_path: no captioned images (<name>.jpg + <name>.txt) in {data.image_path}")
-            self.train_set = ImageText(pairs, data.size)
+            self.train_set = self._image_text()
             return self
         if self.data_root is None or not self.dataset_name:
             raise DataError(f"stage {cfg.stage!r} needs --data-root and --dataset (an ingested video dataset)")
@@ -292,6 +362,29 @@ class StageDataModule(L.LightningDataModule):
         else:
             self.train_set = ClipFiles(rows, sampler)
         return self
+
+    def _image_text(self) -> SampleStream:
+        """data.image_path: a folder of <name>.jpg + <name>.txt pairs, or WebDataset shards of them
+        (a .tar, or a folder of .tar files)."""
+        data = self.config.data
+        if not data.image_path:
+            raise DataError("data.image_path: source 'images' needs a folder of image + .txt pairs or .tar shards")
+        path = Path(data.image_path)
+        if not path.exists():
+            raise DataError(f"data.image_path: {path} does not exist")
+        shards = [path] if path.is_file() else sorted(path.rglob("*.tar"))
+        pairs = image_text_pairs(path) if path.is_dir() else []
+        if shards and pairs:
+            raise DataError(f"data.image_path: {path} holds both loose image + .txt pairs and .tar shards; "
+                            "point it at one of them")
+        if shards:
+            if any(shard.suffix != ".tar" for shard in shards):
+                raise DataError(f"data.image_path: {path} is neither a folder nor a .tar shard")
+            return ImageTextShards([str(shard) for shard in shards], data.size, data.random_crop,
+                                   data.shuffle_buffer)
+        if not pairs:
+            raise DataError(f"data.image_path: no captioned images (<name>.jpg + <name>.txt) in {path}")
+        return ImageText(pairs, data.size, data.random_crop)
 
     def _drop(self, manifest: pd.DataFrame, unfit: pd.Series, what: str, hint: str) -> pd.DataFrame:
         """Skip the clips that are `what` (with a warning); all of them is an error ending in `hint`."""
@@ -321,6 +414,8 @@ class StageDataModule(L.LightningDataModule):
             self.check()
         data, trainer = self.config.data, self.trainer
         self.train_set.seed, self.train_set.batch_size = self.config.trainer.seed, data.batch_size
+        if trainer:
+            self.train_set.rank, self.train_set.world = trainer.global_rank, trainer.world_size
         # on --resume Lightning has restored the step before it asks for the data
         self.train_set.resume_batches = trainer.global_step * trainer.accumulate_grad_batches if trainer else 0
         return DataLoader(self.train_set, batch_size=data.batch_size, num_workers=data.num_workers,

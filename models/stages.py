@@ -76,8 +76,11 @@ class DiffusionStage(L.LightningModule):
         self.net = self.build_net()
         if self.config.video and self.config.freeze_spatial:
             for name, p in self.net.named_parameters():
-                p.requires_grad_("temporal" in name)
+                p.requires_grad_(self.trained_when_spatial_frozen(name))
         self.last_loss = torch.tensor(float("nan"))
+
+    def trained_when_spatial_frozen(self, name: str) -> bool:
+        return "temporal" in name
 
     def configure_model(self):
         """The training form of the net (Lightning calls this before the strategy wraps the model);
@@ -232,6 +235,10 @@ class DecoderStage(DiffusionStage):
 class InterpolationStage(DecoderStage):
     """↑F: the video decoder with masked frames + mask as 4 extra input channels."""
     extra_channels = 4
+
+    def trained_when_spatial_frozen(self, name: str) -> bool:
+        # the input conv's new channels start at zero: frozen, the net would never see the known frames
+        return super().trained_when_spatial_frozen(name) or name.startswith("conv_in.spatial")
 
     def random_mask(self, b: int, t: int) -> torch.Tensor:
         """[B,1,T,1,1] of 1 = known frame. Interpolate: every k-th frame (k in 2..max_skip; k = 1 would

@@ -71,13 +71,109 @@ def test_readers_split_one_shard_without_overlap(data_root):
     assert sorted(seen) == sorted(dm.train_set.rows)  # 8 clips, 8 distinct
 
 
+def test_ranks_read_their_own_part_in_spawned_workers(data_root):
+    """A worker started by spawn (macOS) or forkserver (Python 3.14) has no process group to ask
+    its rank: the stream carries the rank the data module took from the trainer."""
+    from torch.utils.data import DataLoader
+
+    cfg = tiny("decoder", **{"data.shuffle_buffer": 0, "data.source": "clips"})
+    dm = StageDataModule(cfg, data_root, "shapes").check()
+    seen = []
+    for rank in (0, 1):
+        dm.train_set.rank, dm.train_set.world = rank, 2  # train_dataloader sets them from the trainer
+        loader = iter(DataLoader(dm.train_set, batch_size=2, num_workers=1, multiprocessing_context="spawn"))
+        seen.append([clip for _ in range(2) for clip in next(loader)["clip_id"]])
+    assert len(set(seen[0] + seen[1])) == 8  # 8 clips, 4 per rank: as rank 0 (the old fallback), both read the same
+
+
 def test_shards_without_any_manifest_clip_are_an_error_not_a_hang(data_root):
     from models.data import ClipShards
 
     dm = StageDataModule(tiny("decoder"), data_root, "shapes").check()
-    stream = ClipShards(dm.train_set.shards, dm.train_set.sampler, {"not-a-clip": {}}, buffer=0)
-    with pytest.raises(DataError, match="none of the manifest's 1 clips is in the shards"):
-        next(iter(stream))
+    with pytest.raises(DataError, match="no manifest clips in the shards"):
+        ClipShards(dm.train_set.shards, dm.train_set.sampler, {"not-a-clip": {}}, buffer=0)
+
+
+def test_shard_groups_are_balanced_or_not_used():
+    from models.data import balanced_groups
+
+    assert balanced_groups([256] * 16, 8) == [[i, i + 8] for i in range(8)]
+    assert balanced_groups([200, 100, 95], 2) == [[0], [1, 2]]  # 200 and 195 clips: within 10 %
+    assert balanced_groups([8, 1], 2) is None  # a one-clip shard would be half of every batch
+    assert balanced_groups([256] * 9, 8) is None  # one reader with two shards: its clips half as often
+    assert balanced_groups([256] * 3, 4) is None  # fewer shards than readers
+
+
+def test_clips_are_drawn_evenly_from_uneven_shards(tmp_path):
+    """9 clips in shards of 8 and 1, read by two workers: every clip about 1/9 of the samples
+    (whole shards per worker made the lone clip half of all samples), and a worker whose shard
+    holds only dropped clips would have no clip at all."""
+    from collections import Counter
+
+    write_synthetic_dataset(tmp_path, "uneven", num_clips=9, frames=20, size=32, fps=12, clips_per_shard=8)
+    cfg = tiny("decoder", **{"mode": "image", "data.num_workers": 2, "data.batch_size": 3, "data.source": "shards",
+                             "data.size": 32, "data.shuffle_buffer": 0})
+    dm = StageDataModule(cfg, tmp_path, "uneven").check()
+    assert sorted(dm.train_set.counts) == [1, 8]
+    counts, loader = Counter(), iter(dm.train_dataloader())
+    for _ in range(12):  # 36 samples: 4 passes over the 9 clips
+        counts.update(next(loader)["clip_id"])
+    assert sorted(counts.values()) == [4] * 9
+
+
+def _image_text_pairs(folder: Path, count: int, width: int = 48, height: int = 32) -> list[str]:
+    """Loose <i>.png + <i>.txt pairs (random pixels), plus an image without a caption and a
+    caption without an image, which are skipped."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    captions = [f"picture number {i}" for i in range(count)]
+    for i, caption in enumerate(captions + ["no caption"]):
+        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(folder / f"{i:03d}.png")
+        if i < count:
+            (folder / f"{i:03d}.txt").write_text(caption)
+    (folder / "lonely.txt").write_text("a caption without its image")
+    return captions
+
+
+def test_the_prior_reads_image_text_folders_and_webdataset_shards(tmp_path):
+    import tarfile
+
+    captions = _image_text_pairs(tmp_path / "loose", 5)
+    with tarfile.open(tmp_path / "pairs.tar", "w") as tar:  # a WebDataset shard of the same pairs
+        for file in sorted((tmp_path / "loose").iterdir()):
+            tar.add(file, arcname=file.name)
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "pairs.tar").rename(tmp_path / "shards" / "pairs-000.tar")
+
+    def first_pass(image_path, **overrides):
+        cfg = tiny("prior", **{"data.source": "images", "data.image_path": str(image_path), "data.batch_size": 5,
+                               "data.num_workers": 0, "data.shuffle_buffer": 0, "data.size": 16, **overrides})
+        batch = next(iter(StageDataModule(cfg).check().train_dataloader()))
+        assert batch["image"].shape == (5, 3, 16, 16)
+        return batch
+
+    for source in (tmp_path / "loose", tmp_path / "shards", tmp_path / "shards" / "pairs-000.tar"):
+        batch = first_pass(source)
+        assert sorted(batch["caption"]) == captions, source  # one pass: each captioned image once
+    # random_crop: false gives the centre crop every time
+    still = [first_pass(tmp_path / "shards", **{"data.random_crop": False, "trainer.seed": seed}) for seed in (0, 1)]
+    order = [sorted(range(5), key=lambda i: b["caption"][i]) for b in still]
+    assert torch.equal(still[0]["image"][order[0]], still[1]["image"][order[1]])
+
+    cfg = tiny("prior", **{"data.source": "images", "data.image_path": str(tmp_path / "shards"), "data.size": 16,
+                           "data.batch_size": 2})
+    result = train_stage("prior", cfg, out_dir=tmp_path / "prior", max_steps=2)  # trains from the shard
+    assert result.global_step == 2 and torch.isfinite(torch.tensor(result.train_loss))
+
+    (tmp_path / "shards" / "000.png").write_bytes((tmp_path / "loose" / "000.png").read_bytes())
+    (tmp_path / "shards" / "000.txt").write_text("a loose pair beside the shards")
+    with pytest.raises(DataError, match="holds both loose image"):
+        first_pass(tmp_path / "shards")
+    with pytest.raises(DataError, match="does not exist"):
+        first_pass(tmp_path / "nowhere")
 
 
 def test_stride_realises_fps_and_fits_the_clip():
@@ -106,6 +202,14 @@ def test_video_decoder_trains_only_temporal_layers(chain):
         assert torch.equal(p, video.net.state_dict()[name]), name  # spatial frozen (freeze_spatial)
     temporal = [p for n, p in video.net.named_parameters() if "temporal.attn.to_out" in n]
     assert any(p.abs().sum() > 0 for p in temporal)  # zero-init output projections moved
+
+
+def test_interpolation_with_frozen_spatial_layers_still_learns_its_new_input_channels():
+    """The 4 input channels for the known frames start at zero: they train even with freeze_spatial."""
+    stage = build_stage(tiny("interpolation", freeze_spatial=True))
+    trained = {n for n, p in stage.net.named_parameters() if p.requires_grad}
+    assert "conv_in.spatial.weight" in trained
+    assert not any(n.startswith(("down", "up", "mid")) and "temporal" not in n for n in trained)
 
 
 def test_loss_decreases(data_root, tmp_path):
