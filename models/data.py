@@ -287,8 +287,8 @@ class ImageTextShards(ShardStream):
 
 
 def balanced_groups(counts: list[int], parts: int, tolerance: float = 0.1) -> list[list[int]] | None:
-    """Shard indices in `parts` groups whose clip counts differ by at most `tolerance` (largest
-    shard first, each to the group with the fewest clips), or None if they cannot."""
+    """Shard indices in `parts` groups whose sample counts differ by at most `tolerance` (largest
+    shard first, each to the group with the fewest samples), or None if they cannot."""
     if len(counts) < parts:
         return None
     groups, totals = [[] for _ in range(parts)], [0] * parts
