@@ -14,6 +14,7 @@ from einops import rearrange
 from torchmetrics import Metric
 from torchmetrics.utilities.data import dim_zero_cat
 
+from eval.sync import ShapedEmptyStates
 from models.clip import DEFAULT_CLIP, FrozenCLIP
 
 
@@ -35,7 +36,7 @@ class CLIPSIMResult:
         return asdict(self)
 
 
-class CLIPSIM(Metric):
+class CLIPSIM(ShapedEmptyStates, Metric):
     """update(videos uint8 [B,T,H,W,3] (or a list of [T,H,W,3]), prompts[B]); compute() -> mean cosine."""
 
     is_differentiable = False
@@ -51,6 +52,9 @@ class CLIPSIM(Metric):
     @property
     def smoke(self) -> bool:
         return self.clip.is_tiny
+
+    def empty_state(self, name: str) -> torch.Tensor:
+        return torch.empty(0, dtype=torch.float64, device=self.device)
 
     def update(self, videos: torch.Tensor | Sequence[torch.Tensor], prompts: Sequence[str],
                names: Sequence[str] | None = None) -> None:

@@ -20,6 +20,7 @@ from torchmetrics.utilities.data import dim_zero_cat
 
 from eval.frechet import bootstrap_interval, frechet_distance, mean_cov_from_sums
 from eval.i3d import MIN_FRAMES, I3DDetector
+from eval.sync import ShapedEmptyStates
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ def _names(names: Sequence[str] | None, idx, prefix: str) -> list[str]:
     return [names[i] if names else f"{prefix} video #{i}" for i in idx]
 
 
-class FrechetVideoDistance(Metric):
+class FrechetVideoDistance(ShapedEmptyStates, Metric):
     """FVD between real and fake uint8 videos [B,T,H,W,3] using I3D logits (400-d)."""
 
     is_differentiable = False
@@ -64,7 +65,10 @@ class FrechetVideoDistance(Metric):
         self.detector = detector
         self.feature_dim = detector.feature_dim if detector is not None else feature_dim
         self.unbiased, self.keep_features, self.clip_stride = unbiased, keep_features, clip_stride
-        self.clip_length: int | None = None  # T of the first update; every later update must match
+        # clip length T of every update: states, so reset() clears them and processes and merges
+        # compare them (min == max)
+        self.add_state("length_min", torch.tensor(float("inf"), dtype=torch.float64), dist_reduce_fx="min")
+        self.add_state("length_max", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="max")
         d = self.feature_dim
         for side in ("real", "fake"):
             self.add_state(f"{side}_sum", torch.zeros(d, dtype=torch.float64), dist_reduce_fx="sum")
@@ -116,9 +120,17 @@ class FrechetVideoDistance(Metric):
                              "resize or clip them to one size and length before batching")
         return torch.stack(videos)
 
+    @property
+    def clip_length(self) -> int | None:
+        return int(self.length_max) if self.length_max > 0 else None
+
+    def empty_state(self, name: str) -> torch.Tensor:
+        return torch.empty(0, self.feature_dim, dtype=torch.float64, device=self.real_sum.device)
+
     def _check_clip_length(self, t: int, names, side) -> None:
         if self.clip_length is None:
-            self.clip_length = t
+            self.length_min.fill_(t)
+            self.length_max.fill_(t)
         elif t != self.clip_length:
             who = ", ".join(_names(names, range(1), side)) if names else f"a {side} batch"
             raise ValueError(f"{who}: clips of {t} frames, but earlier clips had {self.clip_length}; "
@@ -155,12 +167,16 @@ class FrechetVideoDistance(Metric):
         low = high = None
         with self.sync_context(dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync,
                                should_unsync=self._should_unsync):
+            if self.length_max > 0 and self.length_min != self.length_max:
+                raise ValueError(f"FVD compares clips of one length, but the processes or merged metrics scored "
+                                 f"clips of {int(self.length_min)} to {int(self.length_max)} frames")
             value = float(frechet_distance(*self._stats("real"), *self._stats("fake")))
             n_real, n_fake = int(self.real_n.item()), int(self.fake_n.item())
+            clip_length = self.clip_length
             if self.keep_features and num_resamples > 0:
                 ci = bootstrap_interval(dim_zero_cat(self.real_features), dim_zero_cat(self.fake_features),
                                         self.unbiased, num_resamples, level, seed)
                 low, high = ci.low, ci.high
         info = self.detector.describe() if self.detector is not None else {"detector_name": "features", "detector_sha256": "n/a"}
-        return FVDResult(value, low, high, level if low is not None else None, n_real, n_fake, self.clip_length,
+        return FVDResult(value, low, high, level if low is not None else None, n_real, n_fake, clip_length,
                          self.clip_stride, self.unbiased, info["detector_name"], info["detector_sha256"], self.smoke)

@@ -19,6 +19,7 @@ from torch import nn
 from torchmetrics import Metric
 from torchmetrics.utilities.data import dim_zero_cat
 
+from eval.sync import ShapedEmptyStates
 from eval.weights import resolve_weights
 
 
@@ -45,10 +46,12 @@ class C3D(nn.Module):
 
 def load_c3d(weights=None, sha256=None, num_classes=101, device="cpu", seed=0) -> tuple[C3D, bool, str]:
     """-> (model, smoke, checksum). No weights: random (smoke)."""
-    net = C3D(num_classes)
     if weights is None:
-        torch.manual_seed(seed)
+        with torch.random.fork_rng(devices=[]):  # the same smoke weights for a seed; the caller's RNG untouched
+            torch.manual_seed(seed)
+            net = C3D(num_classes)
         return net.eval().to(device), True, "random"
+    net = C3D(num_classes)
     path, digest = resolve_weights(weights, sha256)
     net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     return net.eval().to(device), False, digest
@@ -92,7 +95,7 @@ class ISResult:
         return asdict(self)
 
 
-class VideoInceptionScore(Metric):
+class VideoInceptionScore(ShapedEmptyStates, Metric):
     """update(uint8 [B,16,H,W,3]); compute() -> (mean, std) over `splits` splits."""
 
     full_state_update = False
@@ -102,6 +105,9 @@ class VideoInceptionScore(Metric):
         super().__init__(**kwargs)
         self.c3d, self.smoke, self.splits, self.mean = c3d.eval().requires_grad_(False), smoke, splits, mean
         self.add_state("logits", [], dist_reduce_fx="cat")
+
+    def empty_state(self, name: str) -> torch.Tensor:
+        return torch.empty(0, self.c3d.fc8.out_features, dtype=torch.float64, device=self.c3d.fc8.weight.device)
 
     @torch.no_grad()
     def update(self, videos: torch.Tensor) -> None:

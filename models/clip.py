@@ -216,8 +216,8 @@ class FrozenCLIP(nn.Module):
             raise ValueError(f"encode_images expects [N,3,H,W], got {tuple(x.shape)}")
         s = self.image_size
         h, w = x.shape[-2:]
-        scale = s / min(h, w)
-        nh, nw = max(s, round(h * scale)), max(s, round(w * scale))
+        # short side to s, long side int(s * long / short): CLIPImageProcessor truncates (320x240 -> 298x224)
+        nh, nw = (s, int(s * w / h)) if h <= w else (int(s * h / w), s)
         x = F.interpolate(x.float(), size=(nh, nw), mode="bicubic", align_corners=False, antialias=True)
         top, left = (nh - s) // 2, (nw - s) // 2
         x = x[..., top : top + s, left : left + s].clamp(0, 1)

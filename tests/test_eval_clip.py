@@ -31,3 +31,25 @@ def test_tiny_clip_roundtrip(tmp_path):
     # same seed -> same weights -> same embeddings
     again = FrozenCLIP.load(build_tiny_clip(tmp_path / "clip2", seed=0))
     torch.testing.assert_close(again.encode_images(images), img)
+
+
+def test_preprocessing_matches_clips_image_processor(tmp_path):
+    """Short side to the image size with the long side truncated (320x240 -> 298x224, not 299),
+    bicubic, centre crop, normalise: CLIPImageProcessor as configured for OpenAI's CLIP."""
+    import numpy as np
+    import torch.nn.functional as F
+
+    from models.clip import OPENAI_MEAN, OPENAI_STD, _image_processor_class
+
+    clip = FrozenCLIP.load(build_tiny_clip(tmp_path / "tiny"))
+    s = clip.image_size
+    processor = _image_processor_class()(size={"shortest_edge": s}, crop_size={"height": s, "width": s},
+                                         image_mean=list(OPENAI_MEAN), image_std=list(OPENAI_STD), resample=3)
+    smooth = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (3, 30, 40)).astype(np.float32))
+    for height, width in ((240, 320), (320, 240), (250, 250)):
+        image = F.interpolate(smooth[None], size=(height, width), mode="bilinear")[0].round().clamp(0, 255)
+        reference = torch.from_numpy(np.asarray(processor(images=[image.permute(1, 2, 0).byte().numpy()],
+                                                          return_tensors="np")["pixel_values"]))
+        ours = clip.preprocess(image[None] / 255)
+        assert ours.shape == reference.shape == (1, 3, s, s)
+        assert (ours - reference).abs().mean() < 0.01, (height, width)  # PIL vs torch bicubic differ slightly

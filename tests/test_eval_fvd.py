@@ -98,14 +98,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world, port, x, y, out):
+def _worker(rank, world, port, x, y, out, real_on_rank0_only=False):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         m = FrechetVideoDistance(feature_dim=x.shape[1])
         # uneven shards on purpose: the cat states must gather different sizes
         xs, ys = x.tensor_split(world)[rank], y.tensor_split(world)[rank]
-        m.update(features=xs, real=True)
+        if real_on_rank0_only:  # a process with no real videos at all (its list state stays empty)
+            xs = x if rank == 0 else x[:0]
+        if len(xs):
+            m.update(features=xs, real=True)
         m.update(features=ys, real=False)
         value = float(m.compute())
         r = m.result(num_resamples=20)
@@ -114,7 +117,8 @@ def _worker(rank, world, port, x, y, out):
         dist.destroy_process_group()
 
 
-def test_two_process_gloo_matches_single_process():
+@pytest.mark.parametrize("real_on_rank0_only", [False, True])
+def test_two_process_gloo_matches_single_process(real_on_rank0_only):
     x = torch.from_numpy(features(101, 16, 8))
     y = torch.from_numpy(features(77, 16, 9, shift=0.4))
     single = FrechetVideoDistance(feature_dim=16)
@@ -123,7 +127,7 @@ def test_two_process_gloo_matches_single_process():
     r = single.result(num_resamples=20)
 
     out = torch.zeros(2, 5, dtype=torch.float64).share_memory_()
-    mp.spawn(_worker, args=(2, _free_port(), x, y, out), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, _free_port(), x, y, out, real_on_rank0_only), nprocs=2, join=True)
     for rank in range(2):
         value, low, high, n_real, n_fake = out[rank].tolist()
         assert value == pytest.approx(r.value, rel=1e-9)
@@ -158,6 +162,22 @@ class _FakeDetector(torch.nn.Module):
 
     def describe(self):
         return {"detector_name": "fake", "detector_sha256": "none"}
+
+
+def test_clip_length_is_cleared_by_reset_and_checked_across_merged_metrics():
+    videos = {t: torch.zeros(2, t, 16, 16, 3, dtype=torch.uint8) for t in (9, 12)}
+    m = FrechetVideoDistance(_FakeDetector())
+    m.update(videos[9], real=True)
+    m.reset()
+    m.update(videos[12], real=True)  # a new run at another length
+    assert m.clip_length == 12
+    other = FrechetVideoDistance(_FakeDetector())
+    other.update(videos[9], real=True)
+    other.update(videos[9], real=False)
+    m.update(videos[12], real=False)
+    m.merge_state(other)
+    with pytest.raises(ValueError, match="clips of 9 to 12 frames"):
+        m.result(num_resamples=0)
 
 
 def test_short_clip_mixed_sizes_and_lengths_are_named():

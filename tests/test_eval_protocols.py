@@ -203,3 +203,14 @@ def test_protocol_bad_inputs(prefect_server, benchmarks, tmp_path, capsys):
         msrvtt_protocol(benchmarks["captions"], partial)
     with pytest.raises(FileNotFoundError, match="no-such: no such folder"):
         msrvtt_protocol(benchmarks["captions"], tmp_path / "no-such")
+
+
+def test_smoke_c3d_is_the_same_for_a_seed_and_leaves_the_callers_rng_alone():
+    from eval.inception_score import load_c3d
+
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    first, second, third = (load_c3d(None, seed=s)[0] for s in (7, 7, 8))
+    assert torch.equal(torch.rand(3), expected)  # building them drew nothing from the global generator
+    assert torch.equal(first.fc8.weight, second.fc8.weight) and not torch.equal(first.fc8.weight, third.fc8.weight)
