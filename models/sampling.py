@@ -42,8 +42,15 @@ def load_chain(checkpoints: dict[str, str | Path], device: str | torch.device = 
         if required not in checkpoints:
             raise ValueError(f"sampling needs a {required} checkpoint")
     chain = {stage: load_stage(path, stage, device) for stage, path in checkpoints.items() if path}
-    if not chain["decoder"].config.video:
-        raise ValueError("the decoder checkpoint is an image decoder; sample with the inflated (mode: video) one")
+    for stage in ("decoder", "sr_low"):  # both have an image pre-training checkpoint beside the video one
+        if stage in chain and not chain[stage].config.video:
+            raise ValueError(f"the {stage} checkpoint ({checkpoints[stage]}) is an image-mode one; sample with the "
+                             "inflated (mode: video) one")
+    # the prior's output is a CLIP image embedding: the stages it feeds must read the same CLIP's space
+    clips = {stage: chain[stage].config.clip for stage in ("prior", "decoder", "interpolation") if stage in chain}
+    if len(set(clips.values())) > 1:
+        raise ValueError(f"the checkpoints were trained with different CLIP models ({clips}); the prior's "
+                         "embeddings only mean something to stages trained with its CLIP")
     return chain
 
 
@@ -55,7 +62,9 @@ def interpolate_frames(net: InterpolationStage, video: torch.Tensor, image_emb: 
                        skip: int, generator, steps=None, guidance=None) -> torch.Tensor:
     """[B,3,T,H,W] -> [B,3,(T-1)*skip+1,H,W]."""
     b, c, t, h, w = video.shape
-    known_per_window = max(2, (net.config.data.frames - 1) // skip + 1)
+    if t < 2:
+        raise ValueError(f"frame interpolation needs at least 2 frames, the decoder made {t}")
+    known_per_window = min(t, max(2, (net.config.data.frames - 1) // skip + 1))
     n_windows = -(-(t - 1) // (known_per_window - 1))
     starts = [min(i * (known_per_window - 1), t - known_per_window) for i in range(n_windows)]
     length = (known_per_window - 1) * skip + 1

@@ -98,6 +98,8 @@ def train_stage(stage: str, config: StageConfig | dict | str | Path, *, data_roo
         raise ConfigError(f"stage: the config is for {cfg.stage!r}, not {stage!r}")
     out_dir = Path(out_dir)
     last = out_dir / "checkpoints" / "last.ckpt"
+    if resume and init:
+        raise ValueError("--resume continues from the run's own last.ckpt; --init only starts a new run: drop one")
     if resume and not last.exists():
         raise FileNotFoundError(f"--resume: no {last} to continue from")
     if not resume and last.exists():

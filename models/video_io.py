@@ -81,15 +81,30 @@ def write_mp4(frames, path: str | Path, fps: float = 8.0, crf: int = 18) -> Path
 
 
 def write_gif(frames, path: str | Path, fps: float = 8.0) -> Path:
-    """uint8 [T,H,W,3] -> animated gif (PyAV's gif encoder, 8-bit palette)."""
+    """uint8 [T,H,W,3] -> animated gif with a 256-colour palette made for this video (ffmpeg's
+    palettegen + paletteuse; a fixed 3-3-2 palette keeps only 8 x 8 x 4 levels)."""
+    import os
+    import subprocess
+    import uuid
+
+    from data_prep.ffmpeg_bin import ffmpeg_exe
+
     frames = _as_uint8(frames)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), mode="w", format="gif") as container:
-        stream = container.add_stream("gif", rate=Fraction(fps).limit_denominator(100))
-        stream.width, stream.height = frames.shape[2], frames.shape[1]
-        stream.pix_fmt = "rgb8"
-        _encode(container, stream, frames)
+    temp = path.with_name(f".tmp-{uuid.uuid4().hex}.gif")
+    rate = Fraction(fps).limit_denominator(100)
+    command = [ffmpeg_exe(), "-v", "error", "-nostdin", "-y", "-f", "rawvideo", "-pix_fmt", "rgb24",
+               "-s", f"{frames.shape[2]}x{frames.shape[1]}", "-framerate", f"{rate.numerator}/{rate.denominator}",
+               "-i", "pipe:", "-filter_complex", "split[a][b];[a]palettegen=stats_mode=full[p];[b][p]paletteuse",
+               "-loop", "0", str(temp)]
+    try:
+        done = subprocess.run(command, input=np.ascontiguousarray(frames).tobytes(), capture_output=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"writing {path}: ffmpeg: {done.stderr.decode(errors='replace').strip()[-500:]}")
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
     return path
 
 

@@ -37,3 +37,19 @@ def test_list_videos_finds_gifs_and_mpeg_ts(tmp_path):
     for name in ("a.gif", "b.ts", "c.mpg", "d.txt"):
         (tmp_path / name).write_bytes(b"x")
     assert [p.name for p in list_videos(tmp_path)] == ["a.gif", "b.ts", "c.mpg"]
+
+
+def test_gif_keeps_the_colours_of_the_video(tmp_path):
+    """A palette made for the video: a gradient keeps its levels (a fixed 3-3-2 palette gave
+    8 x 8 x 4 levels and errors up to 80)."""
+    from models.video_io import read_frames, write_gif
+
+    ramp = np.linspace(0, 255, 64).astype(np.uint8)
+    frame = np.stack([np.tile(ramp, (16, 1)), np.tile(ramp[::-1], (16, 1)), np.tile(ramp, (16, 1)) // 2], axis=-1)
+    frames = np.stack([frame] * 6)
+    path = write_gif(frames, tmp_path / "ramp.gif", fps=5)
+    back, fps = read_frames(path)
+    assert back.shape == frames.shape and fps == pytest.approx(5)
+    error = np.abs(back.astype(int) - frames.astype(int))
+    assert error.mean() < 3 and error.max() < 16
+    assert [p.name for p in tmp_path.iterdir()] == ["ramp.gif"]  # no temporary left

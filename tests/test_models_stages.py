@@ -352,6 +352,8 @@ def test_bad_input_fails_before_training(data_root, tmp_path, chain):
         run("decoder", tiny("decoder"), data_root=tmp_path / "empty", dataset="none")
     with pytest.raises(FileNotFoundError, match="resume"):
         run("decoder", tiny("decoder"), resume=True)
+    with pytest.raises(ValueError, match="--init only starts a new run"):  # --init would be ignored
+        run("decoder", tiny("decoder"), resume=True, init=chain["decoder_image"].checkpoint)
     done = chain["decoder"].checkpoint
     with pytest.raises(FileExistsError, match="earlier run's: pass --resume"):  # would hide that run's last.ckpt
         train_stage("decoder", tiny("decoder"), data_root=data_root, dataset="shapes", out_dir=done.parent.parent)
@@ -370,6 +372,38 @@ def test_sampling_chain_writes_76_frame_mp4_and_is_seeded(chain, tmp_path):
     assert result.frames.shape == (76, 64, 64, 3) and result.frames.dtype == torch.uint8
     assert fps == pytest.approx(20.0)
     assert result.gif.exists() and result.gif.stat().st_size > 0
+
+
+def test_the_chain_refuses_image_mode_and_mixed_clip_checkpoints(chain, tmp_path):
+    from models.sampling import load_chain
+
+    ckpts = {s: chain[s].checkpoint for s in ("prior", "decoder")}
+    with pytest.raises(ValueError, match="sr_low checkpoint .* is an image-mode one"):
+        load_chain({**ckpts, "sr_low": chain["sr_low_image"].checkpoint})
+    other = torch.load(chain["decoder"].checkpoint, map_location="cpu", weights_only=False)
+    from models.clip import build_tiny_clip
+
+    # another tiny CLIP: the same embedding width, another embedding space
+    other["hyper_parameters"]["config"]["clip"] = str(build_tiny_clip(tmp_path / "clip", seed=1))
+    torch.save(other, tmp_path / "decoder.ckpt")
+    with pytest.raises(ValueError, match="different CLIP models"):
+        load_chain({**ckpts, "decoder": tmp_path / "decoder.ckpt"})
+
+
+def test_interpolation_of_very_short_decoder_outputs(chain):
+    """Fewer decoder frames than one window's known frames: windows shrink to what there is."""
+    from models.sampling import interpolate_frames, load_chain
+
+    loaded = load_chain({s: chain[s].checkpoint for s in ("prior", "decoder", "interpolation")})
+    net, generator, size = loaded["interpolation"], torch.Generator().manual_seed(0), loaded["interpolation"].config.data.size
+    image_emb = loaded["prior"].sample(["a red circle"], generator, steps=1)
+    for t in (2, 3):
+        video = torch.rand(1, 3, t, size, size) * 2 - 1
+        out = interpolate_frames(net, video, image_emb, 4.0, 5, generator, steps=1)
+        assert out.shape == (1, 3, (t - 1) * 5 + 1, size, size)
+        assert torch.equal(out[:, :, ::5], video)  # the decoder's frames are kept exactly
+    with pytest.raises(ValueError, match="at least 2 frames"):
+        interpolate_frames(net, video[:, :, :1], image_emb, 4.0, 5, generator)
 
 
 def test_guidance_and_seed_in_prior_and_decoder(chain, tmp_path):
