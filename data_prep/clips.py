@@ -55,13 +55,25 @@ def detection_frame(frame: np.ndarray, width: int, height: int, detect_width: in
     return bgr
 
 
-def decode_command(path: Path, width: int, height: int, square: bool = False, threads: int = 1) -> list[str]:
-    """Decode, rotate (ffmpeg's autorotate), optionally crop the centre square first (fewer
-    pixels through the scaler and the pipe), scale to width x height, and pipe raw I420."""
+# Every clip is limited-range BT.601 YUV, converted from whatever the source is (full-range
+# phone video, BT.709 HD) and tagged so: untagged, a reader assumes exactly this anyway.
+CLIP_COLOUR = {"color_range": "tv", "colorspace": "smpte170m"}
+
+
+def decode_command(path: Path, width: int, height: int, square: bool = False, threads: int = 1,
+                   interlaced: bool = False, anamorphic: bool = False) -> list[str]:
+    """Decode, deinterlace (if `interlaced`), rotate (ffmpeg's autorotate), make pixels square
+    (if `anamorphic`), optionally crop the centre square (fewer pixels through the scaler and the
+    pipe), scale to width x height and convert to the clips' colour (CLIP_COLOUR); pipe raw I420."""
     stream = ffmpeg.input(str(path), threads=threads)["v:0"]
+    if interlaced:  # one frame per frame, from both fields; progressive frames pass through
+        stream = stream.filter("bwdif", mode="send_frame", deint="interlaced")
+    if anamorphic:  # to display proportions, or the crop and scale distort them
+        stream = stream.filter("scale", "trunc(iw*sar/2)*2", "ih").filter("setsar", 1)
     if square:
         stream = stream.filter("crop", "min(iw,ih)", "min(iw,ih)")
-    stream = stream.filter("scale", width, height, flags="bilinear")
+    # in_range / in_color_matrix come from the frames (yuvj* formats and colour tags)
+    stream = stream.filter("scale", width, height, flags="bilinear", out_range="tv", out_color_matrix="bt601")
     out = stream.output("pipe:", format="rawvideo", pix_fmt="yuv420p", fps_mode="passthrough")
     return out.global_args("-v", "error", "-nostdin").compile(cmd=ffmpeg_exe())
 
@@ -82,7 +94,7 @@ class ClipWriter:
         raw = ffmpeg.input("pipe:", format="rawvideo", pix_fmt="yuv420p", s=f"{width}x{height}",
                            framerate=f"{rate.numerator}/{rate.denominator}")
         out = raw.output(str(self.path), vcodec="libx264", preset=cfg.preset, crf=cfg.crf, pix_fmt="yuv420p",
-                         threads=1, an=None, movflags="+faststart", f="mp4")
+                         threads=1, an=None, movflags="+faststart", f="mp4", **CLIP_COLOUR)
         command = out.global_args("-v", "error", "-nostdin", "-y").compile(cmd=ffmpeg_exe())
         self.stderr = tempfile.TemporaryFile()
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stderr=self.stderr)
@@ -134,7 +146,10 @@ def cut_source(
     if square:  # ffmpeg crops; cut detection then sees the centre square too
         width = height = min(width, height)
     out_fps = ccfg.fps if ccfg.fps and ccfg.fps < probe.fps else probe.fps
-    select = out_fps < probe.fps - 1e-6  # keep frames on an out_fps time grid
+    # frames on an out_fps time grid: fewer frames for a lower fps, and a constant rate from a
+    # variable-rate source (frames repeated where it is slower, dropped where faster; written as
+    # they come, a clip would play its slow parts fast, and min/max scene lengths would be wrong)
+    on_grid = probe.variable_fps or out_fps < probe.fps - 1e-6
     min_frames = max(1, math.ceil(scfg.min_scene_s * out_fps - 1e-6))
     max_frames = max(min_frames, math.floor(scfg.max_scene_s * out_fps + 1e-6))
     trim = scfg.trim_frames
@@ -183,11 +198,12 @@ def cut_source(
         if writer is None:
             writer = ClipWriter(clips_dir, width, height, out_fps, ccfg)
             clip_start, next_time = i, time_of(i)
-        if select:
-            if time_of(i) + 1e-6 < next_time:
-                return
+        if not on_grid:
+            writer.write(frame)
+            return
+        while time_of(i) + 1e-6 >= next_time and writer.count < max_frames:  # each grid point takes
+            writer.write(frame)  # the first frame at or after it
             next_time += 1.0 / out_fps
-        writer.write(frame)
 
     cut_set: set[int] = set()
     trim_set: set[int] = set()  # frames within `trim` of a cut: one lookup per frame, not a scan of the cuts
@@ -200,7 +216,9 @@ def cut_source(
     pending: deque[tuple[int, np.ndarray]] = deque()
     frame_bytes = width * height * 3 // 2
     with tempfile.TemporaryFile() as stderr:
-        process = subprocess.Popen(decode_command(path, width, height, square), stdout=subprocess.PIPE, stderr=stderr)
+        command = decode_command(path, width, height, square, interlaced=probe.interlaced,
+                                 anamorphic=abs(probe.pixel_aspect - 1) > 1e-3)
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr)
         index = 0
         try:
             while True:

@@ -17,12 +17,14 @@ class Probe:
     num_frames: int
     fps: float  # average frame rate
     variable_fps: bool
-    width: int  # as displayed, after rotation
+    width: int  # as displayed: after rotation, and pixel aspect (anamorphic DV, DVD, HDV)
     height: int
     rotation: int  # degrees of display rotation
     codec: str
     has_audio: bool
     frame_times_s: list[float]  # presentation time of each frame, from 0
+    pixel_aspect: float = 1.0  # sample aspect ratio: a pixel's width / height in the coded frame
+    interlaced: bool = False  # the first frame is interlaced (fields): ingest deinterlaces
 
     def summary(self) -> dict:
         record = asdict(self)
@@ -47,12 +49,18 @@ def probe(path: Path) -> Probe:
         has_audio = bool(container.streams.audio)
         time_base = stream.time_base
         pts = []
+        hidden = 0  # discard packets: in the container's frame count, never shown
         first: av.VideoFrame | None = None  # decoded in the same pass, for its display rotation
         decode_error: Exception | None = None
         try:
             for packet in container.demux(stream):
+                # a discard packet is decoded (later frames refer to it) but never shown: an MP4 edit
+                # list hides it (stream-copy trims); ffmpeg's decode pipe drops it too
                 if packet.pts is not None and packet.size:
-                    pts.append(packet.pts)
+                    if packet.is_discard:
+                        hidden += 1
+                    else:
+                        pts.append(packet.pts)
                 if first is None and packet.size:
                     first, decode_error = _first_frame(stream, packet, decode_error)
         except av.error.FFmpegError as err:
@@ -69,10 +77,14 @@ def probe(path: Path) -> Probe:
         times = [float((p - start) * time_base) for p in pts]
         rotation = int(round(first.rotation or 0)) % 360
         declared = stream.frames  # from the container's index (0 where it keeps none)
-        if declared and len(pts) < declared - 1:
+        if declared and len(pts) + hidden < declared - 1:
             raise ProbeError(f"truncated file: the container lists {declared} frames but only {len(pts)} are present")
         rate = stream.average_rate or stream.guessed_rate
         width, height = stream.codec_context.width, stream.codec_context.height
+        sar = stream.codec_context.sample_aspect_ratio or stream.sample_aspect_ratio
+        pixel_aspect = float(sar) if sar and sar > 0 else 1.0
+        width = round(width * pixel_aspect)
+        interlaced = bool(first.interlaced_frame)
         codec = stream.codec_context.name
     deltas = [b - a for a, b in zip(times, times[1:]) if b > a]
     average = float(rate) if rate else (len(times) - 1) / max(times[-1], 1e-9)
@@ -83,7 +95,7 @@ def probe(path: Path) -> Probe:
     return Probe(
         duration_s=times[-1] + last, num_frames=len(times), fps=average, variable_fps=variable,
         width=width, height=height, rotation=rotation, codec=codec,
-        has_audio=has_audio, frame_times_s=times,
+        has_audio=has_audio, frame_times_s=times, pixel_aspect=pixel_aspect, interlaced=interlaced,
     )
 
 

@@ -1,5 +1,7 @@
 """Scene cuts and clips on real, labelled videos (no orchestration: data_prep alone)."""
 import json
+import re
+import subprocess
 from pathlib import Path
 
 import av
@@ -8,6 +10,7 @@ import pytest
 
 from data_prep.clips import cut_source, scaled_size
 from data_prep.config import IngestConfig
+from data_prep.ffmpeg_bin import ffmpeg_exe
 from data_prep.probe import probe
 
 LABELLED = ["bikes.mp4", "big_buck_bunny_0_30.webm"]
@@ -140,3 +143,78 @@ def test_every_detector_finds_a_hard_cut(detector, threshold):
     for i in range(40):
         found += cuts.push(i, shots[i >= 20])
     assert found + cuts.finish() == [20]
+
+
+# -- sources that need care: made with ffmpeg's test patterns ------------------------------
+def _encode(path: Path, *args: str) -> Path:
+    subprocess.run([ffmpeg_exe(), "-v", "error", "-y", *args, "-c:v", "libx264", str(path)], check=True)
+    return path
+
+
+def _ffmpeg_rgb(path: Path, filters: str) -> np.ndarray:
+    """The first frame as ffmpeg itself shows it (the source's colour tags and aspect honoured)."""
+    raw = subprocess.run([ffmpeg_exe(), "-v", "error", "-i", str(path), "-frames:v", "1", "-vf", filters,
+                          "-f", "rawvideo", "-pix_fmt", "rgb24", "pipe:"], capture_output=True, check=True).stdout
+    return np.frombuffer(raw, np.uint8)
+
+
+PATTERN = ["-f", "lavfi", "-i", "testsrc2=size=320x240:rate=25:duration=2"]
+
+
+@pytest.mark.parametrize("colour", [["-pix_fmt", "yuvj420p"],
+                                    ["-vf", "scale=out_color_matrix=bt709", "-colorspace", "bt709"]],
+                         ids=["full-range", "bt709"])
+def test_clips_keep_the_colours_of_full_range_and_bt709_sources(tmp_path, colour):
+    source = _encode(tmp_path / "source.mp4", *PATTERN, *colour)
+    result = run(source, tmp_path)
+    clip = result.clips[0]
+    frames = decode(_clip_file(result, clip))  # PyAV, as training reads clips
+    size = clip["width"]
+    expected = _ffmpeg_rgb(source, f"crop=min(iw\\,ih):min(iw\\,ih),scale={size}:{size}").reshape(size, size, 3)
+    assert np.abs(frames[0].astype(int) - expected.astype(int)).mean() < 3  # was 6-8 (range, matrix lost)
+
+
+def test_variable_frame_rate_clips_play_at_the_sources_speed(tmp_path):
+    """2 s at 30 fps, a cut, 2 s at 10 fps: both shots become clips of their own duration."""
+    source = _encode(tmp_path / "vfr.mp4", "-f", "lavfi", "-i", "testsrc2=size=160x120:rate=30:duration=2",
+                     "-f", "lavfi", "-i", "smptebars=size=160x120:rate=10:duration=2",
+                     "-filter_complex", "[0:v][1:v]concat=n=2:v=1[v]", "-map", "[v]", "-fps_mode", "vfr")
+    info = probe(source)
+    assert info.variable_fps and info.num_frames == 80
+    result = run(source, tmp_path)
+    assert [c["start_frame"] for c in result.clips] == [0, 60]  # the 10 fps shot is long enough too
+    for clip in result.clips:
+        assert clip["num_frames"] / clip["fps"] == pytest.approx(clip["end_s"] - clip["start_s"], abs=0.1)
+        assert len(decode(_clip_file(result, clip))) == clip["num_frames"]
+
+
+def test_frames_an_edit_list_hides_are_not_counted(tmp_path):
+    """A stream-copy trim keeps the GOP's hidden leading frames in the file (an MP4 edit list)."""
+    source = _encode(tmp_path / "long.mp4", *PATTERN, "-g", "250")
+    trimmed = tmp_path / "trimmed.mp4"
+    subprocess.run([ffmpeg_exe(), "-v", "error", "-ss", "1", "-i", str(source), "-c", "copy", str(trimmed)], check=True)
+    info = probe(trimmed)
+    assert info.num_frames == pytest.approx(25, abs=1) and info.duration_s == pytest.approx(1.0, abs=0.05)
+
+
+def test_interlaced_sources_are_deinterlaced(tmp_path):
+    source = _encode(tmp_path / "interlaced.mp4", "-f", "lavfi", "-i", "testsrc2=size=320x240:rate=50:duration=2",
+                     "-vf", "tinterlace=interleave_top,setfield=tff", "-flags", "+ildct+ilme", "-x264-params", "tff=1")
+    assert probe(source).interlaced
+    result = run(source, tmp_path, IngestConfig.model_validate({"clips": {"crop": "none"}}))
+    report = subprocess.run([ffmpeg_exe(), "-hide_banner", "-i", str(_clip_file(result, result.clips[0])), "-vf",
+                             "idet", "-f", "null", "-"], capture_output=True, text=True).stderr
+    line = report.split("Multi frame detection:")[-1].splitlines()[0]
+    counts = {name: int(n) for name, n in re.findall(r"(\w+):\s*(\d+)", line)}
+    assert counts["Progressive"] >= 4 * counts["TFF"], line  # was all TFF: combed frames
+
+
+def test_anamorphic_sources_keep_their_display_proportions(tmp_path):
+    source = _encode(tmp_path / "anamorphic.mp4", *PATTERN, "-vf", "setsar=16/9")  # displays as 569x240
+    info = probe(source)
+    assert (info.width, info.height, info.pixel_aspect) == (569, 240, pytest.approx(16 / 9))
+    result = run(source, tmp_path, IngestConfig.model_validate({"clips": {"crop": "none"}}))
+    clip = result.clips[0]
+    assert (clip["width"], clip["height"]) == (568, 240)
+    expected = _ffmpeg_rgb(source, "scale=568:240,setsar=1").reshape(240, 568, 3)
+    assert np.abs(decode(_clip_file(result, clip))[0].astype(int) - expected.astype(int)).mean() < 4
