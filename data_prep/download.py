@@ -43,9 +43,13 @@ def _suffix(url: str) -> str:
     return suffix if suffix in VIDEO_EXTENSIONS else ".video"
 
 
-def _open(session: requests.Session, url: str, offset: int, cfg: DownloadConfig) -> requests.Response:
-    """GET with manual redirects so that every hop is checked to be http(s)."""
+def _open(session: requests.Session, url: str, offset: int, cfg: DownloadConfig,
+          validator: str | None = None) -> requests.Response:
+    """GET with manual redirects so that every hop is checked to be http(s). A resume sends
+    If-Range with the validator of the partial bytes: a server whose file changed sends it whole."""
     headers = {"Range": f"bytes={offset}-"} if offset else {}
+    if offset and validator:
+        headers["If-Range"] = validator
     for _ in range(cfg.max_redirects + 1):
         try:
             response = session.get(
@@ -70,20 +74,50 @@ def _open(session: requests.Session, url: str, offset: int, cfg: DownloadConfig)
     raise DownloadError(f"more than {cfg.max_redirects} redirects")
 
 
-def _fetch_once(session: requests.Session, url: str, part: Path, cfg: DownloadConfig) -> None:
+def _validator(response: requests.Response) -> str | None:
+    """What identifies these bytes for If-Range: a strong ETag, else Last-Modified."""
+    etag = response.headers.get("ETag")
+    if etag and not etag.startswith("W/"):
+        return etag
+    return response.headers.get("Last-Modified")
+
+
+def _restart(part: Path) -> None:
+    part.unlink(missing_ok=True)
+    part.with_suffix(".validator").unlink(missing_ok=True)
+
+
+def _fetch_once(session: requests.Session, url: str, part: Path, cfg: DownloadConfig, earlier_run: bool) -> None:
+    """Fetch into `part`, resuming what it holds. Partial bytes from an earlier run are resumed only
+    with a validator (If-Range): the file behind the URL may have changed since."""
+    validator_file = part.with_suffix(".validator")
+    validator = validator_file.read_text() if validator_file.exists() else None
+    if earlier_run and part.exists() and not validator:
+        _restart(part)
     offset = part.stat().st_size if part.exists() else 0
-    response = _open(session, url, offset, cfg)
+    response = _open(session, url, offset, cfg, validator)
     with response:
         status = response.status_code
         if status == 416 and offset:  # our partial file is stale: start over
-            part.unlink()
+            _restart(part)
             raise DownloadError("server refused the resume range", transient=True)
         if status in (408, 429) or status >= 500:
             raise DownloadError(f"HTTP {status} {response.reason}", transient=True)
         if status >= 400:
             raise DownloadError(f"HTTP {status} {response.reason}")
-        if status == 200 and offset:  # server ignored Range: restart from zero
+        if status == 206 and offset:
+            first = response.headers.get("Content-Range", "").removeprefix("bytes ").split("-")[0]
+            if first != str(offset):  # appending these bytes would splice the file
+                _restart(part)
+                raise DownloadError(f"server answered a resume from byte {offset} with Content-Range "
+                                    f"{response.headers.get('Content-Range')!r}", transient=True)
+        if status == 200:  # the whole file: a first request, a server without Range, or a changed file
             offset = 0
+            part.parent.mkdir(parents=True, exist_ok=True)
+            if (validator := _validator(response)) is not None:
+                validator_file.write_text(validator)
+            else:
+                validator_file.unlink(missing_ok=True)
         length = response.headers.get("Content-Length")
         expected = offset + int(length) if length and length.isdigit() else None
         if expected is not None and expected > cfg.max_bytes:
@@ -167,18 +201,19 @@ def _download(url: str, part: Path, raw_dir: Path, cfg: DownloadConfig) -> tuple
     session = requests.Session()
     for attempt in range(cfg.retries + 1):
         try:
-            _fetch_once(session, url, part, cfg)
+            _fetch_once(session, url, part, cfg, earlier_run=attempt == 0)
             break
         except DownloadError as err:
             if not err.transient or attempt == cfg.retries:
                 if not err.transient:
-                    part.unlink(missing_ok=True)
+                    _restart(part)
                 if attempt:
                     err.reason += f" (after {attempt + 1} tries)"
                     err.args = (err.reason,)
                 raise
             time.sleep(delay)
             delay *= 2
+    part.with_suffix(".validator").unlink(missing_ok=True)
     if part.stat().st_size == 0:
         part.unlink()
         raise DownloadError("empty response (0 bytes)")

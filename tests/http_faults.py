@@ -1,13 +1,15 @@
 """A real HTTP server on 127.0.0.1 whose routes misbehave on purpose."""
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 class FaultServer:
-    """routes: path -> (kind, payload). Kinds: ok, ok_no_range, slow, 404, stall, cut, cut_once, redirect, html, big."""
+    """routes: path -> (kind, payload). Kinds: ok, ok_no_range, slow, 404, stall, cut, cut_once, wrong_range,
+    cut_once_then_wrong_range, redirect, html, big."""
 
     def __init__(self, routes: dict[str, tuple[str, object]]):
         self.routes = routes
@@ -50,16 +52,25 @@ class FaultServer:
         handler.end_headers()
         handler.wfile.write(data)
 
-    def _ok(self, h, data: bytes):
-        start = 0
-        rng = h.headers.get("Range")
-        if rng and rng.startswith("bytes="):
-            start = int(rng[6:].split("-")[0])
-            self._send(h, data[start:], 206, {"Content-Length": str(len(data) - start),
+    @staticmethod
+    def _etag(data: bytes) -> str:
+        return f'"{hashlib.sha256(data).hexdigest()[:16]}"'
+
+    def _ok(self, h, data: bytes, wrong_start: bool = False):
+        """Range and If-Range as a real server does them (a changed file is sent whole);
+        wrong_start: a 206 that starts at byte 0 whatever was asked."""
+        rng, if_range = h.headers.get("Range"), h.headers.get("If-Range")
+        tag = self._etag(data)
+        if rng and rng.startswith("bytes=") and if_range in (None, tag):
+            start = 0 if wrong_start else int(rng[6:].split("-")[0])
+            self._send(h, data[start:], 206, {"Content-Length": str(len(data) - start), "ETag": tag,
                                                "Content-Range": f"bytes {start}-{len(data) - 1}/{len(data)}",
                                                "Content-Type": "video/mp4"})
             return
-        self._send(h, data, 200, {"Content-Length": str(len(data)), "Content-Type": "video/mp4"})
+        self._send(h, data, 200, {"Content-Length": str(len(data)), "Content-Type": "video/mp4", "ETag": tag})
+
+    def _wrong_range(self, h, data: bytes):
+        self._ok(h, data, wrong_start=True)
 
     def _ok_no_range(self, h, data: bytes):
         self._send(h, data, 200, {"Content-Length": str(len(data)), "Content-Type": "video/mp4"})
@@ -90,6 +101,7 @@ class FaultServer:
     def _cut(self, h, data: bytes):
         h.send_response(200)
         h.send_header("Content-Length", str(len(data)))
+        h.send_header("ETag", self._etag(data))
         h.end_headers()
         h.wfile.write(data[: len(data) // 3])
         h.wfile.flush()
@@ -101,6 +113,12 @@ class FaultServer:
             self._cut(h, data)
         else:
             self._ok(h, data)
+
+    def _cut_once_then_wrong_range(self, h, data: bytes):
+        if self.hits[h.path] == 1:
+            self._cut(h, data)
+        else:
+            self._wrong_range(h, data)
 
     def _redirect(self, h, target: str):
         self._send(h, b"", 302, {"Location": target, "Content-Length": "0"})

@@ -52,6 +52,32 @@ def test_a_response_cut_short_is_resumed_with_range(tmp_path, video_bytes):
     assert 0 < resumed_at <= len(video_bytes) // 3  # picked up where the broken response stopped
 
 
+def test_partial_bytes_resume_only_the_file_they_came_from(tmp_path, video_bytes):
+    """A cut download leaves its partial bytes; the next ingest resumes them with If-Range, so a
+    file that changed in between is fetched whole instead of spliced onto the old bytes."""
+    one_try = FAST.model_copy(update={"retries": 0})
+    changed = video_bytes[::-1]
+    for later, resumed in ((video_bytes, True), (changed, False)):
+        target = tmp_path / ("same" if resumed else "changed")
+        with FaultServer({"/v.mkv": ("cut", video_bytes)}) as srv:
+            with pytest.raises(DownloadError, match="cut short"):
+                download(f"{srv.base}/v.mkv", target, one_try)
+            srv.routes["/v.mkv"] = ("ok", later)
+            path, sha = download(f"{srv.base}/v.mkv", target, one_try)
+            ranges = [r for _, r in srv.requests]
+        assert path.read_bytes() == later and sha == hashlib.sha256(later).hexdigest()
+        assert ranges[1] is not None  # asked to resume either way; the server decided
+        assert not list((target / ".partial").iterdir())
+
+
+def test_a_resume_answered_from_the_wrong_byte_starts_over(tmp_path, video_bytes):
+    with FaultServer({"/v.mkv": ("cut_once_then_wrong_range", video_bytes)}) as srv:
+        path, _ = download(f"{srv.base}/v.mkv", tmp_path, FAST)
+        ranges = [r for _, r in srv.requests]
+    assert path.read_bytes() == video_bytes  # appending the 206 from byte 0 would have spliced it
+    assert ranges[0] is None and ranges[1] is not None and ranges[2] is None
+
+
 def test_server_without_range_support_restarts_cleanly(tmp_path, video_bytes):
     partial = tmp_path / ".partial"
     partial.mkdir()
