@@ -13,6 +13,8 @@ and known frames are copied through exactly.
 """
 from __future__ import annotations
 
+import warnings
+
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,10 +44,13 @@ def load_chain(checkpoints: dict[str, str | Path], device: str | torch.device = 
         if required not in checkpoints:
             raise ValueError(f"sampling needs a {required} checkpoint")
     chain = {stage: load_stage(path, stage, device) for stage, path in checkpoints.items() if path}
-    for stage in ("decoder", "sr_low"):  # both have an image pre-training checkpoint beside the video one
-        if stage in chain and not chain[stage].config.video:
-            raise ValueError(f"the {stage} checkpoint ({checkpoints[stage]}) is an image-mode one; sample with the "
-                             "inflated (mode: video) one")
+    if not chain["decoder"].config.video:
+        raise ValueError(f"the decoder checkpoint ({checkpoints['decoder']}) is an image decoder; sample with the "
+                         "inflated (mode: video) one")
+    if "sr_low" in chain and not chain["sr_low"].config.video:  # works, but is not the paper's SR^t_l
+        warnings.warn(f"the sr_low checkpoint ({checkpoints['sr_low']}) is an image-mode one: it super-resolves "
+                      "frame by frame, without temporal layers (expect flicker); the inflated (mode: video) "
+                      "one is SR^t_l", stacklevel=2)
     # the prior's output is a CLIP image embedding: the stages it feeds must read the same CLIP's space
     clips = {stage: chain[stage].config.clip for stage in ("prior", "decoder", "interpolation") if stage in chain}
     if len(set(clips.values())) > 1:

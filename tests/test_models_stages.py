@@ -378,7 +378,9 @@ def test_the_chain_refuses_image_mode_and_mixed_clip_checkpoints(chain, tmp_path
     from models.sampling import load_chain
 
     ckpts = {s: chain[s].checkpoint for s in ("prior", "decoder")}
-    with pytest.raises(ValueError, match="sr_low checkpoint .* is an image-mode one"):
+    with pytest.raises(ValueError, match="decoder checkpoint .* is an image decoder"):
+        load_chain({**ckpts, "decoder": chain["decoder_image"].checkpoint})
+    with pytest.warns(UserWarning, match="sr_low checkpoint .* is an image-mode one: it super-resolves frame by"):
         load_chain({**ckpts, "sr_low": chain["sr_low_image"].checkpoint})
     other = torch.load(chain["decoder"].checkpoint, map_location="cpu", weights_only=False)
     from models.clip import build_tiny_clip
