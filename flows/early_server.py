@@ -60,8 +60,11 @@ class EarlyServer:
         command = [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app",
                    "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "error", "--lifespan", "on"]
         env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+        # a session of its own: the terminal's Ctrl-C interrupts mav, whose flow then still reports
+        # its final states to a live server (sharing the signal, the server died first and Prefect
+        # retried against it for minutes); it still dies with mav (_die_with_parent) and at exit
         return subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
-                                preexec_fn=_die_with_parent)
+                                preexec_fn=_die_with_parent, start_new_session=True)
 
     @property
     def url(self) -> str:

@@ -30,13 +30,13 @@ def _artifact_key(name: str) -> str:
     return "ingest-" + re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")
 
 
-def _publish(dataset: str, data_root: Path, outcomes: list[SourceOutcome], result) -> None:
+def _publish(dataset: str, data_root: Path, outcomes: list[SourceOutcome], result, announce: bool = True) -> None:
     rows = [{"source": o.source, "status": o.status, "clips": len(o.clips), "cuts": len(o.cuts),
              "stage": o.stage, "reason": o.reason} for o in outcomes]
     create_table_artifact(key=_artifact_key(dataset), table=rows,
                           description=f"ingest into {dataset}: version {result.version or '-'}, "
                                       f"{result.new_clips} new clips, {result.total_clips} in total")
-    if result.created:
+    if result.created and announce:
         emit_event(
             event=DATASET_EVENT,
             resource={"prefect.resource.id": f"mav.dataset.{dataset}", "prefect.resource.name": dataset},
@@ -47,9 +47,12 @@ def _publish(dataset: str, data_root: Path, outcomes: list[SourceOutcome], resul
 
 @flow(name="ingest", log_prints=True)
 def ingest(sources: list[str], data_root: str = "mav-data", dataset: str = "default",
-           config: str | None = None, progress: bool = False, workers: int | None = None) -> dict:
+           config: str | None = None, progress: bool = False, workers: int | None = None,
+           announce: bool = True) -> dict:
     """Ingest `sources` (files, folders, URLs, URL lists) into DATA_ROOT/datasets/DATASET,
-    `workers` (default: the config's) sources at a time on whatever task runner the flow has."""
+    `workers` (default: the config's) sources at a time on whatever task runner the flow has.
+    A new version emits `mav.dataset.updated` (which retrains) unless `announce` is False: the
+    pipeline's own ingest trains on the version itself, and the event would start a second run."""
     logger = get_run_logger()
     cfg = load_ingest_config(config)
     workers = workers or cfg.workers
@@ -90,7 +93,7 @@ def ingest(sources: list[str], data_root: str = "mav-data", dataset: str = "defa
         new_rows = [row for o in outcomes if o.status != "failed" for row in o.clips]
         failures = [o.failure_row() for o in outcomes if o.status == "failed"]
         result = commit_version(ds_dir, new_rows, failures, cfg.model_dump(), cfg.shard_max_clips)
-    _publish(dataset, root, outcomes, result)
+    _publish(dataset, root, outcomes, result, announce)
     summary = {
         "dataset": dataset, "data_root": str(root), "version": result.version, "created": result.created,
         "parent": result.parent, "new_clips": result.new_clips, "total_clips": result.total_clips,

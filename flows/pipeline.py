@@ -152,6 +152,22 @@ def _finished_run_for(tracking_uri: str, experiment: str, version: str, config_d
     return runs[0] if runs else None
 
 
+def _clips_last_trained(tracking_uri: str, experiment: str, dataset: str, config_digest: str) -> int:
+    """Clips in the dataset version that the newest finished pipeline run (this config) trained on; 0 if none."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return 0
+    runs = client.search_runs([exp.experiment_id],
+                              filter_string=f"tags.`mav.kind` = 'pipeline' and tags.`mav.dataset` = '{dataset}' "
+                                            f"and tags.`mav.config_digest` = '{config_digest}' "
+                                            "and attributes.status = 'FINISHED'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    return int(runs[0].data.params.get("num_clips", 0)) if runs else 0
+
+
 def _move_champion(client, trained: list[dict], metric: str, value: float, alias: str, prefix: str, log) -> list[str]:
     """Tag each of this run's model versions with the best `metric` of any sampling chain it was
     part of (a version reused from an earlier run keeps its better score: a worse chain around it
@@ -182,8 +198,9 @@ def pipeline(config: str = DEFAULT_CONFIG, dataset: str | None = None, data_root
              version: str | None = None, new_clips: int | None = None, min_new_clips: int | None = None,
              tracking_uri: str | None = None, skip_ingest: bool = False, force: bool = False) -> dict:
     """Raw video to a scored, registered model. Called by a dataset event, `version` and
-    `new_clips` come from the event: below `min_new_clips` it does nothing, and a version
-    that already has a finished pipeline run is not trained again."""
+    `new_clips` come from the event: with fewer than `min_new_clips` clips since the last trained
+    version it does nothing, and a version that already has a finished pipeline run (this config)
+    is not trained again."""
     import mlflow
     from mlflow import MlflowClient
 
@@ -197,20 +214,23 @@ def pipeline(config: str = DEFAULT_CONFIG, dataset: str | None = None, data_root
     if "tiny" in Path(config).parts:
         print("tiny configs: tiny models trained from scratch on this machine, a tiny random CLIP built "
               "locally, and random-weight I3D/CLIP for the metrics (values are labelled smoke)")
-    if new_clips is not None and int(new_clips) < threshold:
-        print(f"{new_clips} new clips < min_new_clips {threshold}: not retraining")
-        return {"skipped": "below threshold", "new_clips": int(new_clips)}
 
     from_event = version is not None  # a dataset event names the version; a person runs without one
     if version is None and not skip_ingest:
         summary = ingest(sources=ingest_sources(cfg.sources), data_root=data_root, dataset=dataset,
-                         config=_repo_path(cfg.ingest_config))
+                         config=_repo_path(cfg.ingest_config), announce=False)  # this run trains on it
         version = summary["version"]
     from data_prep.dataset import load_manifest
 
     manifest = load_manifest(Path(data_root), dataset, version)
     version = manifest.attrs["version"]
     config_digest = hashlib.sha256(cfg.model_dump_json().encode()).hexdigest()[:16]
+    if new_clips is not None:  # an event: count from the last trained version, so small versions add up
+        pending = len(manifest) - _clips_last_trained(tracking_uri, cfg.experiment, dataset, config_digest)
+        if pending < threshold:
+            print(f"{pending} clips since the last trained version of {dataset} (this version added {new_clips}) "
+                  f"< min_new_clips {threshold}: not retraining")
+            return {"skipped": "below threshold", "new_clips": int(new_clips), "since_trained": pending}
     done = _finished_run_for(tracking_uri, cfg.experiment, version, config_digest) if from_event and not force else None
     if done is not None:
         print(f"dataset {dataset}@{version} already has a finished pipeline run ({done.info.run_id}): nothing to do")

@@ -40,5 +40,12 @@ def use_experiment(tracking_uri: str, name: str) -> None:
     """Point fluent MLflow (mlflow.start_run, Lightning's logger) at this store and experiment."""
     import mlflow
 
+    before = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(tracking_uri)
+    # set_tracking_uri also exports MLFLOW_TRACKING_URI, which a later command in this process
+    # (a notebook, a test calling main()) would take as its default store: keep the process's own
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
     mlflow.set_experiment(experiment_id=experiment_id(tracking_uri, name))

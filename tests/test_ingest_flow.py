@@ -122,23 +122,27 @@ def test_new_version_emits_event_and_artifact(prefect_server, tmp_path, video_di
     import anyio
     from prefect.client.orchestration import get_client
 
+    # the pipeline's own ingest does not announce (it trains on the version itself)
+    quiet = ingest(sources=[str(video_dir)], data_root=str(tmp_path / "root"), dataset="quiet", announce=False)
+    assert quiet["created"]
     summary = ingest(sources=[str(video_dir)], data_root=str(tmp_path / "root"), dataset="events-test")
 
     async def read():
         async with get_client() as client:
             response = await client._client.post("/events/filter", json={
                 "filter": {"event": {"name": [DATASET_EVENT]},
-                           "resource": {"id": ["mav.dataset.events-test"]}}, "limit": 10})
+                           "resource": {"id": ["mav.dataset.events-test", "mav.dataset.quiet"]}}, "limit": 10})
             response.raise_for_status()
             artifacts = await client.read_artifacts()
             return response.json()["events"], artifacts
 
-    for _ in range(20):  # the server stores events asynchronously
+    for _ in range(20):  # the server stores events asynchronously (in order: the quiet one came first)
         events, artifacts = anyio.run(read)
         if events:
             break
         time.sleep(0.5)
     (event,) = events
+    assert event["resource"]["prefect.resource.id"] == "mav.dataset.events-test"
     assert event["payload"]["version"] == summary["version"]
     assert event["payload"]["new_clips"] == event["payload"]["total_clips"] == summary["total_clips"]
     table = next(a for a in artifacts if a.key == "ingest-events-test")

@@ -79,6 +79,10 @@ def test_pipeline_end_to_end_then_cached_rerun(prefect_server, tmp_path, video_d
         champion = client.get_model_version_by_alias(registered_name(step), "champion")
         assert champion.run_id in {r.info.run_id for r in children}
 
+    # an event for the version just trained: nothing new since, so nothing to do
+    again = pipeline(config=str(config), version=first["version"], new_clips=1)
+    assert again == {"skipped": "below threshold", "new_clips": 1, "since_trained": 0}
+
     second = pipeline(config=str(config))
     assert second["version"] == first["version"] and second["run_id"] != first["run_id"]
     new_children = runs_of(client, "mav-test", f"tags.`mlflow.parentRunId` = '{second['run_id']}'")
@@ -149,6 +153,17 @@ def test_killed_training_resumes_from_its_last_checkpoint(prefect_server, tmp_pa
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     (prior_run,) = runs_of(client, "mav-test", "tags.`mav.step` = 'prior' and tags.`mav.resumed` = 'true'")
     assert prior_run.info.status == "FINISHED" and prior_run.data.metrics["global_step"] == 200
+
+
+def test_small_dataset_versions_add_up_to_the_retraining_threshold(prefect_server, tmp_path):
+    """An event counts the clips since the last trained version, not only the version's own."""
+    from data_prep.synthetic import write_synthetic_dataset
+
+    write_synthetic_dataset(tmp_path / "data", "clips", num_clips=4, frames=12, size=32)
+    config = write_config(tmp_path, tmp_path / "unused", min_new_clips=5)
+    version = (tmp_path / "data" / "datasets" / "clips" / "latest").read_text().strip()
+    result = pipeline(config=str(config), version=version, new_clips=1)
+    assert result == {"skipped": "below threshold", "new_clips": 1, "since_trained": 4}  # 4 untrained clips
 
 
 def test_config_sources_keep_urls_and_find_relative_paths_in_the_repository(tmp_path, monkeypatch):
