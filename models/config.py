@@ -59,22 +59,23 @@ class DataConfig(Strict):
     # or whichever exists ("auto"); the prior may also read image-text pairs ("images": image_path)
     source: Literal["auto", "shards", "clips", "images"] = "auto"
     image_path: str | None = None  # folder of <name>.jpg + <name>.txt, or a WebDataset .tar / folder of .tar
-    size: int = 64  # output side in pixels (SR: the high-res side)
-    lowres_size: int | None = None  # SR input side
-    frames: int = 16  # clip window (video mode)
+    size: int = Field(64, gt=0)  # output side in pixels (SR: the high-res side)
+    lowres_size: int | None = Field(None, gt=0)  # SR input side
+    frames: int = Field(16, gt=0)  # clip window (video mode)
     fps_range: tuple[float, float] = (1.0, 30.0)
     # target fps = lo + (hi - lo) * Beta(a, b); a > b favours high fps (small strides, little motion)
     fps_beta: tuple[float, float] = (2.0, 1.0)
     clip_frame: Literal["first", "middle", "mean"] = "middle"  # which frame(s) give the CLIP image embedding
-    max_skip: int = 5  # interpolation: frame skips 1..max_skip
-    mask_modes: list[Literal["interpolate", "extrapolate", "animate"]] = ["interpolate", "extrapolate", "animate"]
+    max_skip: int = Field(5, gt=0)  # interpolation: frame skips 1..max_skip
+    mask_modes: list[Literal["interpolate", "extrapolate", "animate"]] = Field(
+        ["interpolate", "extrapolate", "animate"], min_length=1)
     # prior on unlabeled video: clips without a caption are skipped; with none captioned at all,
     # "source_name" captions frames with their source's file name (weak text, said loudly), "error" stops
     caption_fallback: Literal["error", "source_name"] = "error"
     random_crop: bool = True
-    batch_size: int = 8
-    num_workers: int = 2
-    shuffle_buffer: int = 64
+    batch_size: int = Field(8, gt=0)
+    num_workers: int = Field(2, ge=0)
+    shuffle_buffer: int = Field(64, ge=0)
 
 
 class SamplingConfig(Strict):
@@ -84,12 +85,12 @@ class SamplingConfig(Strict):
 
 
 class TrainerConfig(Strict):
-    max_steps: int = 1000
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 100
-    grad_clip: float = 1.0
-    accumulate_grad_batches: int = 1
+    max_steps: int = Field(1000, gt=0)
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(100, ge=0)
+    grad_clip: float = Field(1.0, ge=0)  # 0: no clipping
+    accumulate_grad_batches: int = Field(1, gt=0)
     precision: str = "auto"  # auto: bf16-mixed on GPU, 32-true on CPU
     accelerator: str = "auto"
     devices: int | str = "auto"
@@ -100,8 +101,8 @@ class TrainerConfig(Strict):
     # U-Net activations as [N H W C]: temporal convs without copies, but eager GroupNorm converts to
     # NCHW and back (H100, base decoder, eager: 12.0 % MFU vs 13.3 % without); pair it with compile
     channels_last: bool = False
-    log_every: int = 10
-    checkpoint_every: int = 500
+    log_every: int = Field(10, gt=0)
+    checkpoint_every: int = Field(500, gt=0)
     seed: int = 0
 
 
@@ -110,7 +111,7 @@ class StageConfig(Strict):
     mode: Literal["image", "video"] = "video"  # decoder / sr_low: image pre-training, then inflated video
     clip: str = "tiny"  # CLIP hub id or folder; "tiny" builds a tiny random CLIP locally (tests, demo)
     freeze_spatial: bool = True  # video mode: train only the temporal layers
-    cond_dropout: float = 0.1  # classifier-free guidance: drop the conditioning this often
+    cond_dropout: float = Field(0.1, ge=0, le=1)  # classifier-free guidance: drop the conditioning this often
     unet: UNetConfig = UNetConfig()
     prior: PriorNetConfig = PriorNetConfig()
     diffusion: DiffusionConfig = DiffusionConfig()
@@ -128,6 +129,14 @@ class StageConfig(Strict):
             raise ValueError("data.lowres_size: super-resolution needs the low-res input size")
         if self.data.lowres_size and self.data.size % self.data.lowres_size:
             raise ValueError("data.lowres_size: must divide data.size")
+        if self.video and self.data.frames < 2:
+            raise ValueError(f"data.frames: video mode needs windows of at least 2 frames, got {self.data.frames}")
+        halvings = len(self.unet.channel_mults) - 1
+        if self.stage != "prior" and self.data.size % 2**halvings:
+            raise ValueError(f"data.size: the U-Net halves it {halvings} times, so it must be a multiple of "
+                             f"{2**halvings}, got {self.data.size}")
+        if self.unet.temporal_kernel % 2 == 0:
+            raise ValueError(f"unet.temporal_kernel: must be odd (same-length output), got {self.unet.temporal_kernel}")
         return self
 
     @property

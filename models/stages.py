@@ -348,6 +348,28 @@ def fit_state(module: DiffusionStage, state: dict, source: str) -> dict:
     return state
 
 
+def _setting(config: dict, dotted: str):
+    for part in dotted.split("."):
+        config = config.get(part) if isinstance(config, dict) else None
+    return config
+
+
+def _differing(recorded: dict, config: StageConfig, keys: tuple[str, ...]) -> list[str]:
+    """'key: checkpoint X, config Y' for each setting that differs between a checkpoint and a config."""
+    current = config.model_dump(mode="json")
+    return [f"{key}: checkpoint {_setting(recorded, key)!r}, config {_setting(current, key)!r}"
+            for key in keys if _setting(recorded, key) != _setting(current, key)]
+
+
+# what the weights compute depends on these, beyond their shapes (a v-prediction net read as an
+# epsilon one, heads 4 x 4 read as 2 x 8, another CLIP's embedding space)
+NET_SETTINGS = ("diffusion.prediction", "diffusion.schedule", "diffusion.timesteps", "unet.groups", "unet.heads",
+                "unet.dim_head")
+# a resumed run continues with its optimizer and schedule as saved: these cannot change midway
+RUN_SETTINGS = NET_SETTINGS + ("freeze_spatial", "trainer.lr", "trainer.weight_decay", "trainer.warmup_steps",
+                               "trainer.accumulate_grad_batches", "trainer.ema_decay")
+
+
 def init_from_checkpoint(module: DiffusionStage, path: str | Path) -> DiffusionStage:
     ckpt = read_checkpoint(path)
     src = ckpt["hyper_parameters"]["stage"]
@@ -355,6 +377,9 @@ def init_from_checkpoint(module: DiffusionStage, path: str | Path) -> DiffusionS
     if src not in INIT_FROM[stage]:
         raise CheckpointError(f"{path} is a {src!r} checkpoint; stage {stage!r} can start from "
                               f"{sorted(INIT_FROM[stage])} checkpoints only")
+    keys = NET_SETTINGS + (("clip",) if module.uses_clip else ())
+    if differing := _differing(ckpt["hyper_parameters"]["config"], module.config, keys):
+        raise CheckpointError(f"{path}: its weights were trained for other settings ({'; '.join(differing)})")
     module.net.load_state_dict(fit_state(module, net_state(ckpt), str(path)), strict=False)
     return module
 
@@ -366,6 +391,9 @@ def check_resume(module: DiffusionStage, path: str | Path) -> None:
     if hp["stage"] != module.config.stage or hp["config"].get("mode") != module.config.mode:
         raise CheckpointError(f"{path} is a {hp['stage']!r} ({hp['config'].get('mode')}) checkpoint, "
                               f"cannot resume {module.config.stage!r} ({module.config.mode})")
+    if differing := _differing(hp["config"], module.config, RUN_SETTINGS + (("clip",) if module.uses_clip else ())):
+        raise CheckpointError(f"{path}: --resume continues the run as it was saved, but the config changed "
+                              f"({'; '.join(differing)}); restore these settings, or start a new run with --init")
     state = net_state(ckpt)
     own = module.net.state_dict()
     if set(state) != set(own) or any(own[k].shape != v.shape for k, v in state.items()):

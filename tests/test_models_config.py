@@ -47,3 +47,22 @@ def test_overrides_and_missing_file(tmp_path):
     assert cfg.mode == "image" and cfg.trainer.max_steps == 3
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("override,named", [
+    ({"data.frames": 1}, "data.frames: video mode needs windows of at least 2 frames"),
+    ({"data.size": 0}, "data.size"),
+    ({"data.size": 17}, "data.size: the U-Net halves it 1 times, so it must be a multiple of 2"),
+    ({"data.batch_size": 0}, "data.batch_size"),
+    ({"data.mask_modes": []}, "data.mask_modes"),
+    ({"unet.temporal_kernel": 2}, "unet.temporal_kernel: must be odd"),
+    ({"trainer.accumulate_grad_batches": 0}, "trainer.accumulate_grad_batches"),
+    ({"trainer.max_steps": 0}, "trainer.max_steps"),
+    ({"trainer.grad_clip": -1.0}, "trainer.grad_clip"),
+    ({"cond_dropout": 1.5}, "cond_dropout"),
+])
+def test_values_that_would_fail_late_or_silently_are_config_errors(override, named):
+    """Each failed inside training (a KeyError, an einops error, a ZeroDivisionError) or quietly
+    changed it (no clipping, no conditioning, no steps): now an error that names the key."""
+    with pytest.raises(ConfigError, match=named):
+        load_config(ROOT / "configs" / "tiny" / "decoder.yaml", override)

@@ -4,6 +4,7 @@ A module-scoped fixture trains the whole tiny chain for a few steps on a synthet
 moving-shapes dataset written to tmp (data_prep/synthetic.py); later tests reuse it.
 """
 import copy
+import shutil
 from pathlib import Path
 
 import pytest
@@ -354,6 +355,15 @@ def test_bad_input_fails_before_training(data_root, tmp_path, chain):
         run("decoder", tiny("decoder"), resume=True)
     with pytest.raises(ValueError, match="--init only starts a new run"):  # --init would be ignored
         run("decoder", tiny("decoder"), resume=True, init=chain["decoder_image"].checkpoint)
+    with pytest.raises(ConfigError, match="frozen cannot learn"):  # trained a constant, without a word
+        run("decoder", tiny("decoder"))
+    with pytest.raises(CheckpointError, match="trained for other settings .*diffusion.prediction: checkpoint"):
+        run("decoder", tiny("decoder", **{"diffusion.prediction": "sample"}), init=chain["decoder_image"].checkpoint)
+    resumable = tmp_path / "resumable"
+    shutil.copytree(chain["decoder"].checkpoint.parent.parent, resumable)
+    with pytest.raises(CheckpointError, match=r"config changed \(trainer.lr: checkpoint"):
+        train_stage("decoder", tiny("decoder", **{"trainer.lr": 0.5}), data_root=data_root, dataset="shapes",
+                    out_dir=resumable, resume=True)
     done = chain["decoder"].checkpoint
     with pytest.raises(FileExistsError, match="earlier run's: pass --resume"):  # would hide that run's last.ckpt
         train_stage("decoder", tiny("decoder"), data_root=data_root, dataset="shapes", out_dir=done.parent.parent)
