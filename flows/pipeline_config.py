@@ -30,7 +30,7 @@ class SampleSettings(Strict):
 
 class EvaluateSettings(Strict):
     metrics: list[str] = ["fvd", "clipsim"]
-    num_videos: int | None = None  # None: as many real clips as samples
+    num_videos: int | None = None  # None: every real clip and every sample (N may differ between them)
     clip_length: int = 16
     i3d_weights: str | None = None  # without: FVD in smoke mode (random I3D), said in every value
     i3d_sha256: str | None = None
