@@ -82,15 +82,20 @@ def _validator(response: requests.Response) -> str | None:
     return response.headers.get("Last-Modified")
 
 
+def _validator_file(part: Path) -> Path:
+    """Where the validator of a partial download's bytes is kept, beside them."""
+    return part.with_suffix(".validator")
+
+
 def _restart(part: Path) -> None:
     part.unlink(missing_ok=True)
-    part.with_suffix(".validator").unlink(missing_ok=True)
+    _validator_file(part).unlink(missing_ok=True)
 
 
 def _fetch_once(session: requests.Session, url: str, part: Path, cfg: DownloadConfig, earlier_run: bool) -> None:
     """Fetch into `part`, resuming what it holds. Partial bytes from an earlier run are resumed only
     with a validator (If-Range): the file behind the URL may have changed since."""
-    validator_file = part.with_suffix(".validator")
+    validator_file = _validator_file(part)
     validator = validator_file.read_text() if validator_file.exists() else None
     if earlier_run and part.exists() and not validator:
         _restart(part)
@@ -213,7 +218,7 @@ def _download(url: str, part: Path, raw_dir: Path, cfg: DownloadConfig) -> tuple
                 raise
             time.sleep(delay)
             delay *= 2
-    part.with_suffix(".validator").unlink(missing_ok=True)
+    _validator_file(part).unlink(missing_ok=True)
     if part.stat().st_size == 0:
         part.unlink()
         raise DownloadError("empty response (0 bytes)")

@@ -137,35 +137,19 @@ def sample_task(prompts: list[str], checkpoints: dict[str, str], out_dir: str, s
              "frames": int(r.frames.shape[0])} for r in results]
 
 
-def _finished_run_for(tracking_uri: str, experiment: str, version: str, config_digest: str):
-    """A finished pipeline run of this dataset version and config: a repeated event, not new work."""
+def _latest_finished_run(tracking_uri: str, experiment: str, config_digest: str, **tags: str):
+    """The newest finished pipeline run of this config whose `mav.<key>` tags match `tags`, or None."""
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return None
-    runs = client.search_runs([exp.experiment_id],
-                              filter_string=f"tags.`mav.kind` = 'pipeline' and tags.`mav.dataset_version` = '{version}' "
-                                            f"and tags.`mav.config_digest` = '{config_digest}' and attributes.status = 'FINISHED'",
-                              max_results=1)
-    return runs[0] if runs else None
-
-
-def _clips_last_trained(tracking_uri: str, experiment: str, dataset: str, config_digest: str) -> int:
-    """Clips in the dataset version that the newest finished pipeline run (this config) trained on; 0 if none."""
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri)
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        return 0
-    runs = client.search_runs([exp.experiment_id],
-                              filter_string=f"tags.`mav.kind` = 'pipeline' and tags.`mav.dataset` = '{dataset}' "
-                                            f"and tags.`mav.config_digest` = '{config_digest}' "
-                                            "and attributes.status = 'FINISHED'",
+    conditions = ["tags.`mav.kind` = 'pipeline'", f"tags.`mav.config_digest` = '{config_digest}'",
+                  *(f"tags.`mav.{key}` = '{value}'" for key, value in tags.items()), "attributes.status = 'FINISHED'"]
+    runs = client.search_runs([exp.experiment_id], filter_string=" and ".join(conditions),
                               order_by=["attributes.start_time DESC"], max_results=1)
-    return int(runs[0].data.params.get("num_clips", 0)) if runs else 0
+    return runs[0] if runs else None
 
 
 def _move_champion(client, trained: list[dict], metric: str, value: float, alias: str, prefix: str, log) -> list[str]:
@@ -226,12 +210,15 @@ def pipeline(config: str = DEFAULT_CONFIG, dataset: str | None = None, data_root
     version = manifest.attrs["version"]
     config_digest = hashlib.sha256(cfg.model_dump_json().encode()).hexdigest()[:16]
     if new_clips is not None:  # an event: count from the last trained version, so small versions add up
-        pending = len(manifest) - _clips_last_trained(tracking_uri, cfg.experiment, dataset, config_digest)
+        trained = _latest_finished_run(tracking_uri, cfg.experiment, config_digest, dataset=dataset)
+        pending = len(manifest) - (int(trained.data.params.get("num_clips", 0)) if trained else 0)
         if pending < threshold:
             print(f"{pending} clips since the last trained version of {dataset} (this version added {new_clips}) "
                   f"< min_new_clips {threshold}: not retraining")
             return {"skipped": "below threshold", "new_clips": int(new_clips), "since_trained": pending}
-    done = _finished_run_for(tracking_uri, cfg.experiment, version, config_digest) if from_event and not force else None
+    # a finished run of this version and config: a repeated event, not new work
+    done = (_latest_finished_run(tracking_uri, cfg.experiment, config_digest, dataset_version=version)
+            if from_event and not force else None)
     if done is not None:
         print(f"dataset {dataset}@{version} already has a finished pipeline run ({done.info.run_id}): nothing to do")
         return {"skipped": "already done", "run_id": done.info.run_id, "version": version}

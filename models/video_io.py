@@ -1,13 +1,18 @@
-"""Read and write video with PyAV: decode clips (path or bytes), write mp4 (libx264) and gif."""
+"""Read and write video: decode clips (path or bytes) and write mp4 (libx264) with PyAV, gif with ffmpeg."""
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import uuid
 from fractions import Fraction
 from pathlib import Path
 
 import av
 import numpy as np
 import torch
+
+from data_prep.ffmpeg_bin import ffmpeg_exe
 
 
 class TooFewFrames(ValueError):
@@ -83,12 +88,6 @@ def write_mp4(frames, path: str | Path, fps: float = 8.0, crf: int = 18) -> Path
 def write_gif(frames, path: str | Path, fps: float = 8.0) -> Path:
     """uint8 [T,H,W,3] -> animated gif with a 256-colour palette made for this video (ffmpeg's
     palettegen + paletteuse; a fixed 3-3-2 palette keeps only 8 x 8 x 4 levels)."""
-    import os
-    import subprocess
-    import uuid
-
-    from data_prep.ffmpeg_bin import ffmpeg_exe
-
     frames = _as_uint8(frames)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
