@@ -105,11 +105,11 @@ def train_stage(stage: str, config: StageConfig | dict | str | Path, *, data_roo
     if not resume and last.exists():
         raise FileExistsError(f"{last} is an earlier run's: pass --resume to continue it, or another --out")
 
-    datamodule = StageDataModule(cfg, data_root, dataset, version).check()
     if cfg.video and cfg.freeze_spatial and not (init or resume):
         raise ConfigError(f"freeze_spatial: a video-mode {stage} trained from scratch with its spatial layers "
                           "frozen cannot learn (its frozen output convolution starts at zero): --init an "
                           "image-mode checkpoint (the paper's inflation), or set freeze_spatial: false")
+    datamodule = StageDataModule(cfg, data_root, dataset, version).check()
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     module = build_stage(cfg)
     if resume:

@@ -345,18 +345,20 @@ def test_bad_input_fails_before_training(data_root, tmp_path, chain):
     with pytest.raises(CheckpointError, match="do not fit"):  # another shape
         run("decoder", tiny("decoder", **{"unet.channels": 32}), init=chain["decoder"].checkpoint)
     with pytest.raises(DataError, match="shorter than the 40-frame window"):
-        run("decoder", tiny("decoder", **{"data.frames": 40}))
+        run("decoder", tiny("decoder", freeze_spatial=False, **{"data.frames": 40}))
     with pytest.raises(DataError, match=r"smaller than data.size=128 px \(largest short side: 64 px\)"):
         run("sr_high", tiny("sr_high", **{"data.size": 128}))
     write_synthetic_dataset(tmp_path / "empty", "none", num_clips=0)  # no version at all
     with pytest.raises(DataError, match="none"):
-        run("decoder", tiny("decoder"), data_root=tmp_path / "empty", dataset="none")
+        run("decoder", tiny("decoder", freeze_spatial=False), data_root=tmp_path / "empty", dataset="none")
     with pytest.raises(FileNotFoundError, match="resume"):
         run("decoder", tiny("decoder"), resume=True)
     with pytest.raises(ValueError, match="--init only starts a new run"):  # --init would be ignored
         run("decoder", tiny("decoder"), resume=True, init=chain["decoder_image"].checkpoint)
     with pytest.raises(ConfigError, match="frozen cannot learn"):  # trained a constant, without a word
         run("decoder", tiny("decoder"))
+    with pytest.raises(ConfigError, match="frozen cannot learn"):  # a config mistake: found before the data is read
+        run("decoder", tiny("decoder"), data_root=tmp_path / "nowhere")
     with pytest.raises(CheckpointError, match="trained for other settings .*diffusion.prediction: checkpoint"):
         run("decoder", tiny("decoder", **{"diffusion.prediction": "sample"}), init=chain["decoder_image"].checkpoint)
     resumable = tmp_path / "resumable"
