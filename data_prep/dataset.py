@@ -149,17 +149,18 @@ def shard_paths(data_root: Path, name: str, version: str | None = "latest") -> l
     return [ds_dir / p for p in info["shards"]]
 
 
-def write_shards(ds_dir: Path, manifest: pd.DataFrame, max_clips: int) -> list[str]:
-    """WebDataset tars (<clip_id>.mp4 + <clip_id>.json) of these clips; names are content hashes."""
+def write_shards(ds_dir: Path, manifest: pd.DataFrame, max_clips: int) -> dict[str, str]:
+    """WebDataset tars (<clip_id>.mp4 + <clip_id>.json) of these clips; names are content hashes.
+    Returns {clip_id: the shard holding it} (relative to the dataset folder)."""
     shard_dir = ds_dir / "shards"
     shard_dir.mkdir(parents=True, exist_ok=True)
-    rows = manifest.sort_values("clip_id").to_dict("records")
-    names = []
+    rows = manifest[MANIFEST_COLUMNS].sort_values("clip_id").to_dict("records")
+    holder = {}
     for start in range(0, len(rows), max_clips):
         chunk = rows[start:start + max_clips]
         digest = hashlib.sha256(",".join(r["clip_id"] for r in chunk).encode()).hexdigest()[:16]
         final = shard_dir / f"shard-{digest}.tar"
-        names.append(f"shards/{final.name}")
+        holder.update({r["clip_id"]: f"shards/{final.name}" for r in chunk})
         if final.exists():
             continue
         temp = shard_dir / f".tmp-{uuid.uuid4().hex}.tar"
@@ -168,7 +169,7 @@ def write_shards(ds_dir: Path, manifest: pd.DataFrame, max_clips: int) -> list[s
                 _add_member(tar, f"{row['clip_id']}.mp4", (ds_dir / row["clip_path"]).read_bytes())
                 _add_member(tar, f"{row['clip_id']}.json", json.dumps(row, default=str, sort_keys=True).encode())
         os.replace(temp, final)
-    return names
+    return holder
 
 
 def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -189,22 +190,36 @@ class VersionResult:
 
 def commit_version(ds_dir: Path, new_rows: list[dict], failures: list[dict], config: dict,
                    shard_max_clips: int) -> VersionResult:
-    """Parent manifest + new clips -> a new immutable version, unless nothing changed."""
+    """Parent manifest + this run's clips -> a new immutable version, unless nothing changed.
+
+    `new_rows`: every clip of the sources this run processed (new or unchanged). A source's clips
+    in the version are those of its latest processing: re-cut with other clip settings, its
+    earlier clips leave the version (they stay in the parent versions and on disk)."""
     parent = latest_version(ds_dir)
     if parent:
         parent_manifest = read_manifest_file(ds_dir / "versions" / parent / "manifest.parquet")
         parent_shards = json.loads((ds_dir / "versions" / parent / "dataset.json").read_text())["shards"]
     else:
         parent_manifest, parent_shards = empty_manifest(), []
-    added = pd.DataFrame(new_rows, columns=MANIFEST_COLUMNS) if new_rows else empty_manifest()
-    added = added[~added["clip_id"].isin(set(parent_manifest["clip_id"]))].drop_duplicates("clip_id")
-    manifest = pd.concat([parent_manifest, added], ignore_index=True) if len(added) else parent_manifest
-    manifest = manifest.sort_values(["source_sha256", "start_frame"]).reset_index(drop=True)
+    current = pd.DataFrame(new_rows, columns=MANIFEST_COLUMNS) if new_rows else empty_manifest()
+    replaced = parent_manifest["source_sha256"].isin(set(current["source_sha256"])) & \
+        ~parent_manifest["clip_id"].isin(set(current["clip_id"]))
+    kept = parent_manifest[~replaced]
+    added = current[~current["clip_id"].isin(set(kept["clip_id"]))].drop_duplicates("clip_id")
+    manifest = pd.concat([kept, added], ignore_index=True) if len(added) else kept
+    manifest = manifest.sort_values(["source_sha256", "start_frame", "clip_id"]).reset_index(drop=True)
     manifest = manifest.astype({c: "int64" for c in ("start_frame", "end_frame", "num_frames", "width", "height")})
     version = manifest_digest(manifest) if len(manifest) else None
     if version is None or version == parent:
         return VersionResult(parent or "", False, parent, 0, len(manifest), ds_dir / "versions" / (parent or ""))
-    shards = parent_shards + write_shards(ds_dir, added, shard_max_clips)
+    holder = write_shards(ds_dir, added, shard_max_clips)
+    if kept.empty or ("shard" in kept.columns and kept["shard"].notna().all()):
+        known = dict(zip(kept["clip_id"], kept["shard"])) if len(kept) else {}
+        manifest["shard"] = manifest["clip_id"].map({**known, **holder})
+        parent_shards = [s for s in parent_shards if s in set(known.values())]  # shards left with no clip leave
+    else:  # a parent written before the column: which clip is in which shard is in the tar headers only
+        manifest = manifest.drop(columns=["shard"], errors="ignore")
+    shards = parent_shards + list(dict.fromkeys(holder.values()))
     final = ds_dir / "versions" / version
     if not final.exists():
         temp = ds_dir / "versions" / f".tmp-{uuid.uuid4().hex}"
@@ -213,7 +228,7 @@ def commit_version(ds_dir: Path, new_rows: list[dict], failures: list[dict], con
         pd.DataFrame(failures, columns=FAILURE_COLUMNS).to_parquet(temp / "failures.parquet", index=False)
         atomic_write_json(temp / "dataset.json", {
             "version": version, "parent": parent, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "num_clips": len(manifest), "new_clips": len(added), "num_sources": int(manifest["source_sha256"].nunique()),
+            "num_clips": len(manifest), "new_clips": len(added), "replaced_clips": int(replaced.sum()), "num_sources": int(manifest["source_sha256"].nunique()),
             "num_frames": int(manifest["num_frames"].sum()), "shards": shards, "config": config,
         })
         os.replace(temp, final)

@@ -15,6 +15,7 @@ the window, no captions for the prior) raises DataError in `check()`, before tra
 """
 from __future__ import annotations
 
+import collections
 import hashlib
 import itertools
 import random
@@ -225,6 +226,15 @@ def shard_keys(shard: str | Path) -> dict[str, set[str]]:
     return keys
 
 
+def clips_per_shard(shards: list[str], rows: dict[str, dict]) -> list[int]:
+    """How many of the manifest's clips each shard holds: from the manifest's `shard` column, or
+    from the tar headers for versions written before it (a read of every shard at start-up)."""
+    if rows and all(isinstance(row.get("shard"), str) for row in rows.values()):
+        held = collections.Counter(Path(row["shard"]).name for row in rows.values())
+        return [held[Path(shard).name] for shard in shards]
+    return [sum("mp4" in exts and key in rows for key, exts in shard_keys(s).items()) for s in shards]
+
+
 class ClipShards(ShardStream):
     """The ingest's shards of <clip_id>.mp4 + <clip_id>.json (data.source: shards)."""
 
@@ -234,8 +244,7 @@ class ClipShards(ShardStream):
         # rows: the checked manifest by clip id (it wins over each shard's json: fallback captions,
         # clips filtered out); a shard sample whose id is not in it is skipped
         self.sampler, self.rows = sampler, rows
-        counts = [sum("mp4" in exts and key in rows for key, exts in shard_keys(s).items()) for s in shards]
-        super().__init__(shards, counts, buffer)
+        super().__init__(shards, clips_per_shard(shards, rows), buffer)
 
     def keep(self, sample: dict) -> bool:
         return sample["__key__"] in self.rows and "mp4" in sample

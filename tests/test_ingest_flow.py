@@ -32,7 +32,11 @@ def make_bad_inputs(folder: Path, samples: Path) -> None:
 
 
 def clip_table(data_root: Path, dataset: str) -> pd.DataFrame:
-    manifest = load_manifest(data_root, dataset)
+    return clip_table_at(data_root, dataset, "latest")
+
+
+def clip_table_at(data_root: Path, dataset: str, version: str) -> pd.DataFrame:
+    manifest = load_manifest(data_root, dataset, version)
     return manifest.drop(columns=["clip_abspath"]).sort_values("clip_id").reset_index(drop=True)
 
 
@@ -95,8 +99,32 @@ def test_rerun_is_idempotent_and_a_new_video_is_processed_alone(prefect_server, 
     for shard in info["shards"]:
         with tarfile.open(root / "datasets/d" / shard) as tar:
             members |= {m.name for m in tar.getmembers()}
-    ids = set(clip_table(root, "d")["clip_id"])
+    table = clip_table(root, "d")
+    ids = set(table["clip_id"])
     assert members == {f"{i}.mp4" for i in ids} | {f"{i}.json" for i in ids}
+    assert set(table["shard"]) == set(info["shards"])  # which shard holds each clip, without reading the tars
+
+    # one source cut again with other clip settings: its new clips replace its old ones in the next version
+    smaller = tmp_path / "smaller.yaml"
+    smaller.write_text("clips:\n  short_side: 64\n")
+    bunny = video_dir / "bigbuckbunny.mp4"
+    fourth = ingest(sources=[str(bunny)], data_root=str(root), dataset="d", config=str(smaller))
+    assert fourth["created"] and fourth["sources"] == {"new": 1, "unchanged": 0, "failed": 0}
+    recut = clip_table(root, "d")
+    old_bunny = table[table["source"] == str(bunny)]
+    new_bunny = recut[recut["source"] == str(bunny)]
+    assert len(new_bunny) and (new_bunny[["width", "height"]].min(axis=1) == 64).all()
+    assert not set(old_bunny["clip_id"]) & set(recut["clip_id"])
+    others = table[table["source"] != str(bunny)].reset_index(drop=True)
+    assert others.equals(recut[recut["source"] != str(bunny)].reset_index(drop=True))
+    assert fourth["total_clips"] == len(others) + len(new_bunny)
+    info = version_info(root, "d")
+    assert info["replaced_clips"] == len(old_bunny) and info["new_clips"] == len(new_bunny)
+    assert clip_table_at(root, "d", third["version"]).equals(table)  # the earlier version is untouched
+    for shard in info["shards"]:  # every listed shard holds clips of this version, as the manifest says
+        with tarfile.open(root / "datasets/d" / shard) as tar:
+            held = {m.name.removesuffix(".mp4") for m in tar.getmembers() if m.name.endswith(".mp4")}
+        assert held & set(recut["clip_id"]) == set(recut.loc[recut["shard"] == shard, "clip_id"]) != set()
 
 
 def _finished_task_runs(flow_run_id, name_prefix: str, count: int) -> list:

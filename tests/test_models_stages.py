@@ -95,6 +95,22 @@ def test_shards_without_any_manifest_clip_are_an_error_not_a_hang(data_root):
         ClipShards(dm.train_set.shards, dm.train_set.sampler, {"not-a-clip": {}}, buffer=0)
 
 
+def test_clips_per_shard_come_from_the_manifest_or_else_the_tar_headers(tmp_path):
+    from data_prep.dataset import shard_paths
+    from models.data import clips_per_shard, read_manifest
+
+    write_synthetic_dataset(tmp_path, "uneven", num_clips=9, frames=4, size=16, fps=12, clips_per_shard=8)
+    manifest, shards = read_manifest(tmp_path, "uneven")
+    rows = {r["clip_id"]: r for r in manifest.to_dict("records")}
+    from_headers = clips_per_shard(shards, {k: {**r, "shard": None} for k, r in rows.items()})
+    assert sorted(from_headers) == [1, 8]
+    moved = [str(tmp_path / "elsewhere" / Path(s).name) for s in shards]  # no file there: the manifest alone
+    assert clips_per_shard(moved, rows) == from_headers
+    del rows[manifest["clip_id"][0]]  # a clip the data check dropped
+    assert sum(clips_per_shard(moved, rows)) == 8 == sum(clips_per_shard(shards, {k: {} for k in rows}))
+    assert [Path(p).name for p in shard_paths(tmp_path, "uneven")] == [Path(s).name for s in shards]
+
+
 def test_shard_groups_are_balanced_or_not_used():
     from models.data import balanced_groups
 
