@@ -60,29 +60,42 @@ def process_source(ref: SourceRef, data_root: Path, ds_dir: Path, cfg: IngestCon
     except (DownloadError, OSError) as err:
         return SourceOutcome(ref.source, "failed", stage="download", reason=_reason(err))
     done = read_source_record(ds_dir, digest, settings)
+    if done is not None and "rejected" in done:  # these bytes failed before, for a reason they alone decide
+        return SourceOutcome(ref.source, "failed", digest, cuts=done["cuts"], **done["rejected"])
     if done is not None:  # processed before with the same settings: nothing to redo
         return SourceOutcome(ref.source, "unchanged", digest, clips=_rows(done["clips"], ref.source, digest),
                              cuts=done["cuts"], probe=done["probe"])
     try:
         info = probe(path)
-    except (ProbeError, OSError) as err:
+    except OSError as err:  # unreadable now (permissions, a flaky disk): tried again next time
         return SourceOutcome(ref.source, "failed", digest, stage="probe", reason=_reason(err))
+    except ProbeError as err:
+        return _rejected(ds_dir, settings, ref.source, digest, "probe", _reason(err))
     if info.duration_s < cfg.scenes.min_scene_s:
         reason = f"video is {info.duration_s:.2f} s long, shorter than the minimum scene ({cfg.scenes.min_scene_s:g} s)"
-        return SourceOutcome(ref.source, "failed", digest, stage="probe", reason=reason)
+        return _rejected(ds_dir, settings, ref.source, digest, "probe", reason)
     try:
         result = cut_source(path, info, digest, ds_dir / "clips", cfg, on_frames=on_frames)
-    except (DecodeError, OSError) as err:
+    except (DecodeError, OSError) as err:  # may be the machine's (memory, disk): tried again next time
         return SourceOutcome(ref.source, "failed", digest, stage="decode", reason=_reason(err))
     if not result.clips:
         reason = (f"no scene reached the minimum length of {cfg.scenes.min_scene_s:g} s "
                   f"({len(result.cuts)} cuts in {info.duration_s:.1f} s)")
-        return SourceOutcome(ref.source, "failed", digest, stage="scenes", reason=reason, cuts=result.cuts)
+        return _rejected(ds_dir, settings, ref.source, digest, "scenes", reason, result.cuts)
     record = {"source_sha256": digest, "source": ref.source, "probe": info.summary(), "cuts": result.cuts,
               "frames_decoded": result.frames_decoded, "clips": result.clips}
     write_source_record(ds_dir, record, settings)  # written last: the source counts as done only now
     return SourceOutcome(ref.source, "new", digest, clips=_rows(result.clips, ref.source, digest),
                          cuts=result.cuts, probe=info.summary())
+
+
+def _rejected(ds_dir: Path, settings: str, source: str, digest: str, stage: str, reason: str,
+              cuts: list[int] = ()) -> SourceOutcome:
+    """A failure that the bytes and the clip settings alone decide: recorded, so later ingests
+    report it without probing or decoding the same bytes again."""
+    write_source_record(ds_dir, {"source_sha256": digest, "source": source, "cuts": list(cuts),
+                                 "rejected": {"stage": stage, "reason": reason}}, settings)
+    return SourceOutcome(source, "failed", digest, stage=stage, reason=reason, cuts=list(cuts))
 
 
 def _rows(clips: list[dict], source: str, digest: str) -> list[dict]:

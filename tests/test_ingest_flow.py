@@ -1,4 +1,5 @@
 """The ingest flow against a real Prefect server: bad inputs, reruns, events, Dask, kill + rerun."""
+import json
 import os
 import shutil
 import signal
@@ -68,6 +69,19 @@ def test_bad_inputs_are_reported_and_the_rest_goes_on(prefect_server, tmp_path, 
     assert len(failures) == 10 and set(failures.columns) == {"source", "stage", "reason"}
     manifest = clip_table(tmp_path / "root", "mixed")
     assert set(manifest["source"].map(lambda s: Path(s).name)) == {"asl_book.mkv", "bigbuckbunny.mp4"}
+
+    # what the bytes alone decide is recorded (not probed or decoded again); downloads are retried
+    records = [json.loads(p.read_text()) for p in (tmp_path / "root/datasets/mixed/sources").glob("*.json")]
+    rejected = {Path(r["source"]).name: (r["rejected"]["stage"], r["rejected"]["reason"]) for r in records
+                if "rejected" in r}
+    assert rejected == {name: reasons[name] for name in ("zero.mp4", "text.mp4", "truncated.mp4", "audio_only.mp4",
+                                                          "too_short.mp4")}
+    shorter = tmp_path / "shorter.yaml"  # other scene settings: the too-short video is cut after all
+    shorter.write_text("scenes:\n  min_scene_s: 0.3\n")
+    again = ingest(sources=[str(bad)], data_root=str(tmp_path / "root"), dataset="mixed", config=str(shorter))
+    assert again["sources"] == {"new": 1, "unchanged": 0, "failed": 4}
+    assert {Path(f["source"]).name: (f["stage"], f["reason"]) for f in again["failures"]} == \
+        {name: reasons[name] for name in ("zero.mp4", "text.mp4", "truncated.mp4", "audio_only.mp4")}
 
 
 def test_rerun_is_idempotent_and_a_new_video_is_processed_alone(prefect_server, tmp_path, video_dir, samples):
