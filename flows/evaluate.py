@@ -29,6 +29,7 @@ import numpy as np
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE as NO_CACHE
 
+from data_prep.dataset import atomic_write_json
 from flows.tracking import default_tracking_uri, experiment_id
 from eval.protocols import PROTOCOLS, load_protocol
 from eval.video_io import VIDEO_EXTENSIONS, list_videos, write_png
@@ -153,7 +154,7 @@ def sample_videos(prompts: list[str], sampler: Callable | None, checkpoints, out
             target = out / f"sample-{i:05d}.mp4"
             made = sampler(prompt, checkpoints, target, steps=steps, guidance=guidance, seed=seed + i, device=device)
             paths.append(Path(made) if isinstance(made, (str, Path)) else target)
-    (out / "prompts.json").write_text(json.dumps({p.name: q for p, q in zip(paths, prompts)}, indent=1))
+    atomic_write_json(out / "prompts.json", {p.name: q for p, q in zip(paths, prompts)})
     return VideoSet(str(out), "sampled", paths, list(prompts))
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE as NO_CACHE
 
+from data_prep.dataset import atomic_write_json
 from flows.ingest import ingest
 from flows.pipeline_config import PipelineConfig, TrainStep, load_pipeline_config
 from flows.tracking import default_tracking_uri, store_identity, use_experiment
@@ -132,7 +133,7 @@ def sample_task(prompts: list[str], checkpoints: dict[str, str], out_dir: str, s
         if r.gif:
             r.gif = Path(r.gif).rename(gif_dir / Path(r.gif).name)
     prompt_file = Path(out_dir) / "prompts.json"
-    prompt_file.write_text(json.dumps({Path(r.mp4).name: r.prompt for r in results}, indent=1))
+    atomic_write_json(prompt_file, {Path(r.mp4).name: r.prompt for r in results})
     return [{"prompt": r.prompt, "mp4": str(r.mp4), "gif": str(r.gif) if r.gif else None,
              "frames": int(r.frames.shape[0])} for r in results]
 

@@ -7,6 +7,8 @@ it at the same step with the same optimizer state).
 """
 from __future__ import annotations
 
+import os
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +16,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.plugins import TorchCheckpointIO
 
 from models.config import STAGES, ConfigError, StageConfig, as_config
 from models.data import StageDataModule
@@ -28,6 +31,27 @@ class TrainResult:
     best_checkpoint: Path | None
     global_step: int
     train_loss: float
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written to a temp file beside their target, synced, then renamed over it, so a
+    killed run leaves the previous last.ckpt whole (Lightning writes local checkpoints to a temp
+    file in $TMPDIR and moves it: across file systems that move copies into last.ckpt)."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        if "://" in str(path) or storage_options is not None:  # object stores: Lightning's own transaction
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temp = path.with_name(f".tmp-{uuid.uuid4().hex}.part")  # not *.ckpt: never taken for a checkpoint
+        try:
+            with open(temp, "wb") as handle:
+                torch.save(checkpoint, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temp, path)
+        finally:
+            temp.unlink(missing_ok=True)
 
 
 class StepCheckpoint(ModelCheckpoint):
@@ -76,10 +100,14 @@ def build_trainer(cfg: StageConfig, out_dir: Path, *, logger=None, callbacks=Non
     cbs: list[Callback] = [checkpoint, *(callbacks or [])]
     if tc.ema_decay > 0:
         cbs.append(ShardedEMA(tc.ema_decay))
+    strategy = strategy or _strategy(tc.strategy)
+    # a Strategy object that brings its own CheckpointIO keeps it (Lightning refuses two)
+    plugins = [] if getattr(strategy, "_checkpoint_io", None) else [AtomicCheckpointIO()]
     return L.Trainer(
         max_steps=max_steps or tc.max_steps, accelerator=tc.accelerator, devices=tc.devices, num_nodes=tc.num_nodes,
-        strategy=strategy or _strategy(tc.strategy), precision=precision, gradient_clip_val=tc.grad_clip or None,
+        strategy=strategy, precision=precision, gradient_clip_val=tc.grad_clip or None,
         accumulate_grad_batches=tc.accumulate_grad_batches, log_every_n_steps=tc.log_every, callbacks=cbs,
+        plugins=plugins,
         logger=logger if logger is not None else CSVLogger(out_dir, name="logs"), default_root_dir=out_dir,
         enable_model_summary=False, enable_progress_bar=False, limit_val_batches=0, num_sanity_val_steps=0,
     )

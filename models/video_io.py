@@ -76,12 +76,17 @@ def write_mp4(frames, path: str | Path, fps: float = 8.0, crf: int = 18) -> Path
         frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1000))
-        stream.width, stream.height = w + pad_w, h + pad_h
-        stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": str(crf)}
-        _encode(container, stream, frames)
+    temp = path.with_name(f".tmp-{uuid.uuid4().hex}.part")  # not *.mp4: a folder scan never takes it for a video
+    try:
+        with av.open(str(temp), mode="w", format="mp4") as container:
+            stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1000))
+            stream.width, stream.height = w + pad_w, h + pad_h
+            stream.pix_fmt = "yuv420p"
+            stream.options = {"crf": str(crf)}
+            _encode(container, stream, frames)
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
     return path
 
 

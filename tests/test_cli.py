@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from data_prep.ffmpeg_bin import ffmpeg_exe
 
@@ -124,3 +125,19 @@ def test_train_command_trains_refuses_a_used_folder_and_resumes(tmp_path, capsys
     assert "a setting must be KEY=VALUE" in capsys.readouterr().err
     assert main([*base, "--max-steps", "4", "--resume"]) == 0
     assert read_checkpoint(out / "checkpoints" / "last.ckpt")["global_step"] == 4
+    assert not list((out / "checkpoints").glob(".tmp-*"))  # written beside, renamed over: nothing left
+    last = out / "checkpoints" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[:1000])  # damaged outside the run
+    assert main([*base, "--max-steps", "6", "--resume"]) == 2
+    assert f"{last}: not a readable checkpoint" in capsys.readouterr().err
+
+
+def test_a_checkpoint_that_fails_to_save_leaves_the_previous_one_whole(tmp_path):
+    from models.train import AtomicCheckpointIO
+
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"global_step": 1, "w": torch.ones(1000)}, path)
+    with pytest.raises(Exception, match="pickle|lambda"):
+        AtomicCheckpointIO().save_checkpoint({"global_step": 2, "w": torch.zeros(1000), "bad": lambda: 0}, path)
+    assert torch.load(path)["global_step"] == 1 and torch.load(path)["w"].sum() == 1000
+    assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]
