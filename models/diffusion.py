@@ -56,8 +56,11 @@ class Diffusion:
         if name == "ddim":
             return DDIMScheduler(**common, clip_sample=self.clip_sample, set_alpha_to_one=True)
         if name == "dpm++":
+            # pixels: clip x0 each step as DDIM does (sample_max_value 1 = static clipping); cosine schedule
+            # with epsilon: skip the t~999 end where x0 = (x - sigma eps) / alpha divides by alpha ~ 5e-5
             return DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++", solver_order=2,
-                                               lower_order_final=True)
+                                               lower_order_final=True, thresholding=self.clip_sample,
+                                               sample_max_value=1.0, lambda_min_clipped=-5.1)
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {name!r}")
 
     @torch.no_grad()
@@ -68,7 +71,8 @@ class Diffusion:
         x = noise * scheduler.init_noise_sigma
         for t in scheduler.timesteps:
             pred = denoise(x, t.expand(x.shape[0]).to(noise.device)).float()
-            x = scheduler.step(pred, t, x).prev_sample
+            kw = {"use_clipped_model_output": True} if isinstance(scheduler, DDIMScheduler) else {}
+            x = scheduler.step(pred, t, x, **kw).prev_sample
         return x.clamp(-1, 1) if self.clip_sample else x
 
 

@@ -63,3 +63,41 @@ def test_unknown_sampler_and_prediction_are_errors():
         Diffusion(prediction="x0")
     with pytest.raises(ValueError, match="sampler"):
         Diffusion().sampler("euler")
+
+
+def gaussian_denoiser(d: Diffusion, mean: float, std: float, bf16: bool = False):
+    """The exact denoiser for data ~ N(mean, std^2) per pixel, in `d`'s prediction (optionally
+    rounded to bf16, as a network under autocast returns it)."""
+    ac = d.schedule.alphas_cumprod.double()
+
+    def denoise(x, t):
+        a = ac[t.long()].sqrt().view(-1, *[1] * (x.dim() - 1))
+        s = (1 - ac[t.long()]).sqrt().view(-1, *[1] * (x.dim() - 1))
+        x0 = mean + a * std**2 / (a**2 * std**2 + s**2) * (x.double() - a * mean)
+        eps = (x.double() - a * x0) / s
+        pred = {"v": a * eps - s * x0, "epsilon": eps, "sample": x0}[d.prediction]
+        return pred.to(torch.bfloat16).float() if bf16 else pred.float()
+    return denoise
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpm++"])
+def test_strong_guidance_stays_near_the_conditional_data(sampler):
+    """Guidance 5 between two Gaussians: each step clips the predicted clean image to [-1, 1] and
+    continues from it (DDIM kept the unclipped noise estimate and ran off to -1 everywhere)."""
+    d = Diffusion(prediction="v")
+    cond, uncond = gaussian_denoiser(d, 0.6, 0.25), gaussian_denoiser(d, 0.0, 0.5)
+    noise = torch.randn(500, 2, 2, 2, generator=torch.Generator().manual_seed(0))
+    out = d.sample(guided(lambda x, t, use: (cond if use else uncond)(x, t), 5.0), noise, 25, sampler)
+    assert 0.6 < out.mean() < 1.0 and (out.abs() > 0.999).float().mean() < 0.05
+    assert d.sampler("dpm++").config.thresholding and not Diffusion(clip_sample=False).sampler("dpm++").config.thresholding
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v"])
+def test_bf16_predictions_sample_the_data_spread(prediction):
+    """With the cosine schedule, x0 = (x - sigma eps) / alpha divides by alpha ~ 5e-5 at t = 999:
+    bf16 rounding of an epsilon prediction doubled the spread of the samples. DPM-Solver++ starts
+    where lambda >= -5.1 instead."""
+    d = Diffusion(prediction=prediction)
+    noise = torch.randn(4000, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    out = d.sample(gaussian_denoiser(d, 0.3, 0.2, bf16=True), noise, 25, "dpm++")
+    assert out.mean().item() == pytest.approx(0.3, abs=0.02) and out.std().item() == pytest.approx(0.2, rel=0.08)
