@@ -35,6 +35,8 @@ class SourceOutcome:
 def fetch(ref: SourceRef, data_root: Path, cfg: IngestConfig) -> tuple[Path, str]:
     if ref.kind == "unsupported":
         raise DownloadError(f"unsupported source scheme in {ref.source!r} (only http, https and file)")
+    if ref.kind == "unreadable":
+        raise DownloadError(ref.reason)
     if ref.kind == "empty":
         raise DownloadError("folder holds no video files (by extension: the ingest config's video_extensions)"
                             if Path(ref.source).is_dir() else "URL list has no entries")

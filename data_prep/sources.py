@@ -13,7 +13,9 @@ URL_COLUMNS = ("url", "URL", "link", "source", "path")
 @dataclass(frozen=True)
 class SourceRef:
     source: str  # as the user gave it (a path or a URL)
-    kind: str  # "file", "url", "unsupported" (a scheme), "empty" (a folder or list naming nothing)
+    kind: str  # "file", "url", "unsupported" (a scheme), "empty" (a folder or list naming nothing),
+    # "unreadable" (a URL list that cannot be read: `reason` says why)
+    reason: str = ""
 
 
 class SourceError(ValueError):
@@ -60,9 +62,9 @@ def read_url_list(path: Path) -> list[str]:
         table = pq.read_table(path)
         column = next((c for c in URL_COLUMNS if c in table.column_names), None)
         if column is None:
-            raise SourceError(f"{path}: no url column (looked for {', '.join(URL_COLUMNS)})")
+            raise SourceError(f"no url column (looked for {', '.join(URL_COLUMNS)})")
         return [str(v) for v in table.column(column).to_pylist() if v]
-    raise SourceError(f"{path}: not a URL list (expected .txt, .csv, .tsv or .parquet)")
+    raise SourceError("not a URL list (expected .txt, .csv, .tsv or .parquet)")
 
 
 def expand_sources(items: list[str], video_extensions: list[str]) -> list[SourceRef]:
@@ -76,7 +78,11 @@ def expand_sources(items: list[str], video_extensions: list[str]) -> list[Source
             found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in extensions)
             refs.extend([SourceRef(str(p), "file") for p in found] or [SourceRef(ref.source, "empty")])
         elif ref.kind == "file" and path.suffix.lower() in LIST_SUFFIXES and path.is_file():
-            entries = read_url_list(path)
+            try:
+                entries = read_url_list(path)
+            except (OSError, ValueError, csv.Error) as err:  # SourceError, bad UTF-8, a broken parquet: the rest go on
+                refs.append(SourceRef(ref.source, "unreadable", reason=f"URL list cannot be read: {err}"))
+                continue
             refs.extend([_ref_for(entry, base=path.parent) for entry in entries] or [SourceRef(ref.source, "empty")])
         else:
             refs.append(ref)

@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 
 from data_prep.config import ConfigError, load_ingest_config
-from data_prep.sources import SourceError, expand_sources
+from data_prep.sources import expand_sources
 
 EXT = [".mp4", ".mkv"]
 
@@ -52,10 +52,21 @@ def test_a_folder_or_list_naming_no_videos_is_a_failed_source(tmp_path):
         ("failed", "URL list has no entries")]
 
 
-def test_parquet_without_url_column_is_a_clear_error(tmp_path):
+def test_unreadable_url_lists_are_failed_sources_and_the_rest_go_on(tmp_path):
+    from data_prep.ingest import process_source
+
     pd.DataFrame({"x": [1]}).to_parquet(tmp_path / "bad.parquet")
-    with pytest.raises(SourceError, match="no url column"):
-        expand_sources([str(tmp_path / "bad.parquet")], EXT)
+    (tmp_path / "latin1.txt").write_bytes("http://example.org/caf\xe9.mp4\n".encode("latin-1"))
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really")
+    (tmp_path / "good.txt").write_text("http://example.org/a.mp4\n")
+    refs = expand_sources([str(tmp_path / n) for n in ("bad.parquet", "latin1.txt", "broken.parquet", "good.txt")], EXT)
+    assert [r.kind for r in refs] == ["unreadable", "unreadable", "unreadable", "url"]
+    cfg = load_ingest_config(None)
+    outcomes = [process_source(ref, tmp_path / "root", tmp_path / "root" / "datasets" / "d", cfg) for ref in refs[:3]]
+    assert all(o.status == "failed" and o.stage == "download" for o in outcomes)
+    assert [o.source for o in outcomes] == [str(tmp_path / n) for n in ("bad.parquet", "latin1.txt", "broken.parquet")]
+    assert "URL list cannot be read: no url column (looked for url" in outcomes[0].reason
+    assert "utf-8" in outcomes[1].reason
 
 
 def test_other_schemes_are_marked_unsupported():
