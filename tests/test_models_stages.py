@@ -196,10 +196,20 @@ def test_the_prior_reads_image_text_folders_and_webdataset_shards(tmp_path):
 def test_stride_realises_fps_and_fits_the_clip():
     import random
 
+    from scipy.stats import beta
+
     rng = random.Random(0)
     strides = [draw_stride(30.0, 100, 16, (1.0, 30.0), (2.0, 1.0), rng) for _ in range(200)]
     assert min(strides) >= 1 and max(strides) <= 99 // 15
     assert len(set(strides)) > 1
+    # a long clip (no cap): stride k is drawn as often as the target fps rounds to 30 / k, with the
+    # target = 2 + 10 * Beta(1.5, 3) fps (P(stride = k) = P(30 / (k + 1/2) < target <= 30 / (k - 1/2)))
+    n = 4000
+    strides = [draw_stride(30.0, 10_000, 16, (2.0, 12.0), (1.5, 3.0), rng) for _ in range(n)]
+    target = beta(1.5, 3.0, loc=2.0, scale=10.0)
+    for k in range(2, 16):
+        expected = target.cdf(30 / (k - 0.5)) - target.cdf(30 / (k + 0.5))
+        assert strides.count(k) / n == pytest.approx(expected, abs=0.025), k
 
 
 def test_every_stage_trains_with_finite_loss(chain):
