@@ -88,8 +88,11 @@ def test_decoding_runs_a_bounded_number_of_clips_ahead(tmp_path, decodes):
     paths = _videos(tmp_path / "v", 10, seed=2, frames=4, size=16)
     clips = iter_clips(paths, ClipSpec(4), workers=2, ahead=3)
     first, _ = next(clips)
-    time.sleep(0.5)  # a slow consumer: the threads must not decode the whole list meanwhile
-    assert first == str(paths[0]) and sum(decodes.values()) == 4  # the consumed clip + 3 ahead
+    deadline = time.monotonic() + 30
+    while sum(decodes.values()) < 4 and time.monotonic() < deadline:  # the consumed clip + 3 ahead
+        time.sleep(0.01)
+    time.sleep(0.3)  # a slow consumer: the threads must not decode the rest of the list meanwhile
+    assert first == str(paths[0]) and sum(decodes.values()) == 4
     assert [name for name, _ in clips] == [str(p) for p in paths[1:]]  # in order
     assert decodes == Counter({str(p): 1 for p in paths})
 

@@ -128,9 +128,10 @@ def test_log_task_nests_under_an_active_parent_run(tmp_path):
     from eval.fvd import FVDResult
     from flows.evaluate import log_task
 
+    from flows.tracking import use_experiment
+
     uri = f"sqlite:///{tmp_path / 'm.db'}"
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment("parent")  # fluent MLflow keeps the last experiment id of any earlier store
+    use_experiment(uri, "parent")  # fluent MLflow, without exporting MLFLOW_TRACKING_URI to later tests
     r = FVDResult(12.5, 10.0, 15.0, 0.95, 4, 4, 16, 1, False, "i3d.pt", "abc", False)
     with mlflow.start_run() as parent:
         run_id = log_task.fn({"fvd": r}, {"clip_length": 16}, [], uri, "evaluate", parent.info.run_id, "evaluate")

@@ -153,25 +153,21 @@ def test_nan_features_name_the_video():
         m.update(features=f, real=False, names=["a.mp4", "b.mp4", "c.mp4"])
 
 
-class _FakeDetector(torch.nn.Module):
-    """Stands in for I3D in input-checking tests (the real one costs ~1 s per clip on CPU)."""
-    feature_dim, smoke = 4, True
+@pytest.fixture(scope="module")
+def i3d():
+    from eval.i3d import load_i3d
 
-    def forward(self, v):
-        return v.float().mean(dim=(1, 2, 3)).repeat(1, 2)[:, :4] + torch.randn(len(v), 4)
-
-    def describe(self):
-        return {"detector_name": "fake", "detector_sha256": "none"}
+    return load_i3d(None)  # the real network, random weights (smoke): no weights can be downloaded here
 
 
-def test_clip_length_is_cleared_by_reset_and_checked_across_merged_metrics():
-    videos = {t: torch.zeros(2, t, 16, 16, 3, dtype=torch.uint8) for t in (9, 12)}
-    m = FrechetVideoDistance(_FakeDetector())
+def test_clip_length_is_cleared_by_reset_and_checked_across_merged_metrics(i3d):
+    videos = {t: torch.zeros(1, t, 16, 16, 3, dtype=torch.uint8) for t in (9, 12)}
+    m = FrechetVideoDistance(i3d)
     m.update(videos[9], real=True)
     m.reset()
     m.update(videos[12], real=True)  # a new run at another length
     assert m.clip_length == 12
-    other = FrechetVideoDistance(_FakeDetector())
+    other = FrechetVideoDistance(i3d)
     other.update(videos[9], real=True)
     other.update(videos[9], real=False)
     m.update(videos[12], real=False)
@@ -180,14 +176,14 @@ def test_clip_length_is_cleared_by_reset_and_checked_across_merged_metrics():
         m.result(num_resamples=0)
 
 
-def test_short_clip_mixed_sizes_and_lengths_are_named():
-    m = FrechetVideoDistance(_FakeDetector())
+def test_short_clip_mixed_sizes_and_lengths_are_named(i3d):
+    m = FrechetVideoDistance(i3d)
     with pytest.raises(ValueError, match="short.mp4: 8 frames.*at least 9"):
         m.update(torch.zeros(1, 8, 16, 16, 3, dtype=torch.uint8), real=True, names=["short.mp4"])
     vids = [torch.zeros(9, 16, 16, 3, dtype=torch.uint8), torch.zeros(9, 20, 16, 3, dtype=torch.uint8)]
     with pytest.raises(ValueError, match=r"mixed shapes.*b.mp4 \(9, 20, 16, 3\)"):
         m.update(vids, real=True, names=["a.mp4", "b.mp4"])
-    m.update(torch.zeros(2, 9, 16, 16, 3, dtype=torch.uint8), real=True)
+    m.update(torch.zeros(1, 9, 16, 16, 3, dtype=torch.uint8), real=True)
     with pytest.raises(ValueError, match="12 frames.*earlier clips had 9"):
         m.update(torch.zeros(2, 12, 16, 16, 3, dtype=torch.uint8), real=False, names=["x", "y"])
     with pytest.raises(TypeError, match="uint8"):

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,8 +9,6 @@ import torch
 from eval.fvd import FrechetVideoDistance
 from eval.i3d import InceptionI3d, Unit3D, load_i3d
 from eval.weights import ChecksumError
-
-VIDEOS = Path("/work/shared/data/videos")
 
 
 @pytest.fixture(scope="module")
@@ -91,11 +88,11 @@ def test_bad_state_dict_is_rejected(tmp_path):
         load_i3d(path)
 
 
-@pytest.mark.skipif(not VIDEOS.is_dir(), reason=f"{VIDEOS} (real test videos) is absent")
-def test_fvd_on_real_clips_zero_for_self_and_grows_with_noise(detector):
+def test_fvd_on_real_clips_zero_for_self_and_grows_with_noise(detector, shared_videos):
     from eval.video_io import read_video
 
-    clips = torch.stack([torch.from_numpy(read_video(VIDEOS / "carphone_pristine.mp4", 9, 1, o)) for o in (0, 40, 80)])
+    source = shared_videos / "carphone_pristine.mp4"
+    clips = torch.stack([torch.from_numpy(read_video(source, 9, 1, o)) for o in (0, 40, 80)])
     gen = torch.Generator().manual_seed(0)
     noise = torch.randn(clips.shape, generator=gen)
     real = detector(clips)

@@ -178,11 +178,13 @@ def test_new_version_emits_event_and_artifact(prefect_server, tmp_path, video_di
             artifacts = await client.read_artifacts()
             return response.json()["events"], artifacts
 
-    for _ in range(20):  # the server stores events asynchronously (in order: the quiet one came first)
+    for _ in range(20):  # the server stores events asynchronously
         events, artifacts = anyio.run(read)
         if events:
             break
         time.sleep(0.5)
+    time.sleep(1.0)  # a wrong event from the quiet ingest, stored late, would show by now
+    events, artifacts = anyio.run(read)
     (event,) = events
     assert event["resource"]["prefect.resource.id"] == "mav.dataset.events-test"
     assert event["payload"]["version"] == summary["version"]
@@ -209,20 +211,31 @@ def test_killed_ingest_reruns_to_the_same_dataset(prefect_server, tmp_path, samp
     env = {**os.environ, "PREFECT_API_URL": prefect_server}
     command = [sys.executable, "-m", "flows.cli", "ingest", str(videos), "--workers", "1", "--no-progress"]
 
-    def cli(root: Path, kill_after: float | None = None) -> None:
+    def cli(root: Path, kill_when=None) -> None:
         process = subprocess.Popen([*command, "--data-root", str(root)], env=env, cwd=REPO,
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        if kill_after is None:
+        if kill_when is None:
             assert process.wait(timeout=300) == 0
             return
-        time.sleep(kill_after)
+        deadline = time.monotonic() + 300
+        while not kill_when():  # polled, not timed: the kill lands mid-source on a fast or a slow machine
+            assert process.poll() is None, "the ingest finished before the moment to kill it"
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
         process.send_signal(signal.SIGKILL)
         process.wait()
 
     cli(tmp_path / "clean")
     killed = tmp_path / "killed"
-    for delay in (4.0, 6.0):  # mid-source: clips being encoded, records half written
-        cli(killed, kill_after=delay)
+    ds = killed / "datasets/default"
+
+    def encoding(records: int):  # a clip half encoded, after `records` sources were done
+        return lambda: len(list(ds.glob("sources/*.json"))) >= records and any(ds.glob("clips/.tmp-*.mp4"))
+
+    cli(killed, kill_when=encoding(0))  # in the first source
+    assert not list(ds.glob("sources/*.json")) and list(ds.glob("clips/.tmp-*.mp4"))
+    cli(killed, kill_when=encoding(1))  # in a later source, the first one done
+    assert list(ds.glob("clips/.tmp-*.mp4")) and not (ds / "latest").exists()
     cli(killed)
     pd.testing.assert_frame_equal(
         clip_table(tmp_path / "clean", "default").drop(columns=["source"]),

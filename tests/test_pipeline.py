@@ -82,8 +82,10 @@ def test_pipeline_end_to_end_then_cached_rerun(prefect_server, tmp_path, video_d
     # an event for the version just trained: nothing new since, so nothing to do
     again = pipeline(config=str(config), version=first["version"], new_clips=1)
     assert again == {"skipped": "below threshold", "new_clips": 1, "since_trained": 0}
+    repeated = pipeline(config=str(config), version=first["version"])  # `mav pipeline --version V` again
+    assert repeated == {"skipped": "already done", "run_id": first["run_id"], "version": first["version"]}
 
-    second = pipeline(config=str(config))
+    second = pipeline(config=str(config), version=first["version"], force=True)  # --force: run all the same
     assert second["version"] == first["version"] and second["run_id"] != first["run_id"]
     new_children = runs_of(client, "mav-test", f"tags.`mlflow.parentRunId` = '{second['run_id']}'")
     assert [r.info.run_name for r in new_children] == ["evaluate"]  # no stage trained again
@@ -138,9 +140,9 @@ def test_killed_training_resumes_from_its_last_checkpoint(prefect_server, tmp_pa
                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     checkpoints = tmp_path / "work" / "stages" / "prior"
     deadline = time.time() + 240
-    while time.time() < deadline and not list(checkpoints.glob("*/checkpoints/step*.ckpt")):
-        time.sleep(0.5)
-    time.sleep(2)
+    while time.time() < deadline and not list(checkpoints.glob("*/checkpoints/last.ckpt")):  # written whole
+        assert process.poll() is None, "the pipeline ended before its first checkpoint"
+        time.sleep(0.05)
     os.killpg(process.pid, signal.SIGKILL)  # the worker dies mid-training
     process.wait()
     (last,) = list(checkpoints.glob("*/checkpoints/last.ckpt"))
