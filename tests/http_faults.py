@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 class FaultServer:
     """routes: path -> (kind, payload). Kinds: ok, ok_no_range, slow, 404, stall, cut, cut_once, wrong_range,
-    cut_once_then_wrong_range, redirect, html, big."""
+    cut_once_then_wrong_range, cut_once_then_416, redirect, html, big."""
 
     def __init__(self, routes: dict[str, tuple[str, object]]):
         self.routes = routes
@@ -119,6 +119,15 @@ class FaultServer:
             self._cut(h, data)
         else:
             self._wrong_range(h, data)
+
+    def _cut_once_then_416(self, h, data: bytes):
+        """First request cut short; a resume is refused (416: the file shrank), a whole GET served."""
+        if self.hits[h.path] == 1:
+            self._cut(h, data)
+        elif h.headers.get("Range"):
+            self._send(h, b"", 416, {"Content-Range": f"bytes */{len(data)}", "Content-Length": "0"})
+        else:
+            self._ok(h, data)
 
     def _redirect(self, h, target: str):
         self._send(h, b"", 302, {"Location": target, "Content-Length": "0"})

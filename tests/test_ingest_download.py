@@ -107,6 +107,25 @@ def test_faults_become_clear_errors(tmp_path, kind, payload, message):
     assert not [p for p in tmp_path.iterdir() if p.is_file()]  # nothing stored under a final name
 
 
+def test_a_refused_resume_starts_over(tmp_path, video_bytes):
+    with FaultServer({"/v.mkv": ("cut_once_then_416", video_bytes)}) as srv:
+        path, _ = download(f"{srv.base}/v.mkv", tmp_path, FAST)
+        ranges = [r for _, r in srv.requests]
+    assert path.read_bytes() == video_bytes
+    assert ranges[0] is None and ranges[1].startswith("bytes=") and ranges[1] != "bytes=0-" and ranges[2] is None
+
+
+def test_a_redirect_loop_and_an_empty_file_are_clear_errors(tmp_path):
+    with FaultServer({"/empty.mp4": ("ok", b"")}) as srv:
+        srv.routes["/loop.mp4"] = ("redirect", f"{srv.base}/loop.mp4")
+        with pytest.raises(DownloadError, match=f"more than {FAST.max_redirects} redirects"):
+            download(f"{srv.base}/loop.mp4", tmp_path, FAST)
+        assert srv.hits["/loop.mp4"] == FAST.max_redirects + 1
+        with pytest.raises(DownloadError, match=r"empty response \(0 bytes\)"):
+            download(f"{srv.base}/empty.mp4", tmp_path, FAST)
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]
+
+
 def test_declared_size_over_the_cap_fails_before_reading(tmp_path, video_bytes):
     small = FAST.model_copy(update={"max_bytes": 1000})
     with FaultServer({"/v.mkv": ("ok", video_bytes)}) as srv:
@@ -118,6 +137,22 @@ def test_a_web_page_is_recognised(tmp_path):
     with FaultServer({"/watch": ("html", None)}) as srv:
         with pytest.raises(PageURLError, match="web page"):
             download(f"{srv.base}/watch", tmp_path, FAST)
+
+
+def test_a_page_url_in_an_ingest_is_a_failed_source_saying_what_to_install(tmp_path):
+    import importlib.util
+
+    from data_prep.config import IngestConfig
+    from data_prep.ingest import process_source
+    from data_prep.sources import SourceRef
+
+    with FaultServer({"/watch": ("html", None)}) as srv:
+        outcome = process_source(SourceRef(f"{srv.base}/watch", "url"), tmp_path, tmp_path / "ds", IngestConfig())
+    assert (outcome.status, outcome.stage) == ("failed", "download")
+    if importlib.util.find_spec("yt_dlp") is None:  # the optional 'pages' extra
+        assert outcome.reason == "the URL is a web page; install the 'pages' extra (yt-dlp) to fetch page URLs"
+    else:  # yt-dlp finds no video on the page and says so
+        assert outcome.reason
 
 
 def test_the_url_lock_hands_its_result_to_waiters_and_leaves_no_file(tmp_path):
