@@ -7,6 +7,7 @@ The cache is $MAV_WEIGHTS_CACHE, else ~/.cache/mav/weights.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import shutil
 import tempfile
@@ -15,9 +16,12 @@ import urllib.request
 from pathlib import Path
 
 
-
 class ChecksumError(ValueError):
     """A weights file whose sha256 is not the expected one."""
+
+
+class WeightsDownloadError(ConnectionError):
+    """Weights behind a URL that could not be fetched whole (nothing is cached)."""
 
 
 def default_cache_dir() -> Path:
@@ -58,8 +62,15 @@ def resolve_weights(src: str | Path, sha256: str | None = None, cache_dir: str |
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".part-")
     try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(str(src), timeout=60) as resp:
-            shutil.copyfileobj(resp, out, 1 << 20)
+        try:
+            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(str(src), timeout=60) as resp:
+                declared = resp.headers.get("Content-Length")
+                shutil.copyfileobj(resp, out, 1 << 20)
+                received = out.tell()
+        except (OSError, http.client.HTTPException) as err:  # URLError and HTTPError are OSErrors
+            raise WeightsDownloadError(f"weights {src}: download failed ({err})") from None
+        if declared is not None and received != int(declared):  # without a checksum it would be cached
+            raise WeightsDownloadError(f"weights {src}: download cut short ({received} of {declared} bytes)")
         digest = verify(Path(tmp), sha256, src)
         os.replace(tmp, target)
     finally:

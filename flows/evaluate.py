@@ -448,7 +448,7 @@ def _run(args: argparse.Namespace) -> int:
                        guidance=args.guidance, protocol=args.protocol,
                        protocol_root=args.protocol_root, split_file=args.split_file, captions=args.captions,
                        video_root=args.video_root, c3d_weights=args.c3d_weights, c3d_sha256=args.c3d_sha256)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, ConnectionError) as err:  # ConnectionError: weights behind a URL
         print(f"error: {err}", file=sys.stderr)
         return 2
     for line in out["lines"]:

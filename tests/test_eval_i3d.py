@@ -8,7 +8,8 @@ import torch
 
 from eval.fvd import FrechetVideoDistance
 from eval.i3d import InceptionI3d, Unit3D, load_i3d
-from eval.weights import ChecksumError
+from eval.weights import ChecksumError, WeightsDownloadError
+from tests.http_faults import FaultServer
 
 
 @pytest.fixture(scope="module")
@@ -60,11 +61,22 @@ def test_weights_from_state_dict_and_torchscript(tmp_path, detector, monkeypatch
         load_i3d(path, sha256="0" * 64)
     with pytest.raises(ChecksumError):  # also through the URL path + cache
         load_i3d(path.as_uri(), sha256="1" * 64)
-    # URL download, verified and cached
+    # URL download (file:// and a real HTTP server), verified and cached
     cached = load_i3d(path.as_uri(), sha256=digest)
     assert cached.checksum == digest
     assert list((tmp_path / "cache").rglob("i3d_pretrained_400.pt"))
     assert not list((tmp_path / "cache").rglob(".part-*"))  # failed download left nothing behind
+    data = path.read_bytes()
+    with FaultServer({"/w/i3d.pt": ("ok", data), "/w/cut.pt": ("cut", data), "/w/gone.pt": ("404", b"")}) as srv:
+        over_http = load_i3d(f"{srv.base}/w/i3d.pt", sha256=digest)
+        assert over_http.checksum == digest and srv.hits["/w/i3d.pt"] == 1
+        assert load_i3d(f"{srv.base}/w/i3d.pt", sha256=digest).checksum == digest  # cached: no second request
+        assert srv.hits["/w/i3d.pt"] == 1
+        with pytest.raises(WeightsDownloadError, match=r"/w/cut.pt: download cut short \(\d+ of \d+ bytes\)"):
+            load_i3d(f"{srv.base}/w/cut.pt")  # no checksum to catch it: the length does
+        with pytest.raises(WeightsDownloadError, match=r"/w/gone.pt: download failed \(HTTP Error 404"):
+            load_i3d(f"{srv.base}/w/gone.pt")
+    assert not list((tmp_path / "cache").rglob("cut.pt")) and not list((tmp_path / "cache").rglob(".part-*"))
 
     class StyleGANVLike(torch.nn.Module):  # same call signature as i3d_torchscript.pt
         def forward(self, x: torch.Tensor, rescale: bool = False, resize: bool = False,
