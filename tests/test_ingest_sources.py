@@ -92,3 +92,31 @@ def test_evaluation_accepts_every_container_ingest_reads():
     from eval.video_io import VIDEO_EXTENSIONS
 
     assert set(IngestConfig().video_extensions) <= set(VIDEO_EXTENSIONS)
+
+
+def test_a_video_whose_scenes_are_all_too_short_is_a_failed_source(tmp_path):
+    """Hard cuts every 0.6 s (colour changes) and min_scene_s 1: the scenes stage rejects it, and
+    the rejection is recorded with the cuts it found."""
+    import json
+    import subprocess
+
+    from data_prep.ffmpeg_bin import ffmpeg_exe
+    from data_prep.ingest import process_source
+    from data_prep.sources import SourceRef
+
+    colours = ["red", "blue", "green", "white", "black"]
+    video = tmp_path / "flicker.mp4"
+    inputs = [arg for c in colours for arg in ("-f", "lavfi", "-i", f"color=c={c}:s=64x64:r=25:d=0.6")]
+    concat = "".join(f"[{i}:v]" for i in range(len(colours))) + f"concat=n={len(colours)}:v=1[v]"
+    subprocess.run([ffmpeg_exe(), "-v", "error", "-y", *inputs, "-filter_complex", concat, "-map", "[v]",
+                    "-c:v", "libx264", "-pix_fmt", "yuv420p", str(video)], check=True)
+    cfg = load_ingest_config(None).model_copy(update={"scenes": load_ingest_config(None).scenes.model_copy(
+        update={"min_scene_s": 1.0, "detector_min_frames": 5})})
+    ds = tmp_path / "root" / "datasets" / "d"
+    outcome = process_source(SourceRef(str(video), "file"), tmp_path / "root", ds, cfg)
+    assert (outcome.status, outcome.stage) == ("failed", "scenes")
+    assert outcome.reason == "no scene reached the minimum length of 1 s (4 cuts in 3.0 s)"
+    assert outcome.cuts == [15, 30, 45, 60]  # every colour change, at 25 fps
+    assert not list((ds / "clips").glob("*.mp4"))
+    (record,) = [json.loads(p.read_text()) for p in (ds / "sources").glob("*.json")]
+    assert record["rejected"] == {"stage": "scenes", "reason": outcome.reason} and record["cuts"] == outcome.cuts
