@@ -242,3 +242,25 @@ def test_killed_ingest_reruns_to_the_same_dataset(prefect_server, tmp_path, samp
         clip_table(killed, "default").drop(columns=["source"]))
     leftovers = [p for p in (killed / "datasets/default").rglob(".tmp-*")]
     assert leftovers == []
+
+
+def test_two_ingests_into_one_dataset_at_once_lose_no_clips(prefect_server, tmp_path, samples):
+    """Two processes ingest different videos into one dataset at the same time: the dataset lock
+    makes one version build on the other's, so the latest version holds both sets of clips."""
+    folders = {}
+    for name in ("asl_book.mkv", "bigbuckbunny.mp4"):
+        folders[name] = tmp_path / name.split(".")[0]
+        folders[name].mkdir()
+        shutil.copy(samples / name, folders[name] / name)
+    env = {**os.environ, "PREFECT_API_URL": prefect_server}
+    root = tmp_path / "root"
+    processes = [subprocess.Popen([sys.executable, "-m", "flows.cli", "ingest", str(folder), "--data-root", str(root),
+                                   "--dataset", "shared", "--no-progress"], env=env, cwd=REPO,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                 for folder in folders.values()]
+    for process in processes:
+        assert process.wait(timeout=300) == 0, process.stderr.read()[-2000:]
+    table = clip_table(root, "shared")
+    assert set(table["source"].map(lambda s: Path(s).name)) == set(folders)
+    info = version_info(root, "shared")
+    assert info["parent"] is not None and info["num_clips"] == len(table)
