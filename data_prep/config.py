@@ -75,12 +75,24 @@ def load_ingest_config(path: str | Path | None) -> IngestConfig:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"ingest config {path}: no such file")
-    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"ingest config {path}: {describe_yaml(err)}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"ingest config {path}: expected a mapping of settings, got {type(raw).__name__}")
     raw = raw.get("ingest", raw)  # allow a top-level `ingest:` section
     try:
         return IngestConfig.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(f"ingest config {path}: {describe(err)}") from None
+
+
+def describe_yaml(err: yaml.YAMLError) -> str:
+    """A YAML syntax error in one line: what and where (line:column, 1-based)."""
+    mark = getattr(err, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    return f"not valid YAML: {getattr(err, 'problem', None) or err}{where}"
 
 
 def describe(err: ValidationError) -> str:

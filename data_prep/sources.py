@@ -14,7 +14,7 @@ URL_COLUMNS = ("url", "URL", "link", "source", "path")
 class SourceRef:
     source: str  # as the user gave it (a path or a URL)
     kind: str  # "file", "url", "unsupported" (a scheme), "empty" (a folder or list naming nothing),
-    # "unreadable" (a URL list that cannot be read: `reason` says why)
+    # "unreadable" (a URL list that cannot be read, a malformed URL: `reason` says why)
     reason: str = ""
 
 
@@ -27,7 +27,10 @@ def _is_url(text: str) -> bool:
 
 
 def _ref_for(text: str, base: Path | None = None) -> SourceRef:
-    parsed = urlparse(text)
+    try:
+        parsed = urlparse(text)
+    except ValueError as err:  # e.g. "http://[::1": the other sources go on
+        return SourceRef(text, "unreadable", reason=f"not a valid URL ({err})")
     if parsed.scheme in ("http", "https"):
         return SourceRef(text, "url")
     if parsed.scheme == "file":  # file:///a/my%20clip.mp4 names "/a/my clip.mp4"

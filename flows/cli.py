@@ -20,6 +20,23 @@ COMMAND_MODULES = {"ingest": "flows.ingest", "train": "flows.train", "sample": "
 FLOW_COMMANDS = {"ingest", "evaluate", "pipeline"}
 
 
+def at_least(low: int):
+    """An argparse type for whole numbers >= low: anything else is a usage error naming the option."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+    parse.__name__ = f"whole number >= {low}"
+    return parse
+
+
+positive_int, non_negative_int = at_least(1), at_least(0)
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser for `command` alone, or for every command (help, unknown commands)."""
     parser = argparse.ArgumentParser(prog="mav", description="Make-A-Video platform")

@@ -30,6 +30,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE as NO_CACHE
 
 from data_prep.dataset import atomic_write_json
+from flows.cli import non_negative_int, positive_int
 from flows.tracking import default_tracking_uri, experiment_id
 from eval.protocols import PROTOCOLS, load_protocol
 from eval.video_io import VIDEO_EXTENSIONS, list_videos, write_png
@@ -396,7 +397,7 @@ def register(subparsers) -> None:
     p.add_argument("--prompts", help="prompts of the fake videos: .txt (one per line) or .json (list or {file: prompt})")
     p.add_argument("--metrics", default=None, help=f"comma-separated, of {', '.join(METRICS)} "
                                                    "(default fvd,clipsim, or the protocol's)")
-    p.add_argument("--num-videos", type=int, default=None,
+    p.add_argument("--num-videos", type=positive_int, default=None,
                    help="videos per set (seeded random subset; protocols: 2048 for ucf101, all captions for msrvtt)")
     p.add_argument("--protocol", choices=PROTOCOLS,
                    help="ucf101: class-template prompts, FVD + IS against --protocol-root; "
@@ -415,14 +416,14 @@ def register(subparsers) -> None:
                    help="CLIP hub id or folder (default openai/clip-vit-base-patch32 if cached, else smoke); 'tiny'")
     p.add_argument("--data-root", default="mav-data")
     p.add_argument("--tracking-uri", default=None, help="MLflow URI (default $MLFLOW_TRACKING_URI or ./mlflow.db)")
-    p.add_argument("--clip-length", type=int, default=16)
-    p.add_argument("--clip-stride", type=int, default=1)
+    p.add_argument("--clip-length", type=positive_int, default=16)
+    p.add_argument("--clip-stride", type=positive_int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
-    p.add_argument("--bootstrap", type=int, default=100, help="bootstrap resamples for the FVD interval (0: none)")
+    p.add_argument("--bootstrap", type=non_negative_int, default=100, help="bootstrap resamples for the FVD interval (0: none)")
     p.add_argument("--unbiased", action="store_true", help="unbiased covariance (default: biased, as StyleGAN-V)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--sample-steps", type=int, default=None,
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--sample-steps", type=positive_int, default=None,
                    help="with --checkpoints: sampler steps per stage (default: each stage config's sample_steps)")
     p.add_argument("--guidance", type=float, default=None,
                    help="with --checkpoints: classifier-free guidance (default: each stage config's guidance)")

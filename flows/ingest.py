@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 import threading
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from data_prep.config import IngestConfig, load_ingest_config
 from data_prep.dataset import commit_version, dataset_dir, locked, remove_stale_temporaries
 from data_prep.ingest import SourceOutcome, process_source
 from data_prep.sources import SourceRef, expand_sources
+from flows.cli import positive_int
 
 DATASET_EVENT = "mav.dataset.updated"
 
@@ -145,14 +147,25 @@ def register(subparsers) -> None:
     parser.add_argument("--config", default=None, help="ingest YAML (e.g. configs/base/ingest.yaml)")
     parser.add_argument("--task-runner", choices=["threads", "dask"], default="threads")
     parser.add_argument("--dask-address", default=None, help="scheduler address of an existing Dask cluster")
-    parser.add_argument("--workers", type=int, default=None, help="sources processed at once")
+    parser.add_argument("--workers", type=positive_int, default=None, help="sources processed at once")
     parser.add_argument("--no-progress", action="store_true")
     parser.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
-    workers = args.workers or load_ingest_config(args.config).workers
-    run = with_task_runner(args.task_runner, args.dask_address, workers)
-    summary = run(sources=args.sources, data_root=args.data_root, dataset=args.dataset,
-                  config=args.config, progress=not args.no_progress, workers=workers)
+    try:  # bad input is one line, before a flow (and its logged trace) starts
+        workers = args.workers or load_ingest_config(args.config).workers
+        dataset_dir(Path(args.data_root), args.dataset)
+        try:
+            Path(args.data_root).mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ValueError(f"--data-root {args.data_root}: cannot be created ({err.strerror})") from None
+        if not all(source.strip() for source in args.sources):
+            raise ValueError("an empty source was given (an unset shell variable?)")
+        run = with_task_runner(args.task_runner, args.dask_address, workers)
+        summary = run(sources=args.sources, data_root=args.data_root, dataset=args.dataset,
+                      config=args.config, progress=not args.no_progress, workers=workers)
+    except (ValueError, OSError) as err:  # a config, a dataset name, a data root that cannot be written
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return 0 if summary["total_clips"] else 1

@@ -22,7 +22,7 @@ from prefect.cache_policies import NONE as NO_CACHE
 
 from data_prep.dataset import atomic_write_json
 from flows.ingest import ingest
-from flows.pipeline_config import PipelineConfig, TrainStep, load_pipeline_config
+from flows.pipeline_config import PipelineConfig, TrainStep, load_pipeline_config, repo_path
 from flows.tracking import default_tracking_uri, store_identity, use_experiment
 
 REPO = Path(__file__).resolve().parent.parent
@@ -38,7 +38,7 @@ def code_digest() -> str:
 
 
 def step_key(step: TrainStep, version: str, init_key: str | None, code: str, where: str) -> str:
-    payload = {"step": step.model_dump(), "config": Path(_repo_path(step.config)).read_text(), "dataset_version": version,
+    payload = {"step": step.model_dump(), "config": Path(repo_path(step.config)).read_text(), "dataset_version": version,
                "init": init_key, "code": code, "where": where}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
@@ -191,7 +191,7 @@ def pipeline(config: str = DEFAULT_CONFIG, dataset: str | None = None, data_root
 
     log = get_run_logger()
     quiet_library_chatter()
-    cfg: PipelineConfig = load_pipeline_config(REPO / config if not Path(config).is_absolute() and not Path(config).exists() else config)
+    cfg: PipelineConfig = load_pipeline_config(config)
     dataset = dataset or cfg.dataset
     data_root = str(Path(data_root or cfg.data_root).resolve())
     tracking_uri = tracking_uri or cfg.tracking_uri or default_tracking_uri()
@@ -203,7 +203,7 @@ def pipeline(config: str = DEFAULT_CONFIG, dataset: str | None = None, data_root
     from_event = version is not None  # a dataset event names the version; a person runs without one
     if version is None and not skip_ingest:
         summary = ingest(sources=ingest_sources(cfg.sources), data_root=data_root, dataset=dataset,
-                         config=_repo_path(cfg.ingest_config), announce=False)  # this run trains on it
+                         config=repo_path(cfg.ingest_config), announce=False)  # this run trains on it
         version = summary["version"]
     from data_prep.dataset import load_manifest
 
@@ -296,20 +296,14 @@ def pipeline(config: str = DEFAULT_CONFIG, dataset: str | None = None, data_root
 def ingest_sources(sources: list[str]) -> list[str]:
     """A config's sources for ingest: URLs as they are, relative paths from the repository when
     they are not relative to the working directory."""
-    return [source if "://" in source else _repo_path(source) for source in sources]
-
-
-def _repo_path(path: str | None) -> str | None:
-    if path is None:
-        return None
-    return path if Path(path).exists() else str(REPO / path)
+    return [source if "://" in source else repo_path(source) for source in sources]
 
 
 @flow(name="train", log_prints=True)
 def train(config: str = DEFAULT_CONFIG, steps: list[str] | None = None, dataset: str | None = None,
           data_root: str | None = None, version: str | None = None, tracking_uri: str | None = None) -> dict:
     """Train one step, several, or all (steps=None) of a pipeline config, with the same caching."""
-    cfg = load_pipeline_config(_repo_path(config))
+    cfg = load_pipeline_config(repo_path(config))
     selected = [s for s in cfg.steps if steps is None or s.name in steps]
     unknown = set(steps or []) - {s.name for s in cfg.steps}
     if unknown:
@@ -335,7 +329,7 @@ def _train_steps(cfg: PipelineConfig, dataset: str, data_root: str, version: str
         # a deleted checkpoint invalidates the cached result; a left-over one is resumed from
         has_checkpoint = (out_dir / "checkpoints" / "last.ckpt").exists()
         result = train_stage_task.with_options(refresh_cache=not has_checkpoint)(
-            step.name, step.stage, _repo_path(step.config), step.overrides, data_root, dataset, version,
+            step.name, step.stage, repo_path(step.config), step.overrides, data_root, dataset, version,
             checkpoints.get(step.init_from), str(out_dir), tracking_uri, cfg.experiment, parent_run_id, key,
             registered_name(step.name, cfg.registry.model_prefix))
         checkpoints[step.name] = result["checkpoint"]
@@ -371,6 +365,7 @@ def register(subparsers) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     try:
+        load_pipeline_config(args.config)  # bad config: one line, before a flow (and its logged trace) starts
         summary = pipeline(config=args.config, dataset=args.dataset, data_root=args.data_root, version=args.version,
                            tracking_uri=args.tracking_uri, force=args.force)
     except (ValueError, FileNotFoundError) as err:  # bad input: a config, a dataset version, data (the flow logs the trace)

@@ -6,7 +6,11 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from data_prep.config import describe
+from data_prep.config import describe, describe_yaml
+from models.config import STAGES, load_config
+
+REPO = Path(__file__).resolve().parent.parent
+METRICS = ("fvd", "clipsim", "is")
 
 
 class Strict(BaseModel):
@@ -23,19 +27,19 @@ class TrainStep(Strict):
 
 class SampleSettings(Strict):
     prompts: list[str] = ["a bunny in a meadow", "bottles on a table", "a person signing a word", "clouds over a field"]
-    steps: int | None = None  # None: each stage config's sample_steps
-    guidance: float | None = None
+    steps: int | None = Field(None, ge=1)  # None: each stage config's sample_steps
+    guidance: float | None = Field(None, ge=0)
     seed: int = 0
 
 
 class EvaluateSettings(Strict):
     metrics: list[str] = ["fvd", "clipsim"]
-    num_videos: int | None = None  # None: every real clip and every sample (N may differ between them)
-    clip_length: int = 16
+    num_videos: int | None = Field(None, ge=1)  # None: every real clip and every sample (N may differ)
+    clip_length: int = Field(16, ge=1)
     i3d_weights: str | None = None  # without: FVD in smoke mode (random I3D), said in every value
     i3d_sha256: str | None = None
     clip_model: str | None = None  # hub id or folder; None: evaluate's default
-    num_resamples: int = 100
+    num_resamples: int = Field(100, ge=0)
 
 
 class RegisterSettings(Strict):
@@ -51,25 +55,53 @@ class PipelineConfig(Strict):
     work_dir: str = "mav-runs"
     tracking_uri: str | None = None  # None: sqlite:///<cwd>/mlflow.db
     experiment: str = "mav-pipeline"
-    min_new_clips: int = 1  # retraining threshold for dataset events
+    min_new_clips: int = Field(1, ge=0)  # retraining threshold for dataset events
     steps: list[TrainStep] = Field(default_factory=list)
     sample: SampleSettings = Field(default_factory=SampleSettings)
     evaluate: EvaluateSettings = Field(default_factory=EvaluateSettings)
     registry: RegisterSettings = Field(default_factory=RegisterSettings)
 
 
+def repo_path(path: str | None) -> str | None:
+    """A path as given if it exists, else relative to the repository (configs/..., data/samples)."""
+    if path is None:
+        return None
+    return path if Path(path).exists() else str(REPO / path)
+
+
 def load_pipeline_config(path: str | Path) -> PipelineConfig:
-    path = Path(path)
+    """The pipeline config, with every step's stage config loaded (with its overrides) up front:
+    a typo in the last step fails before the ingest and the other steps run, not hours later."""
+    given = Path(path)
+    path = Path(repo_path(str(path)))
     if not path.is_file():
-        raise ValueError(f"pipeline config {path}: no such file")
+        raise ValueError(f"pipeline config {given}: no such file")
     try:
-        config = PipelineConfig.model_validate(yaml.safe_load(path.read_text()) or {})
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"pipeline config {path}: {describe_yaml(err)}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"pipeline config {path}: expected a mapping of settings, got {type(raw).__name__}")
+    try:
+        config = PipelineConfig.model_validate(raw)
     except ValidationError as err:
         raise ValueError(f"pipeline config {path}: {describe(err)}") from None
+    unknown = sorted(set(config.evaluate.metrics) - set(METRICS))
+    if unknown:
+        raise ValueError(f"pipeline config {path}: evaluate.metrics: unknown {unknown}; metrics are {', '.join(METRICS)}")
     names = [s.name for s in config.steps]
-    for step in config.steps:
-        if step.init_from and step.init_from not in names[: names.index(step.name)]:
-            raise ValueError(f"pipeline config {path}: step {step.name}: init_from {step.init_from!r} is not an earlier step")
     if len(set(names)) != len(names):
         raise ValueError(f"pipeline config {path}: step names repeat")
+    for step in config.steps:
+        where = f"pipeline config {path}: step {step.name}"
+        if step.init_from and step.init_from not in names[: names.index(step.name)]:
+            raise ValueError(f"{where}: init_from {step.init_from!r} is not an earlier step")
+        if step.stage not in STAGES:
+            raise ValueError(f"{where}: unknown stage {step.stage!r}; stages are {', '.join(STAGES)}")
+        try:
+            stage_config = load_config(repo_path(step.config), step.overrides)
+        except ValueError as err:  # ConfigError: a missing file, bad YAML, a wrong key or value
+            raise ValueError(f"{where}: {err}") from None
+        if stage_config.stage != step.stage:
+            raise ValueError(f"{where}: {step.config} is a {stage_config.stage!r} config, the step is {step.stage!r}")
     return config

@@ -5,6 +5,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from flows.cli import positive_int
+
 STAGES = ("prior", "decoder", "interpolation", "sr_low", "sr_high")
 CHAIN_FLAGS = {"prior": "--prior", "decoder": "--decoder", "interpolation": "--interpolation",
                "sr_low": "--sr-low", "sr_high": "--sr-high"}
@@ -19,7 +21,7 @@ def register(subparsers) -> None:
     train.add_argument("--init", type=Path, help="checkpoint to start from (inflation / decoder -> interpolation)")
     train.add_argument("--resume", action="store_true", help="continue OUT/checkpoints/last.ckpt exactly")
     train.add_argument("--out", type=Path, help="output folder (default runs/<stage>)")
-    train.add_argument("--max-steps", type=int)
+    train.add_argument("--max-steps", type=positive_int)
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config key, e.g. --set mode=image --set trainer.lr=1e-4 (YAML values)")
     train.set_defaults(func=run_train)
@@ -30,7 +32,7 @@ def register(subparsers) -> None:
     sample.add_argument("--checkpoints", type=Path, help="folder with <stage>.ckpt or <stage>/checkpoints/last.ckpt")
     for stage, flag in CHAIN_FLAGS.items():
         sample.add_argument(flag, type=Path, dest=f"ckpt_{stage}", help=f"{stage} checkpoint")
-    sample.add_argument("--steps", type=int)
+    sample.add_argument("--steps", type=positive_int)
     sample.add_argument("--guidance", type=float)
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--device", default="auto", help="cuda, cpu, ... (default: cuda when available)")

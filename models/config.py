@@ -11,7 +11,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from data_prep.config import describe
+from data_prep.config import describe, describe_yaml
 
 STAGES = ("prior", "decoder", "interpolation", "sr_low", "sr_high")
 
@@ -160,7 +160,7 @@ def load_config(path: str | Path, overrides: dict | None = None) -> StageConfig:
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        raise ConfigError(f"{path}: {describe_yaml(err)}") from None
     for key, value in (overrides or {}).items():  # dotted keys: {"trainer.max_steps": 5}
         node = raw
         *parents, leaf = key.split(".")

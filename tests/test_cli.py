@@ -141,3 +141,32 @@ def test_a_checkpoint_that_fails_to_save_leaves_the_previous_one_whole(tmp_path)
         AtomicCheckpointIO().save_checkpoint({"global_step": 2, "w": torch.zeros(1000), "bad": lambda: 0}, path)
     assert torch.load(path)["global_step"] == 1 and torch.load(path)["w"].sum() == 1000
     assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]
+
+
+def test_bad_ingest_and_pipeline_input_is_one_line_and_exit_2(prefect_server, tmp_path, samples, capsys):
+    """Checked before any flow starts: no Prefect trace, one line naming the input."""
+    import re
+
+    from flows.cli import main
+
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    (tmp_path / "broken.yaml").write_text("clips: [\n")
+    (tmp_path / "a-file").write_text("")
+    (tmp_path / "pipeline.yaml").write_text("steps:\n  - {name: p, stage: prior, config: configs/tiny/prior.yaml, "
+                                             "overrides: {trainer.lrr: 1}}\n")
+    cases = [
+        (["--config", str(tmp_path / "nope.yaml")], r"ingest config \S*nope.yaml: no such file"),
+        (["--config", str(tmp_path / "list.yaml")], "list.yaml: expected a mapping of settings, got list"),
+        (["--config", str(tmp_path / "broken.yaml")], "broken.yaml: not valid YAML"),
+        (["--dataset", "a/b"], "dataset name 'a/b'"),
+        (["--data-root", str(tmp_path / "a-file" / "root")], r"--data-root \S+: cannot be created \(Not a directory\)"),
+    ]
+    for options, message in cases:
+        assert main(["ingest", str(samples), "--no-progress", *options]) == 2, options
+        err = capsys.readouterr().err.strip()
+        assert re.search(message, err) and len(err.splitlines()) == 1, err
+    assert main(["ingest", ""]) == 2 and "an empty source" in capsys.readouterr().err
+    assert main(["pipeline", "--config", str(tmp_path / "pipeline.yaml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert re.search(r"step p: \S+prior.yaml: trainer.lrr: unknown key", err) and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "mav-data").exists()

@@ -58,9 +58,10 @@ def test_unreadable_url_lists_are_failed_sources_and_the_rest_go_on(tmp_path):
     pd.DataFrame({"x": [1]}).to_parquet(tmp_path / "bad.parquet")
     (tmp_path / "latin1.txt").write_bytes("http://example.org/caf\xe9.mp4\n".encode("latin-1"))
     (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really")
-    (tmp_path / "good.txt").write_text("http://example.org/a.mp4\n")
+    (tmp_path / "good.txt").write_text("http://example.org/a.mp4\nhttp://[::1/b.mp4\n")
     refs = expand_sources([str(tmp_path / n) for n in ("bad.parquet", "latin1.txt", "broken.parquet", "good.txt")], EXT)
-    assert [r.kind for r in refs] == ["unreadable", "unreadable", "unreadable", "url"]
+    assert [r.kind for r in refs] == ["unreadable", "unreadable", "unreadable", "url", "unreadable"]
+    assert refs[-1].source == "http://[::1/b.mp4" and refs[-1].reason == "not a valid URL (Invalid IPv6 URL)"
     cfg = load_ingest_config(None)
     outcomes = [process_source(ref, tmp_path / "root", tmp_path / "root" / "datasets" / "d", cfg) for ref in refs[:3]]
     assert all(o.status == "failed" and o.stage == "download" for o in outcomes)
