@@ -148,6 +148,10 @@ def _image_processor_class():
     return cls
 
 
+class CLIPLoadError(ValueError):
+    """A CLIP name or folder that does not load (a bad input: the commands report it in one line)."""
+
+
 class FrozenCLIP(nn.Module):
     """CLIP text and image towers, frozen, in eval mode; embeddings are L2-normalised."""
 
@@ -167,8 +171,15 @@ class FrozenCLIP(nn.Module):
         from transformers import CLIPModel, CLIPTokenizer
 
         src = str(name_or_path)
-        model = CLIPModel.from_pretrained(src)
-        tokenizer = CLIPTokenizer.from_pretrained(src)
+        if (src.startswith(("/", ".", "~")) or src.count("/") > 1) and not Path(src).expanduser().exists():
+            raise CLIPLoadError(f"CLIP {src!r}: no such folder")  # a path, not a hub id (namespace/name)
+        try:
+            model = CLIPModel.from_pretrained(src)
+            tokenizer = CLIPTokenizer.from_pretrained(src)
+        except (OSError, ValueError) as err:  # not a folder, not a hub id, offline without a cached copy
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise CLIPLoadError(f"CLIP {src!r} cannot be loaded ({reason}); give a folder holding a CLIP "
+                                "(config, weights, tokenizer), a hub id that is cached or reachable, or tiny") from None
         mean, std = OPENAI_MEAN, OPENAI_STD
         try:  # the processor config carries the normalisation the model was trained with
             proc = _image_processor_class().from_pretrained(src)

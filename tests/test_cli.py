@@ -130,6 +130,8 @@ def test_train_command_trains_refuses_a_used_folder_and_resumes(tmp_path, capsys
     last.write_bytes(last.read_bytes()[:1000])  # damaged outside the run
     assert main([*base, "--max-steps", "6", "--resume"]) == 2
     assert f"{last}: not a readable checkpoint" in capsys.readouterr().err
+    assert main([*base[:-1], str(tmp_path / "other"), "--set", f"clip={tmp_path / 'no-clip'}"]) == 2
+    assert capsys.readouterr().err.strip() == f"error: CLIP '{tmp_path / 'no-clip'}': no such folder"
 
 
 def test_a_checkpoint_that_fails_to_save_leaves_the_previous_one_whole(tmp_path):

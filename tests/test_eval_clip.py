@@ -1,4 +1,5 @@
 """models.clip: the tiny local CLIP builds, loads frozen and embeds text and images."""
+import pytest
 import torch
 
 from models.clip import FrozenCLIP, build_tiny_clip
@@ -53,3 +54,14 @@ def test_preprocessing_matches_clips_image_processor(tmp_path):
         ours = clip.preprocess(image[None] / 255)
         assert ours.shape == reference.shape == (1, 3, s, s)
         assert (ours - reference).abs().mean() < 0.01, (height, width)  # PIL vs torch bicubic differ slightly
+
+
+def test_a_clip_that_does_not_load_is_one_clear_error(tmp_path):
+    from models.clip import CLIPLoadError, FrozenCLIP
+
+    with pytest.raises(CLIPLoadError, match=r"CLIP '\S+/nowhere': no such folder"):
+        FrozenCLIP.load(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CLIPLoadError, match=r"CLIP '\S+/empty' cannot be loaded \(.*\); give a folder") as err:
+        FrozenCLIP.load(tmp_path / "empty")
+    assert "\n" not in str(err.value)
