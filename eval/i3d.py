@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from eval.weights import resolve_weights
+from eval.weights import load_state_dict, resolve_weights
 
 MIN_FRAMES = 9  # temporal stride 8 plus the 2-frame average pool at the end
 INPUT_SIZE = 224
@@ -252,9 +252,7 @@ def load_i3d(weights: str | Path | None = None, sha256: str | None = None, devic
     if _looks_like_torchscript(path):
         scripted = torch.jit.load(str(path), map_location=device)
         return I3DDetector(TorchScriptI3D(scripted), "torchscript", str(weights), digest, False, **detector_kwargs).to(device)
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
+    state = load_state_dict(path, weights)
     net = InceptionI3d()
     missing, unexpected = net.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]

@@ -20,7 +20,7 @@ from torchmetrics import Metric
 from torchmetrics.utilities.data import dim_zero_cat
 
 from eval.sync import ShapedEmptyStates
-from eval.weights import resolve_weights
+from eval.weights import load_state_dict, resolve_weights
 
 
 class C3D(nn.Module):
@@ -53,7 +53,14 @@ def load_c3d(weights=None, sha256=None, num_classes=101, device="cpu", seed=0) -
         return net.eval().to(device), True, "random"
     net = C3D(num_classes)
     path, digest = resolve_weights(weights, sha256)
-    net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    state = load_state_dict(path, weights)
+    own = net.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    misshaped = [k for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or misshaped:
+        raise ValueError(f"weights {weights}: not a C3D({num_classes}) state dict (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}, other shapes {misshaped[:3]})")
+    net.load_state_dict(state)
     return net.eval().to(device), False, digest
 
 

@@ -77,3 +77,18 @@ def resolve_weights(src: str | Path, sha256: str | None = None, cache_dir: str |
         if os.path.exists(tmp):
             os.unlink(tmp)
     return target, digest
+
+
+def load_state_dict(path: Path, src: str | Path) -> dict:
+    """A state dict saved by torch.save (tensors only); a file that is not one is a ValueError naming `src`."""
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - pickle, zip and weights_only errors are all "not a state dict"
+        raise ValueError(f"weights {src}: not a readable PyTorch state dict") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):  # a training checkpoint
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ValueError(f"weights {src}: not a state dict (a {type(state).__name__})")
+    return state

@@ -37,6 +37,21 @@ def at_least(low: int):
 positive_int, non_negative_int = at_least(1), at_least(0)
 
 
+def device_name(text: str) -> str:
+    """An argparse type: auto, or a device torch knows and this machine has."""
+    if text == "auto":
+        return text
+    import torch
+
+    try:
+        kind = torch.device(text).type
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device (auto, cpu, cuda, cuda:1, mps, ...)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has no CUDA device")
+    return text
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser for `command` alone, or for every command (help, unknown commands)."""
     parser = argparse.ArgumentParser(prog="mav", description="Make-A-Video platform")

@@ -30,7 +30,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE as NO_CACHE
 
 from data_prep.dataset import atomic_write_json
-from flows.cli import non_negative_int, positive_int
+from flows.cli import device_name, non_negative_int, positive_int
 from flows.tracking import default_tracking_uri, experiment_id
 from eval.protocols import PROTOCOLS, load_protocol
 from eval.video_io import VIDEO_EXTENSIONS, list_videos, write_png
@@ -87,10 +87,17 @@ def read_prompts(path: str | Path, videos: Sequence[Path] | None = None) -> list
     """Prompts from a .txt (one per line, in video order) or .json (a list in video order, or
     {video file name or stem: prompt}); with `videos`, returned in the videos' order."""
     path = Path(path)
-    if path.suffix == ".json":
-        data = json.loads(path.read_text())
-    else:
-        data = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not path.is_file():
+        raise FileNotFoundError(f"prompts {path}: no such file")
+    try:
+        if path.suffix == ".json":
+            data = json.loads(path.read_text())
+        else:
+            data = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:  # both ValueErrors, neither names the file
+        raise ValueError(f"prompts {path}: not readable ({err})") from None
+    if not isinstance(data, (list, dict)):
+        raise ValueError(f"prompts {path}: expected a list of prompts or {{video name: prompt}}")
     if isinstance(data, dict):
         if videos is None:
             return list(data.values())
@@ -109,10 +116,17 @@ def resolve_source(src: str, data_root: str | Path = "mav-data", tracking_uri: s
     if m:
         import mlflow
 
+        from mlflow.exceptions import MlflowException
+
         run_id, sub = m.group(1), m.group(2) or ""
         dst = Path(tempfile.mkdtemp(prefix=f"mav-eval-{run_id[:8]}-"))
-        local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=sub or None,
-                                                         dst_path=str(dst), tracking_uri=tracking_uri))
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=sub or None,
+                                                             dst_path=str(dst), tracking_uri=tracking_uri))
+        except (MlflowException, OSError) as err:
+            reason = str(getattr(err, "message", err)).strip().splitlines()[0]
+            raise ValueError(f"{src}: not found in the MLflow store {tracking_uri or mlflow.get_tracking_uri()} "
+                             f"({reason})") from None
         # sample videos, not the evaluation's own grid pictures
         paths = _without_previews([p for p in list_videos(local) if "grid" not in p.stem])
         if not paths:
@@ -285,6 +299,36 @@ def log_task(results: dict, params: dict, clips: list, tracking_uri: str, experi
     return run_id
 
 
+def metric_list(metrics: str | Sequence[str]) -> list[str]:
+    metrics = [m.strip().lower() for m in (metrics.split(",") if isinstance(metrics, str) else metrics) if m.strip()]
+    unknown = set(metrics) - set(METRICS)
+    if unknown:
+        raise ValueError(f"unknown metrics {sorted(unknown)}; choose from {', '.join(METRICS)}")
+    return metrics
+
+
+def check_inputs(args: argparse.Namespace) -> None:
+    """What can be checked before the flow starts (its failures log a whole trace first):
+    metrics, the prompts file, video sources (folders, datasets, MLflow runs)."""
+    if args.metrics is not None:
+        metric_list(args.metrics)
+    if args.prompts:
+        read_prompts(args.prompts)
+    for src in (args.real, args.fake):
+        if src and _RUN_SRC.match(src):  # the run must exist; its artifacts are fetched in the flow
+            import mlflow
+            from mlflow.exceptions import MlflowException
+
+            tracking_uri = args.tracking_uri or default_tracking_uri()
+            try:
+                mlflow.MlflowClient(tracking_uri).get_run(_RUN_SRC.match(src).group(1))
+            except MlflowException as err:
+                raise ValueError(f"{src}: not found in the MLflow store {tracking_uri} "
+                                 f"({str(err.message).strip().splitlines()[0]})") from None
+        elif src:
+            resolve_source(src, args.data_root)
+
+
 # -- the flow -------------------------------------------------------------------------
 @flow(name="evaluate")
 def evaluate(real: str | None = None, fake: str | None = None, prompts: str | None = None,
@@ -310,12 +354,7 @@ def evaluate(real: str | None = None, fake: str | None = None, prompts: str | No
         num_videos = proto.num_videos
         if real and proto.real:
             raise ValueError(f"the {protocol} protocol names the real videos itself; drop --real")
-    if metrics is None:
-        metrics = proto.metrics if proto else "fvd,clipsim"
-    metrics = [m.strip().lower() for m in (metrics.split(",") if isinstance(metrics, str) else metrics) if m.strip()]
-    unknown = set(metrics) - set(METRICS)
-    if unknown:
-        raise ValueError(f"unknown metrics {sorted(unknown)}; choose from {', '.join(METRICS)}")
+    metrics = metric_list(metrics if metrics is not None else proto.metrics if proto else "fvd,clipsim")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     tracking_uri = tracking_uri or default_tracking_uri()
@@ -419,7 +458,7 @@ def register(subparsers) -> None:
     p.add_argument("--clip-length", type=positive_int, default=16)
     p.add_argument("--clip-stride", type=positive_int, default=1)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", type=device_name, default="auto")
     p.add_argument("--bootstrap", type=non_negative_int, default=100, help="bootstrap resamples for the FVD interval (0: none)")
     p.add_argument("--unbiased", action="store_true", help="unbiased covariance (default: biased, as StyleGAN-V)")
     p.add_argument("--batch-size", type=positive_int, default=16)
@@ -435,6 +474,7 @@ def _run(args: argparse.Namespace) -> int:
     from flows.train import find_checkpoints
 
     try:
+        check_inputs(args)
         checkpoints = None
         if args.checkpoints:
             checkpoints = find_checkpoints(Path(args.checkpoints), {})

@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from flows.cli import positive_int
+from flows.cli import device_name, positive_int
 
 STAGES = ("prior", "decoder", "interpolation", "sr_low", "sr_high")
 CHAIN_FLAGS = {"prior": "--prior", "decoder": "--decoder", "interpolation": "--interpolation",
@@ -35,7 +35,7 @@ def register(subparsers) -> None:
     sample.add_argument("--steps", type=positive_int)
     sample.add_argument("--guidance", type=float)
     sample.add_argument("--seed", type=int, default=0)
-    sample.add_argument("--device", default="auto", help="cuda, cpu, ... (default: cuda when available)")
+    sample.add_argument("--device", type=device_name, default="auto", help="cuda, cpu, ... (default: cuda when available)")
     sample.set_defaults(func=run_sample)
 
 

@@ -172,3 +172,34 @@ def test_bad_ingest_and_pipeline_input_is_one_line_and_exit_2(prefect_server, tm
     err = capsys.readouterr().err.strip()
     assert re.search(r"step p: \S+prior.yaml: trainer.lrr: unknown key", err) and len(err.splitlines()) == 1, err
     assert not (tmp_path / "mav-data").exists()
+
+
+def test_bad_evaluate_input_is_one_line_and_exit_2(prefect_server, tmp_path, capsys):
+    import re
+
+    import numpy as np
+
+    from flows.cli import main
+    from models.video_io import write_mp4
+
+    fake = tmp_path / "fake"
+    write_mp4(np.zeros((4, 16, 16, 3), dtype=np.uint8), fake / "a.mp4", fps=4)
+    (tmp_path / "bad.json").write_text("{not json")
+    (tmp_path / "weights.pt").write_text("not weights")
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    cases = [
+        (["--fake", str(tmp_path / "nowhere")], r"nowhere: not a folder, an MLflow run"),
+        (["--fake", str(fake), "--metrics", "fvd,foo"], r"unknown metrics \['foo'\]"),
+        (["--fake", str(fake), "--prompts", str(tmp_path / "bad.json")], r"prompts \S+bad.json: not readable"),
+        (["--fake", str(fake), "--prompts", str(tmp_path / "nope.txt")], r"prompts \S+nope.txt: no such file"),
+        (["--fake", "runs:/deadbeefdeadbeef", "--tracking-uri", uri], "runs:/deadbeefdeadbeef: not found in the MLflow"),
+    ]
+    for options, message in cases:
+        assert main(["evaluate", "--metrics", "fvd", *options]) == 2, options
+        err = capsys.readouterr().err.strip()  # (MLflow logs a line when it first opens a store)
+        assert re.search(message, err.splitlines()[-1]) and "Traceback" not in err and "Flow run" not in err, err
+    # found inside the flow (after Prefect logs its trace): the last line says it
+    assert main(["evaluate", "--real", str(fake), "--fake", str(fake), "--metrics", "fvd", "--i3d-weights",
+                 str(tmp_path / "weights.pt"), "--tracking-uri", uri]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == \
+        f"error: weights {tmp_path / 'weights.pt'}: not a readable PyTorch state dict"
