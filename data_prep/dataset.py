@@ -132,7 +132,7 @@ def load_manifest(data_root: Path, name: str, version: str | None = "latest") ->
     ds_dir = dataset_dir(data_root, name)
     version = resolve_version(ds_dir, version)
     manifest = read_manifest_file(ds_dir / "versions" / version / "manifest.parquet")
-    manifest["clip_abspath"] = [str(ds_dir / p) for p in manifest["clip_path"]]
+    manifest["clip_abspath"] = [str(ds_dir.resolve() / p) for p in manifest["clip_path"]]
     manifest.attrs["version"] = version
     return manifest
 

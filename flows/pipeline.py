@@ -13,7 +13,9 @@ import functools
 import hashlib
 import json
 import logging
+import os
 import sys
+import uuid
 import warnings
 from pathlib import Path
 
@@ -250,6 +252,7 @@ def pipeline(config: str = DEFAULT_CONFIG, dataset: str | None = None, data_root
 
         # the last step of each stage feeds the sampling chain
         chain = {step.stage: checkpoints[step.name] for step in cfg.steps}
+        link_chain(chain, work / "checkpoints")
         sample_dir = work / "samples" / parent.info.run_id / "videos"
         samples = sample_task(cfg.sample.prompts, chain, str(sample_dir), cfg.sample.steps, cfg.sample.guidance,
                               cfg.sample.seed)
@@ -287,10 +290,21 @@ def pipeline(config: str = DEFAULT_CONFIG, dataset: str | None = None, data_root
     for line in scores["lines"]:
         print(line)
     print(f"sample video: {samples[0]['mp4']}")
+    print(f"sample more: mav sample --checkpoints {work / 'checkpoints'} --prompt \"...\" --out video.mp4")
     print(f"champion alias moved: {', '.join(moved) if moved else 'no'}")
     print(f"MLflow UI: mlflow ui --backend-store-uri {tracking_uri}   (then open http://127.0.0.1:5000)"
           if store != tracking_uri else f"MLflow: {tracking_uri}")
     return summary
+
+
+def link_chain(chain: dict[str, str], folder: Path) -> None:
+    """<folder>/<stage>.ckpt -> the checkpoint of the stage's last step: the chain of the latest
+    run, where `mav sample --checkpoints` and `mav evaluate --checkpoints` look."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for stage, checkpoint in chain.items():
+        temp = folder / f".tmp-{uuid.uuid4().hex}"
+        temp.symlink_to(Path(checkpoint).resolve())
+        os.replace(temp, folder / f"{stage}.ckpt")  # atomic: a reader sees the old link or the new one
 
 
 def ingest_sources(sources: list[str]) -> list[str]:

@@ -81,7 +81,17 @@ def run_sample(args) -> int:
 
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.checkpoints and not args.checkpoints.is_dir():
+        print(f"error: --checkpoints {args.checkpoints}: no such folder", file=sys.stderr)
+        return 2
     checkpoints = find_checkpoints(args.checkpoints, {s: getattr(args, f"ckpt_{s}") for s in STAGES})
+    missing = [CHAIN_FLAGS[s] for s in ("prior", "decoder") if s not in checkpoints]
+    if missing:
+        where = (f"in {args.checkpoints} (as <stage>.ckpt or <stage>/checkpoints/last.ckpt)" if args.checkpoints
+                 else "(give --checkpoints DIR, e.g. the pipeline's mav-runs/checkpoints)")
+        print(f"error: no {' or '.join(s.removeprefix('--') for s in missing)} checkpoint {where}; "
+              f"or name it with {', '.join(missing)}", file=sys.stderr)
+        return 2
     try:
         if len(args.prompt) == 1:
             results = [sample_video(args.prompt[0], checkpoints, args.out, steps=args.steps, guidance=args.guidance,

@@ -203,3 +203,14 @@ def test_bad_evaluate_input_is_one_line_and_exit_2(prefect_server, tmp_path, cap
                  str(tmp_path / "weights.pt"), "--tracking-uri", uri]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == \
         f"error: weights {tmp_path / 'weights.pt'}: not a readable PyTorch state dict"
+
+
+def test_sample_says_which_checkpoints_are_missing_and_where_it_looked(tmp_path, capsys):
+    from flows.cli import main
+
+    assert main(["sample", "--prompt", "x", "--checkpoints", str(tmp_path / "nope")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: --checkpoints {tmp_path / 'nope'}: no such folder"
+    (tmp_path / "prior.ckpt").write_bytes(b"")
+    assert main(["sample", "--prompt", "x", "--checkpoints", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: no decoder checkpoint in {tmp_path} (as <stage>.ckpt or "
+                                               "<stage>/checkpoints/last.ckpt); or name it with --decoder")

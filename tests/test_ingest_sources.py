@@ -121,3 +121,13 @@ def test_a_video_whose_scenes_are_all_too_short_is_a_failed_source(tmp_path):
     assert not list((ds / "clips").glob("*.mp4"))
     (record,) = [json.loads(p.read_text()) for p in (ds / "sources").glob("*.json")]
     assert record["rejected"] == {"stage": "scenes", "reason": outcome.reason} and record["cuts"] == outcome.cuts
+
+
+def test_manifest_clip_paths_are_absolute_from_a_relative_data_root(tmp_path, monkeypatch):
+    from data_prep.dataset import load_manifest
+    from data_prep.synthetic import write_synthetic_dataset
+
+    monkeypatch.chdir(tmp_path)
+    write_synthetic_dataset(Path("data"), "d", num_clips=1, frames=4, size=16)
+    (path,) = load_manifest(Path("data"), "d")["clip_abspath"]
+    assert Path(path).is_absolute() and Path(path).is_file()

@@ -79,6 +79,14 @@ def test_pipeline_end_to_end_then_cached_rerun(prefect_server, tmp_path, video_d
         champion = client.get_model_version_by_alias(registered_name(step), "champion")
         assert champion.run_id in {r.info.run_id for r in children}
 
+    # the chain of this run, where `mav sample --checkpoints` looks: each stage's last step
+    from flows.train import find_checkpoints
+
+    chain = find_checkpoints(tmp_path / "work" / "checkpoints", {})
+    assert {stage: path.resolve() for stage, path in chain.items()} == {  # the step named as its stage is the last
+        stage: Path(first["checkpoints"][stage]).resolve() for stage in ("prior", "decoder", "interpolation",
+                                                                         "sr_low", "sr_high")}
+
     # an event for the version just trained: nothing new since, so nothing to do
     again = pipeline(config=str(config), version=first["version"], new_clips=1)
     assert again == {"skipped": "below threshold", "new_clips": 1, "since_trained": 0}
