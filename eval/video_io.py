@@ -32,20 +32,29 @@ def read_video(path: str | Path, num_frames: int, stride: int = 1, offset: int =
         readable = sum(i < err.available for i in indices)
         raise VideoTooShort(f"{path}: needs {num_frames} frames at offset {offset}, stride {stride}, "
                             f"but only {readable} could be read (video too short)") from None
-    except ValueError as err:
-        raise ValueError(f"{path}: {err}") from None
+    except ValueError as err:  # PyAV's decode errors are ValueErrors too ("[Errno 1094995529] ...")
+        raise ValueError(f"{path}: {_reason(err)}") from None
     return frames
+
+
+def _reason(err: Exception) -> str:
+    return getattr(err, "strerror", None) or str(err)
 
 
 def count_frames(path: str | Path) -> int:
     """Frame count from the container if it knows it, else by decoding."""
     import av
 
-    with av.open(str(path)) as container:
-        stream = container.streams.video[0]
-        if stream.frames:
-            return int(stream.frames)
-        return sum(1 for _ in container.decode(stream))
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise ValueError("no video stream")
+            stream = container.streams.video[0]
+            if stream.frames:
+                return int(stream.frames)
+            return sum(1 for _ in container.decode(stream))
+    except ValueError as err:
+        raise ValueError(f"{path}: not a readable video ({_reason(err)})") from None
 
 
 def write_png(path: str | Path, image: np.ndarray) -> Path:
