@@ -26,7 +26,8 @@ sys.path.insert(0, str(ROOT))
 from models.config import STAGES, load_config, parse_overrides  # noqa: E402
 from models.stages import build_stage  # noqa: E402
 
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense tensor-core TFLOPs (SXM)
+# dense bf16 tensor-core FLOP/s by device name; the first key found in the name wins (PCIe and NVL first)
+PEAK_BF16 = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
 def random_batch(cfg, device):
@@ -50,13 +51,18 @@ def step(module, opt, batch, device):
 def model_flops(module, cfg, device) -> float:
     """FLOPs of one training step on the config's batch, without recomputation: counted in eager
     mode on a batch of 2 with gradient checkpointing off (FLOPs are linear in the batch), so
-    MFU stays model FLOPs utilisation even when checkpointing recomputes the forward."""
+    MFU stays model FLOPs utilisation even when checkpointing recomputes the forward; attention
+    runs as plain matmuls here, since the counter's formula for the fused kernels' backward
+    includes their recomputation of the scores (5 matmuls where the model needs 4) and it has
+    none for the CPU flash kernel."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     small = cfg.model_copy(deep=True)
     small.data.batch_size = 2
     checkpointing = getattr(module.net, "grad_checkpoint", False)
     module.net.grad_checkpoint = False
     counter = FlopCounterMode(display=False)
-    with counter:
+    with counter, sdpa_kernel(SDPBackend.MATH):
         with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
             x0, cond = module.conditioning(random_batch(small, device))
             loss = module.diffusion.loss(lambda x, t: module.denoise(x, t, cond), x0)

@@ -65,6 +65,9 @@ class DataConfig(Strict):
     fps_range: tuple[float, float] = (1.0, 30.0)
     # target fps = lo + (hi - lo) * Beta(a, b); a > b favours high fps (small strides, little motion)
     fps_beta: tuple[float, float] = (2.0, 1.0)
+    # the paper's curriculum: the Beta moves linearly to this one by trainer.max_steps (b > a: low
+    # fps, the motion that sampling at sampling.fps asks for); None keeps fps_beta throughout
+    fps_beta_end: tuple[float, float] | None = None
     clip_frame: Literal["first", "middle", "mean"] = "middle"  # which frame(s) give the CLIP image embedding
     max_skip: int = Field(5, gt=0)  # interpolation: frame skips 1..max_skip
     mask_modes: list[Literal["interpolate", "extrapolate", "animate"]] = Field(
@@ -135,6 +138,13 @@ class StageConfig(Strict):
         if self.stage != "prior" and self.data.size % 2**halvings:
             raise ValueError(f"data.size: the U-Net halves it {halvings} times, so it must be a multiple of "
                              f"{2**halvings}, got {self.data.size}")
+        for key in ("fps_beta", "fps_beta_end"):
+            beta = getattr(self.data, key)
+            if beta is not None and min(beta) <= 0:
+                raise ValueError(f"data.{key}: Beta parameters must be > 0, got {list(beta)}")
+        lo, hi = self.data.fps_range
+        if not 0 < lo <= hi:
+            raise ValueError(f"data.fps_range: need 0 < low <= high, got {[lo, hi]}")
         if self.unet.temporal_kernel % 2 == 0:
             raise ValueError(f"unet.temporal_kernel: must be odd (same-length output), got {self.unet.temporal_kernel}")
         return self

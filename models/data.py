@@ -41,6 +41,15 @@ class DataError(ValueError):
 
 
 # -- sampling windows -----------------------------------------------------------------
+def fps_beta_at(data, progress: float) -> tuple[float, float]:
+    """The Beta of the target fps at this point of training (0 = start, 1 = max_steps): fixed, or
+    moving linearly from fps_beta to fps_beta_end (the paper: from high fps to low)."""
+    if data.fps_beta_end is None:
+        return data.fps_beta
+    p = min(max(progress, 0.0), 1.0)
+    return tuple(a + (b - a) * p for a, b in zip(data.fps_beta, data.fps_beta_end))
+
+
 def draw_stride(clip_fps: float, num_frames: int, frames: int, fps_range, fps_beta, rng: random.Random) -> int:
     """Frame stride realising a Beta-distributed target fps, capped so the window fits."""
     lo, hi = fps_range
@@ -77,12 +86,12 @@ class ClipSampler:
         self.frames = config.data.frames if config.video else 1
         self.captions = config.stage == "prior"
 
-    def __call__(self, src, row: dict, rng: random.Random) -> dict:
+    def __call__(self, src, row: dict, rng: random.Random, progress: float = 0.0) -> dict:
         n, fps = int(row["num_frames"]), float(row["fps"])
         if self.frames == 1:
             stride, idx = 1, [rng.randrange(n)]
         else:
-            stride = draw_stride(fps, n, self.frames, self.cfg.fps_range, self.cfg.fps_beta, rng)
+            stride = draw_stride(fps, n, self.frames, self.cfg.fps_range, fps_beta_at(self.cfg, progress), rng)
             idx = window_indices(n, self.frames, stride, rng)
         video, _ = read_frames(src, idx)
         x = resize_crop(video, self.cfg.size, rng if self.cfg.random_crop else None)
@@ -108,6 +117,9 @@ class SampleStream(IterableDataset):
     undecoded samples) and `load` (the decode)."""
 
     seed, resume_batches, batch_size = 0, 0, 1
+    # how far training is when a sample is drawn (its rank-level batch over batches_per_step and
+    # total_steps): it moves the fps distribution (data.fps_beta_end)
+    batches_per_step, total_steps = 1, 0
     # set by the data module from the trainer: a worker started by spawn or forkserver (macOS,
     # Python 3.14) has no process group to ask, and would read as rank 0 on every rank
     rank, world = 0, 1
@@ -115,7 +127,7 @@ class SampleStream(IterableDataset):
     def items(self, part: int, parts: int):
         raise NotImplementedError
 
-    def load(self, item, rng: random.Random) -> dict:
+    def load(self, item, rng: random.Random, progress: float) -> dict:
         raise NotImplementedError
 
     def __iter__(self):
@@ -130,7 +142,9 @@ class SampleStream(IterableDataset):
         skip = (done // workers + (role < done % workers)) * self.batch_size
         for position, item in enumerate(self.items(part, parts)):
             if position >= skip:
-                yield self.load(item, random.Random(stream_seed(self.seed, part, position)))
+                batch = position // self.batch_size * workers + role  # this rank's batch, from the run's start
+                progress = batch / self.batches_per_step / self.total_steps if self.total_steps else 0.0
+                yield self.load(item, random.Random(stream_seed(self.seed, part, position)), progress)
 
 
 class RowStream(SampleStream):
@@ -157,8 +171,8 @@ class ClipFiles(RowStream):
         super().__init__(rows)
         self.sampler = sampler
 
-    def load(self, row: dict, rng: random.Random) -> dict:
-        return self.sampler(row["clip_abspath"], row, rng)
+    def load(self, row: dict, rng: random.Random, progress: float) -> dict:
+        return self.sampler(row["clip_abspath"], row, rng, progress)
 
 
 class ShardStream(SampleStream):
@@ -249,8 +263,8 @@ class ClipShards(ShardStream):
     def keep(self, sample: dict) -> bool:
         return sample["__key__"] in self.rows and "mp4" in sample
 
-    def load(self, sample: dict, rng: random.Random) -> dict:
-        return self.sampler(sample["mp4"], self.rows[sample["__key__"]], rng)
+    def load(self, sample: dict, rng: random.Random, progress: float) -> dict:
+        return self.sampler(sample["mp4"], self.rows[sample["__key__"]], rng, progress)
 
 
 def image_sample(image, caption: str, size: int, rng: random.Random | None) -> dict:
@@ -268,7 +282,7 @@ class ImageText(RowStream):
         super().__init__(pairs)
         self.size, self.random_crop = size, random_crop
 
-    def load(self, pair: tuple[Path, str], rng: random.Random) -> dict:
+    def load(self, pair: tuple[Path, str], rng: random.Random, progress: float) -> dict:
         return image_sample(pair[0], pair[1], self.size, rng if self.random_crop else None)
 
 
@@ -287,7 +301,7 @@ class ImageTextShards(ShardStream):
     def keep(self, sample: dict) -> bool:  # an empty caption counts as none
         return bool(sample.get("txt", b"").strip()) and any(e in sample for e in self.image_exts)
 
-    def load(self, sample: dict, rng: random.Random) -> dict:
+    def load(self, sample: dict, rng: random.Random, progress: float) -> dict:
         import io
 
         image = next(sample[e] for e in self.image_exts if e in sample)
@@ -344,6 +358,9 @@ class StageDataModule(L.LightningDataModule):
         """Resolve and validate the data; every problem is a DataError raised here, before training."""
         cfg, data = self.config, self.config.data
         if data.source == "images":
+            if cfg.video:
+                raise DataError(f"data.source: images are for image-mode stages; a video-mode {cfg.stage} "
+                                "trains on an ingested video dataset (source: auto, shards or clips)")
             self.train_set = self._image_text()
             return self
         if self.data_root is None or not self.dataset_name:
@@ -427,5 +444,7 @@ class StageDataModule(L.LightningDataModule):
             self.train_set.rank, self.train_set.world = trainer.global_rank, trainer.world_size
         # on --resume Lightning has restored the step before it asks for the data
         self.train_set.resume_batches = trainer.global_step * trainer.accumulate_grad_batches if trainer else 0
+        self.train_set.batches_per_step = trainer.accumulate_grad_batches if trainer else 1
+        self.train_set.total_steps = trainer.max_steps if trainer and trainer.max_steps > 0 else 0
         return DataLoader(self.train_set, batch_size=data.batch_size, num_workers=data.num_workers,
                           persistent_workers=data.num_workers > 0, pin_memory=torch.cuda.is_available())

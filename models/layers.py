@@ -42,6 +42,17 @@ class GroupNorm(nn.GroupNorm):
             return F.group_norm(x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
 
 
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm that keeps its input's dtype under autocast (CUDA autocast runs layer_norm in
+    float32 and returns float32, which the next projections cast back), as GroupNorm above."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 or not torch.is_autocast_enabled(x.device.type):
+            return super().forward(x)
+        with torch.autocast(x.device.type, enabled=False):
+            return F.layer_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
+
+
 class ScalarEmbedding(nn.Sequential):
     """One number per sample (diffusion timestep, fps) -> sinusoidal features -> MLP."""
 
@@ -131,7 +142,7 @@ class TemporalAttention(nn.Module):
     def __init__(self, dim: int, heads: int, dim_head: int):
         super().__init__()
         self.dim = dim
-        self.norm = nn.LayerNorm(dim)
+        self.norm = LayerNorm(dim)
         self.attn = Attention(dim, heads, dim_head)
         zero_(self.attn.to_out)
 

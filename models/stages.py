@@ -157,8 +157,13 @@ class DiffusionStage(L.LightningModule):
 
     def configure_optimizers(self):
         tc = self.config.trainer
-        params = [p for p in self.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+        params = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        groups = [{"params": [p for _, p in params]}]
+        if tc.weight_decay > 0:  # on weight matrices and kernels only: not biases, norms, learned positions
+            decays = {n: p.ndim >= 2 and not n.endswith(("pos", "query")) for n, p in params}
+            groups = [{"params": [p for n, p in params if decays[n]]},
+                      {"params": [p for n, p in params if not decays[n]], "weight_decay": 0.0}]
+        opt = torch.optim.AdamW(groups, lr=tc.lr, weight_decay=tc.weight_decay)
         warmup = max(1, tc.warmup_steps)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
@@ -366,8 +371,11 @@ def _differing(recorded: dict, config: StageConfig, keys: tuple[str, ...]) -> li
 NET_SETTINGS = ("diffusion.prediction", "diffusion.schedule", "diffusion.timesteps", "unet.groups", "unet.heads",
                 "unet.dim_head")
 # a resumed run continues with its optimizer and schedule as saved: these cannot change midway
+# the data stream's position and randomness follow from the batch size and the seed: a change would
+# skip or repeat samples and draw other noise, not continue the run
 RUN_SETTINGS = NET_SETTINGS + ("freeze_spatial", "trainer.lr", "trainer.weight_decay", "trainer.warmup_steps",
-                               "trainer.accumulate_grad_batches", "trainer.ema_decay")
+                               "trainer.accumulate_grad_batches", "trainer.ema_decay", "data.batch_size",
+                               "trainer.seed")
 
 
 def init_from_checkpoint(module: DiffusionStage, path: str | Path) -> DiffusionStage:

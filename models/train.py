@@ -65,22 +65,28 @@ class StepCheckpoint(ModelCheckpoint):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
-def fsdp_strategy(cls=None):
+def fsdp_strategy(cls=None, bf16: bool = False):
     """FSDP with one unit per U-Net block, and inside them a unit per layer that only the video
     model has: frozen spatial weights and trained temporal weights then never share a flat
-    parameter (FSDP would keep a gradient for the whole of it). `cls`: an FSDPStrategy subclass."""
+    parameter (FSDP would keep a gradient for the whole of it). `cls`: an FSDPStrategy subclass.
+    bf16: compute in bf16 but reduce gradients (and keep buffers) in float32, as DDP under
+    bf16-mixed does; Lightning's default for bf16-mixed also reduces in bf16."""
     from lightning.pytorch.strategies import FSDPStrategy
+    from torch.distributed.fsdp import MixedPrecision
 
     from models.layers import ScalarEmbedding, TemporalAttention, TemporalConv
     from models.unet import AttentionBlock, ResBlock
 
     units = {ResBlock, AttentionBlock, TemporalConv, TemporalAttention, ScalarEmbedding}
-    return (cls or FSDPStrategy)(auto_wrap_policy=units, activation_checkpointing_policy=None)
+    precision = MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                               buffer_dtype=torch.float32) if bf16 else None
+    return (cls or FSDPStrategy)(auto_wrap_policy=units, activation_checkpointing_policy=None,
+                                 mixed_precision=precision)
 
 
-def _strategy(name: str):
+def _strategy(name: str, precision: str):
     if name == "fsdp":
-        return fsdp_strategy()
+        return fsdp_strategy(bf16=precision.startswith("bf16"))
     if name == "ddp":
         return "ddp"
     return "auto"
@@ -100,14 +106,14 @@ def build_trainer(cfg: StageConfig, out_dir: Path, *, logger=None, callbacks=Non
     cbs: list[Callback] = [checkpoint, *(callbacks or [])]
     if tc.ema_decay > 0:
         cbs.append(ShardedEMA(tc.ema_decay))
-    strategy = strategy or _strategy(tc.strategy)
+    strategy = strategy or _strategy(tc.strategy, precision)
     # a Strategy object that brings its own CheckpointIO keeps it (Lightning refuses two)
     plugins = [] if getattr(strategy, "_checkpoint_io", None) else [AtomicCheckpointIO()]
     return L.Trainer(
         max_steps=max_steps or tc.max_steps, accelerator=tc.accelerator, devices=tc.devices, num_nodes=tc.num_nodes,
         strategy=strategy, precision=precision, gradient_clip_val=tc.grad_clip or None,
         accumulate_grad_batches=tc.accumulate_grad_batches, log_every_n_steps=tc.log_every, callbacks=cbs,
-        plugins=plugins,
+        plugins=plugins, benchmark=cuda,  # cuDNN picks its convolution algorithms (fixed shapes each step)
         logger=logger if logger is not None else CSVLogger(out_dir, name="logs"), default_root_dir=out_dir,
         enable_model_summary=False, enable_progress_bar=False, limit_val_batches=0, num_sanity_val_steps=0,
     )

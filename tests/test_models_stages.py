@@ -111,6 +111,26 @@ def test_clips_per_shard_come_from_the_manifest_or_else_the_tar_headers(tmp_path
     assert [Path(p).name for p in shard_paths(tmp_path, "uneven")] == [Path(s).name for s in shards]
 
 
+def test_weight_decay_spares_biases_norms_and_learned_positions():
+    prior = build_stage(tiny("prior", **{"trainer.weight_decay": 0.1}))
+    decayed, kept = prior.configure_optimizers()["optimizer"].param_groups
+    names = {id(p): n for n, p in prior.named_parameters()}
+    assert decayed["weight_decay"] == 0.1 and kept["weight_decay"] == 0.0
+    assert all(p.ndim >= 2 for p in decayed["params"])
+    kept_names = {names[id(p)] for p in kept["params"]}
+    assert {"net.pos", "net.query"} <= kept_names and any(n.endswith(".bias") for n in kept_names)
+    assert len(decayed["params"]) + len(kept["params"]) == sum(p.requires_grad for p in prior.parameters())
+    (single,) = build_stage(tiny("prior")).configure_optimizers()["optimizer"].param_groups  # no decay: one group
+
+
+def test_fsdp_reduces_gradients_in_float32_under_bf16():
+    from models.train import fsdp_strategy
+
+    mixed = fsdp_strategy(bf16=True).mixed_precision
+    assert (mixed.param_dtype, mixed.reduce_dtype, mixed.buffer_dtype) == (torch.bfloat16, torch.float32, torch.float32)
+    assert fsdp_strategy().mixed_precision is None  # float32 runs: no casts at all
+
+
 def test_shard_groups_are_balanced_or_not_used():
     from models.data import balanced_groups
 
@@ -210,6 +230,25 @@ def test_stride_realises_fps_and_fits_the_clip():
     for k in range(2, 16):
         expected = target.cdf(30 / (k - 0.5)) - target.cdf(30 / (k + 0.5))
         assert strides.count(k) / n == pytest.approx(expected, abs=0.025), k
+
+
+def test_the_fps_distribution_moves_from_high_to_low_over_training(tmp_path):
+    """data.fps_beta -> fps_beta_end by max_steps (the paper's curriculum), decided by each sample's
+    batch, so a resumed stream draws what the uninterrupted one would have."""
+    from models.data import fps_beta_at
+
+    cfg = tiny("decoder", **{"data.fps_beta": [8.0, 1.0], "data.fps_beta_end": [1.0, 8.0], "data.source": "clips",
+                             "data.batch_size": 4})
+    assert fps_beta_at(cfg.data, 0.0) == (8.0, 1.0) and fps_beta_at(cfg.data, 0.5) == (4.5, 4.5)
+    assert fps_beta_at(cfg.data, 2.0) == (1.0, 8.0)
+    write_synthetic_dataset(tmp_path, "long", num_clips=4, frames=120, size=16, fps=12)
+    stream = StageDataModule(cfg, tmp_path, "long").check().train_set
+    stream.batch_size, stream.batches_per_step, stream.total_steps = 4, 1, 20
+    fps = [float(sample["fps"]) for sample, _ in zip(iter(stream), range(80))]  # 20 batches of 4
+    first, last = sum(fps[:16]) / 16, sum(fps[-16:]) / 16
+    assert first > 9 and last < 4, (first, last)  # 12 fps clips: strides 1 early, 3 and more late
+    stream.resume_batches = 10  # resumed halfway: the same samples as the second half above
+    assert [float(sample["fps"]) for sample, _ in zip(iter(stream), range(40))] == fps[40:]
 
 
 def test_every_stage_trains_with_finite_loss(chain):
@@ -392,6 +431,11 @@ def test_bad_input_fails_before_training(data_root, tmp_path, chain):
     with pytest.raises(CheckpointError, match=r"config changed \(trainer.lr: checkpoint"):
         train_stage("decoder", tiny("decoder", **{"trainer.lr": 0.5}), data_root=data_root, dataset="shapes",
                     out_dir=resumable, resume=True)
+    with pytest.raises(CheckpointError, match=r"config changed \(data.batch_size: checkpoint 4, config 2"):
+        train_stage("decoder", tiny("decoder", **{"data.batch_size": 2}), data_root=data_root, dataset="shapes",
+                    out_dir=resumable, resume=True)  # the data stream would skip the wrong number of samples
+    with pytest.raises(DataError, match="images are for image-mode stages"):
+        run("decoder", tiny("decoder", freeze_spatial=False, **{"data.source": "images", "data.image_path": "x"}))
     done = chain["decoder"].checkpoint
     with pytest.raises(FileExistsError, match="earlier run's: pass --resume"):  # would hide that run's last.ckpt
         train_stage("decoder", tiny("decoder"), data_root=data_root, dataset="shapes", out_dir=done.parent.parent)
