@@ -6,7 +6,8 @@
 The naive loop is what many repos do: one clip at a time, a resize call per frame,
 float32, features to numpy, np.cov + scipy.linalg.sqrtm. It runs on `--naive-n`
 clips and is extrapolated to N + N (its per-clip cost is flat). Random weights:
-the timing does not depend on them. The LAST line is the speed-up ratio.
+the timing does not depend on them. The batched path runs in float32 too unless --amp
+bf16 (the flow's option). The LAST line is the speed-up ratio.
 """
 from __future__ import annotations
 
@@ -76,14 +77,16 @@ def main(argv=None):
     p.add_argument("--frames", type=int, default=16)
     p.add_argument("--size", type=int, default=224, help="frame size of the generated clips")
     p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--amp", choices=["none", "bf16", "fp16"], default=None, help="default bf16 on cuda, none on cpu")
+    p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none",
+                   help="the batched path's precision; none (float32) is what mav evaluate uses by default, "
+                        "and what the naive loop runs, so the ratio compares like with like")
     p.add_argument("--naive-n", type=int, default=None, help="clips for the naive loop (default 32 cuda / 2 cpu)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     n = args.n or (2048 if cuda else 16)
     batch = args.batch_size or (64 if cuda else 4)
-    amp = args.amp or ("bf16" if cuda else "none")
+    amp = args.amp
     amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
     naive_n = args.naive_n or (32 if cuda else 2)
     if cuda:

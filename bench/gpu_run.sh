@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
-# One prepared GPU session (device tool, about 9.5 minutes on an H100): the FSDP GPU test, then
-# the base decoder's MFU compiled block by block, channels_last (with a profile), at 128 and 192
-# channels.
+# One prepared GPU session (device tool, about 6.5 minutes on an H100; WIDE=1 adds 3.5): the FSDP
+# GPU test, then the base decoder's MFU compiled block by block, channels_last (with a profile);
+# with WIDE=1 also at 192 channels.
 # Expects wheels for what the CUDA image lacks in .whl/ (pydantic, pydantic_core,
 # annotated-types, typing-inspection, diffusers, av, webdataset, braceexpand, importlib_metadata,
-# zipp). Results and their dates: bench/RESULTS.md.
+# zipp): .whl is git-ignored, so the device call must name it in `carry`.
+# Results and their dates: bench/RESULTS.md.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site
+if ! ls .whl/*.whl >/dev/null 2>&1; then
+  echo "no wheels in .whl/: run the device call with carry [\".whl\"]" >&2
+  exit 2
 fi
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  && export PYTHONPATH=/tmp/site
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 MAV_CACHE=/tmp/mav-cache
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
 python3 -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__)" | tee -a "$OUT/device.txt"
@@ -20,11 +23,15 @@ date -u +%Y-%m-%dT%H:%MZ | tee -a "$OUT/device.txt"
 timeout 170 python3 -m pytest -q -m gpu -k fsdp -p no:cacheprovider -p no:warnings --tb=short tests/test_models_gpu.py \
   > "$OUT/gpu_tests.txt" 2>&1
 grep -E '^(FAILED|ERROR|E  )|passed|failed' "$OUT/gpu_tests.txt" | tail -15
+# the whole log in $OUT (a dynamo "falling back to eager" warning matters); the filtered one on screen
 bench() { timeout "$1" python3 bench/train_step.py --size base --device cuda --stages decoder "${@:2}" 2>&1 \
-  | grep -v -e Warning -e warn -e '^Loading' -e '^Writing' | tee -a "$OUT/train_step.txt"; }
+  | tee -a "$OUT/train_step_full.txt" | grep -v -e Warning -e warn -e '^Loading' -e '^Writing' \
+  | tee -a "$OUT/train_step.txt"; }
 echo "== compiled block by block, channels_last, batch 16 (+ profile)" | tee -a "$OUT/train_step.txt"
 bench 195 --channels-last --batch-size 16 --compile --profile "$OUT/profile_compiled.txt"
 # width: at 128 channels the 64x64 level's ResBlocks move more bytes per FLOP than an H100's
 # ridge point (about 300 FLOP/byte in bf16); at 192 they move less (RESULTS.md, next steps)
-echo "== compiled block by block, channels_last, batch 16, 192 channels" | tee -a "$OUT/train_step.txt"
-bench 195 --channels-last --batch-size 16 --compile --set unet.channels=192
+if [ "${WIDE:-0}" = 1 ]; then
+  echo "== compiled block by block, channels_last, batch 16, 192 channels" | tee -a "$OUT/train_step.txt"
+  bench 195 --channels-last --batch-size 16 --compile --set unet.channels=192
+fi

@@ -59,7 +59,8 @@ def held_out(cfg, data_root, n):
 @torch.no_grad()
 def evaluate(module, batch, feats, steps):
     module.eval()
-    module.config.cond_dropout = 0.0
+    # a copy: the module may share its config object with the one training goes on with
+    module.config = module.config.model_copy(update={"cond_dropout": 0.0})
     gen = torch.Generator().manual_seed(0)
     x0, cond = module.conditioning(batch)
     noise = torch.randn(x0.shape, generator=gen)

@@ -228,8 +228,9 @@ def commit_version(ds_dir: Path, new_rows: list[dict], failures: list[dict], con
         pd.DataFrame(failures, columns=FAILURE_COLUMNS).to_parquet(temp / "failures.parquet", index=False)
         atomic_write_json(temp / "dataset.json", {
             "version": version, "parent": parent, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "num_clips": len(manifest), "new_clips": len(added), "replaced_clips": int(replaced.sum()), "num_sources": int(manifest["source_sha256"].nunique()),
-            "num_frames": int(manifest["num_frames"].sum()), "shards": shards, "config": config,
+            "num_clips": len(manifest), "new_clips": len(added), "replaced_clips": int(replaced.sum()),
+            "num_sources": int(manifest["source_sha256"].nunique()), "num_frames": int(manifest["num_frames"].sum()),
+            "shards": shards, "config": config,
         })
         os.replace(temp, final)
     atomic_write_bytes(ds_dir / "latest", (version + "\n").encode())

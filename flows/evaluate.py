@@ -110,12 +110,16 @@ def read_prompts(path: str | Path, videos: Sequence[Path] | None = None) -> list
     return [str(p) for p in data]
 
 
+def _not_in_store(src: str, tracking_uri: str, err: Exception) -> ValueError:
+    reason = str(getattr(err, "message", err)).strip().splitlines()[0]
+    return ValueError(f"{src}: not found in the MLflow store {tracking_uri} ({reason})")
+
+
 def resolve_source(src: str, data_root: str | Path = "mav-data", tracking_uri: str | None = None) -> VideoSet:
     """A SRC string -> the video files it names."""
     m = _RUN_SRC.match(src)
     if m:
         import mlflow
-
         from mlflow.exceptions import MlflowException
 
         run_id, sub = m.group(1), m.group(2) or ""
@@ -124,9 +128,7 @@ def resolve_source(src: str, data_root: str | Path = "mav-data", tracking_uri: s
             local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=sub or None,
                                                              dst_path=str(dst), tracking_uri=tracking_uri))
         except (MlflowException, OSError) as err:
-            reason = str(getattr(err, "message", err)).strip().splitlines()[0]
-            raise ValueError(f"{src}: not found in the MLflow store {tracking_uri or mlflow.get_tracking_uri()} "
-                             f"({reason})") from None
+            raise _not_in_store(src, tracking_uri or mlflow.get_tracking_uri(), err) from None
         # sample videos, not the evaluation's own grid pictures
         paths = _without_previews([p for p in list_videos(local) if "grid" not in p.stem])
         if not paths:
@@ -323,8 +325,7 @@ def check_inputs(args: argparse.Namespace) -> None:
             try:
                 mlflow.MlflowClient(tracking_uri).get_run(_RUN_SRC.match(src).group(1))
             except MlflowException as err:
-                raise ValueError(f"{src}: not found in the MLflow store {tracking_uri} "
-                                 f"({str(err.message).strip().splitlines()[0]})") from None
+                raise _not_in_store(src, tracking_uri, err) from None
         elif src:
             resolve_source(src, args.data_root)
 

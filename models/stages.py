@@ -370,9 +370,8 @@ def _differing(recorded: dict, config: StageConfig, keys: tuple[str, ...]) -> li
 # epsilon one, heads 4 x 4 read as 2 x 8, another CLIP's embedding space)
 NET_SETTINGS = ("diffusion.prediction", "diffusion.schedule", "diffusion.timesteps", "unet.groups", "unet.heads",
                 "unet.dim_head")
-# a resumed run continues with its optimizer and schedule as saved: these cannot change midway
-# the data stream's position and randomness follow from the batch size and the seed: a change would
-# skip or repeat samples and draw other noise, not continue the run
+# a resumed run continues with its optimizer, schedule and data stream as saved: these cannot change
+# midway (the stream's position and randomness follow from the batch size and the seed)
 RUN_SETTINGS = NET_SETTINGS + ("freeze_spatial", "trainer.lr", "trainer.weight_decay", "trainer.warmup_steps",
                                "trainer.accumulate_grad_batches", "trainer.ema_decay", "data.batch_size",
                                "trainer.seed")
