@@ -73,19 +73,26 @@ def load_ingest_config(path: str | Path | None) -> IngestConfig:
     if path is None:
         return IngestConfig()
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"ingest config {path}: no such file")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"ingest config {path}: {describe_yaml(err)}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"ingest config {path}: expected a mapping of settings, got {type(raw).__name__}")
+    raw = read_yaml_mapping(path, "ingest config")
     raw = raw.get("ingest", raw)  # allow a top-level `ingest:` section
     try:
         return IngestConfig.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(f"ingest config {path}: {describe(err)}") from None
+
+
+def read_yaml_mapping(path: Path, what: str) -> dict:
+    """A YAML file of settings; a missing file, bad YAML or a top level that is not a mapping is a
+    ConfigError in one line naming `what` and the file."""
+    if not path.is_file():
+        raise ConfigError(f"{what} {path}: no such file")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{what} {path}: {describe_yaml(err)}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{what} {path}: expected a mapping of settings, got {type(raw).__name__}")
+    return raw
 
 
 def describe_yaml(err: yaml.YAMLError) -> str:

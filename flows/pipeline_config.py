@@ -3,10 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from data_prep.config import describe, describe_yaml
+from data_prep.config import describe, read_yaml_mapping
 from models.config import STAGES, load_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -72,16 +71,8 @@ def repo_path(path: str | None) -> str | None:
 def load_pipeline_config(path: str | Path) -> PipelineConfig:
     """The pipeline config, with every step's stage config loaded (with its overrides) up front:
     a typo in the last step fails before the ingest and the other steps run, not hours later."""
-    given = Path(path)
-    path = Path(repo_path(str(path)))
-    if not path.is_file():
-        raise ValueError(f"pipeline config {given}: no such file")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ValueError(f"pipeline config {path}: {describe_yaml(err)}") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"pipeline config {path}: expected a mapping of settings, got {type(raw).__name__}")
+    given, path = Path(path), Path(repo_path(str(path)))
+    raw = read_yaml_mapping(path if path.is_file() else given, "pipeline config")  # a missing one: as typed
     try:
         config = PipelineConfig.model_validate(raw)
     except ValidationError as err:

@@ -11,7 +11,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from data_prep.config import describe, describe_yaml
+from data_prep.config import describe, read_yaml_mapping
 
 STAGES = ("prior", "decoder", "interpolation", "sr_low", "sr_high")
 
@@ -165,12 +165,10 @@ def parse_config(raw: dict, source: str = "config") -> StageConfig:
 
 def load_config(path: str | Path, overrides: dict | None = None) -> StageConfig:
     path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"config file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: {describe_yaml(err)}") from None
+        raw = read_yaml_mapping(path, "config")
+    except ValueError as err:  # the same one-line error, as this module's ConfigError
+        raise ConfigError(str(err)) from None
     for key, value in (overrides or {}).items():  # dotted keys: {"trainer.max_steps": 5}
         node = raw
         *parents, leaf = key.split(".")
