@@ -128,7 +128,8 @@ class DiffusionStage(L.LightningModule):
     def training_step(self, batch, batch_idx):
         x0, cond = self.conditioning(batch)
         loss = self.diffusion.loss(lambda x, t: self.denoise(x, t, cond), x0)
-        self.log("train/loss", loss, prog_bar=True, batch_size=x0.shape[0])
+        # the mean over ranks (each rank sees its own batch), not rank 0's alone
+        self.log("train/loss", loss, prog_bar=True, batch_size=x0.shape[0], sync_dist=True)
         self.last_loss = loss.detach()  # a tensor: float() here would wait for the GPU every step
         return loss
 

@@ -3,8 +3,8 @@
 One node of two devices: Lightning relaunches this script for rank 1. Two nodes of one
 device each: the test starts it once per node, with NODE_RANK, MASTER_ADDR and MASTER_PORT
 set as a cluster's launcher would. Each rank writes OUT/rank<N>.json: the clip ids of the
-batches it trained on, its step, the world size and a hash of its final weights (under FSDP,
-of its own shards).
+batches it trained on, its step, the world size, a hash of its final weights (under FSDP,
+of its own shards), and per step its own loss and the logged one.
 
     python tests/dist_probe.py DATA_ROOT DATASET OUT [--nodes N] [--strategy ddp|fsdp]
                                [--steps N] [--resume] [--init CKPT] [--set KEY=VALUE ...]
@@ -28,15 +28,19 @@ from models.train import fsdp_strategy, train_stage  # noqa: E402
 
 class Record(Callback):
     def __init__(self, out: Path):
-        self.out, self.ids = out, []
+        self.out, self.ids, self.losses, self.logged = out, [], [], []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.ids += list(batch["clip_id"])
 
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"]))  # this rank's own
+        self.logged.append(float(trainer.callback_metrics["train/loss"]))  # what the logger gets
+
     def on_train_end(self, trainer, pl_module):
         weights = b"".join(p.detach().cpu().numpy().tobytes() for p in pl_module.parameters())
         record = {"ids": self.ids, "step": trainer.global_step, "world": trainer.world_size,
-                  "weights": hashlib.sha256(weights).hexdigest()}
+                  "weights": hashlib.sha256(weights).hexdigest(), "losses": self.losses, "logged": self.logged}
         (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
 
 

@@ -543,6 +543,8 @@ def check_ddp_ranks(out):
     first_pass = [set(r["ids"][:4]) for r in ranks]  # 8 clips in one shard: 4 per rank per pass
     assert len(first_pass[0]) == len(first_pass[1]) == 4 and not first_pass[0] & first_pass[1]
     assert (out / "checkpoints" / "last.ckpt").exists()
+    for step, (a, b) in enumerate(zip(ranks[0]["losses"], ranks[1]["losses"])):  # the logged loss: both ranks'
+        assert ranks[0]["logged"][step] == ranks[1]["logged"][step] == pytest.approx((a + b) / 2, rel=1e-5)
 
 
 def run_probe(data_root, out, *args, nodes=1):
