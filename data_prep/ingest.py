@@ -27,6 +27,7 @@ class SourceOutcome:
     clips: list[dict] = field(default_factory=list)  # manifest rows
     cuts: list[int] = field(default_factory=list)
     probe: dict = field(default_factory=dict)
+    rejected: bool = False  # failed for good under these settings (recorded): its earlier clips leave
 
     def failure_row(self) -> dict:
         return {"source": self.source, "stage": self.stage, "reason": self.reason}
@@ -63,7 +64,7 @@ def process_source(ref: SourceRef, data_root: Path, ds_dir: Path, cfg: IngestCon
         return SourceOutcome(ref.source, "failed", stage="download", reason=_reason(err))
     done = read_source_record(ds_dir, digest, settings)
     if done is not None and "rejected" in done:  # these bytes failed before, for a reason they alone decide
-        return SourceOutcome(ref.source, "failed", digest, cuts=done["cuts"], **done["rejected"])
+        return SourceOutcome(ref.source, "failed", digest, cuts=done["cuts"], rejected=True, **done["rejected"])
     if done is not None:  # processed before with the same settings: nothing to redo
         return SourceOutcome(ref.source, "unchanged", digest, clips=_rows(done["clips"], ref.source, digest),
                              cuts=done["cuts"], probe=done["probe"])
@@ -97,7 +98,7 @@ def _rejected(ds_dir: Path, settings: str, source: str, digest: str, stage: str,
     report it without probing or decoding the same bytes again."""
     write_source_record(ds_dir, {"source_sha256": digest, "source": source, "cuts": list(cuts),
                                  "rejected": {"stage": stage, "reason": reason}}, settings)
-    return SourceOutcome(source, "failed", digest, stage=stage, reason=reason, cuts=list(cuts))
+    return SourceOutcome(source, "failed", digest, stage=stage, reason=reason, cuts=list(cuts), rejected=True)
 
 
 def _rows(clips: list[dict], source: str, digest: str) -> list[dict]:

@@ -40,6 +40,7 @@ def probe(path: Path) -> Probe:
     try:
         container = av.open(str(path))
     except av.error.FFmpegError as err:
+        _raise_if_the_machines(err)
         raise ProbeError(f"not a readable video container, or truncated ({err.strerror or err})") from None
     with container:
         if not container.streams.video:
@@ -64,6 +65,7 @@ def probe(path: Path) -> Probe:
                 if first is None and packet.size:
                     first, decode_error = _first_frame(stream, packet, decode_error)
         except av.error.FFmpegError as err:
+            _raise_if_the_machines(err)
             if not pts:
                 raise ProbeError(f"cannot read video packets ({err.strerror or err})") from None
         if not pts:
@@ -71,6 +73,8 @@ def probe(path: Path) -> Probe:
         if first is None:
             first, decode_error = _first_frame(stream, None, decode_error)  # flush the decoder's delay
         if first is None:
+            if decode_error is not None:
+                _raise_if_the_machines(decode_error)
             raise ProbeError(f"first frame does not decode ({decode_error or 'no frame out of the decoder'})")
         pts.sort()
         start = pts[0]
@@ -97,6 +101,16 @@ def probe(path: Path) -> Probe:
         width=width, height=height, rotation=rotation, codec=codec,
         has_audio=has_audio, frame_times_s=times, pixel_aspect=pixel_aspect, interlaced=interlaced,
     )
+
+
+def _raise_if_the_machines(err: Exception) -> None:
+    """I/O errors (PyAV's OSError subclasses: EIO, permissions, timeouts) and codecs this build
+    lacks say nothing about the file: raised as OSError, so ingest retries the source next time
+    instead of recording it as rejected (ProbeError)."""
+    if isinstance(err, OSError):
+        raise err
+    if isinstance(err, (av.error.DecoderNotFoundError, av.error.DemuxerNotFoundError)):
+        raise OSError(f"this PyAV/FFmpeg build cannot read it ({err})") from None
 
 
 def _first_frame(stream, packet, error):

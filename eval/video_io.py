@@ -32,7 +32,7 @@ def read_video(path: str | Path, num_frames: int, stride: int = 1, offset: int =
         readable = sum(i < err.available for i in indices)
         raise VideoTooShort(f"{path}: needs {num_frames} frames at offset {offset}, stride {stride}, "
                             f"but only {readable} could be read (video too short)") from None
-    except ValueError as err:  # PyAV's decode errors are ValueErrors too ("[Errno 1094995529] ...")
+    except (ValueError, OSError) as err:  # PyAV's decode errors are ValueErrors or OSErrors ("[Errno ...] ...")
         raise ValueError(f"{path}: {_reason(err)}") from None
     return frames
 
@@ -53,7 +53,7 @@ def count_frames(path: str | Path) -> int:
             if stream.frames:
                 return int(stream.frames)
             return sum(1 for _ in container.decode(stream))
-    except ValueError as err:
+    except (ValueError, OSError) as err:
         raise ValueError(f"{path}: not a readable video ({_reason(err)})") from None
 
 

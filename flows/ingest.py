@@ -94,7 +94,8 @@ def ingest(sources: list[str], data_root: str = "mav-data", dataset: str = "defa
         frames_bar.close()
         new_rows = [row for o in outcomes if o.status != "failed" for row in o.clips]
         failures = [o.failure_row() for o in outcomes if o.status == "failed"]
-        result = commit_version(ds_dir, new_rows, failures, cfg.model_dump(), cfg.shard_max_clips)
+        rejected = {o.source_sha256 for o in outcomes if o.rejected}
+        result = commit_version(ds_dir, new_rows, failures, cfg.model_dump(), cfg.shard_max_clips, rejected)
     _publish(dataset, root, outcomes, result, announce)
     summary = {
         "dataset": dataset, "data_root": str(root), "version": result.version, "created": result.created,
@@ -154,7 +155,8 @@ def register(subparsers) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     try:  # bad input is one line, before a flow (and its logged trace) starts
-        workers = args.workers or load_ingest_config(args.config).workers
+        config = load_ingest_config(args.config)  # checked even when --workers is given
+        workers = args.workers or config.workers
         dataset_dir(Path(args.data_root), args.dataset)
         try:
             Path(args.data_root).mkdir(parents=True, exist_ok=True)

@@ -305,6 +305,9 @@ def link_chain(chain: dict[str, str], folder: Path) -> None:
         temp = folder / f".tmp-{uuid.uuid4().hex}"
         temp.symlink_to(Path(checkpoint).resolve())
         os.replace(temp, folder / f"{stage}.ckpt")  # atomic: a reader sees the old link or the new one
+    for stale in folder.glob("*.ckpt"):  # a stage an earlier run had and this one has not
+        if stale.stem not in chain and stale.is_symlink():
+            stale.unlink()
 
 
 def ingest_sources(sources: list[str]) -> list[str]:

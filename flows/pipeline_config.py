@@ -77,6 +77,7 @@ def load_pipeline_config(path: str | Path) -> PipelineConfig:
         config = PipelineConfig.model_validate(raw)
     except ValidationError as err:
         raise ValueError(f"pipeline config {path}: {describe(err)}") from None
+    config.evaluate.metrics = [m.strip().lower() for m in config.evaluate.metrics]
     unknown = sorted(set(config.evaluate.metrics) - set(METRICS))
     if unknown:
         raise ValueError(f"pipeline config {path}: evaluate.metrics: unknown {unknown}; metrics are {', '.join(METRICS)}")

@@ -65,8 +65,8 @@ class DataConfig(Strict):
     fps_range: tuple[float, float] = (1.0, 30.0)
     # target fps = lo + (hi - lo) * Beta(a, b); a > b favours high fps (small strides, little motion)
     fps_beta: tuple[float, float] = (2.0, 1.0)
-    # the paper's curriculum: the Beta moves linearly to this one by trainer.max_steps (b > a: low
-    # fps, the motion that sampling at sampling.fps asks for); None keeps fps_beta throughout
+    # the paper's curriculum: the Beta moves linearly to this one by trainer.max_steps of the config
+    # (b > a: low fps, the motion that sampling at sampling.fps asks for); None keeps fps_beta
     fps_beta_end: tuple[float, float] | None = None
     clip_frame: Literal["first", "middle", "mean"] = "middle"  # which frame(s) give the CLIP image embedding
     max_skip: int = Field(5, gt=0)  # interpolation: frame skips 1..max_skip

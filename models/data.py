@@ -240,13 +240,24 @@ def shard_keys(shard: str | Path) -> dict[str, set[str]]:
     return keys
 
 
-def clips_per_shard(shards: list[str], rows: dict[str, dict]) -> list[int]:
-    """How many of the manifest's clips each shard holds: from the manifest's `shard` column, or
-    from the tar headers for versions written before it (a read of every shard at start-up)."""
+def clip_owners(shards: list[str], rows: dict[str, dict]) -> dict[str, str]:
+    """The shard (file name) each manifest clip is read from: the manifest's `shard` column, or
+    for versions written before it the first shard whose tar headers hold the clip. A clip that
+    left a version and came back sits in two listed shards; read from one, it is drawn as often
+    as any other."""
     if rows and all(isinstance(row.get("shard"), str) for row in rows.values()):
-        held = collections.Counter(Path(row["shard"]).name for row in rows.values())
-        return [held[Path(shard).name] for shard in shards]
-    return [sum("mp4" in exts and key in rows for key, exts in shard_keys(s).items()) for s in shards]
+        return {key: Path(row["shard"]).name for key, row in rows.items()}
+    owners: dict[str, str] = {}
+    for shard in shards:
+        for key, exts in shard_keys(shard).items():
+            if "mp4" in exts and key in rows:
+                owners.setdefault(key, Path(shard).name)
+    return owners
+
+
+def clips_per_shard(shards: list[str], owners: dict[str, str]) -> list[int]:
+    held = collections.Counter(owners.values())
+    return [held[Path(shard).name] for shard in shards]
 
 
 class ClipShards(ShardStream):
@@ -258,10 +269,12 @@ class ClipShards(ShardStream):
         # rows: the checked manifest by clip id (it wins over each shard's json: fallback captions,
         # clips filtered out); a shard sample whose id is not in it is skipped
         self.sampler, self.rows = sampler, rows
-        super().__init__(shards, clips_per_shard(shards, rows), buffer)
+        self.owners = clip_owners(shards, rows)
+        super().__init__(shards, clips_per_shard(shards, self.owners), buffer)
 
     def keep(self, sample: dict) -> bool:
-        return sample["__key__"] in self.rows and "mp4" in sample
+        key = sample["__key__"]
+        return key in self.rows and "mp4" in sample and Path(sample["__url__"]).name == self.owners.get(key)
 
     def load(self, sample: dict, rng: random.Random, progress: float) -> dict:
         return self.sampler(sample["mp4"], self.rows[sample["__key__"]], rng, progress)
@@ -445,6 +458,8 @@ class StageDataModule(L.LightningDataModule):
         # on --resume Lightning has restored the step before it asks for the data
         self.train_set.resume_batches = trainer.global_step * trainer.accumulate_grad_batches if trainer else 0
         self.train_set.batches_per_step = trainer.accumulate_grad_batches if trainer else 1
-        self.train_set.total_steps = trainer.max_steps if trainer and trainer.max_steps > 0 else 0
+        # the configured run length, recorded in the checkpoint: --max-steps (a stop) and a resume
+        # do not re-time the curriculum
+        self.train_set.total_steps = self.config.trainer.max_steps
         return DataLoader(self.train_set, batch_size=data.batch_size, num_workers=data.num_workers,
                           persistent_workers=data.num_workers > 0, pin_memory=torch.cuda.is_available())

@@ -14,6 +14,7 @@ replaced by `null_condition(cond)`: zeros, which is also what CFG dropout trains
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import lightning as L
@@ -77,6 +78,10 @@ class DiffusionStage(L.LightningModule):
         if self.config.video and self.config.freeze_spatial:
             for name, p in self.net.named_parameters():
                 p.requires_grad_(self.trained_when_spatial_frozen(name))
+        # which parameters weight decay applies to, decided now: under FSDP the optimizer sees flat
+        # 1-D shards, where no weight matrix can be told from a bias any more
+        self._decayed = {name for name, p in self.named_parameters()
+                         if p.ndim >= 2 and not name.endswith(("pos", "query"))}
         self.last_loss = torch.tensor(float("nan"))
 
     def trained_when_spatial_frozen(self, name: str) -> bool:
@@ -158,12 +163,13 @@ class DiffusionStage(L.LightningModule):
 
     def configure_optimizers(self):
         tc = self.config.trainer
-        params = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        # names without the wrappers' prefixes (FSDP, activation checkpointing, torch.compile)
+        params = [(re.sub(r"(_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod)\.", "", n), p)
+                  for n, p in self.named_parameters() if p.requires_grad]
         groups = [{"params": [p for _, p in params]}]
         if tc.weight_decay > 0:  # on weight matrices and kernels only: not biases, norms, learned positions
-            decays = {n: p.ndim >= 2 and not n.endswith(("pos", "query")) for n, p in params}
-            groups = [{"params": [p for n, p in params if decays[n]]},
-                      {"params": [p for n, p in params if not decays[n]], "weight_decay": 0.0}]
+            groups = [{"params": [p for n, p in params if n in self._decayed]},
+                      {"params": [p for n, p in params if n not in self._decayed], "weight_decay": 0.0}]
         opt = torch.optim.AdamW(groups, lr=tc.lr, weight_decay=tc.weight_decay)
         warmup = max(1, tc.warmup_steps)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))

@@ -158,6 +158,7 @@ def test_bad_ingest_and_pipeline_input_is_one_line_and_exit_2(prefect_server, tm
                                              "overrides: {trainer.lrr: 1}}\n")
     cases = [
         (["--config", str(tmp_path / "nope.yaml")], r"ingest config \S*nope.yaml: no such file"),
+        (["--workers", "2", "--config", str(tmp_path / "nope.yaml")], r"ingest config \S*nope.yaml: no such file"),
         (["--config", str(tmp_path / "list.yaml")], "list.yaml: expected a mapping of settings, got list"),
         (["--config", str(tmp_path / "broken.yaml")], "broken.yaml: not valid YAML"),
         (["--dataset", "a/b"], "dataset name 'a/b'"),

@@ -140,6 +140,14 @@ def test_rerun_is_idempotent_and_a_new_video_is_processed_alone(prefect_server, 
             held = {m.name.removesuffix(".mp4") for m in tar.getmembers() if m.name.endswith(".mp4")}
         assert held & set(recut["clip_id"]) == set(recut.loc[recut["shard"] == shard, "clip_id"]) != set()
 
+    # the same source under settings that reject it (no scene that long): its clips leave too
+    strict = tmp_path / "strict.yaml"
+    strict.write_text("clips:\n  short_side: 64\nscenes:\n  min_scene_s: 100\n  max_scene_s: 200\n")
+    fifth = ingest(sources=[str(bunny)], data_root=str(root), dataset="d", config=str(strict))
+    assert fifth["sources"] == {"new": 0, "unchanged": 0, "failed": 1} and fifth["created"]
+    assert clip_table(root, "d").drop(columns=["shard"]).equals(others.drop(columns=["shard"]))
+    assert version_info(root, "d")["replaced_clips"] == len(new_bunny)
+
 
 def _finished_task_runs(flow_run_id, name_prefix: str, count: int) -> list:
     """The flow run's finished task runs whose names start with `name_prefix`, by start time (the

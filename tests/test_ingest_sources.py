@@ -131,3 +131,19 @@ def test_manifest_clip_paths_are_absolute_from_a_relative_data_root(tmp_path, mo
     write_synthetic_dataset(Path("data"), "d", num_clips=1, frames=4, size=16)
     (path,) = load_manifest(Path("data"), "d")["clip_abspath"]
     assert Path(path).is_absolute() and Path(path).is_file()
+
+
+def test_io_errors_and_missing_codecs_at_probe_are_retried_not_recorded(tmp_path):
+    """Only what the bytes decide is recorded as rejected: an I/O error (PyAV raises its own
+    OSError subclasses) or a decoder this build lacks is an OSError, which ingest retries."""
+    import errno
+
+    import av
+
+    from data_prep.probe import _raise_if_the_machines
+
+    with pytest.raises(OSError):
+        _raise_if_the_machines(av.error.OSError(errno.EIO, "Input/output error"))
+    with pytest.raises(OSError, match="this PyAV/FFmpeg build cannot read it"):
+        _raise_if_the_machines(av.error.DecoderNotFoundError(-1, "Decoder not found"))
+    _raise_if_the_machines(av.error.InvalidDataError(-1, "Invalid data found when processing input"))  # the bytes'

@@ -214,3 +214,14 @@ def test_champion_follows_each_versions_best_chain_under_the_configured_prefix(t
     assert str(client.get_model_version_by_alias("team-prior", "champion").version) == "1"
     assert move([prior_2, sr_1], 50.0) == ["team-prior v2"]
     assert client.get_model_version("team-sr-high", "1").tags["mav.fvd"] == "50.0"  # its best chain now
+
+
+def test_checkpoint_links_follow_the_latest_chain(tmp_path):
+    from flows.pipeline import link_chain
+
+    for name in ("a.ckpt", "b.ckpt", "c.ckpt"):
+        (tmp_path / name).write_bytes(b"")
+    folder = tmp_path / "work" / "checkpoints"
+    link_chain({"prior": tmp_path / "a.ckpt", "sr_low": tmp_path / "b.ckpt"}, folder)
+    link_chain({"prior": tmp_path / "c.ckpt"}, folder)  # a later run without sr_low
+    assert {p.name: p.resolve().name for p in folder.iterdir()} == {"prior.ckpt": "c.ckpt"}
