@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from data_prep.atomic import atomic_write_bytes, atomic_write_json, replacing
+
 MANIFEST_COLUMNS = [
     "clip_id", "source", "source_sha256", "start_frame", "end_frame", "start_s", "end_s",
     "fps", "num_frames", "width", "height", "clip_path", "caption",
@@ -35,20 +37,6 @@ def dataset_dir(data_root: Path, name: str) -> Path:
     if not name or "/" in name or name.startswith("."):
         raise DatasetError(f"dataset name {name!r}: use letters, digits, '-', '_' and '.'")
     return Path(data_root) / "datasets" / name
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
-    with open(temp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temp, path)
-
-
-def atomic_write_json(path: Path, payload) -> None:
-    atomic_write_bytes(path, json.dumps(payload, indent=1, sort_keys=True, default=str).encode())
 
 
 @contextlib.contextmanager
@@ -163,12 +151,10 @@ def write_shards(ds_dir: Path, manifest: pd.DataFrame, max_clips: int) -> dict[s
         holder.update({r["clip_id"]: f"shards/{final.name}" for r in chunk})
         if final.exists():
             continue
-        temp = shard_dir / f".tmp-{uuid.uuid4().hex}.tar"
-        with tarfile.open(temp, "w", format=tarfile.USTAR_FORMAT) as tar:
+        with replacing(final) as temp, tarfile.open(temp, "w", format=tarfile.USTAR_FORMAT) as tar:
             for row in chunk:
                 _add_member(tar, f"{row['clip_id']}.mp4", (ds_dir / row["clip_path"]).read_bytes())
                 _add_member(tar, f"{row['clip_id']}.json", json.dumps(row, default=str, sort_keys=True).encode())
-        os.replace(temp, final)
     return holder
 
 

@@ -30,7 +30,6 @@ def at_least(low: int):
         if value < low:
             raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
         return value
-    parse.__name__ = f"whole number >= {low}"
     return parse
 
 

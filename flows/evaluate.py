@@ -29,7 +29,7 @@ import numpy as np
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE as NO_CACHE
 
-from data_prep.dataset import atomic_write_json
+from data_prep.atomic import atomic_write_json
 from flows.cli import device_name, non_negative_int, positive_int
 from flows.tracking import default_tracking_uri, experiment_id
 from eval.protocols import PROTOCOLS, load_protocol

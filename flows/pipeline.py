@@ -13,16 +13,14 @@ import functools
 import hashlib
 import json
 import logging
-import os
 import sys
-import uuid
 import warnings
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE as NO_CACHE
 
-from data_prep.dataset import atomic_write_json
+from data_prep.atomic import atomic_write_json, replacing
 from flows.ingest import ingest
 from flows.pipeline_config import PipelineConfig, TrainStep, load_pipeline_config, repo_path
 from flows.tracking import default_tracking_uri, store_identity, use_experiment
@@ -302,9 +300,8 @@ def link_chain(chain: dict[str, str], folder: Path) -> None:
     run, where `mav sample --checkpoints` and `mav evaluate --checkpoints` look."""
     folder.mkdir(parents=True, exist_ok=True)
     for stage, checkpoint in chain.items():
-        temp = folder / f".tmp-{uuid.uuid4().hex}"
-        temp.symlink_to(Path(checkpoint).resolve())
-        os.replace(temp, folder / f"{stage}.ckpt")  # atomic: a reader sees the old link or the new one
+        with replacing(folder / f"{stage}.ckpt") as temp:  # a reader sees the old link or the new one
+            temp.symlink_to(Path(checkpoint).resolve())
     for stale in folder.glob("*.ckpt"):  # a stage an earlier run had and this one has not
         if stale.stem not in chain and stale.is_symlink():
             stale.unlink()
@@ -320,7 +317,7 @@ def ingest_sources(sources: list[str]) -> list[str]:
 def train(config: str = DEFAULT_CONFIG, steps: list[str] | None = None, dataset: str | None = None,
           data_root: str | None = None, version: str | None = None, tracking_uri: str | None = None) -> dict:
     """Train one step, several, or all (steps=None) of a pipeline config, with the same caching."""
-    cfg = load_pipeline_config(repo_path(config))
+    cfg = load_pipeline_config(config)
     selected = [s for s in cfg.steps if steps is None or s.name in steps]
     unknown = set(steps or []) - {s.name for s in cfg.steps}
     if unknown:

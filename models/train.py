@@ -8,7 +8,6 @@ it at the same step with the same optimizer state).
 from __future__ import annotations
 
 import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins import TorchCheckpointIO
 
+from data_prep.atomic import replacing
 from models.config import STAGES, ConfigError, StageConfig, as_config
 from models.data import StageDataModule
 from models.ema import ShardedEMA
@@ -41,17 +41,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint, path, storage_options=None):
         if "://" in str(path) or storage_options is not None:  # object stores: Lightning's own transaction
             return super().save_checkpoint(checkpoint, path, storage_options)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temp = path.with_name(f".tmp-{uuid.uuid4().hex}.part")  # not *.ckpt: never taken for a checkpoint
-        try:
-            with open(temp, "wb") as handle:
-                torch.save(checkpoint, handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temp, path)
-        finally:
-            temp.unlink(missing_ok=True)
+        with replacing(Path(path)) as temp, open(temp, "wb") as handle:  # .part: never taken for a checkpoint
+            torch.save(checkpoint, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
 
 
 class StepCheckpoint(ModelCheckpoint):

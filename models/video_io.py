@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import io
-import os
 import subprocess
-import uuid
 from fractions import Fraction
 from pathlib import Path
 
@@ -12,6 +10,7 @@ import av
 import numpy as np
 import torch
 
+from data_prep.atomic import replacing
 from data_prep.ffmpeg_bin import ffmpeg_exe
 
 
@@ -75,18 +74,12 @@ def write_mp4(frames, path: str | Path, fps: float = 8.0, crf: int = 18) -> Path
     if pad_h or pad_w:
         frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".tmp-{uuid.uuid4().hex}.part")  # not *.mp4: a folder scan never takes it for a video
-    try:
-        with av.open(str(temp), mode="w", format="mp4") as container:
-            stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1000))
-            stream.width, stream.height = w + pad_w, h + pad_h
-            stream.pix_fmt = "yuv420p"
-            stream.options = {"crf": str(crf)}
-            _encode(container, stream, frames)
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
+    with replacing(path) as temp, av.open(str(temp), mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1000))
+        stream.width, stream.height = w + pad_w, h + pad_h
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": str(crf)}
+        _encode(container, stream, frames)
     return path
 
 
@@ -95,20 +88,15 @@ def write_gif(frames, path: str | Path, fps: float = 8.0) -> Path:
     palettegen + paletteuse; a fixed 3-3-2 palette keeps only 8 x 8 x 4 levels)."""
     frames = _as_uint8(frames)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".tmp-{uuid.uuid4().hex}.gif")
     rate = Fraction(fps).limit_denominator(100)
-    command = [ffmpeg_exe(), "-v", "error", "-nostdin", "-y", "-f", "rawvideo", "-pix_fmt", "rgb24",
-               "-s", f"{frames.shape[2]}x{frames.shape[1]}", "-framerate", f"{rate.numerator}/{rate.denominator}",
-               "-i", "pipe:", "-filter_complex", "split[a][b];[a]palettegen=stats_mode=full[p];[b][p]paletteuse",
-               "-loop", "0", str(temp)]
-    try:
+    with replacing(path) as temp:
+        command = [ffmpeg_exe(), "-v", "error", "-nostdin", "-y", "-f", "rawvideo", "-pix_fmt", "rgb24",
+                   "-s", f"{frames.shape[2]}x{frames.shape[1]}", "-framerate", f"{rate.numerator}/{rate.denominator}",
+                   "-i", "pipe:", "-filter_complex", "split[a][b];[a]palettegen=stats_mode=full[p];[b][p]paletteuse",
+                   "-loop", "0", "-f", "gif", str(temp)]
         done = subprocess.run(command, input=np.ascontiguousarray(frames).tobytes(), capture_output=True)
         if done.returncode != 0:
             raise RuntimeError(f"writing {path}: ffmpeg: {done.stderr.decode(errors='replace').strip()[-500:]}")
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
     return path
 
 
