@@ -1,18 +1,14 @@
 """Fréchet distance and the FVD metric: exactness, behaviour, distributed sync, bad input."""
 from __future__ import annotations
 
-import os
-import socket
-
 import numpy as np
 import pytest
 import scipy.linalg
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from eval.frechet import bootstrap_interval, frechet_distance, frechet_distance_features, mean_cov
 from eval.fvd import FrechetVideoDistance
+from tests.gloo import run_in_gloo_group
 
 
 def scipy_fd(x: np.ndarray, y: np.ndarray, bias: bool) -> float:
@@ -92,29 +88,18 @@ def test_sums_equal_two_pass_and_bootstrap_brackets_value():
 
 
 # -- distributed --------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank, world, port, x, y, out, real_on_rank0_only=False):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        m = FrechetVideoDistance(feature_dim=x.shape[1])
-        # uneven shards on purpose: the cat states must gather different sizes
-        xs, ys = x.tensor_split(world)[rank], y.tensor_split(world)[rank]
-        if real_on_rank0_only:  # a process with no real videos at all (its list state stays empty)
-            xs = x if rank == 0 else x[:0]
-        if len(xs):
-            m.update(features=xs, real=True)
-        m.update(features=ys, real=False)
-        value = float(m.compute())
-        r = m.result(num_resamples=20)
-        out[rank] = torch.tensor([value, r.low, r.high, r.num_real, r.num_fake], dtype=torch.float64)
-    finally:
-        dist.destroy_process_group()
+def _worker(rank, world, x, y, out, real_on_rank0_only=False):
+    m = FrechetVideoDistance(feature_dim=x.shape[1])
+    # uneven shards on purpose: the cat states must gather different sizes
+    xs, ys = x.tensor_split(world)[rank], y.tensor_split(world)[rank]
+    if real_on_rank0_only:  # a process with no real videos at all (its list state stays empty)
+        xs = x if rank == 0 else x[:0]
+    if len(xs):
+        m.update(features=xs, real=True)
+    m.update(features=ys, real=False)
+    value = float(m.compute())
+    r = m.result(num_resamples=20)
+    out[rank] = torch.tensor([value, r.low, r.high, r.num_real, r.num_fake], dtype=torch.float64)
 
 
 @pytest.mark.parametrize("real_on_rank0_only", [False, True])
@@ -127,7 +112,7 @@ def test_two_process_gloo_matches_single_process(real_on_rank0_only):
     r = single.result(num_resamples=20)
 
     out = torch.zeros(2, 5, dtype=torch.float64).share_memory_()
-    mp.spawn(_worker, args=(2, _free_port(), x, y, out, real_on_rank0_only), nprocs=2, join=True)
+    run_in_gloo_group(_worker, 2, x, y, out, real_on_rank0_only)
     for rank in range(2):
         value, low, high, n_real, n_fake = out[rank].tolist()
         assert value == pytest.approx(r.value, rel=1e-9)

@@ -2,25 +2,15 @@
 (FVD's gather has its own test in test_eval_fvd.py): the same values as one process."""
 from __future__ import annotations
 
-import os
-import socket
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from eval.clipsim import CLIPSIM
 from eval.inception_score import VideoInceptionScore, load_c3d
 from models.clip import FrozenCLIP, build_tiny_clip
+from tests.gloo import run_in_gloo_group
 
 PROMPTS = ["a red ball", "a blue sky", "a green field", "two dogs", "a sunset"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def videos(n: int, frames: int, size: int) -> torch.Tensor:
@@ -43,13 +33,8 @@ def scores(clip_path: str, clip_videos, is_videos, parts: int = 1, part: int = 0
     return torch.tensor([c.value, c.low, c.high, c.num_videos, i.value, i.std, i.num_videos], dtype=torch.float64)
 
 
-def _worker(rank, world, port, clip_path, clip_videos, is_videos, rank0_only, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        out[rank] = scores(clip_path, clip_videos, is_videos, world, rank, rank0_only)
-    finally:
-        dist.destroy_process_group()
+def _worker(rank, world, clip_path, clip_videos, is_videos, rank0_only, out):
+    out[rank] = scores(clip_path, clip_videos, is_videos, world, rank, rank0_only)
 
 
 def test_two_processes_give_the_one_process_scores_when_one_scored_nothing(tmp_path):
@@ -58,6 +43,6 @@ def test_two_processes_give_the_one_process_scores_when_one_scored_nothing(tmp_p
     clip_videos, is_videos = videos(len(PROMPTS), 3, 32), videos(4, 16, 112)
     single = scores(clip_path, clip_videos, is_videos)
     out = torch.zeros(2, len(single), dtype=torch.float64).share_memory_()
-    mp.spawn(_worker, args=(2, _free_port(), clip_path, clip_videos, is_videos, rank0_only, out), nprocs=2, join=True)
+    run_in_gloo_group(_worker, 2, clip_path, clip_videos, is_videos, rank0_only, out)
     for rank in range(2):  # every process gets the whole result; same rows in rank order: same bootstrap
         assert out[rank].tolist() == pytest.approx(single.tolist(), rel=1e-6, abs=1e-9)
