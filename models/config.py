@@ -85,6 +85,8 @@ class SamplingConfig(Strict):
     frames: int = 16  # decoder: frames generated
     fps: float = 4.0  # decoder: fps conditioning at sampling (interpolation then runs at fps * skip)
     skip: int = 5  # interpolation: 16 -> (16 - 1) * 5 + 1 = 76 frames
+    # sr_low: frames that neighbouring windows (data.frames long) share; None: half a window
+    window_overlap: int | None = Field(None, ge=0)
 
 
 class TrainerConfig(Strict):
@@ -134,6 +136,10 @@ class StageConfig(Strict):
             raise ValueError("data.lowres_size: must divide data.size")
         if self.video and self.data.frames < 2:
             raise ValueError(f"data.frames: video mode needs windows of at least 2 frames, got {self.data.frames}")
+        overlap = self.sampling.window_overlap
+        if self.stage == "sr_low" and overlap is not None and overlap >= self.data.frames:
+            raise ValueError(f"sampling.window_overlap: windows are data.frames = {self.data.frames} frames long, "
+                             f"so they can share at most {self.data.frames - 1}, got {overlap}")
         halvings = len(self.unet.channel_mults) - 1
         if self.stage != "prior" and self.data.size % 2**halvings:
             raise ValueError(f"data.size: the U-Net halves it {halvings} times, so it must be a multiple of "

@@ -3,7 +3,8 @@
     prior          prompt -> CLIP image embedding
     decoder        embedding + fps -> `sampling.frames` frames (16) at the decoder size
     interpolation  skip s (5): 16 -> (16 - 1) * s + 1 = 76 frames, fps * s
-    sr_low         spatiotemporal upsampling of the whole clip (in windows of its training length)
+    sr_low         spatiotemporal upsampling of the whole clip (overlapping windows of its training
+                   length, their predictions averaged at every step)
     sr_high        per frame, the SAME initial noise for every frame (keeps detail from flickering)
 
 Only prior and decoder are required; a stage without a checkpoint is skipped.
@@ -91,17 +92,46 @@ def interpolate_frames(net: InterpolationStage, video: torch.Tensor, image_emb: 
     return result
 
 
+def time_windows(frames: int, window: int, overlap: int) -> list[slice]:
+    """Windows of `window` frames over [0, frames), each sharing at least `overlap` frames with the
+    next (the last one moved back to end at the last frame); one window if the clip is shorter."""
+    if frames <= window:
+        return [slice(0, frames)]
+    starts = list(range(0, frames - window + 1, window - overlap))
+    if starts[-1] + window < frames:
+        starts.append(frames - window)
+    return [slice(s, s + window) for s in starts]
+
+
+def denoise_in_windows(denoise, window: int, overlap: int):
+    """MultiDiffusion over time (Bar-Tal et al. 2023): the net sees windows of its training length
+    and, at every step, a frame's prediction is the mean over the windows that hold it, so
+    neighbouring windows agree on the frames they share and leave no seam between them.
+    Condition tensors with a time axis ([B,C,T,H,W]) are cut with the frames."""
+    def windowed(x_t: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+        total = torch.zeros_like(x_t)
+        count = torch.zeros(x_t.shape[2], device=x_t.device)
+        for frames in time_windows(x_t.shape[2], window, overlap):
+            part = {k: v[:, :, frames] if v.ndim == 5 else v for k, v in cond.items()}
+            total[:, :, frames] += denoise(x_t[:, :, frames], t, part)
+            count[frames] += 1
+        return total / count[:, None, None]
+    return windowed
+
+
 def super_resolve_video(net: DiffusionStage, video: torch.Tensor, fps: float, generator, steps=None) -> torch.Tensor:
-    """SR^t_l on windows of its training length; [B,3,T,h,w] -> [B,3,T,H,W]."""
+    """SR^t_l over the whole clip in overlapping windows of its training length; [B,3,T,h,w] -> [B,3,T,H,W]."""
     low, size, window = net.config.data.lowres_size, net.config.data.size, net.config.data.frames
+    overlap = net.config.sampling.window_overlap
+    overlap = window // 2 if overlap is None else overlap
+    if not net.config.video:  # frame by frame: windows only bound the memory
+        overlap = 0
     if video.shape[-1] != low:
         video = net.upsample(video, low)
-    outs = []
-    for chunk in video.split(window, dim=2):
-        up = net.upsample(chunk, size)
-        cond = {"extra": up, "fps": torch.full((chunk.shape[0],), fps, device=video.device)}
-        outs.append(net.generate(cond, _noise(up.shape, generator, video.device), steps, 1.0))
-    return torch.cat(outs, dim=2)
+    up = net.upsample(video, size)
+    cond = {"extra": up, "fps": torch.full((video.shape[0],), fps, device=video.device)}
+    denoise = denoise_in_windows(net.denoise, window, overlap)
+    return net.generate(cond, _noise(up.shape, generator, video.device), steps, 1.0, denoise=denoise)
 
 
 def super_resolve_frames(net: DiffusionStage, video: torch.Tensor, generator, steps=None,

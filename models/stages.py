@@ -177,11 +177,13 @@ class DiffusionStage(L.LightningModule):
 
     @torch.no_grad()
     def generate(self, cond: dict, noise: torch.Tensor, steps: int | None = None, guidance: float | None = None,
-                 sampler: str | None = None) -> torch.Tensor:
+                 sampler: str | None = None, denoise=None) -> torch.Tensor:
+        """`denoise(x_t, t, cond)`: what predicts at each step (default: the net on the whole input)."""
         d = self.config.diffusion
         guidance = d.guidance if guidance is None else guidance
+        denoise = denoise or self.denoise
         null = self.null_condition(cond)
-        fn = guided(lambda x, t, use_cond: self.denoise(x, t, cond if use_cond else null), guidance)
+        fn = guided(lambda x, t, use_cond: denoise(x, t, cond if use_cond else null), guidance)
         with torch.autocast(noise.device.type, torch.bfloat16, enabled=noise.device.type == "cuda"):
             return self.diffusion.sample(fn, noise, steps or d.sample_steps, sampler or d.sampler).float()
 

@@ -66,3 +66,10 @@ def test_values_that_would_fail_late_or_silently_are_config_errors(override, nam
     changed it (no clipping, no conditioning, no steps): now an error that names the key."""
     with pytest.raises(ConfigError, match=named):
         load_config(ROOT / "configs" / "tiny" / "decoder.yaml", override)
+
+
+def test_sr_low_windows_must_advance():
+    with pytest.raises(ConfigError, match="sampling.window_overlap: windows are data.frames = 6 frames long, so "
+                                         "they can share at most 5, got 6"):
+        load_config(ROOT / "configs" / "tiny" / "sr_low.yaml", {"sampling.window_overlap": 6})
+    assert load_config(ROOT / "configs" / "tiny" / "sr_low.yaml", {"sampling.window_overlap": 5}).sampling.window_overlap == 5

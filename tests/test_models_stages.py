@@ -556,6 +556,58 @@ def test_sr_high_starts_every_frame_of_a_clip_from_the_same_noise(chain):
     assert (out[0] - out[1]).abs().max() > 1e-3
 
 
+def test_time_windows_cover_the_clip_at_the_training_length():
+    from models.sampling import time_windows
+
+    for frames, window, overlap in [(76, 8, 4), (76, 8, 0), (76, 6, 3), (9, 8, 7), (8, 8, 2), (5, 8, 4)]:
+        windows = time_windows(frames, window, overlap)
+        assert windows[0].start == 0 and windows[-1].stop == frames
+        assert all(w.stop - w.start == min(window, frames) for w in windows)
+        assert all(a.stop - b.start >= overlap for a, b in zip(windows, windows[1:]))  # shared, no gap
+        fewest = 1 if frames <= window else -(-(frames - overlap) // (window - overlap))
+        assert len(windows) == fewest, (frames, window, overlap)
+
+
+def test_windowed_denoising_averages_the_windows_that_share_a_frame():
+    from models.sampling import denoise_in_windows, time_windows
+
+    x, extra = torch.randn(2, 3, 20, 4, 4), torch.randn(2, 3, 20, 4, 4)
+    cond, t = {"extra": extra, "fps": torch.tensor([4.0, 8.0])}, torch.tensor(2.0)
+    seen = []
+
+    def window_mean(x_t, t, cond):  # mixes frames: each window predicts its own mean over time
+        seen.append((x_t.shape[2], cond["extra"].shape[2], cond["fps"].tolist()))
+        return ((x_t + cond["extra"]).mean(2, keepdim=True) * t).expand_as(x_t)
+
+    out = denoise_in_windows(window_mean, window=8, overlap=4)(x, t, cond)
+    windows = time_windows(20, 8, 4)
+    assert seen == [(8, 8, [4.0, 8.0])] * len(windows)
+    for f in range(20):
+        holders = [2.0 * (x + extra)[:, :, w].mean(2) for w in windows if w.start <= f < w.stop]
+        assert torch.allclose(out[:, :, f], torch.stack(holders).mean(0), atol=1e-6)
+
+    def per_frame(x_t, t, cond):  # no mixing: windows change nothing
+        return torch.tanh(x_t * cond["extra"]) * t
+    assert torch.allclose(denoise_in_windows(per_frame, 8, 4)(x, t, cond), per_frame(x, t, cond), atol=1e-6)
+
+
+@pytest.mark.parametrize("overlap,windows_per_step", [(None, 4), (0, 3)])
+def test_sr_low_sees_only_windows_of_its_training_length(chain, overlap, windows_per_step):
+    """13 frames through the 6-frame sr_low: overlapping full windows (by default half a window
+    shared), never a short remainder; every frame super-resolved."""
+    from models.sampling import super_resolve_video
+
+    net = load_stage(chain["sr_low"].checkpoint, "sr_low")
+    net.config.sampling.window_overlap = overlap
+    lengths, denoise = [], net.denoise
+    net.denoise = lambda x_t, t, cond: lengths.append(x_t.shape[2]) or denoise(x_t, t, cond)
+    low, size = net.config.data.lowres_size, net.config.data.size
+    video = torch.rand(1, 3, 13, low, low) * 2 - 1
+    out = super_resolve_video(net, video, 8.0, torch.Generator().manual_seed(0), steps=2)
+    assert out.shape == (1, 3, 13, size, size) and torch.isfinite(out).all()
+    assert set(lengths) == {net.config.data.frames} and len(lengths) == 2 * windows_per_step
+
+
 def test_guidance_and_seed_in_prior_and_decoder(chain, tmp_path):
     from models.sampling import generate, load_chain
 
