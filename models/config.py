@@ -75,6 +75,9 @@ class DataConfig(Strict):
     # prior on unlabeled video: clips without a caption are skipped; with none captioned at all,
     # "source_name" captions frames with their source's file name (weak text, said loudly), "error" stops
     caption_fallback: Literal["error", "source_name"] = "error"
+    # super-resolution: noise conditioning augmentation, the low-res input noised to a level drawn
+    # from [0, this] of the diffusion schedule in training (0: off; the net then has no level input)
+    lowres_noise_max: float = Field(0.0, ge=0, le=1)
     random_crop: bool = True
     batch_size: int = Field(8, gt=0)
     num_workers: int = Field(2, ge=0)
@@ -87,6 +90,7 @@ class SamplingConfig(Strict):
     skip: int = 5  # interpolation: 16 -> (16 - 1) * 5 + 1 = 76 frames
     # sr_low: frames that neighbouring windows (data.frames long) share; None: half a window
     window_overlap: int | None = Field(None, ge=0)
+    lowres_noise: float = Field(0.0, ge=0, le=1)  # sr_low, sr_high: the low-res input's noise level
 
 
 class TrainerConfig(Strict):
@@ -140,6 +144,13 @@ class StageConfig(Strict):
         if self.stage == "sr_low" and overlap is not None and overlap >= self.data.frames:
             raise ValueError(f"sampling.window_overlap: windows are data.frames = {self.data.frames} frames long, "
                              f"so they can share at most {self.data.frames - 1}, got {overlap}")
+        for key, level in (("data.lowres_noise_max", self.data.lowres_noise_max),
+                           ("sampling.lowres_noise", self.sampling.lowres_noise)):
+            if level and self.stage not in ("sr_low", "sr_high"):
+                raise ValueError(f"{key}: only super-resolution stages have a low-res input, this is {self.stage}")
+        if self.sampling.lowres_noise > self.data.lowres_noise_max:
+            raise ValueError(f"sampling.lowres_noise: the net trains on levels up to data.lowres_noise_max = "
+                             f"{self.data.lowres_noise_max}, got {self.sampling.lowres_noise}")
         halvings = len(self.unet.channel_mults) - 1
         if self.stage != "prior" and self.data.size % 2**halvings:
             raise ValueError(f"data.size: the U-Net halves it {halvings} times, so it must be a multiple of "

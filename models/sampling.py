@@ -128,10 +128,17 @@ def super_resolve_video(net: DiffusionStage, video: torch.Tensor, fps: float, ge
         overlap = 0
     if video.shape[-1] != low:
         video = net.upsample(video, low)
-    up = net.upsample(video, size)
-    cond = {"extra": up, "fps": torch.full((video.shape[0],), fps, device=video.device)}
+    lowres_noise = _lowres_noise(net, video.shape, generator)
+    cond = net.lowres_condition(video, size, net.config.sampling.lowres_noise, lowres_noise)
+    cond["fps"] = torch.full((video.shape[0],), fps, device=video.device)
+    b, c, t = video.shape[:3]
     denoise = denoise_in_windows(net.denoise, window, overlap)
-    return net.generate(cond, _noise(up.shape, generator, video.device), steps, 1.0, denoise=denoise)
+    return net.generate(cond, _noise((b, c, t, size, size), generator, video.device), steps, 1.0, denoise=denoise)
+
+
+def _lowres_noise(net: DiffusionStage, shape, generator) -> torch.Tensor | None:
+    """The noise for the low-res input's augmentation (None where the net was trained without it)."""
+    return _noise(shape, generator, net.device) if net.config.data.lowres_noise_max else None
 
 
 def super_resolve_frames(net: DiffusionStage, video: torch.Tensor, generator, steps=None,
@@ -142,10 +149,16 @@ def super_resolve_frames(net: DiffusionStage, video: torch.Tensor, generator, st
     if video.shape[-1] != low:
         video = net.upsample(video, low)
     shared = _noise((b, 3, size, size), generator, video.device)
+    lowres_noise = _lowres_noise(net, (b, 3, low, low), generator)  # shared too, for the same reason
     frames = rearrange(video, "b c t h w -> (b t) c h w")
     noise = repeat(shared, "b c h w -> (b t) c h w", t=t)
-    outs = [net.generate({"extra": net.upsample(f, size)}, n, steps, 1.0)
-            for f, n in zip(frames.split(frames_per_batch), noise.split(frames_per_batch))]
+    lowres_noise = None if lowres_noise is None else repeat(lowres_noise, "b c h w -> (b t) c h w", t=t)
+    outs = []
+    for first in range(0, b * t, frames_per_batch):
+        part = slice(first, first + frames_per_batch)
+        cond = net.lowres_condition(frames[part], size, net.config.sampling.lowres_noise,
+                                    None if lowres_noise is None else lowres_noise[part])
+        outs.append(net.generate(cond, noise[part], steps, 1.0))
     return rearrange(torch.cat(outs), "(b t) c h w -> b c t h w", b=b)
 
 

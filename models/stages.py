@@ -118,7 +118,7 @@ class DiffusionStage(L.LightningModule):
     def denoise(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
         if "extra" in cond:
             x_t = torch.cat([x_t, cond["extra"].to(x_t.dtype)], dim=1)
-        return self.net(x_t, t, cond.get("image_emb"), cond.get("fps"))
+        return self.net(x_t, t, cond.get("image_emb"), cond.get("fps"), cond.get("noise_level"))
 
     def on_train_start(self):
         self.batches_seen = self.trainer.global_step * self.trainer.accumulate_grad_batches
@@ -281,17 +281,28 @@ class InterpolationStage(DecoderStage):
 
 
 class SuperResStage(DiffusionStage):
-    """SR: the bilinearly upsampled low-res input as 3 extra channels (no text/image conditioning)."""
+    """SR: the bilinearly upsampled low-res input as 3 extra channels (no text/image conditioning).
+
+    With `data.lowres_noise_max` > 0, noise conditioning augmentation (Imagen, Saharia et al. 2022):
+    training noises the low-res input to a random level of the diffusion schedule and tells the net
+    which, so it learns to repair what the stage before it got wrong rather than trusting its
+    input as a clean downsample; sampling noises it to `sampling.lowres_noise`."""
     uses_clip = False
 
     def build_net(self):
         return UNet(in_channels=6, out_channels=3, cond_dim=0, temporal=self.config.video,
-                    **self.config.unet.model_dump())
+                    noise_level_cond=self.config.data.lowres_noise_max > 0, **self.config.unet.model_dump())
 
-    def upsampled_lowres(self, x: torch.Tensor, size: int | None = None) -> torch.Tensor:
-        """High-res [B,3,(T,)H,W] -> down to lowres_size (antialiased) -> back up (bilinear)."""
-        low = self.config.data.lowres_size
-        return self.upsample(self.downsample(x, low), size or x.shape[-1])
+    def lowres_condition(self, low: torch.Tensor, size: int, level: float | torch.Tensor, noise=None) -> dict:
+        """{"extra": the low-res [B,3,(T,)h,w] upsampled to size}; under noise augmentation `low` is first
+        noised to `level` (a fraction of the schedule, per sample or one for all) with `noise` (default:
+        drawn here), and {"noise_level": the timestep} tells the net how much."""
+        if not self.config.data.lowres_noise_max:
+            return {"extra": self.upsample(low, size)}
+        level = torch.as_tensor(level, dtype=torch.float32, device=low.device).expand(low.shape[0])
+        t = (level * (self.diffusion.timesteps - 1)).round().long()
+        noise = torch.randn_like(low) if noise is None else noise
+        return {"extra": self.upsample(self.diffusion.q_sample(low, noise, t), size), "noise_level": t.float()}
 
     @staticmethod
     def downsample(x, size):
@@ -303,7 +314,9 @@ class SuperResStage(DiffusionStage):
 
     def conditioning(self, batch):
         x0 = batch["video"] if self.config.video else batch["image"]
-        cond = {"extra": self.upsampled_lowres(x0)}
+        most = self.config.data.lowres_noise_max
+        levels = torch.rand(x0.shape[0], device=x0.device) * most if most else 0.0
+        cond = self.lowres_condition(self.downsample(x0, self.config.data.lowres_size), x0.shape[-1], levels)
         if self.config.video:
             cond["fps"] = batch["fps"].float()
         return x0, cond

@@ -8,7 +8,8 @@ layers. Conditioning (unCLIP style): the CLIP image embedding is added to the
 time embedding and projected to `context_tokens` extra attention keys. The video
 model also embeds fps (sinusoidal, added to the time embedding, zero-initialised).
 Extra input channels (masked frames + mask, upsampled low-res video) are simply
-concatenated by the caller; `in_channels` counts them.
+concatenated by the caller; `in_channels` counts them. A super-resolution net trained with
+noise conditioning augmentation also embeds the low-res input's noise level.
 """
 from __future__ import annotations
 
@@ -99,6 +100,7 @@ class UNet(nn.Module):
         dropout: float = 0.0,
         groups: int = 32,
         grad_checkpoint: bool = False,
+        noise_level_cond: bool = False,
     ):
         super().__init__()
         # everything needed to rebuild this net (inflation, checkpoints)
@@ -107,6 +109,7 @@ class UNet(nn.Module):
             channel_mults=tuple(channel_mults), num_res_blocks=num_res_blocks, attn_levels=tuple(attn_levels),
             heads=heads, dim_head=dim_head, cond_dim=cond_dim, context_tokens=context_tokens, temporal=temporal,
             temporal_kernel=temporal_kernel, dropout=dropout, groups=groups, grad_checkpoint=grad_checkpoint,
+            noise_level_cond=noise_level_cond,
         )
         self.temporal = temporal
         self.grad_checkpoint = grad_checkpoint
@@ -118,6 +121,8 @@ class UNet(nn.Module):
         self.time_embed = ScalarEmbedding(channels, emb_dim)
         if temporal:  # new in the video model: must add zero at init
             self.temporal_fps_embed = ScalarEmbedding(channels, emb_dim, zero_init=True)
+        if noise_level_cond:  # super-resolution: how noised the low-res input is (noise augmentation)
+            self.noise_level_embed = ScalarEmbedding(channels, emb_dim)
         context_dim = None
         if cond_dim:
             context_dim = emb_dim
@@ -164,8 +169,9 @@ class UNet(nn.Module):
         return x
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, image_emb: torch.Tensor | None = None,
-                fps: torch.Tensor | None = None) -> torch.Tensor:
-        """x [B,C,H,W] or [B,C,T,H,W]; t [B]; image_emb [B,cond_dim] (zeros = unconditional); fps [B]."""
+                fps: torch.Tensor | None = None, noise_level: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B,C,H,W] or [B,C,T,H,W]; t [B]; image_emb [B,cond_dim] (zeros = unconditional); fps [B];
+        noise_level [B]: the timestep the extra low-res channels were noised to (None: 0)."""
         video = x.ndim == 5
         b = x.shape[0]
         frames = x.shape[2] if video else None
@@ -175,6 +181,9 @@ class UNet(nn.Module):
         emb = self.time_embed(t.expand(b) if t.ndim == 0 else t, x.dtype)
         if self.temporal and fps is not None:
             emb = emb + self.temporal_fps_embed(fps, x.dtype)
+        if hasattr(self, "noise_level_embed"):
+            level = torch.zeros(b, device=x.device) if noise_level is None else noise_level
+            emb = emb + self.noise_level_embed(level, x.dtype)
         context = None
         if hasattr(self, "image_embed"):
             if image_emb is None:

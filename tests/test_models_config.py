@@ -68,8 +68,18 @@ def test_values_that_would_fail_late_or_silently_are_config_errors(override, nam
         load_config(ROOT / "configs" / "tiny" / "decoder.yaml", override)
 
 
+def test_lowres_noise_belongs_to_super_resolution_and_stays_within_training():
+    with pytest.raises(ConfigError, match="sampling.lowres_noise: the net trains on levels up to "
+                                         "data.lowres_noise_max = 0.5, got 0.6"):
+        load_config(ROOT / "configs" / "tiny" / "sr_high.yaml", {"sampling.lowres_noise": 0.6})
+    with pytest.raises(ConfigError, match="data.lowres_noise_max: only super-resolution stages have a low-res "
+                                         "input, this is decoder"):
+        load_config(ROOT / "configs" / "tiny" / "decoder.yaml", {"data.lowres_noise_max": 0.5})
+
+
 def test_sr_low_windows_must_advance():
     with pytest.raises(ConfigError, match="sampling.window_overlap: windows are data.frames = 6 frames long, so "
                                          "they can share at most 5, got 6"):
         load_config(ROOT / "configs" / "tiny" / "sr_low.yaml", {"sampling.window_overlap": 6})
-    assert load_config(ROOT / "configs" / "tiny" / "sr_low.yaml", {"sampling.window_overlap": 5}).sampling.window_overlap == 5
+    most = load_config(ROOT / "configs" / "tiny" / "sr_low.yaml", {"sampling.window_overlap": 5})
+    assert most.sampling.window_overlap == 5

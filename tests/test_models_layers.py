@@ -49,23 +49,27 @@ def test_image_model_has_no_temporal_parameters():
     assert UNet(temporal=True, **TINY).temporal_parameters()
 
 
-@pytest.mark.parametrize("in_channels,cond_dim", [(3, 16), (6, 0)], ids=["decoder", "super_resolution"])
-def test_inflated_video_model_equals_image_model_per_frame(in_channels, cond_dim):
-    image = perturb_(UNet(in_channels=in_channels, cond_dim=cond_dim, **TINY)).eval()
+@pytest.mark.parametrize("in_channels,cond_dim,noise_level_cond", [(3, 16, False), (6, 0, True)],
+                         ids=["decoder", "super_resolution"])
+def test_inflated_video_model_equals_image_model_per_frame(in_channels, cond_dim, noise_level_cond):
+    image = perturb_(UNet(in_channels=in_channels, cond_dim=cond_dim, noise_level_cond=noise_level_cond, **TINY)).eval()
     video = inflate(image).eval()
     b, f = 2, 5
     x = torch.randn(b, in_channels, f, 16, 16)
     t = torch.tensor([3, 700])
     emb = torch.randn(b, cond_dim) if cond_dim else None
+    level = torch.tensor([0.0, 300.0]) if noise_level_cond else None  # how noised the low-res channels are
     with torch.no_grad():
-        out_video = video(x, t, emb, fps=torch.tensor([2.0, 24.0]))
-        per_frame = torch.stack([image(x[:, :, i], t, emb) for i in range(f)], dim=2)
+        out_video = video(x, t, emb, fps=torch.tensor([2.0, 24.0]), noise_level=level)
+        per_frame = torch.stack([image(x[:, :, i], t, emb, noise_level=level) for i in range(f)], dim=2)
+        if noise_level_cond:  # the level is an input of both
+            assert (image(x[:, :, 0], t, emb) - per_frame[:, :, 0]).abs().max() > 1e-3
     assert out_video.abs().max() > 1e-3  # a real, non-trivial output
     assert (out_video - per_frame).abs().max() <= 1e-5
     # and training the temporal layers breaks the equivalence (the test can fail)
     perturb_(video)
     with torch.no_grad():
-        assert (video(x, t, emb, fps=torch.tensor([2.0, 24.0])) - per_frame).abs().max() > 1e-3
+        assert (video(x, t, emb, fps=torch.tensor([2.0, 24.0]), noise_level=level) - per_frame).abs().max() > 1e-3
 
 
 def test_widened_input_ignores_new_channels_at_init():

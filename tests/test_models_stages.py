@@ -556,6 +556,35 @@ def test_sr_high_starts_every_frame_of_a_clip_from_the_same_noise(chain):
     assert (out[0] - out[1]).abs().max() > 1e-3
 
 
+def test_lowres_noise_augmentation_noises_the_input_by_the_schedule_and_tells_the_net(chain):
+    """Imagen's noise conditioning augmentation: the low-res input at level l is q(x_t | x_0) of the
+    diffusion schedule at t = l * (T - 1), and the net sees t; off, the input is the clean upsample."""
+    net = load_stage(chain["sr_high"].checkpoint, "sr_high")
+    low_size, size = net.config.data.lowres_size, net.config.data.size
+    low, noise = torch.rand(2, 3, low_size, low_size) * 2 - 1, torch.randn(2, 3, low_size, low_size)
+    cond = net.lowres_condition(low, size, torch.tensor([0.0, 0.5]), noise)
+    t = torch.tensor([0, round(0.5 * 999)])
+    assert cond["noise_level"].tolist() == t.tolist()
+    alpha_bar = net.diffusion.schedule.alphas_cumprod[t].view(2, 1, 1, 1)
+    expected = net.upsample(alpha_bar.sqrt() * low + (1 - alpha_bar).sqrt() * noise, size)
+    assert torch.allclose(cond["extra"], expected, atol=1e-5)
+    assert (cond["extra"][1] - net.upsample(low, size)[1]).std() > 0.2  # level 0.5 is no longer the clean input
+    x, step = torch.randn(2, 3, size, size), torch.tensor([500, 500])
+    with torch.no_grad():  # the level is an input of the net
+        a = net.denoise(x, step, cond)
+        b = net.denoise(x, step, {**cond, "noise_level": cond["noise_level"].flip(0)})
+    assert (a - b).abs().max() > 1e-4
+    # in training the levels are drawn from [0, data.lowres_noise_max]
+    levels = torch.cat([net.conditioning({"image": torch.rand(4, 3, size, size) * 2 - 1})[1]["noise_level"]
+                        for _ in range(25)])
+    assert levels.min() >= 0 and levels.max() <= 0.5 * 999 and levels.std() > 50
+
+    off = build_stage(tiny("sr_high", **{"data.lowres_noise_max": 0.0, "sampling.lowres_noise": 0.0}))
+    assert not hasattr(off.net, "noise_level_embed")
+    assert off.lowres_condition(low, size, 0.5, noise).keys() == {"extra"}
+    assert torch.equal(off.lowres_condition(low, size, 0.5, noise)["extra"], off.upsample(low, size))
+
+
 def test_time_windows_cover_the_clip_at_the_training_length():
     from models.sampling import time_windows
 
