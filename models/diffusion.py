@@ -18,6 +18,16 @@ PREDICTIONS = {"epsilon": "epsilon", "v": "v_prediction", "sample": "sample"}
 SAMPLERS = ("ddim", "dpm++")
 
 
+class StaticallyClippedDPMSolver(DPMSolverMultistepScheduler):
+    """DPM-Solver++ with its x0 prediction clipped to [-1, 1] each step. diffusers does that as dynamic
+    thresholding with the quantile capped at sample_max_value = 1, i.e. a clamp, but computes the
+    quantile over each sample anyway, and torch.quantile refuses more than 2^24 values (a
+    3 x 86 x 256 x 256 clip)."""
+
+    def _threshold_sample(self, sample: torch.Tensor) -> torch.Tensor:
+        return sample.clamp(-self.config.sample_max_value, self.config.sample_max_value)
+
+
 class Diffusion:
     def __init__(self, timesteps: int = 1000, schedule: str = "squaredcos_cap_v2", prediction: str = "epsilon",
                  clip_sample: bool = True):
@@ -58,7 +68,7 @@ class Diffusion:
         if name == "dpm++":
             # pixels: clip x0 each step as DDIM does (sample_max_value 1 = static clipping); cosine schedule
             # with epsilon: skip the t~999 end where x0 = (x - sigma eps) / alpha divides by alpha ~ 5e-5
-            return DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++", solver_order=2,
+            return StaticallyClippedDPMSolver(**common, algorithm_type="dpmsolver++", solver_order=2,
                                                lower_order_final=True, thresholding=self.clip_sample,
                                                sample_max_value=1.0, lambda_min_clipped=-5.1)
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {name!r}")

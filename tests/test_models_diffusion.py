@@ -92,6 +92,20 @@ def test_strong_guidance_stays_near_the_conditional_data(sampler):
     assert d.sampler("dpm++").config.thresholding and not Diffusion(clip_sample=False).sampler("dpm++").config.thresholding
 
 
+def test_dpm_solver_clips_like_diffusers_thresholding_and_takes_long_clips():
+    """sr_low samples a whole clip in one sampler call: 3 x 86 x 256 x 256 values per sample, more
+    than torch.quantile (diffusers' thresholding) takes; the clamp gives the same steps."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    d = Diffusion(prediction="v")
+    x0 = torch.randn(3, 3, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * 2
+    theirs = DPMSolverMultistepScheduler(**d.sampler("dpm++").config)
+    assert torch.equal(d.sampler("dpm++")._threshold_sample(x0), theirs._threshold_sample(x0))
+    assert x0.abs().max() > 1
+    out = d.sample(lambda x, t: torch.zeros_like(x), torch.randn(1, 3, 86, 256, 256), 2, "dpm++")
+    assert out.shape == (1, 3, 86, 256, 256) and torch.isfinite(out).all()
+
+
 @pytest.mark.parametrize("prediction", ["epsilon", "v"])
 def test_bf16_predictions_sample_the_data_spread(prediction):
     """With the cosine schedule, x0 = (x - sigma eps) / alpha divides by alpha ~ 5e-5 at t = 999:
