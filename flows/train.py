@@ -35,6 +35,9 @@ def register(subparsers) -> None:
     sample.add_argument("--steps", type=positive_int)
     sample.add_argument("--guidance", type=float)
     sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--lowres-noise", type=float, metavar="LEVEL",
+                        help="noise level of the SR stages' low-res input, 0 to the level they trained up to "
+                             "(default: each one's sampling.lowres_noise)")
     sample.add_argument("--device", type=device_name, default="auto", help="cuda, cpu, ... (default: cuda when available)")
     sample.set_defaults(func=run_sample)
 
@@ -95,10 +98,11 @@ def run_sample(args) -> int:
     try:
         if len(args.prompt) == 1:
             results = [sample_video(args.prompt[0], checkpoints, args.out, steps=args.steps, guidance=args.guidance,
-                                    seed=args.seed, device=args.device)]
+                                    seed=args.seed, device=args.device, lowres_noise=args.lowres_noise)]
         else:
             results = sample_videos(args.prompt, checkpoints, args.out.with_suffix(""), steps=args.steps,
-                                    guidance=args.guidance, seed=args.seed, device=args.device)
+                                    guidance=args.guidance, seed=args.seed, device=args.device,
+                                    lowres_noise=args.lowres_noise)
     except (CheckpointError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -107,6 +107,9 @@ def denoise_in_windows(denoise, window: int, overlap: int):
     """MultiDiffusion over time (Bar-Tal et al. 2023): the net sees windows of its training length
     and, at every step, a frame's prediction is the mean over the windows that hold it, so
     neighbouring windows agree on the frames they share and leave no seam between them.
+    The sampler then takes one step (clipping x0 once) from the mean prediction, where the paper
+    steps each window and averages the results: the same for DDIM and DPM-Solver++ without
+    clipping (both are linear in the prediction), close with it.
     Condition tensors with a time axis ([B,C,T,H,W]) are cut with the frames."""
     def windowed(x_t: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
         total = torch.zeros_like(x_t)
@@ -119,8 +122,10 @@ def denoise_in_windows(denoise, window: int, overlap: int):
     return windowed
 
 
-def super_resolve_video(net: DiffusionStage, video: torch.Tensor, fps: float, generator, steps=None) -> torch.Tensor:
-    """SR^t_l over the whole clip in overlapping windows of its training length; [B,3,T,h,w] -> [B,3,T,H,W]."""
+def super_resolve_video(net: DiffusionStage, video: torch.Tensor, fps: float, generator, steps=None,
+                        lowres_noise: float | None = None) -> torch.Tensor:
+    """SR^t_l over the whole clip in overlapping windows of its training length; [B,3,T,h,w] -> [B,3,T,H,W].
+    `lowres_noise`: the input's augmentation level (default: the config's sampling.lowres_noise)."""
     low, size, window = net.config.data.lowres_size, net.config.data.size, net.config.data.frames
     overlap = net.config.sampling.window_overlap
     overlap = window // 2 if overlap is None else overlap
@@ -128,12 +133,23 @@ def super_resolve_video(net: DiffusionStage, video: torch.Tensor, fps: float, ge
         overlap = 0
     if video.shape[-1] != low:
         video = net.upsample(video, low)
-    lowres_noise = _lowres_noise(net, video.shape, generator)
-    cond = net.lowres_condition(video, size, net.config.sampling.lowres_noise, lowres_noise)
+    level = lowres_level(net, lowres_noise)
+    cond = net.lowres_condition(video, size, level, _lowres_noise(net, video.shape, generator))
     cond["fps"] = torch.full((video.shape[0],), fps, device=video.device)
     b, c, t = video.shape[:3]
     denoise = denoise_in_windows(net.denoise, window, overlap)
     return net.generate(cond, _noise((b, c, t, size, size), generator, video.device), steps, 1.0, denoise=denoise)
+
+
+def lowres_level(net: DiffusionStage, level: float | None) -> float:
+    """The augmentation level to sample at: `level`, or the config's; within what the net trained on."""
+    most = net.config.data.lowres_noise_max
+    if level is None:
+        return net.config.sampling.lowres_noise
+    if not 0 <= level <= most:
+        raise ValueError(f"lowres noise {level:g}: the {net.config.stage} checkpoint trained on levels from 0 to "
+                         f"data.lowres_noise_max = {most:g}")
+    return level
 
 
 def _lowres_noise(net: DiffusionStage, shape, generator) -> torch.Tensor | None:
@@ -142,30 +158,36 @@ def _lowres_noise(net: DiffusionStage, shape, generator) -> torch.Tensor | None:
 
 
 def super_resolve_frames(net: DiffusionStage, video: torch.Tensor, generator, steps=None,
-                         frames_per_batch: int = 16) -> torch.Tensor:
+                         frames_per_batch: int = 16, lowres_noise: float | None = None) -> torch.Tensor:
     """SR_h per frame; every frame of a clip starts from the same noise. [B,3,T,h,w] -> [B,3,T,H,W]."""
     low, size = net.config.data.lowres_size, net.config.data.size
+    level = lowres_level(net, lowres_noise)
     b, _, t = video.shape[:3]
     if video.shape[-1] != low:
         video = net.upsample(video, low)
     shared = _noise((b, 3, size, size), generator, video.device)
-    lowres_noise = _lowres_noise(net, (b, 3, low, low), generator)  # shared too, for the same reason
+    shared_lowres = _lowres_noise(net, (b, 3, low, low), generator)  # shared too, for the same reason
     frames = rearrange(video, "b c t h w -> (b t) c h w")
     noise = repeat(shared, "b c h w -> (b t) c h w", t=t)
-    lowres_noise = None if lowres_noise is None else repeat(lowres_noise, "b c h w -> (b t) c h w", t=t)
+    if shared_lowres is not None:
+        shared_lowres = repeat(shared_lowres, "b c h w -> (b t) c h w", t=t)
     outs = []
     for first in range(0, b * t, frames_per_batch):
         part = slice(first, first + frames_per_batch)
-        cond = net.lowres_condition(frames[part], size, net.config.sampling.lowres_noise,
-                                    None if lowres_noise is None else lowres_noise[part])
+        cond = net.lowres_condition(frames[part], size, level, None if shared_lowres is None else shared_lowres[part])
         outs.append(net.generate(cond, noise[part], steps, 1.0))
     return rearrange(torch.cat(outs), "(b t) c h w -> b c t h w", b=b)
 
 
 @torch.no_grad()
 def generate(chain: dict[str, DiffusionStage], prompts: list[str], *, steps: int | None = None,
-             guidance: float | None = None, seed: int = 0) -> tuple[torch.Tensor, float]:
-    """-> (video float [B,3,T,H,W] in [-1,1], fps)."""
+             guidance: float | None = None, seed: int = 0, lowres_noise: float | None = None
+             ) -> tuple[torch.Tensor, float]:
+    """-> (video float [B,3,T,H,W] in [-1,1], fps). `lowres_noise`: both SR stages' augmentation level
+    (default: each one's sampling.lowres_noise)."""
+    for stage in ("sr_low", "sr_high"):  # before minutes of sampling the stages before them
+        if stage in chain:
+            lowres_level(chain[stage], lowres_noise)
     generator = torch.Generator().manual_seed(seed)
     prior, decoder = chain["prior"], chain["decoder"]
     device = decoder.device
@@ -180,9 +202,9 @@ def generate(chain: dict[str, DiffusionStage], prompts: list[str], *, steps: int
         video = interpolate_frames(chain["interpolation"], video, image_emb, fps, skip, generator, steps, guidance)
         fps = fps * skip
     if "sr_low" in chain:
-        video = super_resolve_video(chain["sr_low"], video, fps, generator, steps)
+        video = super_resolve_video(chain["sr_low"], video, fps, generator, steps, lowres_noise)
     if "sr_high" in chain:
-        video = super_resolve_frames(chain["sr_high"], video, generator, steps)
+        video = super_resolve_frames(chain["sr_high"], video, generator, steps, lowres_noise=lowres_noise)
     return video.clamp(-1, 1), fps
 
 
@@ -194,14 +216,16 @@ def to_uint8(video: torch.Tensor) -> torch.Tensor:
 def sample_videos(prompts: list[str], checkpoints: dict[str, str | Path], out_dir: str | Path, *,
                   steps: int | None = None, guidance: float | None = None, seed: int = 0,
                   device: str | torch.device = "cpu", batch_size: int = 8, gif: bool = True,
-                  chain: dict[str, DiffusionStage] | None = None) -> list[SampleResult]:
+                  chain: dict[str, DiffusionStage] | None = None, lowres_noise: float | None = None
+                  ) -> list[SampleResult]:
     """Sample one video per prompt (in batches) -> out_dir/sample-0000.mp4 (+ .gif)."""
     chain = chain or load_chain(checkpoints, device)
     out_dir = Path(out_dir)
     results = []
     for start in range(0, len(prompts), batch_size):
         batch = list(prompts[start : start + batch_size])
-        video, fps = generate(chain, batch, steps=steps, guidance=guidance, seed=seed + start)
+        video, fps = generate(chain, batch, steps=steps, guidance=guidance, seed=seed + start,
+                              lowres_noise=lowres_noise)
         for i, prompt in enumerate(batch):
             frames = to_uint8(video[i])
             stem = out_dir / f"sample-{start + i:04d}"
@@ -212,10 +236,11 @@ def sample_videos(prompts: list[str], checkpoints: dict[str, str | Path], out_di
 
 
 def sample_video(prompt: str, checkpoints: dict[str, str | Path], out: str | Path, *, steps: int | None = None,
-                 guidance: float | None = None, seed: int = 0, device: str | torch.device = "cpu") -> SampleResult:
+                 guidance: float | None = None, seed: int = 0, device: str | torch.device = "cpu",
+                 lowres_noise: float | None = None) -> SampleResult:
     """One prompt -> `out` (mp4) and the same name with .gif."""
     chain = load_chain(checkpoints, device)
-    video, fps = generate(chain, [prompt], steps=steps, guidance=guidance, seed=seed)
+    video, fps = generate(chain, [prompt], steps=steps, guidance=guidance, seed=seed, lowres_noise=lowres_noise)
     frames = to_uint8(video[0])
     out = Path(out)
     mp4 = write_mp4(frames, out, fps)

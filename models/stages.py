@@ -370,6 +370,11 @@ def fit_state(module: DiffusionStage, state: dict, source: str) -> dict:
     if key in state and key in own and state[key].shape[1] < own[key].shape[1]:
         state = widen_input(state, own[key].shape[1])  # decoder -> interpolation: new channels start at zero
     problems = misfits(own, state)  # temporal layers may be missing: inflation
+    if any("noise_level_embed" in problem for problem in problems):  # name the setting, not the weights
+        problems.insert(0, "it was trained with low-res noise augmentation: set data.lowres_noise_max > 0"
+                        if "noise_level_embed.0.weight" in state else
+                        "it was trained without low-res noise augmentation: set data.lowres_noise_max and "
+                        "sampling.lowres_noise to 0")
     if problems:
         raise CheckpointError(f"{source}: weights do not fit this {module.config.stage} model ({'; '.join(problems)})")
     return state
@@ -384,6 +389,10 @@ def _setting(config: dict, dotted: str):
 def _differing(recorded: dict, config: StageConfig, keys: tuple[str, ...]) -> list[str]:
     """'key: checkpoint X, config Y' for each setting that differs between a checkpoint and a config."""
     current = config.model_dump(mode="json")
+    try:  # a setting added since the checkpoint was saved has its default there too
+        recorded = as_config(recorded).model_dump(mode="json")
+    except ValueError:
+        pass
     return [f"{key}: checkpoint {_setting(recorded, key)!r}, config {_setting(current, key)!r}"
             for key in keys if _setting(recorded, key) != _setting(current, key)]
 
@@ -396,7 +405,7 @@ NET_SETTINGS = ("diffusion.prediction", "diffusion.schedule", "diffusion.timeste
 # midway (the stream's position and randomness follow from the batch size and the seed)
 RUN_SETTINGS = NET_SETTINGS + ("freeze_spatial", "trainer.lr", "trainer.weight_decay", "trainer.warmup_steps",
                                "trainer.accumulate_grad_batches", "trainer.ema_decay", "data.batch_size",
-                               "trainer.seed")
+                               "trainer.seed", "data.lowres_noise_max")
 
 
 def init_from_checkpoint(module: DiffusionStage, path: str | Path) -> DiffusionStage:

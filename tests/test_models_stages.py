@@ -368,16 +368,18 @@ def test_resume_continues_at_same_step_with_same_optimizer_state(data_root, tmp_
         assert torch.equal(record.weights[k], v), k
 
 
-@pytest.mark.parametrize("source,workers", [("shards", 0), ("clips", 2)])
-def test_resumed_training_is_the_uninterrupted_training(data_root, tmp_path, source, workers):
+@pytest.mark.parametrize("stage,source,workers", [("decoder", "shards", 0), ("decoder", "clips", 2),
+                                                  ("sr_high", "shards", 0)])
+def test_resumed_training_is_the_uninterrupted_training(data_root, tmp_path, stage, source, workers):
     """--resume goes on with the samples, windows, crops, noise and timesteps that the uninterrupted
     run drew (it replayed the start of the data stream and of the random numbers): the same weights
-    and EMA, bit for bit, from the shards and from the clip files, in one process or two workers."""
-    cfg = tiny("decoder", mode="image", **{"data.source": source, "data.num_workers": workers,
-                                           "data.batch_size": 3, "trainer.ema_decay": 0.5})
+    and EMA, bit for bit, from the shards and from the clip files, in one process or two workers
+    (sr_high: with the low-res input's noise augmentation drawn every step too)."""
+    cfg = tiny(stage, mode="image", **{"data.source": source, "data.num_workers": workers,
+                                       "data.batch_size": 3, "trainer.ema_decay": 0.5})
 
     def train(name, steps, resume=False):
-        return train_stage("decoder", cfg, data_root=data_root, dataset="shapes", out_dir=tmp_path / name,
+        return train_stage(stage, cfg, data_root=data_root, dataset="shapes", out_dir=tmp_path / name,
                            max_steps=steps, resume=resume)
 
     straight = train("straight", 5)
@@ -585,6 +587,23 @@ def test_lowres_noise_augmentation_noises_the_input_by_the_schedule_and_tells_th
     assert torch.equal(off.lowres_condition(low, size, 0.5, noise)["extra"], off.upsample(low, size))
 
 
+def test_init_and_resume_across_lowres_noise_augmentation_name_the_setting(chain, data_root, tmp_path):
+    from models.stages import init_from_checkpoint
+
+    off = {"data.lowres_noise_max": 0.0, "sampling.lowres_noise": 0.0}
+    with pytest.raises(CheckpointError, match="it was trained with low-res noise augmentation: set "
+                                              "data.lowres_noise_max > 0; missing|unexpected"):
+        init_from_checkpoint(build_stage(tiny("sr_low", **off)), chain["sr_low_image"].checkpoint)
+    plain = train_stage("sr_high", tiny("sr_high", **off), data_root=data_root, dataset="shapes",
+                        out_dir=tmp_path / "plain", max_steps=1)
+    with pytest.raises(CheckpointError, match="it was trained without low-res noise augmentation: set "
+                                              "data.lowres_noise_max and sampling.lowres_noise to 0"):
+        init_from_checkpoint(build_stage(tiny("sr_high")), plain.checkpoint)
+    with pytest.raises(CheckpointError, match=r"data.lowres_noise_max: checkpoint 0.0, config 0.5"):
+        train_stage("sr_high", tiny("sr_high"), data_root=data_root, dataset="shapes", out_dir=tmp_path / "plain",
+                    max_steps=2, resume=True)
+
+
 def test_time_windows_cover_the_clip_at_the_training_length():
     from models.sampling import time_windows
 
@@ -628,13 +647,60 @@ def test_sr_low_sees_only_windows_of_its_training_length(chain, overlap, windows
 
     net = load_stage(chain["sr_low"].checkpoint, "sr_low")
     net.config.sampling.window_overlap = overlap
-    lengths, denoise = [], net.denoise
-    net.denoise = lambda x_t, t, cond: lengths.append(x_t.shape[2]) or denoise(x_t, t, cond)
+    lengths, levels, denoise = [], [], net.denoise
+    net.denoise = lambda x_t, t, cond: (lengths.append(x_t.shape[2]) or levels.append(cond["noise_level"].tolist())
+                                        or denoise(x_t, t, cond))
     low, size = net.config.data.lowres_size, net.config.data.size
     video = torch.rand(1, 3, 13, low, low) * 2 - 1
     out = super_resolve_video(net, video, 8.0, torch.Generator().manual_seed(0), steps=2)
     assert out.shape == (1, 3, 13, size, size) and torch.isfinite(out).all()
     assert set(lengths) == {net.config.data.frames} and len(lengths) == 2 * windows_per_step
+    assert levels == [[round(net.config.sampling.lowres_noise * 999)]] * len(lengths) == [[100]] * len(lengths)
+    levels.clear()
+    super_resolve_video(net, video, 8.0, torch.Generator().manual_seed(0), steps=1, lowres_noise=0.3)
+    assert levels == [[300]] * windows_per_step
+
+
+def test_image_mode_sr_low_super_resolves_frame_by_frame_in_windows(chain):
+    from models.sampling import super_resolve_video
+
+    net = load_stage(chain["sr_low_image"].checkpoint, "sr_low")
+    lengths, denoise = [], net.denoise
+    net.denoise = lambda x_t, t, cond: lengths.append(x_t.shape[2]) or denoise(x_t, t, cond)
+    low, size = net.config.data.lowres_size, net.config.data.size
+    video = (torch.rand(1, 3, 1, low, low) * 2 - 1).expand(1, 3, 13, low, low).contiguous()
+    out = super_resolve_video(net, video, 8.0, torch.Generator().manual_seed(0), steps=1)
+    assert out.shape == (1, 3, 13, size, size)
+    assert lengths == [6, 6, 6]  # no overlap: 0-6, 6-12, and 7-13 for the last frame
+    assert (out[:, :, 1:] - out[:, :, :1]).abs().max() > 1e-3  # its own noise per frame: no temporal layers
+
+
+def test_sampling_refuses_a_lowres_noise_the_sr_stages_never_trained_on_before_sampling(chain):
+    from models.sampling import generate, load_chain
+
+    loaded = load_chain({s: chain[s].checkpoint for s in ("prior", "decoder", "sr_low", "sr_high")})
+    sampled = []
+    loaded["prior"].sample = lambda *a, **k: sampled.append(1)
+    with pytest.raises(ValueError, match="lowres noise 0.9: the sr_low checkpoint trained on levels from 0 to "
+                                         "data.lowres_noise_max = 0.5"):
+        generate(loaded, ["a red ball"], lowres_noise=0.9)
+    assert not sampled
+
+
+def test_sr_high_noises_every_frames_input_alike_at_the_sampling_level(chain):
+    from models.sampling import super_resolve_frames
+
+    net = load_stage(chain["sr_high"].checkpoint, "sr_high")
+    extras, levels, denoise = [], [], net.denoise
+    net.denoise = lambda x_t, t, cond: (extras.append(cond["extra"]) or levels.append(cond["noise_level"].tolist())
+                                        or denoise(x_t, t, cond))
+    low = net.config.data.lowres_size
+    still = (torch.rand(1, 3, 1, low, low) * 2 - 1).expand(1, 3, 3, low, low).contiguous()
+    super_resolve_frames(net, still, torch.Generator().manual_seed(0), steps=1)
+    assert levels == [[100, 100, 100]]
+    clean = net.upsample(still[:, :, 0], net.config.data.size)
+    assert (extras[0][0] - clean[0]).abs().max() > 0.05  # noised (level 0.1: sigma ~0.16) ...
+    assert torch.equal(extras[0][1], extras[0][0]) and torch.equal(extras[0][2], extras[0][0])  # ... alike
 
 
 def test_guidance_and_seed_in_prior_and_decoder(chain, tmp_path):
