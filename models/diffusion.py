@@ -69,8 +69,8 @@ class Diffusion:
             # pixels: clip x0 each step as DDIM does (sample_max_value 1 = static clipping); cosine schedule
             # with epsilon: skip the t~999 end where x0 = (x - sigma eps) / alpha divides by alpha ~ 5e-5
             return StaticallyClippedDPMSolver(**common, algorithm_type="dpmsolver++", solver_order=2,
-                                               lower_order_final=True, thresholding=self.clip_sample,
-                                               sample_max_value=1.0, lambda_min_clipped=-5.1)
+                                              lower_order_final=True, thresholding=self.clip_sample,
+                                              sample_max_value=1.0, lambda_min_clipped=-5.1)
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {name!r}")
 
     @torch.no_grad()
