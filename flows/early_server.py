@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import functools
 import os
 import re
 import signal
@@ -42,12 +43,14 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _die_with_parent() -> None:
+def _die_with_parent(parent: int) -> None:
     """In the server's process (Linux): SIGTERM when `mav` dies, even by SIGKILL, so no server is orphaned."""
     try:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (AttributeError, OSError):  # not Linux: the server lives until it is stopped
-        pass
+        return
+    if os.getppid() != parent:  # mav died between the fork and prctl: that signal will never come
+        os._exit(1)
 
 
 class EarlyServer:
@@ -64,7 +67,7 @@ class EarlyServer:
         # its final states to a live server (sharing the signal, the server died first and Prefect
         # retried against it for minutes); it still dies with mav (_die_with_parent) and at exit
         return subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
-                                preexec_fn=_die_with_parent, start_new_session=True)
+                                preexec_fn=functools.partial(_die_with_parent, os.getpid()), start_new_session=True)
 
     @property
     def url(self) -> str:

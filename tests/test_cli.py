@@ -34,10 +34,15 @@ def test_ingest_runs_its_flow_on_a_temporary_server(tmp_path, samples):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "sources: 1 processed, 0 already done, 0 failed" in done.stdout + done.stderr
     assert "View at" not in done.stdout + done.stderr  # the temporary server has no UI to link to
-    with sqlite3.connect(home / "prefect.db") as db:  # the server's store: the flow and its task ran there
-        flows = db.execute("select flow.name, flow_run.state_type from flow_run join flow "
-                           "on flow.id = flow_run.flow_id").fetchall()
-        tasks = db.execute("select state_type from task_run").fetchall()
+    deadline = time.monotonic() + 20  # the server, sent SIGTERM as mav left, may still be recording states
+    while True:
+        with sqlite3.connect(home / "prefect.db") as db:  # the server's store: the flow and its task ran there
+            flows = db.execute("select flow.name, flow_run.state_type from flow_run join flow "
+                               "on flow.id = flow_run.flow_id").fetchall()
+            tasks = db.execute("select state_type from task_run").fetchall()
+        if tasks == [("COMPLETED",)] or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     assert flows == [("ingest", "COMPLETED")]
     assert tasks == [("COMPLETED",)]
 

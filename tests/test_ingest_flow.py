@@ -186,11 +186,11 @@ def test_new_version_emits_event_and_artifact(prefect_server, tmp_path, video_di
             artifacts = await client.read_artifacts()
             return response.json()["events"], artifacts
 
-    for _ in range(20):  # the server stores events asynchronously
-        events, artifacts = anyio.run(read)
-        if events:
-            break
+    deadline = time.monotonic() + 60  # the server stores events asynchronously (flushed every 5 s)
+    events, artifacts = anyio.run(read)
+    while not events and time.monotonic() < deadline:
         time.sleep(0.5)
+        events, artifacts = anyio.run(read)
     time.sleep(1.0)  # a wrong event from the quiet ingest, stored late, would show by now
     events, artifacts = anyio.run(read)
     (event,) = events
