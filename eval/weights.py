@@ -10,10 +10,11 @@ import hashlib
 import http.client
 import os
 import shutil
-import tempfile
 import urllib.parse
 import urllib.request
 from pathlib import Path
+
+from data_prep.atomic import replacing
 
 
 class ChecksumError(ValueError):
@@ -59,11 +60,9 @@ def resolve_weights(src: str | Path, sha256: str | None = None, cache_dir: str |
     target = cache / key / name
     if target.is_file():
         return target, verify(target, sha256, target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".part-")
-    try:
+    with replacing(target) as tmp:  # cached whole and verified, or not at all
         try:
-            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(str(src), timeout=60) as resp:
+            with open(tmp, "wb") as out, urllib.request.urlopen(str(src), timeout=60) as resp:
                 declared = resp.headers.get("Content-Length")
                 shutil.copyfileobj(resp, out, 1 << 20)
                 received = out.tell()
@@ -71,11 +70,7 @@ def resolve_weights(src: str | Path, sha256: str | None = None, cache_dir: str |
             raise WeightsDownloadError(f"weights {src}: download failed ({err})") from None
         if declared is not None and received != int(declared):  # without a checksum it would be cached
             raise WeightsDownloadError(f"weights {src}: download cut short ({received} of {declared} bytes)")
-        digest = verify(Path(tmp), sha256, src)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        digest = verify(tmp, sha256, src)
     return target, digest
 
 

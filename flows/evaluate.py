@@ -32,10 +32,10 @@ from prefect.cache_policies import NONE as NO_CACHE
 from data_prep.atomic import atomic_write_json
 from flows.cli import device_name, non_negative_int, positive_int
 from flows.tracking import default_tracking_uri, experiment_id
+from eval import METRICS, metric_list
 from eval.protocols import PROTOCOLS, load_protocol
 from eval.video_io import VIDEO_EXTENSIONS, list_videos, write_png
 
-METRICS = ("fvd", "clipsim", "is")
 RESIZE = "bilinear 224x224 align_corners=False, no crop, [-1,1]"
 _RUN_SRC = re.compile(r"^(?:runs:/|mlflow:)([0-9a-fA-F]{8,})(?:/(.*))?$")
 
@@ -299,14 +299,6 @@ def log_task(results: dict, params: dict, clips: list, tracking_uri: str, experi
         raise
     client.set_terminated(run_id, "FINISHED")
     return run_id
-
-
-def metric_list(metrics: str | Sequence[str]) -> list[str]:
-    metrics = [m.strip().lower() for m in (metrics.split(",") if isinstance(metrics, str) else metrics) if m.strip()]
-    unknown = set(metrics) - set(METRICS)
-    if unknown:
-        raise ValueError(f"unknown metrics {sorted(unknown)}; choose from {', '.join(METRICS)}")
-    return metrics
 
 
 def check_inputs(args: argparse.Namespace) -> None:

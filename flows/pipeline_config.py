@@ -6,10 +6,10 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from data_prep.config import describe, read_yaml_mapping
+from eval import metric_list
 from models.config import STAGES, load_config
 
 REPO = Path(__file__).resolve().parent.parent
-METRICS = ("fvd", "clipsim", "is")
 
 
 class Strict(BaseModel):
@@ -77,10 +77,10 @@ def load_pipeline_config(path: str | Path) -> PipelineConfig:
         config = PipelineConfig.model_validate(raw)
     except ValidationError as err:
         raise ValueError(f"pipeline config {path}: {describe(err)}") from None
-    config.evaluate.metrics = [m.strip().lower() for m in config.evaluate.metrics]
-    unknown = sorted(set(config.evaluate.metrics) - set(METRICS))
-    if unknown:
-        raise ValueError(f"pipeline config {path}: evaluate.metrics: unknown {unknown}; metrics are {', '.join(METRICS)}")
+    try:
+        config.evaluate.metrics = metric_list(config.evaluate.metrics)
+    except ValueError as err:
+        raise ValueError(f"pipeline config {path}: evaluate.metrics: {err}") from None
     names = [s.name for s in config.steps]
     if len(set(names)) != len(names):
         raise ValueError(f"pipeline config {path}: step names repeat")

@@ -11,17 +11,12 @@ from __future__ import annotations
 
 import gc
 import os
-import socket
 import sys
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.servers import free_port
 
 
 def run_in_gloo_group(fn, world: int, *args) -> None:

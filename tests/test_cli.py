@@ -180,6 +180,17 @@ def test_bad_ingest_and_pipeline_input_is_one_line_and_exit_2(prefect_server, tm
     assert not (tmp_path / "mav-data").exists()
 
 
+def test_pipeline_metrics_are_named_like_evaluates(tmp_path):
+    from flows.pipeline_config import load_pipeline_config
+
+    config = tmp_path / "pipeline.yaml"
+    config.write_text("evaluate: {metrics: [' FVD', clipsim]}\n")
+    assert load_pipeline_config(config).evaluate.metrics == ["fvd", "clipsim"]
+    config.write_text("evaluate: {metrics: [fvd, foo]}\n")
+    with pytest.raises(ValueError, match=r"pipeline config \S+: evaluate.metrics: unknown metrics \['foo'\]"):
+        load_pipeline_config(config)
+
+
 def test_bad_evaluate_input_is_one_line_and_exit_2(prefect_server, tmp_path, capsys):
     import re
 

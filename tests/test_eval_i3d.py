@@ -65,7 +65,7 @@ def test_weights_from_state_dict_and_torchscript(tmp_path, detector, monkeypatch
     cached = load_i3d(path.as_uri(), sha256=digest)
     assert cached.checksum == digest
     assert list((tmp_path / "cache").rglob("i3d_pretrained_400.pt"))
-    assert not list((tmp_path / "cache").rglob(".part-*"))  # failed download left nothing behind
+    assert not list((tmp_path / "cache").rglob(".tmp-*"))  # failed download left nothing behind
     data = path.read_bytes()
     with FaultServer({"/w/i3d.pt": ("ok", data), "/w/cut.pt": ("cut", data), "/w/gone.pt": ("404", b"")}) as srv:
         over_http = load_i3d(f"{srv.base}/w/i3d.pt", sha256=digest)
@@ -76,7 +76,7 @@ def test_weights_from_state_dict_and_torchscript(tmp_path, detector, monkeypatch
             load_i3d(f"{srv.base}/w/cut.pt")  # no checksum to catch it: the length does
         with pytest.raises(WeightsDownloadError, match=r"/w/gone.pt: download failed \(HTTP Error 404"):
             load_i3d(f"{srv.base}/w/gone.pt")
-    assert not list((tmp_path / "cache").rglob("cut.pt")) and not list((tmp_path / "cache").rglob(".part-*"))
+    assert not list((tmp_path / "cache").rglob("cut.pt")) and not list((tmp_path / "cache").rglob(".tmp-*"))
 
     class StyleGANVLike(torch.nn.Module):  # same call signature as i3d_torchscript.pt
         def forward(self, x: torch.Tensor, rescale: bool = False, resize: bool = False,
