@@ -175,13 +175,15 @@ class VersionResult:
 
 
 def commit_version(ds_dir: Path, new_rows: list[dict], failures: list[dict], config: dict,
-                   shard_max_clips: int, rejected: set[str] = frozenset()) -> VersionResult:
+                   shard_max_clips: int, rejected: set[str] = frozenset(),
+                   source_bytes: dict[str, str] | None = None) -> VersionResult:
     """Parent manifest + this run's clips -> a new immutable version, unless nothing changed.
 
     `new_rows`: every clip of the sources this run processed (new or unchanged). A source's clips
     in the version are those of its latest processing: re-cut with other clip settings, its
     earlier clips leave the version (they stay in the parent versions and on disk), and so do
-    those of a source `rejected` (sha256s) for good under this run's settings."""
+    those of a source `rejected` (sha256s) for good under this run's settings, and those of a path
+    or URL whose bytes changed (`source_bytes`: source -> the sha256 this run read there)."""
     parent = latest_version(ds_dir)
     if parent:
         parent_manifest = read_manifest_file(ds_dir / "versions" / parent / "manifest.parquet")
@@ -189,7 +191,11 @@ def commit_version(ds_dir: Path, new_rows: list[dict], failures: list[dict], con
     else:
         parent_manifest, parent_shards = empty_manifest(), []
     current = pd.DataFrame(new_rows, columns=MANIFEST_COLUMNS) if new_rows else empty_manifest()
-    replaced = parent_manifest["source_sha256"].isin(set(current["source_sha256"]) | set(rejected)) & \
+    source_bytes = source_bytes or {}
+    overwritten = [source_bytes.get(source, sha) != sha
+                   for source, sha in zip(parent_manifest["source"], parent_manifest["source_sha256"])]
+    replaced = (parent_manifest["source_sha256"].isin(set(current["source_sha256"]) | set(rejected))
+                | pd.Series(overwritten, index=parent_manifest.index, dtype=bool)) & \
         ~parent_manifest["clip_id"].isin(set(current["clip_id"]))
     kept = parent_manifest[~replaced]
     added = current[~current["clip_id"].isin(set(kept["clip_id"]))].drop_duplicates("clip_id")

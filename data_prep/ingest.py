@@ -55,14 +55,24 @@ def fetch(ref: SourceRef, data_root: Path, cfg: IngestConfig) -> tuple[Path, str
     return path, sha256_file(path)
 
 
+# Raised when a rejection may no longer hold for the same bytes (2: raw H.264/HEVC streams, whose
+# packets carry no timestamps, probe now): older rejected records are probed again
+REJECTION_RULES = 2
+
+
 def process_source(ref: SourceRef, data_root: Path, ds_dir: Path, cfg: IngestConfig,
                    on_frames: Callable[[int], None] | None = None) -> SourceOutcome:
     settings = cfg.clip_settings_hash()
     try:
         path, digest = fetch(ref, data_root, cfg)
-    except (DownloadError, OSError) as err:
+    except Exception as err:  # DownloadError, OSError, or what nobody foresaw: tried again next time
         return SourceOutcome(ref.source, "failed", stage="download", reason=_reason(err))
-    done = read_source_record(ds_dir, digest, settings)
+    try:
+        done = read_source_record(ds_dir, digest, settings)
+    except (OSError, ValueError) as err:
+        return SourceOutcome(ref.source, "failed", digest, stage="record", reason=_reason(err))
+    if done is not None and "rejected" in done and done.get("rules", 1) < REJECTION_RULES:
+        done = None
     if done is not None and "rejected" in done:  # these bytes failed before, for a reason they alone decide
         return SourceOutcome(ref.source, "failed", digest, cuts=done["cuts"], rejected=True, **done["rejected"])
     if done is not None:  # processed before with the same settings: nothing to redo
@@ -70,16 +80,16 @@ def process_source(ref: SourceRef, data_root: Path, ds_dir: Path, cfg: IngestCon
                              cuts=done["cuts"], probe=done["probe"])
     try:
         info = probe(path)
-    except OSError as err:  # unreadable now (permissions, a flaky disk): tried again next time
-        return SourceOutcome(ref.source, "failed", digest, stage="probe", reason=_reason(err))
     except ProbeError as err:
         return _rejected(ds_dir, settings, ref.source, digest, "probe", _reason(err))
+    except Exception as err:  # unreadable now (permissions, a flaky disk, a codec this build lacks): tried again
+        return SourceOutcome(ref.source, "failed", digest, stage="probe", reason=_reason(err))
     if info.duration_s < cfg.scenes.min_scene_s:
         reason = f"video is {info.duration_s:.2f} s long, shorter than the minimum scene ({cfg.scenes.min_scene_s:g} s)"
         return _rejected(ds_dir, settings, ref.source, digest, "probe", reason)
     try:
         result = cut_source(path, info, digest, ds_dir / "clips", cfg, on_frames=on_frames)
-    except (DecodeError, OSError) as err:  # may be the machine's (memory, disk): tried again next time
+    except Exception as err:  # may be the machine's (memory, disk): tried again next time
         return SourceOutcome(ref.source, "failed", digest, stage="decode", reason=_reason(err))
     if not result.clips:
         reason = (f"no scene reached the minimum length of {cfg.scenes.min_scene_s:g} s "
@@ -87,7 +97,10 @@ def process_source(ref: SourceRef, data_root: Path, ds_dir: Path, cfg: IngestCon
         return _rejected(ds_dir, settings, ref.source, digest, "scenes", reason, result.cuts)
     record = {"source_sha256": digest, "source": ref.source, "probe": info.summary(), "cuts": result.cuts,
               "frames_decoded": result.frames_decoded, "clips": result.clips}
-    write_source_record(ds_dir, record, settings)  # written last: the source counts as done only now
+    try:
+        write_source_record(ds_dir, record, settings)  # written last: the source counts as done only now
+    except OSError as err:  # the clips stay on disk, unlisted; the next run cuts the source again
+        return SourceOutcome(ref.source, "failed", digest, stage="record", reason=_reason(err))
     return SourceOutcome(ref.source, "new", digest, clips=_rows(result.clips, ref.source, digest),
                          cuts=result.cuts, probe=info.summary())
 
@@ -96,8 +109,12 @@ def _rejected(ds_dir: Path, settings: str, source: str, digest: str, stage: str,
               cuts: list[int] = ()) -> SourceOutcome:
     """A failure that the bytes and the clip settings alone decide: recorded, so later ingests
     report it without probing or decoding the same bytes again."""
-    write_source_record(ds_dir, {"source_sha256": digest, "source": source, "cuts": list(cuts),
-                                 "rejected": {"stage": stage, "reason": reason}}, settings)
+    try:
+        write_source_record(ds_dir, {"source_sha256": digest, "source": source, "cuts": list(cuts),
+                                     "rejected": {"stage": stage, "reason": reason}, "rules": REJECTION_RULES},
+                            settings)
+    except OSError:  # not recorded (a full disk): reported all the same, and decided again next run
+        return SourceOutcome(source, "failed", digest, stage=stage, reason=reason, cuts=list(cuts))
     return SourceOutcome(source, "failed", digest, stage=stage, reason=reason, cuts=list(cuts), rejected=True)
 
 
@@ -106,4 +123,7 @@ def _rows(clips: list[dict], source: str, digest: str) -> list[dict]:
 
 
 def _reason(err: Exception) -> str:
-    return str(getattr(err, "reason", None) or err) or err.__class__.__name__
+    text = str(getattr(err, "reason", None) or err) or err.__class__.__name__
+    if isinstance(err, (OSError, DownloadError, DecodeError, ProbeError)):
+        return text
+    return f"unexpected {err.__class__.__name__}: {text}"  # a bug of ours, said as one

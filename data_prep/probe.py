@@ -47,9 +47,12 @@ def probe(path: Path) -> Probe:
             kinds = sorted({s.type for s in container.streams}) or ["no"]
             raise ProbeError(f"no video stream ({', '.join(kinds)} streams only)")
         stream = container.streams.video[0]
+        if stream.codec_context is None:  # PyAV gives none where the build has no decoder for the codec
+            raise OSError("this PyAV/FFmpeg build has no decoder for the video stream's codec")
         has_audio = bool(container.streams.audio)
         time_base = stream.time_base
         pts = []
+        untimed = 0  # packets with neither pts nor dts: raw H.264/HEVC streams (.h264, .hevc)
         hidden = 0  # discard packets: in the container's frame count, never shown
         first: av.VideoFrame | None = None  # decoded in the same pass, for its display rotation
         decode_error: Exception | None = None
@@ -57,17 +60,23 @@ def probe(path: Path) -> Probe:
             for packet in container.demux(stream):
                 # a discard packet is decoded (later frames refer to it) but never shown: an MP4 edit
                 # list hides it (stream-copy trims); ffmpeg's decode pipe drops it too
-                if packet.pts is not None and packet.size:
+                stamp = packet.pts if packet.pts is not None else packet.dts
+                if stamp is not None and packet.size:
                     if packet.is_discard:
                         hidden += 1
                     else:
-                        pts.append(packet.pts)
+                        pts.append(stamp)
+                elif packet.size:
+                    untimed += 1
                 if first is None and packet.size:
                     first, decode_error = _first_frame(stream, packet, decode_error)
         except av.error.FFmpegError as err:
             _raise_if_the_machines(err)
             if not pts:
                 raise ProbeError(f"cannot read video packets ({err.strerror or err})") from None
+        rate = stream.average_rate or stream.guessed_rate
+        if not pts and untimed and rate:  # one frame per packet (the parser's), on the stream's rate
+            time_base, pts = 1 / rate, list(range(untimed))
         if not pts:
             raise ProbeError("video stream has no frames")
         if first is None:
@@ -83,7 +92,6 @@ def probe(path: Path) -> Probe:
         declared = stream.frames  # from the container's index (0 where it keeps none)
         if declared and len(pts) + hidden < declared - 1:
             raise ProbeError(f"truncated file: the container lists {declared} frames but only {len(pts)} are present")
-        rate = stream.average_rate or stream.guessed_rate
         width, height = stream.codec_context.width, stream.codec_context.height
         sar = stream.codec_context.sample_aspect_ratio or stream.sample_aspect_ratio
         pixel_aspect = float(sar) if sar and sar > 0 else 1.0

@@ -70,15 +70,22 @@ def read_url_list(path: Path) -> list[str]:
     raise SourceError("not a URL list (expected .txt, .csv, .tsv or .parquet)")
 
 
-def expand_sources(items: list[str], video_extensions: list[str]) -> list[SourceRef]:
-    """Expand folders (recursive, by extension) and URL lists; keep order, drop repeats."""
+def expand_sources(items: list[str], video_extensions: list[str], data_root: Path | None = None) -> list[SourceRef]:
+    """Expand folders (recursive, by extension) and URL lists; keep order, drop repeats. A folder
+    scan skips what lies under `data_root` (the ingest's own clips and downloads: `mav ingest .`
+    in a folder that holds mav-data would otherwise take its clips as new sources every run)."""
     extensions = {e.lower() for e in video_extensions}
+    root = data_root.resolve() if data_root is not None else None
     refs: list[SourceRef] = []
     for item in items:
         ref = _ref_for(item)
         path = Path(ref.source)
         if ref.kind == "file" and path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in extensions)
+            if root is not None and path.resolve().is_relative_to(root):
+                refs.append(SourceRef(ref.source, "unreadable", reason=f"folder is inside the data root {root}"))
+                continue
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in extensions
+                           and not (root is not None and p.resolve().is_relative_to(root)))
             refs.extend([SourceRef(str(p), "file") for p in found] or [SourceRef(ref.source, "empty")])
         elif ref.kind == "file" and path.suffix.lower() in LIST_SUFFIXES and path.is_file():
             try:

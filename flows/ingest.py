@@ -62,7 +62,7 @@ def ingest(sources: list[str], data_root: str = "mav-data", dataset: str = "defa
         raise ValueError(f"workers (sources processed at once) must be >= 1, got {workers}")
     root = Path(data_root).resolve()
     ds_dir = dataset_dir(root, dataset)
-    refs = expand_sources(sources, cfg.video_extensions)
+    refs = expand_sources(sources, cfg.video_extensions, root)
     logger.info("ingest %d sources into %s", len(refs), ds_dir)
     with locked(ds_dir):
         remove_stale_temporaries(ds_dir)
@@ -95,7 +95,9 @@ def ingest(sources: list[str], data_root: str = "mav-data", dataset: str = "defa
         new_rows = [row for o in outcomes if o.status != "failed" for row in o.clips]
         failures = [o.failure_row() for o in outcomes if o.status == "failed"]
         rejected = {o.source_sha256 for o in outcomes if o.rejected}
-        result = commit_version(ds_dir, new_rows, failures, cfg.model_dump(), cfg.shard_max_clips, rejected)
+        source_bytes = {o.source: o.source_sha256 for o in outcomes if o.source_sha256}
+        result = commit_version(ds_dir, new_rows, failures, cfg.model_dump(), cfg.shard_max_clips, rejected,
+                                source_bytes)
     _publish(dataset, root, outcomes, result, announce)
     summary = {
         "dataset": dataset, "data_root": str(root), "version": result.version, "created": result.created,

@@ -148,6 +148,20 @@ def test_rerun_is_idempotent_and_a_new_video_is_processed_alone(prefect_server, 
     assert clip_table(root, "d").drop(columns=["shard"]).equals(others.drop(columns=["shard"]))
     assert version_info(root, "d")["replaced_clips"] == len(new_bunny)
 
+    # other bytes at a path already ingested: the path's old clips leave with its old bytes
+    asl = video_dir / "asl_book.mkv"
+    old_asl = clip_table(root, "d").query("source == @asl.__str__()")
+    edited = tmp_path / "edited.mkv"
+    subprocess.run([ffmpeg_exe(), "-v", "error", "-y", "-i", str(asl), "-t", "4", "-an", "-c:v", "libx264",
+                    str(edited)], check=True)
+    os.replace(edited, asl)
+    sixth = ingest(sources=[str(asl)], data_root=str(root), dataset="d")
+    assert sixth["created"] and sixth["sources"] == {"new": 1, "unchanged": 0, "failed": 0}
+    new_asl = clip_table(root, "d").query("source == @asl.__str__()")
+    assert len(old_asl) and len(new_asl) == sixth["new_clips"] and set(new_asl["source_sha256"]) != \
+        set(old_asl["source_sha256"]) and new_asl["source_sha256"].nunique() == 1
+    assert version_info(root, "d")["replaced_clips"] == len(old_asl)
+
 
 def _finished_task_runs(flow_run_id, name_prefix: str, count: int) -> list:
     """The flow run's finished task runs whose names start with `name_prefix`, by start time (the

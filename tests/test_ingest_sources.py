@@ -18,6 +18,17 @@ def test_folders_expand_recursively_by_extension(tmp_path):
     assert all(r.kind == "file" and Path(r.source).is_absolute() for r in refs)
 
 
+def test_a_folder_scan_skips_the_data_root(tmp_path):
+    """`mav ingest .` where . holds mav-data: its clips and downloads are not new sources."""
+    (tmp_path / "mav-data" / "datasets" / "d" / "clips").mkdir(parents=True)
+    for name in ("one.mp4", "mav-data/datasets/d/clips/c1.mp4", "mav-data/raw.mp4"):
+        (tmp_path / name).write_bytes(b"x")
+    refs = expand_sources([str(tmp_path), str(tmp_path / "mav-data" / "datasets")], EXT, tmp_path / "mav-data")
+    assert [(Path(r.source).name, r.kind) for r in refs] == [("one.mp4", "file"), ("datasets", "unreadable")]
+    assert refs[1].reason.startswith("folder is inside the data root")
+    assert len(expand_sources([str(tmp_path)], EXT)) == 3  # without a data root, nothing is skipped
+
+
 def test_url_lists_txt_csv_parquet(tmp_path):
     (tmp_path / "list.txt").write_text("# comment\nhttp://h/a.mp4\n\nhttps://h/b.mp4\nlocal.mp4\n")
     (tmp_path / "list.csv").write_text("caption,url\nx,http://h/c.mp4\ny,http://h/a.mp4\n")
@@ -147,3 +158,63 @@ def test_io_errors_and_missing_codecs_at_probe_are_retried_not_recorded(tmp_path
     with pytest.raises(OSError, match="this PyAV/FFmpeg build cannot read it"):
         _raise_if_the_machines(av.error.DecoderNotFoundError(-1, "Decoder not found"))
     _raise_if_the_machines(av.error.InvalidDataError(-1, "Invalid data found when processing input"))  # the bytes'
+
+
+def test_a_codec_this_build_cannot_decode_is_a_retried_failure_not_a_crash(tmp_path):
+    """PyAV gives a stream without a codec context for a codec it lacks (here an AVI tagged ZZZZ):
+    a failed probe naming the cause, not recorded, so a build that has the codec takes it later."""
+    import subprocess
+
+    from data_prep.ffmpeg_bin import ffmpeg_exe
+    from data_prep.ingest import process_source
+    from data_prep.sources import SourceRef
+
+    avi = tmp_path / "x.avi"
+    subprocess.run([ffmpeg_exe(), "-v", "error", "-y", "-f", "lavfi", "-i", "testsrc=size=64x48:rate=25:duration=2",
+                    "-c:v", "mpeg4", str(avi)], check=True)
+    unknown = tmp_path / "unknown.avi"
+    unknown.write_bytes(avi.read_bytes().replace(b"FMP4", b"ZZZZ"))
+    ds = tmp_path / "root" / "datasets" / "d"
+    outcome = process_source(SourceRef(str(unknown), "file"), tmp_path / "root", ds, load_ingest_config(None))
+    assert (outcome.status, outcome.stage, outcome.rejected) == ("failed", "probe", False)
+    assert outcome.reason == "this PyAV/FFmpeg build has no decoder for the video stream's codec"
+    assert not (ds / "sources").exists() or not list((ds / "sources").iterdir())
+
+
+def test_raw_h264_and_hevc_streams_are_cut_like_any_video(tmp_path):
+    """Elementary streams (.h264 / .hevc, no container) carry no packet timestamps: frames are
+    counted by packet on the stream's rate. A rejection recorded before that (rules 1) is retried."""
+    import json
+    import subprocess
+
+    import av
+
+    from data_prep.dataset import source_record_path
+    from data_prep.ffmpeg_bin import ffmpeg_exe
+    from data_prep.download import sha256_file
+    from data_prep.ingest import process_source
+    from data_prep.sources import SourceRef
+
+    cfg = load_ingest_config(None)
+    ds = tmp_path / "root" / "datasets" / "d"
+    for codec, fmt in (("libx264", "h264"), ("libx265", "hevc")):
+        stream = tmp_path / f"clip.{fmt}"
+        done = subprocess.run([ffmpeg_exe(), "-v", "error", "-y", "-f", "lavfi", "-i",
+                               "testsrc=size=96x64:rate=25:duration=4", "-c:v", codec, "-f", fmt, str(stream)],
+                              capture_output=True)
+        if done.returncode != 0:
+            assert codec == "libx265", done.stderr  # x265 is optional in an ffmpeg build
+            continue
+        digest = sha256_file(stream)
+        old = {"source_sha256": digest, "source": str(stream), "cuts": [],
+               "rejected": {"stage": "probe", "reason": "video stream has no frames"}}
+        record = source_record_path(ds, digest, cfg.clip_settings_hash())
+        record.parent.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps(old))
+        outcome = process_source(SourceRef(str(stream), "file"), tmp_path / "root", ds, cfg)
+        assert outcome.status == "new", outcome.reason
+        assert outcome.probe["num_frames"] == 100 and outcome.probe["fps"] == 25.0
+        assert sum(c["num_frames"] for c in outcome.clips) == 100
+        with av.open(str(ds / outcome.clips[0]["clip_path"])) as clip:
+            assert sum(1 for _ in clip.decode(video=0)) == outcome.clips[0]["num_frames"]
+        assert json.loads(record.read_text()).get("rejected") is None
