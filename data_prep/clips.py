@@ -61,11 +61,11 @@ CLIP_COLOUR = {"color_range": "tv", "colorspace": "smpte170m"}
 
 
 def decode_command(path: Path, width: int, height: int, square: bool = False, threads: int = 1,
-                   interlaced: bool = False, anamorphic: bool = False) -> list[str]:
+                   interlaced: bool = False, anamorphic: bool = False, stream_index: int | None = None) -> list[str]:
     """Decode, deinterlace (if `interlaced`), rotate (ffmpeg's autorotate), make pixels square
     (if `anamorphic`), optionally crop the centre square (fewer pixels through the scaler and the
     pipe), scale to width x height and convert to the clips' colour (CLIP_COLOUR); pipe raw I420."""
-    stream = ffmpeg.input(str(path), threads=threads)["v:0"]
+    stream = ffmpeg.input(str(path), threads=threads)["v:0" if stream_index is None else str(stream_index)]
     if interlaced:  # one frame per frame, from both fields; progressive frames pass through
         stream = stream.filter("bwdif", mode="send_frame", deint="interlaced")
     if anamorphic:  # to display proportions, or the crop and scale distort them
@@ -217,7 +217,7 @@ def cut_source(
     frame_bytes = width * height * 3 // 2
     with tempfile.TemporaryFile() as stderr:
         command = decode_command(path, width, height, square, interlaced=probe.interlaced,
-                                 anamorphic=abs(probe.pixel_aspect - 1) > 1e-3)
+                                 anamorphic=abs(probe.pixel_aspect - 1) > 1e-3, stream_index=probe.stream_index)
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr)
         index = 0
         try:

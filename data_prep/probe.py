@@ -25,6 +25,7 @@ class Probe:
     frame_times_s: list[float]  # presentation time of each frame, from 0
     pixel_aspect: float = 1.0  # sample aspect ratio: a pixel's width / height in the coded frame
     interlaced: bool = False  # the first frame is interlaced (fields): ingest deinterlaces
+    stream_index: int = 0  # the video stream (the container's index) that ingest decodes
 
     def summary(self) -> dict:
         record = asdict(self)
@@ -46,7 +47,9 @@ def probe(path: Path) -> Probe:
         if not container.streams.video:
             kinds = sorted({s.type for s in container.streams}) or ["no"]
             raise ProbeError(f"no video stream ({', '.join(kinds)} streams only)")
-        stream = container.streams.video[0]
+        stream = main_video_stream(container)
+        if stream is None:
+            raise ProbeError("no video stream (a cover picture only)")
         if stream.codec_context is None:  # PyAV gives none where the build has no decoder for the codec
             raise OSError("this PyAV/FFmpeg build has no decoder for the video stream's codec")
         has_audio = bool(container.streams.audio)
@@ -97,7 +100,7 @@ def probe(path: Path) -> Probe:
         pixel_aspect = float(sar) if sar and sar > 0 else 1.0
         width = round(width * pixel_aspect)
         interlaced = bool(first.interlaced_frame)
-        codec = stream.codec_context.name
+        codec, index = stream.codec_context.name, stream.index
     deltas = [b - a for a, b in zip(times, times[1:]) if b > a]
     average = float(rate) if rate else (len(times) - 1) / max(times[-1], 1e-9)
     variable = bool(deltas) and max(deltas) > 1.5 * min(deltas)
@@ -108,7 +111,18 @@ def probe(path: Path) -> Probe:
         duration_s=times[-1] + last, num_frames=len(times), fps=average, variable_fps=variable,
         width=width, height=height, rotation=rotation, codec=codec,
         has_audio=has_audio, frame_times_s=times, pixel_aspect=pixel_aspect, interlaced=interlaced,
+        stream_index=index,
     )
+
+
+def main_video_stream(container):
+    """The video stream ffmpeg picks by default, the one of the highest resolution (the first of
+    those), leaving out cover pictures; None when a cover picture is all there is."""
+    videos = [s for s in container.streams.video if not s.disposition & av.stream.Disposition.attached_pic]
+    if not videos:
+        return None
+    return max(videos, key=lambda s: (s.codec_context.width * s.codec_context.height if s.codec_context else 0,
+                                      -s.index))
 
 
 def _raise_if_the_machines(err: Exception) -> None:

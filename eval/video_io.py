@@ -45,11 +45,13 @@ def count_frames(path: str | Path) -> int:
     """Frame count from the container if it knows it, else by decoding."""
     import av
 
+    from data_prep.probe import main_video_stream
+
     try:
         with av.open(str(path)) as container:
-            if not container.streams.video:
+            stream = main_video_stream(container)
+            if stream is None:
                 raise ValueError("no video stream")
-            stream = container.streams.video[0]
             if stream.frames:
                 return int(stream.frames)
             return sum(1 for _ in container.decode(stream))

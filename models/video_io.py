@@ -12,6 +12,7 @@ import torch
 
 from data_prep.atomic import replacing
 from data_prep.ffmpeg_bin import ffmpeg_exe
+from data_prep.probe import main_video_stream
 
 
 class TooFewFrames(ValueError):
@@ -29,9 +30,9 @@ def read_frames(src: str | Path | bytes, indices: list[int] | None = None) -> tu
     last = None if indices is None else max(indices, default=-1)
     frames: dict[int, np.ndarray] = {}
     with av.open(io.BytesIO(src) if isinstance(src, bytes) else str(src)) as container:
-        if not container.streams.video:
+        stream = main_video_stream(container)
+        if stream is None:
             raise ValueError("no video stream")
-        stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         fps = float(stream.average_rate or stream.guessed_rate or 0) or 25.0
         shape, decoded = None, 0

@@ -218,3 +218,28 @@ def test_raw_h264_and_hevc_streams_are_cut_like_any_video(tmp_path):
         with av.open(str(ds / outcome.clips[0]["clip_path"])) as clip:
             assert sum(1 for _ in clip.decode(video=0)) == outcome.clips[0]["num_frames"]
         assert json.loads(record.read_text()).get("rejected") is None
+
+
+def test_the_main_video_stream_is_cut_not_a_picture_beside_it(tmp_path):
+    """A one-frame picture stream before the video (as ffmpeg's stream choice, not stream 0), and a
+    song whose only video stream is its cover picture: no video, said so."""
+    import subprocess
+
+    from data_prep.ffmpeg_bin import ffmpeg_exe
+    from data_prep.ingest import process_source
+    from data_prep.sources import SourceRef
+
+    exe, cfg, ds = ffmpeg_exe(), load_ingest_config(None), tmp_path / "root" / "datasets" / "d"
+    two = tmp_path / "picture_first.mkv"
+    subprocess.run([exe, "-v", "error", "-y", "-f", "lavfi", "-i", "color=red:s=64x64:d=0.04", "-f", "lavfi", "-i",
+                    "testsrc=size=96x64:rate=25:duration=3", "-map", "0", "-map", "1", "-c:v:0", "png",
+                    "-c:v:1", "libx264", str(two)], check=True)
+    outcome = process_source(SourceRef(str(two), "file"), tmp_path / "root", ds, cfg)
+    assert outcome.status == "new", outcome.reason
+    assert outcome.probe["num_frames"] == 75 and [c["num_frames"] for c in outcome.clips] == [75]
+    song = tmp_path / "song.mp4"
+    subprocess.run([exe, "-v", "error", "-y", "-f", "lavfi", "-i", "sine=duration=2", "-f", "lavfi", "-i",
+                    "color=blue:s=64x64:d=0.04", "-map", "0", "-map", "1", "-c:a", "aac", "-c:v", "mjpeg",
+                    "-disposition:v:0", "attached_pic", str(song)], check=True)
+    outcome = process_source(SourceRef(str(song), "file"), tmp_path / "root", ds, cfg)
+    assert (outcome.status, outcome.stage, outcome.reason) == ("failed", "probe", "no video stream (a cover picture only)")
