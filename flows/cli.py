@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import os
 import sys
 
@@ -34,6 +35,17 @@ def at_least(low: int):
 
 
 positive_int, non_negative_int = at_least(1), at_least(0)
+
+
+def non_negative_float(text: str) -> float:
+    """An argparse type for finite numbers >= 0 (nan and inf are typos, never settings)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
 
 
 def device_name(text: str) -> str:

@@ -38,6 +38,7 @@ from eval.video_io import VIDEO_EXTENSIONS, list_videos, write_png
 
 RESIZE = "bilinear 224x224 align_corners=False, no crop, [-1,1]"
 _RUN_SRC = re.compile(r"^(?:runs:/|mlflow:)([0-9a-fA-F]{8,})(?:/(.*))?$")
+DEFAULT_METRICS = "fvd,clipsim"  # without --metrics or a protocol
 
 
 # -- sources ---------------------------------------------------------------------
@@ -171,7 +172,7 @@ def sample_videos(prompts: list[str], sampler: Callable | None, checkpoints, out
             target = out / f"sample-{i:05d}.mp4"
             made = sampler(prompt, checkpoints, target, steps=steps, guidance=guidance, seed=seed + i, device=device)
             paths.append(Path(made) if isinstance(made, (str, Path)) else target)
-    atomic_write_json(out / "prompts.json", {p.name: q for p, q in zip(paths, prompts)})
+        atomic_write_json(out / "prompts.json", {p.name: q for p, q in zip(paths, prompts)})
     return VideoSet(str(out), "sampled", paths, list(prompts))
 
 
@@ -319,7 +320,11 @@ def check_inputs(args: argparse.Namespace) -> None:
             except MlflowException as err:
                 raise _not_in_store(src, tracking_uri, err) from None
         elif src:
-            resolve_source(src, args.data_root)
+            videos = resolve_source(src, args.data_root)
+            wanted = metric_list(args.metrics if args.metrics is not None else DEFAULT_METRICS)
+            if src == args.fake and "clipsim" in wanted and not args.prompts and not args.protocol \
+                    and not videos.prompts:
+                raise ValueError(f"clipsim needs prompts: pass --prompts FILE (none found with {src})")
 
 
 # -- the flow -------------------------------------------------------------------------
@@ -347,7 +352,7 @@ def evaluate(real: str | None = None, fake: str | None = None, prompts: str | No
         num_videos = proto.num_videos
         if real and proto.real:
             raise ValueError(f"the {protocol} protocol names the real videos itself; drop --real")
-    metrics = metric_list(metrics if metrics is not None else proto.metrics if proto else "fvd,clipsim")
+    metrics = metric_list(metrics if metrics is not None else proto.metrics if proto else DEFAULT_METRICS)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     tracking_uri = tracking_uri or default_tracking_uri()

@@ -13,6 +13,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import sys
 import warnings
 from pathlib import Path
@@ -20,7 +21,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE as NO_CACHE
 
-from data_prep.atomic import atomic_write_json, replacing
+from data_prep.atomic import replacing
 from flows.ingest import ingest
 from flows.pipeline_config import PipelineConfig, TrainStep, load_pipeline_config, repo_path
 from flows.tracking import default_tracking_uri, store_identity, use_experiment
@@ -75,7 +76,7 @@ def train_stage_task(step_name: str, stage: str, config_path: str, overrides: di
     from lightning.pytorch.loggers import MLFlowLogger
 
     from models.config import load_config
-    from models.train import train_stage
+    from models.train import AlreadyTrained, TrainResult, train_stage
 
     quiet_library_chatter()
     config = load_config(config_path, overrides)
@@ -90,10 +91,14 @@ def train_stage_task(step_name: str, stage: str, config_path: str, overrides: di
         params |= {"init_checkpoint": init_checkpoint or "none", "config_file": config_path}
         mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
         logger = MLFlowLogger(experiment_name=experiment, tracking_uri=tracking_uri, run_id=run.info.run_id)
-        result = train_stage(stage, config, data_root=data_root, dataset=dataset, version=version,
-                             init=None if resume else init_checkpoint,
-                             resume=resume, out_dir=out_dir, logger=logger)
-        mlflow.log_metrics({"final_train_loss": float(result.train_loss), "global_step": result.global_step})
+        try:
+            result = train_stage(stage, config, data_root=data_root, dataset=dataset, version=version,
+                                 init=None if resume else init_checkpoint,
+                                 resume=resume, out_dir=out_dir, logger=logger)
+        except AlreadyTrained as done:  # trained to the end before, then failed (logging): the checkpoint stands
+            result = TrainResult(stage, done.checkpoint, None, done.step, float("nan"))
+        mlflow.log_metrics({"global_step": result.global_step} | (
+            {"final_train_loss": result.train_loss} if math.isfinite(result.train_loss) else {}))
         mlflow.log_artifact(str(result.checkpoint), artifact_path="checkpoints")
         version_number = _register(run.info.run_id, f"{run.info.artifact_uri}/checkpoints/{result.checkpoint.name}",
                                    model_name, step_name, cache_key, tracking_uri)
@@ -132,8 +137,6 @@ def sample_task(prompts: list[str], checkpoints: dict[str, str], out_dir: str, s
     for r in results:
         if r.gif:
             r.gif = Path(r.gif).rename(gif_dir / Path(r.gif).name)
-    prompt_file = Path(out_dir) / "prompts.json"
-    atomic_write_json(prompt_file, {Path(r.mp4).name: r.prompt for r in results})
     return [{"prompt": r.prompt, "mp4": str(r.mp4), "gif": str(r.gif) if r.gif else None,
              "frames": int(r.frames.shape[0])} for r in results]
 

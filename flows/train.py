@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
-from flows.cli import device_name, positive_int
+from flows.cli import device_name, non_negative_float, positive_int
 
 STAGES = ("prior", "decoder", "interpolation", "sr_low", "sr_high")
 CHAIN_FLAGS = {"prior": "--prior", "decoder": "--decoder", "interpolation": "--interpolation",
@@ -28,12 +29,13 @@ def register(subparsers) -> None:
 
     sample = subparsers.add_parser("sample", help="text -> video through the trained stages")
     sample.add_argument("--prompt", required=True, action="append", help="repeat for several videos")
-    sample.add_argument("--out", type=Path, default=Path("video.mp4"))
+    sample.add_argument("--out", type=Path, default=Path("video.mp4"),
+                        help="the .mp4 (a .gif beside it); for several prompts, the folder of that name")
     sample.add_argument("--checkpoints", type=Path, help="folder with <stage>.ckpt or <stage>/checkpoints/last.ckpt")
     for stage, flag in CHAIN_FLAGS.items():
         sample.add_argument(flag, type=Path, dest=f"ckpt_{stage}", help=f"{stage} checkpoint")
     sample.add_argument("--steps", type=positive_int)
-    sample.add_argument("--guidance", type=float)
+    sample.add_argument("--guidance", type=non_negative_float)
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--lowres-noise", type=float, metavar="LEVEL",
                         help="noise level of the SR stages' low-res input, 0 to the level they trained up to "
@@ -76,6 +78,26 @@ def find_checkpoints(folder: Path | None, explicit: dict[str, Path | None]) -> d
     return found
 
 
+def unwritable(out: Path, several: bool) -> str | None:
+    """Why `mav sample` could not write to `out`, found before any sampling (None: it can)."""
+    if several:  # videos go to the folder of out's name without its suffix
+        folder = out.with_suffix("")
+        if folder.exists() and not folder.is_dir():
+            return f"several prompts' videos go to the folder {folder}, which is a file"
+    elif out.suffix.lower() != ".mp4":
+        return "name an .mp4 file (its .gif preview is written beside it)"
+    elif out.is_dir():
+        return "is a folder; name an .mp4 file"
+    else:
+        folder = out.parent
+    existing = next(p for p in (folder, *folder.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    if not os.access(existing, os.W_OK):
+        return f"cannot write in {existing}"
+    return None
+
+
 def run_sample(args) -> int:
     import torch
 
@@ -95,6 +117,9 @@ def run_sample(args) -> int:
         print(f"error: no {' or '.join(s.removeprefix('--') for s in missing)} checkpoint {where}; "
               f"or name it with {', '.join(missing)}", file=sys.stderr)
         return 2
+    if problem := unwritable(args.out, several=len(args.prompt) > 1):
+        print(f"error: --out {args.out}: {problem}", file=sys.stderr)
+        return 2
     try:
         if len(args.prompt) == 1:
             results = [sample_video(args.prompt[0], checkpoints, args.out, steps=args.steps, guidance=args.guidance,
@@ -106,6 +131,9 @@ def run_sample(args) -> int:
     except (CheckpointError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a full disk, a folder made read-only meanwhile
+        print(f"error: writing the video under {args.out}: {err}", file=sys.stderr)
+        return 1
     for r in results:
         t, h, w, _ = r.frames.shape
         print(f"{r.prompt!r}: {t} frames {w}x{h} @ {r.fps:g} fps -> {r.mp4} {r.gif or ''}")

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError, model_validator
 
 from data_prep.config import describe, read_yaml_mapping
 
@@ -21,37 +21,37 @@ class ConfigError(ValueError):
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # nan/inf: a typo, never a setting
 
 
 class UNetConfig(Strict):
-    channels: int = 64
-    channel_mults: list[int] = [1, 2, 4]
-    num_res_blocks: int = 2
-    attn_levels: list[int] = [1, 2]
-    heads: int = 4
-    dim_head: int = 32
-    context_tokens: int = 4
-    temporal_kernel: int = 3
-    dropout: float = 0.0
-    groups: int = 32
+    channels: int = Field(64, gt=0)
+    channel_mults: list[PositiveInt] = Field([1, 2, 4], min_length=1)  # one level each, halving between
+    num_res_blocks: int = Field(2, gt=0)
+    attn_levels: list[NonNegativeInt] = [1, 2]  # indices into channel_mults
+    heads: int = Field(4, gt=0)
+    dim_head: int = Field(32, gt=0)
+    context_tokens: int = Field(4, gt=0)
+    temporal_kernel: int = Field(3, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    groups: int = Field(32, gt=0)  # GroupNorm groups (at most the channels of a layer)
     grad_checkpoint: bool = False
 
 
 class PriorNetConfig(Strict):
-    width: int = 512
-    depth: int = 6
-    heads: int = 8
-    dropout: float = 0.0
+    width: int = Field(512, gt=0)
+    depth: int = Field(6, gt=0)
+    heads: int = Field(8, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
 
 
 class DiffusionConfig(Strict):
-    timesteps: int = 1000
+    timesteps: int = Field(1000, ge=2)
     schedule: Literal["squaredcos_cap_v2", "linear", "scaled_linear"] = "squaredcos_cap_v2"
     prediction: Literal["epsilon", "v", "sample"] = "epsilon"
     sampler: Literal["ddim", "dpm++"] = "dpm++"
-    sample_steps: int = 25
-    guidance: float = 3.0
+    sample_steps: int = Field(25, gt=0)
+    guidance: float = Field(3.0, ge=0)  # classifier-free guidance scale (1: none, 0: unconditional)
 
 
 class DataConfig(Strict):
@@ -85,9 +85,9 @@ class DataConfig(Strict):
 
 
 class SamplingConfig(Strict):
-    frames: int = 16  # decoder: frames generated
-    fps: float = 4.0  # decoder: fps conditioning at sampling (interpolation then runs at fps * skip)
-    skip: int = 5  # interpolation: 16 -> (16 - 1) * 5 + 1 = 76 frames
+    frames: int = Field(16, ge=2)  # decoder: frames generated
+    fps: float = Field(4.0, gt=0)  # decoder: fps conditioning at sampling (interpolation then runs at fps * skip)
+    skip: int = Field(5, ge=2)  # interpolation: 16 -> (16 - 1) * 5 + 1 = 76 frames
     # sr_low: frames that neighbouring windows (data.frames long) share; None: half a window
     window_overlap: int | None = Field(None, ge=0)
     lowres_noise: float = Field(0.0, ge=0, le=1)  # sr_low, sr_high: the low-res input's noise level
@@ -100,10 +100,11 @@ class TrainerConfig(Strict):
     warmup_steps: int = Field(100, ge=0)
     grad_clip: float = Field(1.0, ge=0)  # 0: no clipping
     accumulate_grad_batches: int = Field(1, gt=0)
-    precision: str = "auto"  # auto: bf16-mixed on GPU, 32-true on CPU
-    accelerator: str = "auto"
-    devices: int | str = "auto"
-    num_nodes: int = 1
+    # auto: bf16-mixed on GPU, 32-true on CPU
+    precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true"] = "auto"
+    accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = "auto"
+    devices: PositiveInt | Literal[-1, "auto"] | list[NonNegativeInt] = "auto"  # a count, -1 (all), or GPU ids
+    num_nodes: int = Field(1, gt=0)
     strategy: Literal["auto", "ddp", "fsdp"] = "auto"
     ema_decay: float = Field(0.0, ge=0.0, lt=1.0)  # 0 disables EMA of weights
     compile: bool = False
@@ -164,6 +165,15 @@ class StageConfig(Strict):
             raise ValueError(f"data.fps_range: need 0 < low <= high, got {[lo, hi]}")
         if self.unet.temporal_kernel % 2 == 0:
             raise ValueError(f"unet.temporal_kernel: must be odd (same-length output), got {self.unet.temporal_kernel}")
+        if self.stage == "prior" and self.prior.width % self.prior.heads:
+            raise ValueError(f"prior.heads: must divide prior.width = {self.prior.width}, got {self.prior.heads}")
+        levels = len(self.unet.channel_mults)
+        if self.stage != "prior" and any(level >= levels for level in self.unet.attn_levels):
+            raise ValueError(f"unet.attn_levels: levels are 0 to {levels - 1} (one per unet.channel_mults), "
+                             f"got {self.unet.attn_levels}")
+        if self.stage == "interpolation" and self.sampling.skip > max(2, self.data.max_skip):
+            raise ValueError(f"sampling.skip: the net trains on skips 2 to data.max_skip = {self.data.max_skip}, "
+                             f"got {self.sampling.skip}")
         return self
 
     @property
@@ -189,8 +199,11 @@ def load_config(path: str | Path, overrides: dict | None = None) -> StageConfig:
     for key, value in (overrides or {}).items():  # dotted keys: {"trainer.max_steps": 5}
         node = raw
         *parents, leaf = key.split(".")
-        for p in parents:
+        for depth, p in enumerate(parents):
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"setting {key}: {'.'.join(parents[:depth + 1])} is a value "
+                                  f"({node!r}), not a group of settings")
         node[leaf] = value
     return parse_config(raw, str(path))
 

@@ -35,6 +35,12 @@ class GroupNorm(nn.GroupNorm):
     and returns float32, so every norm -> SiLU -> conv would move twice the bytes of bf16; the
     kernel accumulates its statistics in float32 either way."""
 
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5):
+        if num_channels % num_groups:  # torch's own message names neither the setting nor the layer
+            raise ValueError(f"unet.groups: {num_groups} groups do not divide a layer's {num_channels} channels "
+                             "(unet.channels x each channel_mult, and the sums where the decoder joins skips)")
+        super().__init__(num_groups, num_channels, eps)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32 or not torch.is_autocast_enabled(x.device.type):
             return super().forward(x)

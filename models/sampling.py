@@ -14,6 +14,7 @@ and known frames are copied through exactly.
 """
 from __future__ import annotations
 
+import json
 import warnings
 
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 from einops import rearrange, repeat
 
+from data_prep.atomic import atomic_write_json
 from models.stages import DiffusionStage, InterpolationStage, load_stage
 from models.video_io import write_gif, write_mp4
 
@@ -218,9 +220,17 @@ def sample_videos(prompts: list[str], checkpoints: dict[str, str | Path], out_di
                   device: str | torch.device = "cpu", batch_size: int = 8, gif: bool = True,
                   chain: dict[str, DiffusionStage] | None = None, lowres_noise: float | None = None
                   ) -> list[SampleResult]:
-    """Sample one video per prompt (in batches) -> out_dir/sample-0000.mp4 (+ .gif)."""
+    """Sample one video per prompt (in batches) -> out_dir/sample-0000.mp4 (+ .gif), and
+    out_dir/prompts.json ({file name: prompt}, what `mav evaluate --fake out_dir` reads) for every
+    video there: an earlier run's entries stay for the files this one did not overwrite."""
     chain = chain or load_chain(checkpoints, device)
     out_dir = Path(out_dir)
+    prompt_file = out_dir / "prompts.json"
+    try:
+        earlier = json.loads(prompt_file.read_text()) if prompt_file.is_file() else {}
+    except (OSError, ValueError):
+        earlier = {}
+    earlier = earlier if isinstance(earlier, dict) else {}
     results = []
     for start in range(0, len(prompts), batch_size):
         batch = list(prompts[start : start + batch_size])
@@ -232,6 +242,7 @@ def sample_videos(prompts: list[str], checkpoints: dict[str, str | Path], out_di
             mp4 = write_mp4(frames, stem.with_suffix(".mp4"), fps)
             results.append(SampleResult(prompt, mp4, write_gif(frames, stem.with_suffix(".gif"), fps) if gif else None,
                                         frames, fps))
+    atomic_write_json(prompt_file, earlier | {r.mp4.name: r.prompt for r in results})
     return results
 
 

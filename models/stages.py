@@ -422,8 +422,8 @@ def init_from_checkpoint(module: DiffusionStage, path: str | Path) -> DiffusionS
     return module
 
 
-def check_resume(module: DiffusionStage, path: str | Path) -> None:
-    """A checkpoint to resume from must be this stage, mode and shape exactly."""
+def check_resume(module: DiffusionStage, path: str | Path) -> int:
+    """A checkpoint to resume from must be this stage, mode and shape exactly; -> its step."""
     ckpt = read_checkpoint(path)
     hp = ckpt["hyper_parameters"]
     if hp["stage"] != module.config.stage or hp["config"].get("mode") != module.config.mode:
@@ -437,6 +437,7 @@ def check_resume(module: DiffusionStage, path: str | Path) -> None:
     if set(state) != set(own) or any(own[k].shape != v.shape for k, v in state.items()):
         fit_state(module, state, str(path))  # raises with the details
         raise CheckpointError(f"{path}: the network differs from this config (missing temporal layers?)")
+    return int(ckpt.get("global_step", 0))
 
 
 def load_stage(path: str | Path, stage: str | None = None, device: str | torch.device = "cpu") -> DiffusionStage:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins import TorchCheckpointIO
@@ -22,6 +23,15 @@ from models.config import STAGES, ConfigError, StageConfig, as_config
 from models.data import StageDataModule
 from models.ema import ShardedEMA
 from models.stages import build_stage, check_resume, init_from_checkpoint
+
+
+class AlreadyTrained(ConfigError):
+    """--resume of a run whose checkpoint is at (or past) the step the run ends at."""
+
+    def __init__(self, checkpoint: Path, step: int, end: int):
+        super().__init__(f"--resume: {checkpoint} is at step {step}, and the run ends at step {end} "
+                         "(--max-steps, else trainer.max_steps): raise it to train further")
+        self.checkpoint, self.step = checkpoint, step
 
 
 @dataclass
@@ -140,11 +150,19 @@ def train_stage(stage: str, config: StageConfig | dict | str | Path, *, data_roo
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     module = build_stage(cfg)
     if resume:
-        check_resume(module, last)
+        step = check_resume(module, last)
+        if step >= (max_steps or cfg.trainer.max_steps):
+            raise AlreadyTrained(last, step, max_steps or cfg.trainer.max_steps)
     elif init:
         init_from_checkpoint(module, init)
 
-    trainer = build_trainer(cfg, out_dir, logger=logger, callbacks=callbacks, max_steps=max_steps, strategy=strategy)
+    try:
+        trainer = build_trainer(cfg, out_dir, logger=logger, callbacks=callbacks, max_steps=max_steps,
+                                strategy=strategy)
+    except (MisconfigurationException, ValueError, TypeError) as err:  # e.g. gpu on a machine without one
+        tc = cfg.trainer
+        raise ConfigError(f"trainer: accelerator {tc.accelerator}, devices {tc.devices}, num_nodes {tc.num_nodes}, "
+                          f"strategy {tc.strategy}, precision {tc.precision}: {err}") from None
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if resume else None)
     ckpt_cb = trainer.checkpoint_callback
     best = Path(ckpt_cb.best_model_path) if ckpt_cb and ckpt_cb.best_model_path else None

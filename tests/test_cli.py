@@ -130,6 +130,10 @@ def test_train_command_trains_refuses_a_used_folder_and_resumes(tmp_path, capsys
     assert "a setting must be KEY=VALUE" in capsys.readouterr().err
     assert main([*base, "--max-steps", "4", "--resume"]) == 0
     assert read_checkpoint(out / "checkpoints" / "last.ckpt")["global_step"] == 4
+    assert main([*base, "--max-steps", "3", "--resume"]) == 2  # trained 0 steps and said "loss nan"
+    assert "last.ckpt is at step 4, and the run ends at step 3" in capsys.readouterr().err
+    assert main([*base, "--max-steps", "6", "--set", "prior.width=64", "--set", "prior.heads=5"]) == 2
+    assert "prior.heads: must divide prior.width = 64, got 5" in capsys.readouterr().err
     assert not list((out / "checkpoints").glob(".tmp-*"))  # written beside, renamed over: nothing left
     last = out / "checkpoints" / "last.ckpt"
     last.write_bytes(last.read_bytes()[:1000])  # damaged outside the run
@@ -210,6 +214,7 @@ def test_bad_evaluate_input_is_one_line_and_exit_2(prefect_server, tmp_path, cap
         (["--fake", str(fake), "--prompts", str(tmp_path / "bad.json")], r"prompts \S+bad.json: not readable"),
         (["--fake", str(fake), "--prompts", str(tmp_path / "nope.txt")], r"prompts \S+nope.txt: no such file"),
         (["--fake", "runs:/deadbeefdeadbeef", "--tracking-uri", uri], "runs:/deadbeefdeadbeef: not found in the MLflow"),
+        (["--fake", str(fake), "--metrics", "fvd,clipsim"], r"clipsim needs prompts: pass --prompts FILE \(none found"),
     ]
     for options, message in cases:
         assert main(["evaluate", "--metrics", "fvd", *options]) == 2, options
@@ -231,3 +236,27 @@ def test_sample_says_which_checkpoints_are_missing_and_where_it_looked(tmp_path,
     assert main(["sample", "--prompt", "x", "--checkpoints", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip() == (f"error: no decoder checkpoint in {tmp_path} (as <stage>.ckpt or "
                                                "<stage>/checkpoints/last.ckpt); or name it with --decoder")
+
+
+def test_sample_checks_where_it_writes_before_sampling(tmp_path, capsys):
+    """Each refused before any checkpoint is read (empty placeholder files here)."""
+    from flows.cli import main
+
+    for stage in ("prior", "decoder"):
+        (tmp_path / f"{stage}.ckpt").write_bytes(b"")
+    (tmp_path / "folder.mp4").mkdir()
+    (tmp_path / "afile").write_text("x")
+    base = ["sample", "--checkpoints", str(tmp_path), "--prompt", "x"]
+    cases = [
+        (["--out", str(tmp_path / "folder.mp4")], "is a folder; name an .mp4 file"),
+        (["--out", str(tmp_path / "v.webm")], "name an .mp4 file (its .gif preview is written beside it)"),
+        (["--out", str(tmp_path / "afile" / "v.mp4")], f"{tmp_path / 'afile'} is a file, not a folder"),
+        (["--prompt", "y", "--out", str(tmp_path / "afile")], f"the folder {tmp_path / 'afile'}, which is a file"),
+    ]
+    for options, message in cases:
+        assert main([*base, *options]) == 2, options
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: --out ") and err.endswith(message), err
+    with pytest.raises(SystemExit) as exit_:
+        main([*base, "--guidance", "nan"])
+    assert exit_.value.code == 2 and "must be a finite number >= 0, got nan" in capsys.readouterr().err

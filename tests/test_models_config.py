@@ -60,6 +60,21 @@ def test_overrides_and_missing_file(tmp_path):
     ({"trainer.max_steps": 0}, "trainer.max_steps"),
     ({"trainer.grad_clip": -1.0}, "trainer.grad_clip"),
     ({"cond_dropout": 1.5}, "cond_dropout"),
+    ({"unet.heads": 0}, "unet.heads"),
+    ({"unet.channels": 0}, "unet.channels"),
+    ({"unet.channel_mults": []}, "unet.channel_mults"),
+    ({"unet.attn_levels": [5]}, r"unet.attn_levels: levels are 0 to 1 \(one per unet.channel_mults\), got \[5\]"),
+    ({"sampling.frames": 0}, "sampling.frames"),
+    ({"sampling.fps": -3}, "sampling.fps"),
+    ({"diffusion.guidance": float("nan")}, "diffusion.guidance: Input should be a finite number"),
+    ({"trainer.lr": float("inf")}, "trainer.lr"),
+    ({"trainer.devices": 0}, "trainer.devices"),
+    ({"trainer.devices": "foo"}, "trainer.devices"),
+    ({"trainer.accelerator": "tpux"}, "trainer.accelerator"),
+    ({"trainer.precision": "foo"}, "trainer.precision"),
+    ({"trainer.num_nodes": 0}, "trainer.num_nodes"),
+    ({"mode.x": 1}, r"setting mode.x: mode is a value \('video'\), not a group of settings"),
+    ({"trainer": 5, "trainer.lr": 1}, "setting trainer.lr: trainer is a value"),
 ])
 def test_values_that_would_fail_late_or_silently_are_config_errors(override, named):
     """Each failed inside training (a KeyError, an einops error, a ZeroDivisionError) or quietly
@@ -83,3 +98,10 @@ def test_sr_low_windows_must_advance():
         load_config(ROOT / "configs" / "tiny" / "sr_low.yaml", {"sampling.window_overlap": 6})
     most = load_config(ROOT / "configs" / "tiny" / "sr_low.yaml", {"sampling.window_overlap": 5})
     assert most.sampling.window_overlap == 5
+
+
+def test_interpolation_samples_at_a_skip_it_trained_on():
+    with pytest.raises(ConfigError, match="sampling.skip: the net trains on skips 2 to data.max_skip = 5, got 9"):
+        load_config(ROOT / "configs" / "tiny" / "interpolation.yaml", {"sampling.skip": 9})
+    with pytest.raises(ConfigError, match="sampling.skip"):
+        load_config(ROOT / "configs" / "tiny" / "interpolation.yaml", {"sampling.skip": 0})

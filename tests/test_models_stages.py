@@ -471,6 +471,11 @@ def test_bad_input_fails_before_training(data_root, tmp_path, chain):
     with pytest.raises(CheckpointError, match=r"config changed \(data.batch_size: checkpoint 4, config 2"):
         train_stage("decoder", tiny("decoder", **{"data.batch_size": 2}), data_root=data_root, dataset="shapes",
                     out_dir=resumable, resume=True)  # the data stream would skip the wrong number of samples
+    with pytest.raises(ValueError, match="unet.groups: 5 groups do not divide a layer's 16 channels"):
+        run("decoder", tiny("decoder", freeze_spatial=False, **{"unet.groups": 5}))
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="trainer: accelerator gpu, devices auto"):
+            run("decoder", tiny("decoder", freeze_spatial=False, **{"trainer.accelerator": "gpu"}))
     with pytest.raises(DataError, match="images are for image-mode stages"):
         run("decoder", tiny("decoder", freeze_spatial=False, **{"data.source": "images", "data.image_path": "x"}))
     done = chain["decoder"].checkpoint
@@ -491,6 +496,21 @@ def test_sampling_chain_writes_76_frame_mp4_and_is_seeded(chain, tmp_path):
     assert result.frames.shape == (76, 64, 64, 3) and result.frames.dtype == torch.uint8
     assert fps == pytest.approx(20.0)
     assert result.gif.exists() and read_frames(result.gif)[0].shape[0] == 76
+
+
+def test_several_samples_name_their_prompts_for_evaluation(chain, tmp_path):
+    """prompts.json beside the videos ({file: prompt}, what `mav evaluate --fake` reads); a later run
+    into the same folder overwrites some videos, and every video there keeps its own prompt."""
+    import json
+
+    from models.sampling import sample_videos
+
+    ckpts = {s: chain[s].checkpoint for s in ("prior", "decoder")}
+    sample_videos(["a", "b", "c"], ckpts, tmp_path, steps=1, gif=False)
+    sample_videos(["d"], ckpts, tmp_path, steps=1, gif=False)
+    assert json.loads((tmp_path / "prompts.json").read_text()) == \
+        {"sample-0000.mp4": "d", "sample-0001.mp4": "b", "sample-0002.mp4": "c"}
+    assert sorted(p.name for p in tmp_path.glob("*.mp4")) == ["sample-0000.mp4", "sample-0001.mp4", "sample-0002.mp4"]
 
 
 def test_the_chain_refuses_image_mode_and_mixed_clip_checkpoints(chain, tmp_path):
