@@ -184,11 +184,11 @@ def load_clip_for_eval(clip_model: str | None, device: str, log=print):
     if clip_model not in (None, "tiny"):
         return FrozenCLIP.load(clip_model, device=device)
     if clip_model is None:
-        try:
-            return FrozenCLIP.load(DEFAULT_CLIP, device=device)
-        except Exception as err:  # offline without a cached copy: OSError / hub errors
-            log(f"CLIP {DEFAULT_CLIP} is not available ({type(err).__name__}); CLIPSIM runs in SMOKE mode "
-                "on a tiny random CLIP. Pass --clip PATH for real numbers.")
+        try:  # from the local cache only: no silent download (nor minutes of retries offline)
+            return FrozenCLIP.load(DEFAULT_CLIP, device=device, local_only=True)
+        except Exception as err:  # not cached: OSError / hub errors
+            log(f"CLIP {DEFAULT_CLIP} is not in the local Hugging Face cache ({type(err).__name__}); CLIPSIM runs "
+                "in SMOKE mode on a tiny random CLIP. Pass --clip PATH (or the hub id, to download it) for real numbers.")
     return FrozenCLIP.load(tiny_clip_path(), device=device)
 
 

@@ -167,22 +167,24 @@ class FrozenCLIP(nn.Module):
         self.eval()
 
     @classmethod
-    def load(cls, name_or_path: str | Path = DEFAULT_CLIP, device: str | torch.device = "cpu") -> "FrozenCLIP":
+    def load(cls, name_or_path: str | Path = DEFAULT_CLIP, device: str | torch.device = "cpu",
+             local_only: bool = False) -> "FrozenCLIP":
+        """`local_only`: a hub id only from the local cache, never the network."""
         from transformers import CLIPModel, CLIPTokenizer
 
         src = str(name_or_path)
         if (src.startswith(("/", ".", "~")) or src.count("/") > 1) and not Path(src).expanduser().exists():
             raise CLIPLoadError(f"CLIP {src!r}: no such folder")  # a path, not a hub id (namespace/name)
         try:
-            model = CLIPModel.from_pretrained(src)
-            tokenizer = CLIPTokenizer.from_pretrained(src)
+            model = CLIPModel.from_pretrained(src, local_files_only=local_only)
+            tokenizer = CLIPTokenizer.from_pretrained(src, local_files_only=local_only)
         except (OSError, ValueError) as err:  # not a folder, not a hub id, offline without a cached copy
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise CLIPLoadError(f"CLIP {src!r} cannot be loaded ({reason}); give a folder holding a CLIP "
                                 "(config, weights, tokenizer), a hub id that is cached or reachable, or tiny") from None
         mean, std = OPENAI_MEAN, OPENAI_STD
         try:  # the processor config carries the normalisation the model was trained with
-            proc = _image_processor_class().from_pretrained(src)
+            proc = _image_processor_class().from_pretrained(src, local_files_only=local_only)
             mean, std = tuple(proc.image_mean), tuple(proc.image_std)
         except (OSError, ValueError):
             pass
