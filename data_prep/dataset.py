@@ -192,12 +192,19 @@ def commit_version(ds_dir: Path, new_rows: list[dict], failures: list[dict], con
         parent_manifest, parent_shards = empty_manifest(), []
     current = pd.DataFrame(new_rows, columns=MANIFEST_COLUMNS) if new_rows else empty_manifest()
     source_bytes = source_bytes or {}
-    overwritten = [source_bytes.get(source, sha) != sha
-                   for source, sha in zip(parent_manifest["source"], parent_manifest["source_sha256"])]
+    overwritten = pd.Series([source_bytes.get(source, sha) != sha for source, sha in
+                             zip(parent_manifest["source"], parent_manifest["source_sha256"])],
+                            index=parent_manifest.index, dtype=bool)
+    again = parent_manifest["clip_id"].isin(set(current["clip_id"]))
     replaced = (parent_manifest["source_sha256"].isin(set(current["source_sha256"]) | set(rejected))
-                | pd.Series(overwritten, index=parent_manifest.index, dtype=bool)) & \
-        ~parent_manifest["clip_id"].isin(set(current["clip_id"]))
-    kept = parent_manifest[~replaced]
+                | overwritten) & ~again
+    kept = parent_manifest[~replaced].copy()
+    # a clip listed under a path that now holds other bytes, given again by another path with the
+    # same bytes in this run: listed under that one
+    renamed = (overwritten & again)[~replaced]
+    if renamed.any():
+        by_clip = current.drop_duplicates("clip_id").set_index("clip_id")["source"]
+        kept.loc[renamed, "source"] = kept.loc[renamed, "clip_id"].map(by_clip)
     added = current[~current["clip_id"].isin(set(kept["clip_id"]))].drop_duplicates("clip_id")
     manifest = pd.concat([kept, added], ignore_index=True) if len(added) else kept
     manifest = manifest.sort_values(["source_sha256", "start_frame", "clip_id"]).reset_index(drop=True)

@@ -55,8 +55,8 @@ def fetch(ref: SourceRef, data_root: Path, cfg: IngestConfig) -> tuple[Path, str
     return path, sha256_file(path)
 
 
-# Raised when a rejection may no longer hold for the same bytes (2: raw H.264/HEVC streams, whose
-# packets carry no timestamps, probe now): older rejected records are probed again
+# Raised when a probe rejection may no longer hold for the same bytes (2: raw H.264/HEVC streams,
+# whose packets carry no timestamps, probe now): older probe rejections are probed again
 REJECTION_RULES = 2
 
 
@@ -71,8 +71,8 @@ def process_source(ref: SourceRef, data_root: Path, ds_dir: Path, cfg: IngestCon
         done = read_source_record(ds_dir, digest, settings)
     except (OSError, ValueError) as err:
         return SourceOutcome(ref.source, "failed", digest, stage="record", reason=_reason(err))
-    if done is not None and "rejected" in done and done.get("rules", 1) < REJECTION_RULES:
-        done = None
+    if done is not None and done.get("rejected", {}).get("stage") == "probe" and done.get("rules", 1) < REJECTION_RULES:
+        done = None  # probed again: the rules changed since
     if done is not None and "rejected" in done:  # these bytes failed before, for a reason they alone decide
         return SourceOutcome(ref.source, "failed", digest, cuts=done["cuts"], rejected=True, **done["rejected"])
     if done is not None:  # processed before with the same settings: nothing to redo

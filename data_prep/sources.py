@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -70,6 +71,15 @@ def read_url_list(path: Path) -> list[str]:
     raise SourceError("not a URL list (expected .txt, .csv, .tsv or .parquet)")
 
 
+def _videos_under(folder: Path, extensions: set[str], data_root: Path | None):
+    """Files under `folder` by extension, not descending into `data_root` (nor symlinked folders)."""
+    for where, folders, files in os.walk(folder):
+        if data_root is not None:
+            folders[:] = [f for f in folders if not (Path(where) / f).resolve().is_relative_to(data_root)]
+        yield from (Path(where) / f for f in files
+                    if Path(f).suffix.lower() in extensions and (Path(where) / f).is_file())
+
+
 def expand_sources(items: list[str], video_extensions: list[str], data_root: Path | None = None) -> list[SourceRef]:
     """Expand folders (recursive, by extension) and URL lists; keep order, drop repeats. A folder
     scan skips what lies under `data_root` (the ingest's own clips and downloads: `mav ingest .`
@@ -84,8 +94,7 @@ def expand_sources(items: list[str], video_extensions: list[str], data_root: Pat
             if root is not None and path.resolve().is_relative_to(root):
                 refs.append(SourceRef(ref.source, "unreadable", reason=f"folder is inside the data root {root}"))
                 continue
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in extensions
-                           and not (root is not None and p.resolve().is_relative_to(root)))
+            found = sorted(_videos_under(path, extensions, root))
             refs.extend([SourceRef(str(p), "file") for p in found] or [SourceRef(ref.source, "empty")])
         elif ref.kind == "file" and path.suffix.lower() in LIST_SUFFIXES and path.is_file():
             try:

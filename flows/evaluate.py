@@ -29,8 +29,7 @@ import numpy as np
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE as NO_CACHE
 
-from data_prep.atomic import atomic_write_json
-from flows.cli import device_name, non_negative_int, positive_int
+from flows.cli import device_name, non_negative_float, non_negative_int, positive_int
 from flows.tracking import default_tracking_uri, experiment_id
 from eval import METRICS, metric_list
 from eval.protocols import PROTOCOLS, load_protocol
@@ -158,10 +157,11 @@ def resolve_source(src: str, data_root: str | Path = "mav-data", tracking_uri: s
 @task(name="sample-videos", cache_policy=NO_CACHE)
 def sample_videos(prompts: list[str], sampler: Callable | None, checkpoints, out_dir: str, steps: int | None,
                   guidance: float | None, seed: int, device: str) -> VideoSet:
+    from models.sampling import sample_videos as sample_batches, update_prompts
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if sampler is None:  # the sampling chain, loaded once, in batches
-        from models.sampling import sample_videos as sample_batches
 
         made = sample_batches(prompts, checkpoints, out, steps=steps, guidance=guidance, seed=seed, device=device,
                               gif=False)
@@ -172,7 +172,7 @@ def sample_videos(prompts: list[str], sampler: Callable | None, checkpoints, out
             target = out / f"sample-{i:05d}.mp4"
             made = sampler(prompt, checkpoints, target, steps=steps, guidance=guidance, seed=seed + i, device=device)
             paths.append(Path(made) if isinstance(made, (str, Path)) else target)
-        atomic_write_json(out / "prompts.json", {p.name: q for p, q in zip(paths, prompts)})
+        update_prompts(out, {p.name: q for p, q in zip(paths, prompts)})
     return VideoSet(str(out), "sampled", paths, list(prompts))
 
 
@@ -462,7 +462,7 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--sample-steps", type=positive_int, default=None,
                    help="with --checkpoints: sampler steps per stage (default: each stage config's sample_steps)")
-    p.add_argument("--guidance", type=float, default=None,
+    p.add_argument("--guidance", type=non_negative_float, default=None,
                    help="with --checkpoints: classifier-free guidance (default: each stage config's guidance)")
     p.add_argument("--experiment", default="evaluate")
     p.set_defaults(func=_run)

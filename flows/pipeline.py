@@ -97,13 +97,14 @@ def train_stage_task(step_name: str, stage: str, config_path: str, overrides: di
                                  resume=resume, out_dir=out_dir, logger=logger)
         except AlreadyTrained as done:  # trained to the end before, then failed (logging): the checkpoint stands
             result = TrainResult(stage, done.checkpoint, None, done.step, float("nan"))
-        mlflow.log_metrics({"global_step": result.global_step} | (
-            {"final_train_loss": result.train_loss} if math.isfinite(result.train_loss) else {}))
+        loss = result.train_loss if math.isfinite(result.train_loss) else None  # None: no step trained
+        mlflow.log_metrics({"global_step": result.global_step}
+                           | ({"final_train_loss": loss} if loss is not None else {}))
         mlflow.log_artifact(str(result.checkpoint), artifact_path="checkpoints")
         version_number = _register(run.info.run_id, f"{run.info.artifact_uri}/checkpoints/{result.checkpoint.name}",
                                    model_name, step_name, cache_key, tracking_uri)
     return {"step": step_name, "stage": stage, "checkpoint": str(result.checkpoint), "run_id": run.info.run_id,
-            "global_step": result.global_step, "train_loss": float(result.train_loss), "cache_key": cache_key,
+            "global_step": result.global_step, "train_loss": loss, "cache_key": cache_key,
             "model_version": version_number, "parent_run_id": parent_run_id}
 
 
@@ -245,9 +246,12 @@ def pipeline(config: str = DEFAULT_CONFIG, dataset: str | None = None, data_root
         for result in trained:
             # a cached step returns the result of the run that trained it, under another parent
             cached = result.get("parent_run_id") != parent.info.run_id
-            print(f"{result['step']}: step {result['global_step']}, loss {result['train_loss']:.4f}"
+            loss = result["train_loss"]
+            print(f"{result['step']}: step {result['global_step']}, "
+                  + ("trained before" if loss is None else f"loss {loss:.4f}")
                   + (f" (unchanged: reused run {result['run_id']})" if cached else ""))
-            mlflow.log_metric(f"{result['step']}_train_loss", result["train_loss"])
+            if loss is not None:
+                mlflow.log_metric(f"{result['step']}_train_loss", loss)
             mlflow.set_tag(f"mav.step.{result['step']}.run", result["run_id"])
         checkpoints = {result["step"]: result["checkpoint"] for result in trained}
 

@@ -9,7 +9,10 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError, model_validator
+import re
+
+from pydantic import (BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError, ValidationInfo,
+                      field_validator, model_validator)
 
 from data_prep.config import describe, read_yaml_mapping
 
@@ -100,10 +103,12 @@ class TrainerConfig(Strict):
     warmup_steps: int = Field(100, ge=0)
     grad_clip: float = Field(1.0, ge=0)  # 0: no clipping
     accumulate_grad_batches: int = Field(1, gt=0)
-    # auto: bf16-mixed on GPU, 32-true on CPU
-    precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true"] = "auto"
+    # Lightning's names and aliases; auto: bf16-mixed on GPU, 32-true on CPU
+    precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true", "32", "16",
+                       "bf16", "64", "transformer-engine", "transformer-engine-float16"] = "auto"
     accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = "auto"
-    devices: PositiveInt | Literal[-1, "auto"] | list[NonNegativeInt] = "auto"  # a count, -1 (all), or GPU ids
+    # a count, -1 (all), GPU ids as a list or as Lightning's "0,1", or auto
+    devices: PositiveInt | Literal[-1] | list[NonNegativeInt] | str = "auto"
     num_nodes: int = Field(1, gt=0)
     strategy: Literal["auto", "ddp", "fsdp"] = "auto"
     ema_decay: float = Field(0.0, ge=0.0, lt=1.0)  # 0 disables EMA of weights
@@ -114,6 +119,13 @@ class TrainerConfig(Strict):
     log_every: int = Field(10, gt=0)
     checkpoint_every: int = Field(500, gt=0)
     seed: int = 0
+
+    @field_validator("devices")
+    @classmethod
+    def _devices(cls, value):
+        if isinstance(value, str) and not re.fullmatch(r"auto|-1|\d+|\d+(,\d+)*,?", value.replace(" ", "")):
+            raise ValueError(f"a count, -1, a list of GPU ids, \"0,1\" or auto, got {value!r}")
+        return value
 
 
 class StageConfig(Strict):
@@ -130,7 +142,11 @@ class StageConfig(Strict):
     trainer: TrainerConfig = TrainerConfig()
 
     @model_validator(mode="after")
-    def _stage_rules(self):
+    def _stage_rules(self, info: ValidationInfo):
+        # a checkpoint's recorded config (context "recorded") skips the rules added after checkpoints
+        # were trained without them: they keep loading for sampling as they did (the U-Net leaves out
+        # attention levels it lacks); training with such a config is refused
+        recorded = bool((info.context or {}).get("recorded"))
         if self.stage in ("prior", "sr_high") and self.mode == "video":
             self.mode = "image"  # spatial-only stages
         if self.stage == "interpolation" and self.mode != "video":
@@ -168,10 +184,10 @@ class StageConfig(Strict):
         if self.stage == "prior" and self.prior.width % self.prior.heads:
             raise ValueError(f"prior.heads: must divide prior.width = {self.prior.width}, got {self.prior.heads}")
         levels = len(self.unet.channel_mults)
-        if self.stage != "prior" and any(level >= levels for level in self.unet.attn_levels):
+        if not recorded and self.stage != "prior" and any(level >= levels for level in self.unet.attn_levels):
             raise ValueError(f"unet.attn_levels: levels are 0 to {levels - 1} (one per unet.channel_mults), "
                              f"got {self.unet.attn_levels}")
-        if self.stage == "interpolation" and self.sampling.skip > max(2, self.data.max_skip):
+        if not recorded and self.stage == "interpolation" and self.sampling.skip > max(2, self.data.max_skip):
             raise ValueError(f"sampling.skip: the net trains on skips 2 to data.max_skip = {self.data.max_skip}, "
                              f"got {self.sampling.skip}")
         return self
@@ -181,11 +197,12 @@ class StageConfig(Strict):
         return self.mode == "video"
 
 
-def parse_config(raw: dict, source: str = "config") -> StageConfig:
+def parse_config(raw: dict, source: str = "config", recorded: bool = False) -> StageConfig:
+    """`recorded`: a config a checkpoint saved (see StageConfig._stage_rules)."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
     try:
-        return StageConfig.model_validate(raw)
+        return StageConfig.model_validate(raw, context={"recorded": recorded})
     except ValidationError as err:
         raise ConfigError(f"{source}: {describe(err)}") from None
 

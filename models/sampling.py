@@ -15,6 +15,7 @@ and known frames are copied through exactly.
 from __future__ import annotations
 
 import json
+import math
 import warnings
 
 from dataclasses import dataclass
@@ -187,6 +188,8 @@ def generate(chain: dict[str, DiffusionStage], prompts: list[str], *, steps: int
              ) -> tuple[torch.Tensor, float]:
     """-> (video float [B,3,T,H,W] in [-1,1], fps). `lowres_noise`: both SR stages' augmentation level
     (default: each one's sampling.lowres_noise)."""
+    if guidance is not None and not (math.isfinite(guidance) and guidance >= 0):  # nan: a black video
+        raise ValueError(f"guidance must be a finite number >= 0, got {guidance}")
     for stage in ("sr_low", "sr_high"):  # before minutes of sampling the stages before them
         if stage in chain:
             lowres_level(chain[stage], lowres_noise)
@@ -220,17 +223,14 @@ def sample_videos(prompts: list[str], checkpoints: dict[str, str | Path], out_di
                   device: str | torch.device = "cpu", batch_size: int = 8, gif: bool = True,
                   chain: dict[str, DiffusionStage] | None = None, lowres_noise: float | None = None
                   ) -> list[SampleResult]:
-    """Sample one video per prompt (in batches) -> out_dir/sample-0000.mp4 (+ .gif), and
-    out_dir/prompts.json ({file name: prompt}, what `mav evaluate --fake out_dir` reads) for every
-    video there: an earlier run's entries stay for the files this one did not overwrite."""
+    """Sample one video per prompt (in batches) -> out_dir/sample-0000.mp4 (+ .gif), each with its
+    prompt in out_dir/prompts.json (update_prompts: an earlier run's videos keep theirs)."""
     chain = chain or load_chain(checkpoints, device)
     out_dir = Path(out_dir)
-    prompt_file = out_dir / "prompts.json"
-    try:
-        earlier = json.loads(prompt_file.read_text()) if prompt_file.is_file() else {}
-    except (OSError, ValueError):
-        earlier = {}
-    earlier = earlier if isinstance(earlier, dict) else {}
+    names = [f"sample-{i:04d}" for i in range(len(prompts))]
+    # the videos about to be overwritten lose their old prompts first: a run that fails part way
+    # leaves them unlisted (evaluate then asks for prompts) rather than listed with the wrong text
+    update_prompts(out_dir, {}, dropped=[f"{n}.mp4" for n in names])
     results = []
     for start in range(0, len(prompts), batch_size):
         batch = list(prompts[start : start + batch_size])
@@ -238,12 +238,24 @@ def sample_videos(prompts: list[str], checkpoints: dict[str, str | Path], out_di
                               lowres_noise=lowres_noise)
         for i, prompt in enumerate(batch):
             frames = to_uint8(video[i])
-            stem = out_dir / f"sample-{start + i:04d}"
+            stem = out_dir / names[start + i]
             mp4 = write_mp4(frames, stem.with_suffix(".mp4"), fps)
             results.append(SampleResult(prompt, mp4, write_gif(frames, stem.with_suffix(".gif"), fps) if gif else None,
                                         frames, fps))
-    atomic_write_json(prompt_file, earlier | {r.mp4.name: r.prompt for r in results})
+        update_prompts(out_dir, {r.mp4.name: r.prompt for r in results[start:]})
     return results
+
+
+def update_prompts(folder: Path, entries: dict[str, str], dropped: list[str] = ()) -> None:
+    """folder/prompts.json ({video file name: prompt}, what `mav evaluate --fake folder` reads):
+    `dropped` names leave, `entries` are added; the other videos' prompts stay."""
+    path = Path(folder) / "prompts.json"
+    try:
+        known = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):  # unreadable: rewritten from what this run knows
+        known = {}
+    known = {k: v for k, v in (known if isinstance(known, dict) else {}).items() if k not in set(dropped)}
+    atomic_write_json(path, known | entries)
 
 
 def sample_video(prompt: str, checkpoints: dict[str, str | Path], out: str | Path, *, steps: int | None = None,

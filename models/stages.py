@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from models.config import StageConfig, as_config
+from models.config import StageConfig, as_config, parse_config
 from models.data import stream_seed
 from models.diffusion import Diffusion, guided
 from models.inflate import misfits, widen_input
@@ -390,7 +390,7 @@ def _differing(recorded: dict, config: StageConfig, keys: tuple[str, ...]) -> li
     """'key: checkpoint X, config Y' for each setting that differs between a checkpoint and a config."""
     current = config.model_dump(mode="json")
     try:  # a setting added since the checkpoint was saved has its default there too
-        recorded = as_config(recorded).model_dump(mode="json")
+        recorded = parse_config(recorded, recorded=True).model_dump(mode="json")
     except ValueError:
         pass
     return [f"{key}: checkpoint {_setting(recorded, key)!r}, config {_setting(current, key)!r}"
@@ -446,6 +446,7 @@ def load_stage(path: str | Path, stage: str | None = None, device: str | torch.d
     hp = ckpt["hyper_parameters"]
     if stage is not None and hp["stage"] != stage:
         raise CheckpointError(f"{path} is a {hp['stage']!r} checkpoint, expected {stage!r}")
-    module = build_stage(as_config(hp["config"]).model_copy(update={"freeze_spatial": False}))
+    config = parse_config(hp["config"], f"{path}: its recorded config", recorded=True)
+    module = build_stage(config.model_copy(update={"freeze_spatial": False}))
     module.net.load_state_dict(net_state(ckpt))
     return module.to(device).eval()

@@ -159,7 +159,7 @@ def train_stage(stage: str, config: StageConfig | dict | str | Path, *, data_roo
     try:
         trainer = build_trainer(cfg, out_dir, logger=logger, callbacks=callbacks, max_steps=max_steps,
                                 strategy=strategy)
-    except (MisconfigurationException, ValueError, TypeError) as err:  # e.g. gpu on a machine without one
+    except MisconfigurationException as err:  # e.g. gpu on a machine without one, fsdp on a CPU
         tc = cfg.trainer
         raise ConfigError(f"trainer: accelerator {tc.accelerator}, devices {tc.devices}, num_nodes {tc.num_nodes}, "
                           f"strategy {tc.strategy}, precision {tc.precision}: {err}") from None

@@ -243,3 +243,25 @@ def test_the_main_video_stream_is_cut_not_a_picture_beside_it(tmp_path):
                     "-disposition:v:0", "attached_pic", str(song)], check=True)
     outcome = process_source(SourceRef(str(song), "file"), tmp_path / "root", ds, cfg)
     assert (outcome.status, outcome.stage, outcome.reason) == ("failed", "probe", "no video stream (a cover picture only)")
+
+
+def test_new_bytes_at_a_path_replace_its_clips_unless_another_path_gives_them_again(tmp_path):
+    from data_prep.dataset import commit_version, load_manifest
+    from data_prep.synthetic import write_synthetic_dataset
+
+    ds = write_synthetic_dataset(tmp_path, "d", num_clips=2, frames=4, size=16, fps=12)
+    a, b = load_manifest(tmp_path, "d").drop(columns=["clip_abspath", "shard"]).to_dict("records")
+    edited = {**a, "clip_id": "e" * 16, "source_sha256": "e" * 64, "clip_path": "clips/edited.mp4"}
+    (ds / edited["clip_path"]).write_bytes((ds / a["clip_path"]).read_bytes())
+
+    # a's path now holds other bytes; another path holds a's old bytes and gives its clip again
+    commit_version(ds, [edited, {**a, "source": "/elsewhere.mp4"}], [], {}, 8, frozenset(),
+                   {a["source"]: edited["source_sha256"], "/elsewhere.mp4": a["source_sha256"]})
+    listed = load_manifest(tmp_path, "d").set_index("clip_id")["source"].to_dict()
+    assert listed == {a["clip_id"]: "/elsewhere.mp4", b["clip_id"]: b["source"], edited["clip_id"]: a["source"]}
+    # the same path edited again, alone: its earlier clip leaves, the other path's stays
+    again = {**edited, "clip_id": "f" * 16, "source_sha256": "f" * 64, "clip_path": "clips/again.mp4"}
+    (ds / again["clip_path"]).write_bytes((ds / a["clip_path"]).read_bytes())
+    commit_version(ds, [again], [], {}, 8, frozenset(), {a["source"]: again["source_sha256"]})
+    listed = load_manifest(tmp_path, "d").set_index("clip_id")["source"].to_dict()
+    assert listed == {a["clip_id"]: "/elsewhere.mp4", b["clip_id"]: b["source"], again["clip_id"]: a["source"]}

@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from data_prep.synthetic import write_synthetic_dataset
-from models.config import ConfigError, load_config
+from models.config import ConfigError, load_config, parse_config
 from models.data import DataError, StageDataModule, draw_stride
 from models.stages import CheckpointError, build_stage, load_stage, read_checkpoint
 from models.train import train_stage
@@ -513,6 +513,31 @@ def test_several_samples_name_their_prompts_for_evaluation(chain, tmp_path):
     assert sorted(p.name for p in tmp_path.glob("*.mp4")) == ["sample-0000.mp4", "sample-0001.mp4", "sample-0002.mp4"]
 
 
+def test_checkpoints_recorded_before_a_config_rule_still_load_for_sampling(chain, tmp_path):
+    """Training now refuses an interpolation skip the net never trained on and attention levels the
+    U-Net lacks; checkpoints that recorded such configs (and Lightning's precision aliases, device
+    strings) load as they did."""
+    ckpt = read_checkpoint(chain["interpolation"].checkpoint)
+    recorded = ckpt["hyper_parameters"]["config"]
+    recorded["data"]["max_skip"] = 3  # below sampling.skip = 5
+    recorded["unet"]["attn_levels"] = [*recorded["unet"]["attn_levels"], 7]
+    recorded["trainer"] |= {"precision": "bf16", "devices": "0,1"}
+    old = tmp_path / "old.ckpt"
+    torch.save(ckpt, old)
+    with pytest.raises(ConfigError, match=r"unet.attn_levels: levels are 0 to 1 .*, got \[1, 7\]"):
+        parse_config(recorded)
+    with pytest.raises(ConfigError, match="sampling.skip: the net trains on skips 2 to data.max_skip = 3"):
+        parse_config(recorded | {"unet": {**recorded["unet"], "attn_levels": [1]}})
+    loaded = load_stage(old, "interpolation")
+    assert loaded.config.sampling.skip == 5 and loaded.config.trainer.precision == "bf16"
+    reference = load_stage(chain["interpolation"].checkpoint, "interpolation")
+    assert all(torch.equal(a, b) for a, b in zip(loaded.net.state_dict().values(), reference.net.state_dict().values()))
+    ckpt["hyper_parameters"]["config"]["unet"]["heads"] = 0  # no such net ever trained: named with its file
+    torch.save(ckpt, old)
+    with pytest.raises(ConfigError, match=f"{old}: its recorded config: unet.heads"):
+        load_stage(old, "interpolation")
+
+
 def test_the_chain_refuses_image_mode_and_mixed_clip_checkpoints(chain, tmp_path):
     from models.sampling import load_chain
 
@@ -704,6 +729,9 @@ def test_sampling_refuses_a_lowres_noise_the_sr_stages_never_trained_on_before_s
     with pytest.raises(ValueError, match="lowres noise 0.9: the sr_low checkpoint trained on levels from 0 to "
                                          "data.lowres_noise_max = 0.5"):
         generate(loaded, ["a red ball"], lowres_noise=0.9)
+    for guidance in (float("nan"), float("inf"), -1.0):  # nan gave an all-black video
+        with pytest.raises(ValueError, match="guidance must be a finite number >= 0"):
+            generate(loaded, ["a red ball"], guidance=guidance)
     assert not sampled
 
 

@@ -165,6 +165,31 @@ def test_killed_training_resumes_from_its_last_checkpoint(prefect_server, tmp_pa
     assert prior_run.info.status == "FINISHED" and prior_run.data.metrics["global_step"] == 200
 
 
+def test_a_stage_trained_to_its_end_before_a_failure_is_taken_as_it_is(tmp_path):
+    """A rerun finds last.ckpt at the run's last step (training ended, then the task failed, e.g.
+    while logging): no step is trained, no loss is made up, the checkpoint is registered."""
+    import mlflow
+
+    from data_prep.synthetic import write_synthetic_dataset
+    from flows.pipeline import train_stage_task
+
+    write_synthetic_dataset(tmp_path / "data", "shapes", num_clips=4, frames=12, size=32, fps=12)
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    mlflow.set_tracking_uri(uri)
+    parent = mlflow.MlflowClient(uri).create_run(mlflow.set_experiment("x").experiment_id).info.run_id
+    args = dict(step_name="prior", stage="prior", config_path=str(TINY / "prior.yaml"),
+                overrides={"trainer.max_steps": 2}, data_root=str(tmp_path / "data"), dataset="shapes",
+                version="latest", init_checkpoint=None, out_dir=str(tmp_path / "out"), tracking_uri=uri,
+                experiment="x", parent_run_id=parent, cache_key="k", model_name="mav-prior")
+    first = train_stage_task.fn(**args)
+    again = train_stage_task.fn(**args)
+    assert first["global_step"] == again["global_step"] == 2 and first["train_loss"] > 0
+    assert again["train_loss"] is None and again["checkpoint"] == first["checkpoint"]
+    assert (first["model_version"], again["model_version"]) == (1, 2)
+    run = mlflow.MlflowClient(uri).get_run(again["run_id"])
+    assert "final_train_loss" not in run.data.metrics and run.data.metrics["global_step"] == 2
+
+
 def test_small_dataset_versions_add_up_to_the_retraining_threshold(prefect_server, tmp_path):
     """An event counts the clips since the last trained version, not only the version's own."""
     from data_prep.synthetic import write_synthetic_dataset
