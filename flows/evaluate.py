@@ -157,7 +157,8 @@ def resolve_source(src: str, data_root: str | Path = "mav-data", tracking_uri: s
 @task(name="sample-videos", cache_policy=NO_CACHE)
 def sample_videos(prompts: list[str], sampler: Callable | None, checkpoints, out_dir: str, steps: int | None,
                   guidance: float | None, seed: int, device: str) -> VideoSet:
-    from models.sampling import sample_videos as sample_batches, update_prompts
+    from models.sampling import sample_videos as sample_batches
+    from models.sampling import update_prompts
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -187,8 +188,9 @@ def load_clip_for_eval(clip_model: str | None, device: str, log=print):
         try:  # from the local cache only: no silent download (nor minutes of retries offline)
             return FrozenCLIP.load(DEFAULT_CLIP, device=device, local_only=True)
         except Exception as err:  # not cached: OSError / hub errors
-            log(f"CLIP {DEFAULT_CLIP} is not in the local Hugging Face cache ({type(err).__name__}); CLIPSIM runs "
-                "in SMOKE mode on a tiny random CLIP. Pass --clip PATH (or the hub id, to download it) for real numbers.")
+            log(f"CLIP {DEFAULT_CLIP} is not in the local Hugging Face cache ({type(err).__name__}); CLIPSIM "
+                "runs in SMOKE mode on a tiny random CLIP. Pass --clip PATH (or the hub id, to download it) "
+                "for real numbers.")
     return FrozenCLIP.load(tiny_clip_path(), device=device)
 
 

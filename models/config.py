@@ -5,12 +5,11 @@ Unknown keys and wrong types are errors that name the key, e.g.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
 import yaml
-import re
-
 from pydantic import (BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError, ValidationInfo,
                       field_validator, model_validator)
 
