@@ -12,4 +12,6 @@ def metric_list(metrics: str | Sequence[str]) -> list[str]:
     unknown = set(metrics) - set(METRICS)
     if unknown:
         raise ValueError(f"unknown metrics {sorted(unknown)}; choose from {', '.join(METRICS)}")
+    if not metrics:
+        raise ValueError(f"no metrics given; choose from {', '.join(METRICS)}")
     return metrics

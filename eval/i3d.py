@@ -254,11 +254,15 @@ def load_i3d(weights: str | Path | None = None, sha256: str | None = None, devic
         return I3DDetector(TorchScriptI3D(scripted), "torchscript", str(weights), digest, False, **detector_kwargs).to(device)
     state = load_state_dict(path, weights)
     net = InceptionI3d()
-    missing, unexpected = net.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
-    if missing or unexpected:
+    own = net.state_dict()
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in own]
+    misshaped = [k for k in own if k in state and getattr(state[k], "shape", None) != own[k].shape]
+    if missing or unexpected or misshaped:  # e.g. a Charades (157-class) head: load_state_dict would raise
         raise ValueError(
             f"weights {weights}: not an InceptionI3d(400) state dict in the piergiaj layout "
-            f"(missing {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]})"
+            f"(missing {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}, "
+            f"other shapes {misshaped[:5]})"
         )
+    net.load_state_dict(state, strict=False)
     return I3DDetector(net, "state_dict", str(weights), digest, False, **detector_kwargs).to(device)

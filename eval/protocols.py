@@ -88,10 +88,17 @@ class UCF101:
 
 def msrvtt_captions(json_path: str | Path, per_video: str = "all") -> list[tuple[str, str]]:
     """[(video_id, caption)] from MSR-VTT's test_videodatainfo.json."""
-    data = json.loads(Path(json_path).read_text())
+    try:
+        data = json.loads(Path(json_path).read_text())
+    except (OSError, ValueError) as err:  # neither names the file
+        raise ValueError(f"captions {json_path}: not readable JSON ({err})") from None
     sentences = data.get("sentences") if isinstance(data, dict) else data
     if not isinstance(sentences, list):
         raise ValueError(f"{json_path}: no 'sentences' list (expected MSR-VTT's test_videodatainfo.json)")
+    broken = [i for i, s in enumerate(sentences) if not (isinstance(s, dict) and isinstance(s.get("video_id"), str)
+                                                          and isinstance(s.get("caption"), str))]
+    if broken:
+        raise ValueError(f"{json_path}: sentence {broken[0]} (of {len(broken)}) lacks a 'video_id' or 'caption' text")
     pairs = [(s["video_id"], s["caption"].strip()) for s in sentences]
     if per_video == "first":
         seen: dict[str, str] = {}

@@ -16,6 +16,7 @@ random weights and every printed line and logged metric name says "smoke".
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
 import sys
@@ -50,6 +51,8 @@ class VideoSet:
     prompts: list[str] | None = None
     version: str | None = None
     extra: dict = field(default_factory=dict)
+    # why a prompts file beside the videos gave no prompts: said only where prompts are needed
+    prompts_error: str | None = None
 
     def take(self, n: int | None, seed: int) -> "VideoSet":
         """A seeded random subset of n videos (all when n is None or larger)."""
@@ -57,7 +60,13 @@ class VideoSet:
             return self
         idx = sorted(np.random.default_rng(seed).choice(len(self.paths), size=n, replace=False).tolist())
         prompts = [self.prompts[i] for i in idx] if self.prompts else None
-        return VideoSet(self.source, self.kind, [self.paths[i] for i in idx], prompts, self.version, self.extra)
+        return VideoSet(self.source, self.kind, [self.paths[i] for i in idx], prompts, self.version, self.extra,
+                        self.prompts_error)
+
+    def require_prompts(self, why: str) -> None:
+        if not self.prompts:
+            found = self.prompts_error or f"none found with {self.source}"
+            raise ValueError(f"{why} needs the prompts of the fake videos: pass --prompts FILE ({found})")
 
 
 def _load_manifest(data_root: Path, name: str, version: str | None):
@@ -66,15 +75,19 @@ def _load_manifest(data_root: Path, name: str, version: str | None):
     return load_manifest(data_root, name, version or "latest")
 
 
-def _sidecar_prompts(folder: Path, paths: list[Path]) -> list[str] | None:
-    """prompts.json / prompts.txt in `folder`, or else in the one folder that holds the videos
-    (a run's samples/ artifacts)."""
+def _sidecar_prompts(folder: Path, paths: list[Path]) -> tuple[list[str] | None, str | None]:
+    """(prompts, why not) from prompts.json / prompts.txt in `folder`, or else in the one folder
+    that holds the videos (a run's samples/ artifacts). A file that does not fit the videos is no
+    error here: FVD alone, or --prompts, does not need it."""
     parents = {p.parent for p in paths}
     for where in [folder] + (list(parents) if len(parents) == 1 else []):
         for name in ("prompts.json", "prompts.txt"):
             if (where / name).is_file():
-                return read_prompts(where / name, paths)
-    return None
+                try:
+                    return read_prompts(where / name, paths), None
+                except ValueError as err:
+                    return None, str(err)
+    return None, None
 
 
 def _without_previews(paths: list[Path]) -> list[Path]:
@@ -98,6 +111,9 @@ def read_prompts(path: str | Path, videos: Sequence[Path] | None = None) -> list
         raise ValueError(f"prompts {path}: not readable ({err})") from None
     if not isinstance(data, (list, dict)):
         raise ValueError(f"prompts {path}: expected a list of prompts or {{video name: prompt}}")
+    not_text = [k for k, v in (data.items() if isinstance(data, dict) else enumerate(data)) if not isinstance(v, str)]
+    if not_text:
+        raise ValueError(f"{path}: the prompt for {not_text[0]!r} is not text")
     if isinstance(data, dict):
         if videos is None:
             return list(data.values())
@@ -107,12 +123,19 @@ def read_prompts(path: str | Path, videos: Sequence[Path] | None = None) -> list
         return [data.get(v.name, data.get(v.stem)) for v in videos]
     if videos is not None and len(data) != len(videos):
         raise ValueError(f"{path}: {len(data)} prompts for {len(videos)} videos")
-    return [str(p) for p in data]
+    return list(data)
 
 
 def _not_in_store(src: str, tracking_uri: str, err: Exception) -> ValueError:
     reason = str(getattr(err, "message", err)).strip().splitlines()[0]
     return ValueError(f"{src}: not found in the MLflow store {tracking_uri} ({reason})")
+
+
+@functools.cache
+def _downloads() -> tempfile.TemporaryDirectory:
+    """One temporary folder per process for MLflow runs' videos, removed when the process ends
+    (a deployment runs each flow in its own process)."""
+    return tempfile.TemporaryDirectory(prefix="mav-eval-")
 
 
 def resolve_source(src: str, data_root: str | Path = "mav-data", tracking_uri: str | None = None) -> VideoSet:
@@ -123,7 +146,7 @@ def resolve_source(src: str, data_root: str | Path = "mav-data", tracking_uri: s
         from mlflow.exceptions import MlflowException
 
         run_id, sub = m.group(1), m.group(2) or ""
-        dst = Path(tempfile.mkdtemp(prefix=f"mav-eval-{run_id[:8]}-"))
+        dst = Path(tempfile.mkdtemp(prefix=f"run-{run_id[:8]}-", dir=_downloads().name))
         try:
             local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=sub or None,
                                                              dst_path=str(dst), tracking_uri=tracking_uri))
@@ -133,13 +156,15 @@ def resolve_source(src: str, data_root: str | Path = "mav-data", tracking_uri: s
         paths = _without_previews([p for p in list_videos(local) if "grid" not in p.stem])
         if not paths:
             raise ValueError(f"{src}: the run has no video artifacts ({', '.join(VIDEO_EXTENSIONS)})")
-        return VideoSet(src, "mlflow-run", paths, _sidecar_prompts(local, paths), extra={"run_id": run_id})
+        prompts, why_not = _sidecar_prompts(local, paths)
+        return VideoSet(src, "mlflow-run", paths, prompts, extra={"run_id": run_id}, prompts_error=why_not)
     folder = Path(src).expanduser()
     if folder.is_dir():
         paths = _without_previews(list_videos(folder))
         if not paths:
             raise ValueError(f"{src}: folder holds no videos ({', '.join(VIDEO_EXTENSIONS)})")
-        return VideoSet(src, "folder", paths, _sidecar_prompts(folder, paths))
+        prompts, why_not = _sidecar_prompts(folder, paths)
+        return VideoSet(src, "folder", paths, prompts, prompts_error=why_not)
     name, _, version = src.partition("@")
     root = Path(data_root)
     if not (root / "datasets" / name).is_dir():
@@ -309,8 +334,8 @@ def check_inputs(args: argparse.Namespace) -> None:
     metrics, the prompts file, video sources (folders, datasets, MLflow runs)."""
     if args.metrics is not None:
         metric_list(args.metrics)
-    if args.prompts:
-        read_prompts(args.prompts)
+    if args.prompts and not (args.fake and not _RUN_SRC.match(args.fake)):
+        read_prompts(args.prompts)  # with a local --fake: below, against its videos
     for src in (args.real, args.fake):
         if src and _RUN_SRC.match(src):  # the run must exist; its artifacts are fetched in the flow
             import mlflow
@@ -323,10 +348,14 @@ def check_inputs(args: argparse.Namespace) -> None:
                 raise _not_in_store(src, tracking_uri, err) from None
         elif src:
             videos = resolve_source(src, args.data_root)
-            wanted = metric_list(args.metrics if args.metrics is not None else DEFAULT_METRICS)
-            if src == args.fake and "clipsim" in wanted and not args.prompts and not args.protocol \
-                    and not videos.prompts:
-                raise ValueError(f"clipsim needs prompts: pass --prompts FILE (none found with {src})")
+            if src != args.fake:
+                continue
+            if args.prompts:
+                videos.prompts = read_prompts(args.prompts, videos.paths)
+            if args.protocol:
+                videos.require_prompts(f"the {args.protocol} protocol")
+            elif "clipsim" in metric_list(args.metrics if args.metrics is not None else DEFAULT_METRICS):
+                videos.require_prompts("clipsim")
 
 
 # -- the flow -------------------------------------------------------------------------
@@ -376,7 +405,8 @@ def evaluate(real: str | None = None, fake: str | None = None, prompts: str | No
     if prompt_list is not None:
         fake_set.prompts = prompt_list
     fake_set = fake_set.take(num_videos, seed)
-    if proto and fake_set.prompts:
+    if proto:
+        fake_set.require_prompts(f"the {proto.name} protocol")
         proto.check_prompts(fake_set.prompts, fake_set.source)
 
     params = {"metrics": ",".join(metrics), "fake_source": fake_set.source, "fake_kind": fake_set.kind,
@@ -396,8 +426,8 @@ def evaluate(real: str | None = None, fake: str | None = None, prompts: str | No
         else:
             raise ValueError("fvd needs --real SRC" + (" or --video-root" if protocol == "msrvtt" else ""))
         real_set = real_set.take(num_videos, seed)
-    if "clipsim" in metrics and not fake_set.prompts:
-        raise ValueError(f"clipsim needs prompts: pass --prompts FILE (none found with {fake_set.source})")
+    if "clipsim" in metrics:
+        fake_set.require_prompts("clipsim")
     results, clips, extra = score_task(metrics, real_set, fake_set, fake_set.prompts, clip_length, clip_stride, seed,
                                        device, batch_size, i3d_weights=i3d_weights, i3d_sha256=i3d_sha256,
                                        clip_model=clip_model, c3d_weights=c3d_weights, c3d_sha256=c3d_sha256,
@@ -457,7 +487,7 @@ def register(subparsers) -> None:
     p.add_argument("--tracking-uri", default=None, help="MLflow URI (default $MLFLOW_TRACKING_URI or ./mlflow.db)")
     p.add_argument("--clip-length", type=positive_int, default=16)
     p.add_argument("--clip-stride", type=positive_int, default=1)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--device", type=device_name, default="auto")
     p.add_argument("--bootstrap", type=non_negative_int, default=100, help="bootstrap resamples for the FVD interval (0: none)")
     p.add_argument("--unbiased", action="store_true", help="unbiased covariance (default: biased, as StyleGAN-V)")

@@ -214,7 +214,7 @@ def test_bad_evaluate_input_is_one_line_and_exit_2(prefect_server, tmp_path, cap
         (["--fake", str(fake), "--prompts", str(tmp_path / "bad.json")], r"prompts \S+bad.json: not readable"),
         (["--fake", str(fake), "--prompts", str(tmp_path / "nope.txt")], r"prompts \S+nope.txt: no such file"),
         (["--fake", "runs:/deadbeefdeadbeef", "--tracking-uri", uri], "runs:/deadbeefdeadbeef: not found in the MLflow"),
-        (["--fake", str(fake), "--metrics", "fvd,clipsim"], r"clipsim needs prompts: pass --prompts FILE \(none found"),
+        (["--fake", str(fake), "--metrics", "fvd,clipsim"], r"clipsim needs the prompts of the fake videos: pass --prompts FILE \(none found"),
     ]
     for options, message in cases:
         assert main(["evaluate", "--metrics", "fvd", *options]) == 2, options

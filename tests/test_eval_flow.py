@@ -92,6 +92,42 @@ def test_gif_previews_beside_their_videos_are_not_scored(tmp_path):
     assert videos.prompts == ["a cat", "a dog", "a gif"]
 
 
+def test_a_prompts_file_that_does_not_fit_matters_only_where_prompts_are_needed(tmp_path):
+    """A sidecar that misses a video added later: FVD alone and --prompts go on; CLIPSIM and the
+    protocols say what is wrong with it. Prompts that are not text are named."""
+    import numpy as np
+
+    from flows.cli import build_parser
+    from flows.evaluate import check_inputs
+    from models.video_io import write_mp4
+
+    def parse_args(options):
+        return build_parser("evaluate").parse_args(["evaluate", *options])
+
+    fake = tmp_path / "fake"
+    for name in ("a", "b"):
+        write_mp4(np.zeros((4, 16, 16, 3), dtype=np.uint8), fake / f"{name}.mp4", fps=4)
+    (fake / "prompts.json").write_text(json.dumps({"a.mp4": "a cat"}))  # b.mp4 came later
+    videos = resolve_source(str(fake))
+    assert videos.prompts is None and "prompts.json: no prompt for" in videos.prompts_error
+    check_inputs(parse_args(["--fake", str(fake), "--metrics", "fvd"]))
+    full = tmp_path / "full.json"
+    full.write_text(json.dumps({"a.mp4": "a cat", "b.mp4": "a dog"}))
+    check_inputs(parse_args(["--fake", str(fake), "--metrics", "clipsim", "--prompts", str(full)]))
+    for options, why in ((["--metrics", "clipsim"], "clipsim"), (["--protocol", "ucf101"], "the ucf101 protocol")):
+        with pytest.raises(ValueError, match=f"{why} needs the prompts of the fake videos: pass --prompts FILE "
+                                             r"\(\S+prompts.json: no prompt for \S+b.mp4\)"):
+            check_inputs(parse_args(["--fake", str(fake), *options]))
+    (fake / "prompts.json").unlink()
+    with pytest.raises(ValueError, match=r"ucf101 protocol needs the prompts .*\(none found with"):
+        check_inputs(parse_args(["--fake", str(fake), "--protocol", "ucf101"]))
+    full.write_text(json.dumps({"a.mp4": "a cat", "b.mp4": None}))
+    with pytest.raises(ValueError, match="full.json: the prompt for 'b.mp4' is not text"):
+        read_prompts(full)
+    with pytest.raises(ValueError, match="no metrics given"):
+        check_inputs(parse_args(["--fake", str(fake), "--metrics", ","]))
+
+
 def test_a_missing_dataset_version_is_a_clean_cli_error(prefect_server, tmp_path, two_folders, capsys):
     from flows.cli import main
 

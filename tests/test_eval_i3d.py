@@ -98,6 +98,13 @@ def test_bad_state_dict_is_rejected(tmp_path):
     torch.save({"conv.weight": torch.zeros(1)}, path)
     with pytest.raises(ValueError, match="other.pt: not an InceptionI3d"):
         load_i3d(path)
+    from eval.i3d import InceptionI3d
+
+    state = InceptionI3d().state_dict()  # the right layout, another head (Charades: 157 classes)
+    state = {k: (torch.zeros(157, *v.shape[1:]) if k.startswith("logits") and v.dim() else v) for k, v in state.items()}
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=r"other.pt: not an InceptionI3d\(400\) .*other shapes \['logits"):
+        load_i3d(path)
 
 
 def test_fvd_on_real_clips_zero_for_self_and_grows_with_noise(detector, shared_videos):

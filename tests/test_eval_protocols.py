@@ -42,6 +42,12 @@ def test_msrvtt_captions(tmp_path):
                                               {"video_id": "video7", "caption": "a cat"}]}))
     assert len(msrvtt_captions(path)) == 3
     assert msrvtt_captions(path, "first") == [("video7", "a cat"), ("video9", "a man sings")]
+    path.write_text(json.dumps({"sentences": [{"video_id": "video9", "caption": "a"}, {"caption": "no id"}]}))
+    with pytest.raises(ValueError, match="sentence 1 \\(of 1\\) lacks a 'video_id' or 'caption' text"):
+        msrvtt_captions(path)
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match=f"captions {path}: not readable JSON"):
+        msrvtt_captions(path)
 
 
 def test_inception_score_bounds():
