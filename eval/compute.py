@@ -18,6 +18,7 @@ from eval.clipsim import CLIPSIM
 from eval.fvd import FrechetVideoDistance
 from eval.i3d import MIN_FRAMES
 from eval.inception_score import VideoInceptionScore
+from eval.sheets import GRID_TILE, fit_square
 from eval.video_io import VideoTooShort, count_frames, read_video
 
 
@@ -123,6 +124,6 @@ def score_files(fake: Sequence[str | Path], fake_spec: ClipSpec, *, fvd: Frechet
             clipsim.update(batch, prompts[done: done + len(names)], names=names)
         if inception is not None:
             inception.update(batch)
-        if keep_clips is not None and len(keep_clips) < max_keep:
-            keep_clips.extend(batch.unbind(0)[: max_keep - len(keep_clips)])
+        if keep_clips is not None and len(keep_clips) < max_keep:  # at the pictures' size, not the videos'
+            keep_clips.extend(fit_square(c, GRID_TILE) for c in batch.unbind(0)[: max_keep - len(keep_clips)])
         done += len(names)

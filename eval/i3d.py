@@ -149,10 +149,11 @@ def reference_preprocess(videos: torch.Tensor, size: int = INPUT_SIZE) -> torch.
     """uint8 [B,T,H,W,3] -> float [B,3,T,size,size] in [-1,1]: bilinear (align_corners=False,
     no antialias, every frame squashed to a square, no crop) as in the reference FVD code."""
     b = videos.shape[0]
-    frames = rearrange(videos, "b t h w c -> (b t) c h w").float()
-    if frames.shape[-2:] != (size, size):
-        frames = F.interpolate(frames, size=(size, size), mode="bilinear", align_corners=False)
-    frames = frames * (2.0 / 255.0) - 1.0
+    frames = rearrange(videos, "b t h w c -> (b t) c h w")
+    if frames.shape[-2:] != (size, size):  # in chunks of frames: a batch of full-HD clips in float is GBs
+        frames = torch.cat([F.interpolate(chunk.float(), size=(size, size), mode="bilinear", align_corners=False)
+                            for chunk in frames.split(32)])
+    frames = frames.float() * (2.0 / 255.0) - 1.0
     return rearrange(frames, "(b t) c h w -> b c t h w", b=b)
 
 

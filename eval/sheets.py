@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 
-def _fit(clip: torch.Tensor, size: int) -> torch.Tensor:
+def fit_square(clip: torch.Tensor, size: int) -> torch.Tensor:
     """uint8 [T,H,W,3] -> uint8 [T,size,size,3] (short side to size, centre crop)."""
     x = rearrange(clip, "t h w c -> t c h w").float()
     h, w = x.shape[-2:]
@@ -23,14 +23,17 @@ def _fit(clip: torch.Tensor, size: int) -> torch.Tensor:
     return rearrange(x.round().clamp(0, 255).to(torch.uint8), "t c h w -> t h w c")
 
 
-def video_grid(clips: Sequence[torch.Tensor], tile: int = 128, max_videos: int = 16) -> np.ndarray:
+GRID_TILE = 128  # the video grid's tile side; clips kept for pictures need no more
+
+
+def video_grid(clips: Sequence[torch.Tensor], tile: int = GRID_TILE, max_videos: int = 16) -> np.ndarray:
     """Clips (uint8 [T,H,W,3], any sizes) -> one uint8 video [T,rows*tile,cols*tile,3]; the
     shortest clip sets T; empty cells stay black."""
     clips = list(clips)[:max_videos]
     if not clips:
         raise ValueError("video_grid: no clips")
     t = min(c.shape[0] for c in clips)
-    tiles = [_fit(torch.as_tensor(c)[:t], tile) for c in clips]
+    tiles = [fit_square(torch.as_tensor(c)[:t], tile) for c in clips]
     cols = math.ceil(math.sqrt(len(tiles)))
     rows = math.ceil(len(tiles) / cols)
     tiles += [torch.zeros_like(tiles[0])] * (rows * cols - len(tiles))
@@ -44,7 +47,7 @@ def contact_sheet(clips: Sequence[torch.Tensor], frames_per_row: int = 8, tile: 
     for c in list(clips)[:max_videos]:
         c = torch.as_tensor(c)
         idx = torch.linspace(0, c.shape[0] - 1, min(frames_per_row, c.shape[0])).round().long()
-        row = _fit(c[idx], tile)
+        row = fit_square(c[idx], tile)
         pad = frames_per_row - row.shape[0]
         if pad:
             row = torch.cat([row, torch.zeros(pad, *row.shape[1:], dtype=torch.uint8)])

@@ -68,7 +68,11 @@ def test_every_video_is_decoded_once_and_each_metric_gets_its_clips(tmp_path, de
     assert fvd.result(num_resamples=0).value == pytest.approx(ref_fvd.result(num_resamples=0).value, rel=1e-6)
     assert clipsim.result(num_resamples=0).value == pytest.approx(ref_clipsim.result(num_resamples=0).value, abs=1e-6)
     assert inception.result().value == pytest.approx(ref_inception.result().value, rel=1e-6)
-    assert len(kept) == 2 and all(torch.equal(a, b) for a, b in zip(kept, fake_clips[:2]))
+    # kept for the pictures at the grid's tile size, not the videos' (full-HD clips would be GBs)
+    from eval.sheets import GRID_TILE, fit_square
+
+    assert len(kept) == 2 and all(torch.equal(a, fit_square(b, GRID_TILE)) for a, b in zip(kept, fake_clips[:2]))
+    assert kept[0].shape[1:] == (GRID_TILE, GRID_TILE, 3)
 
 
 def test_bad_inputs_stop_before_any_decoding(tmp_path, decodes):
