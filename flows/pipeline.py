@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -36,6 +37,14 @@ def code_digest() -> str:
     for path in sorted((REPO / "models").rglob("*.py")):
         digest.update(path.relative_to(REPO).as_posix().encode() + path.read_bytes())
     return digest.hexdigest()[:16]
+
+
+def pipeline_digest(cfg: PipelineConfig, code: str) -> str:
+    """What a finished run of a dataset version depends on: the pipeline config, the stage configs
+    it names (their files' text) and the models' code, as each step's cache key does."""
+    stage_configs = [Path(repo_path(step.config)).read_text() for step in cfg.steps]
+    payload = json.dumps([cfg.model_dump(mode="json"), stage_configs, code], sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 def step_key(step: TrainStep, version: str, init_key: str | None, code: str, where: str) -> str:
@@ -75,37 +84,41 @@ def train_stage_task(step_name: str, stage: str, config_path: str, overrides: di
     import mlflow
     from lightning.pytorch.loggers import MLFlowLogger
 
+    from data_prep.dataset import file_lock
     from models.config import load_config
     from models.train import AlreadyTrained, TrainResult, train_stage
 
     quiet_library_chatter()
-    config = load_config(config_path, overrides)
-    last = Path(out_dir) / "checkpoints" / "last.ckpt"
-    resume = last.exists()
-    use_experiment(tracking_uri, experiment)
-    tags = {"mav.kind": "train", "mav.stage": stage, "mav.step": step_name, "mav.cache_key": cache_key,
-            "mav.dataset": dataset, "mav.dataset_version": version, "mav.resumed": str(resume).lower()}
-    with mlflow.start_run(run_name=step_name, parent_run_id=parent_run_id, nested=True, tags=tags,
-                          log_system_metrics=True) as run:
-        params = _flatten("config", config.model_dump(mode="json"), {})
-        params |= {"init_checkpoint": init_checkpoint or "none", "config_file": config_path}
-        mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
-        logger = MLFlowLogger(experiment_name=experiment, tracking_uri=tracking_uri, run_id=run.info.run_id)
-        try:
-            result = train_stage(stage, config, data_root=data_root, dataset=dataset, version=version,
-                                 init=None if resume else init_checkpoint,
-                                 resume=resume, out_dir=out_dir, logger=logger)
-        except AlreadyTrained as done:  # trained to the end before, then failed (logging): the checkpoint stands
-            result = TrainResult(stage, done.checkpoint, None, done.step, float("nan"))
-        loss = result.train_loss if math.isfinite(result.train_loss) else None  # None: no step trained
-        mlflow.log_metrics({"global_step": result.global_step}
-                           | ({"final_train_loss": loss} if loss is not None else {}))
-        mlflow.log_artifact(str(result.checkpoint), artifact_path="checkpoints")
-        version_number = _register(run.info.run_id, f"{run.info.artifact_uri}/checkpoints/{result.checkpoint.name}",
-                                   model_name, step_name, cache_key, tracking_uri)
-    return {"step": step_name, "stage": stage, "checkpoint": str(result.checkpoint), "run_id": run.info.run_id,
-            "global_step": result.global_step, "train_loss": loss, "cache_key": cache_key,
-            "model_version": version_number, "parent_run_id": parent_run_id}
+    # one trainer per step folder: a second pipeline on the same work_dir waits here, then takes the
+    # checkpoint the first one finished (AlreadyTrained) instead of writing the same last.ckpt at once
+    with file_lock(Path(out_dir) / ".lock"):
+        config = load_config(config_path, overrides)
+        last = Path(out_dir) / "checkpoints" / "last.ckpt"
+        resume = last.exists()
+        use_experiment(tracking_uri, experiment)
+        tags = {"mav.kind": "train", "mav.stage": stage, "mav.step": step_name, "mav.cache_key": cache_key,
+                "mav.dataset": dataset, "mav.dataset_version": version, "mav.resumed": str(resume).lower()}
+        with mlflow.start_run(run_name=step_name, parent_run_id=parent_run_id, nested=True, tags=tags,
+                              log_system_metrics=True) as run:
+            params = _flatten("config", config.model_dump(mode="json"), {})
+            params |= {"init_checkpoint": init_checkpoint or "none", "config_file": config_path}
+            mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+            logger = MLFlowLogger(experiment_name=experiment, tracking_uri=tracking_uri, run_id=run.info.run_id)
+            try:
+                result = train_stage(stage, config, data_root=data_root, dataset=dataset, version=version,
+                                     init=None if resume else init_checkpoint,
+                                     resume=resume, out_dir=out_dir, logger=logger)
+            except AlreadyTrained as done:  # trained to the end by a run that then failed, or by another pipeline
+                result = TrainResult(stage, done.checkpoint, None, done.step, float("nan"))
+            loss = result.train_loss if math.isfinite(result.train_loss) else None  # None: no step trained
+            mlflow.log_metrics({"global_step": result.global_step}
+                               | ({"final_train_loss": loss} if loss is not None else {}))
+            mlflow.log_artifact(str(result.checkpoint), artifact_path="checkpoints")
+            source = f"{run.info.artifact_uri}/checkpoints/{result.checkpoint.name}"
+            version_number = _register(run.info.run_id, source, model_name, step_name, cache_key, tracking_uri)
+        return {"step": step_name, "stage": stage, "checkpoint": str(result.checkpoint), "run_id": run.info.run_id,
+                "global_step": result.global_step, "train_loss": loss, "cache_key": cache_key,
+                "model_version": version_number, "parent_run_id": parent_run_id}
 
 
 def registered_name(step_name: str, prefix: str = "mav") -> str:
@@ -213,7 +226,8 @@ def pipeline(config: str = DEFAULT_CONFIG, dataset: str | None = None, data_root
 
     manifest = load_manifest(Path(data_root), dataset, version)
     version = manifest.attrs["version"]
-    config_digest = hashlib.sha256(cfg.model_dump_json().encode()).hexdigest()[:16]
+    code = code_digest()
+    config_digest = pipeline_digest(cfg, code)
     if new_clips is not None:  # an event: count from the last trained version, so small versions add up
         trained = _latest_finished_run(tracking_uri, cfg.experiment, config_digest, dataset=dataset)
         pending = len(manifest) - (int(trained.data.params.get("num_clips", 0)) if trained else 0)
@@ -229,7 +243,6 @@ def pipeline(config: str = DEFAULT_CONFIG, dataset: str | None = None, data_root
         return {"skipped": "already done", "run_id": done.info.run_id, "version": version}
 
     use_experiment(tracking_uri, cfg.experiment)
-    code = code_digest()
     work = Path(cfg.work_dir).resolve()
     tags = {"mav.kind": "pipeline", "mav.dataset": dataset, "mav.dataset_version": version,
             "mav.config_digest": config_digest, "mav.code": code}
@@ -384,9 +397,26 @@ def register(subparsers) -> None:
     parser.set_defaults(func=_run)
 
 
+def check_places(cfg: PipelineConfig, data_root: str | None, ingests: bool) -> None:
+    """Local sources exist; the data root and work folder can be written (else the flow would fail
+    after its ingest, or train on the last version with the missing sources only logged)."""
+    if ingests:
+        missing = [s for s in ingest_sources(cfg.sources) if "://" not in s and not Path(s).exists()]
+        if missing:
+            raise ValueError(f"sources: no such file or folder: {', '.join(missing)}")
+    for what, folder in (("data_root", Path(data_root or cfg.data_root)), ("work_dir", Path(cfg.work_dir))):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ValueError(f"{what} {folder}: cannot be created ({err.strerror or err})") from None
+        if not os.access(folder, os.W_OK):
+            raise ValueError(f"{what} {folder}: cannot be written")
+
+
 def _run(args: argparse.Namespace) -> int:
     try:
-        load_pipeline_config(args.config)  # bad config: one line, before a flow (and its logged trace) starts
+        cfg = load_pipeline_config(args.config)  # bad input: one line, before a flow (and its logged trace) starts
+        check_places(cfg, args.data_root, ingests=args.version is None)
         summary = pipeline(config=args.config, dataset=args.dataset, data_root=args.data_root, version=args.version,
                            tracking_uri=args.tracking_uri, force=args.force)
     except (ValueError, FileNotFoundError) as err:  # bad input: a config, a dataset version, data (the flow logs the trace)

@@ -17,6 +17,9 @@ def experiment_id(tracking_uri: str, name: str) -> str:
 
     client = MlflowClient(tracking_uri)
     existing = client.get_experiment_by_name(name)
+    if existing is not None and existing.lifecycle_stage == "deleted":  # MLflow refuses to log to it
+        raise ValueError(f"MLflow experiment {name!r} in {tracking_uri} is deleted: restore it "
+                         f"(mlflow experiments restore --experiment-id {existing.experiment_id}) or name another")
     if existing is not None:
         return existing.experiment_id
     location = None

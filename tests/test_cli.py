@@ -182,6 +182,46 @@ def test_bad_ingest_and_pipeline_input_is_one_line_and_exit_2(prefect_server, tm
     err = capsys.readouterr().err.strip()
     assert re.search(r"step p: \S+prior.yaml: trainer.lrr: unknown key", err) and len(err.splitlines()) == 1, err
     assert not (tmp_path / "mav-data").exists()
+    # where it reads and writes: before the ingest ran (a trace after it), or the old version was
+    # trained on with the missing sources only logged
+    places = [(f"sources: [{tmp_path / 'nosuch'}]\n", r"sources: no such file or folder: \S+nosuch"),
+              (f"sources: [{samples}]\ndata_root: {tmp_path / 'd'}\nwork_dir: {tmp_path / 'a-file' / 'runs'}\n",
+               r"work_dir \S+runs: cannot be created \(Not a directory\)"),
+              (f"sources: [{samples}]\ndata_root: {tmp_path / 'a-file' / 'data'}\nwork_dir: {tmp_path / 'w'}\n",
+               r"data_root \S+data: cannot be created \(Not a directory\)")]
+    for text, message in places:
+        (tmp_path / "pipeline.yaml").write_text(text)
+        assert main(["pipeline", "--config", str(tmp_path / "pipeline.yaml")]) == 2, text
+        err = capsys.readouterr().err.strip()
+        assert re.search(message, err) and len(err.splitlines()) == 1, err
+
+
+def test_pipeline_runs_are_told_apart_by_their_stage_configs_and_code(tmp_path):
+    """`--version V` and a repeated event skip a version with a finished run of the same digest:
+    a stage config edited in its own file (which retrains that step) changes it too."""
+    from flows.pipeline import pipeline_digest
+    from flows.pipeline_config import load_pipeline_config
+
+    stage = tmp_path / "prior.yaml"
+    stage.write_text((REPO / "configs" / "tiny" / "prior.yaml").read_text())
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(f"steps:\n  - {{name: p, stage: prior, config: {stage}}}\n")
+    cfg = load_pipeline_config(config)
+    before = pipeline_digest(cfg, "code")
+    stage.write_text(stage.read_text() + "cond_dropout: 0.2\n")
+    assert pipeline_digest(cfg, "code") != before != pipeline_digest(cfg, "other code")
+
+
+def test_a_deleted_mlflow_experiment_is_named_with_the_way_back(tmp_path):
+    from mlflow import MlflowClient
+
+    from flows.tracking import experiment_id
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    MlflowClient(uri).delete_experiment(experiment_id(uri, "mav-pipeline"))
+    with pytest.raises(ValueError, match="experiment 'mav-pipeline' .* is deleted: restore it "
+                                         r"\(mlflow experiments restore --experiment-id \d+\)"):
+        experiment_id(uri, "mav-pipeline")
 
 
 def test_pipeline_metrics_are_named_like_evaluates(tmp_path):
