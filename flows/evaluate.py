@@ -188,7 +188,6 @@ def sample_videos(prompts: list[str], sampler: Callable | None, checkpoints, out
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if sampler is None:  # the sampling chain, loaded once, in batches
-
         made = sample_batches(prompts, checkpoints, out, steps=steps, guidance=guidance, seed=seed, device=device,
                               gif=False)
         paths = [Path(r.mp4) for r in made]
