@@ -331,8 +331,11 @@ def log_task(results: dict, params: dict, clips: list, tracking_uri: str, experi
 def check_inputs(args: argparse.Namespace) -> None:
     """What can be checked before the flow starts (its failures log a whole trace first):
     metrics, the prompts file, video sources (folders, datasets, MLflow runs)."""
-    if args.metrics is not None:
-        metric_list(args.metrics)
+    # what will be scored (a protocol without --metrics: its own, which it checks)
+    metrics = metric_list(args.metrics if args.metrics is not None else DEFAULT_METRICS) \
+        if args.metrics is not None or not args.protocol else []
+    if not (args.fake or args.checkpoints or args.protocol):
+        raise ValueError("give --fake SRC, or --checkpoints DIR (and --prompts) to sample the fake videos")
     if args.prompts and not (args.fake and not _RUN_SRC.match(args.fake)):
         read_prompts(args.prompts)  # with a local --fake: below, against its videos
     for src in (args.real, args.fake):
@@ -353,8 +356,17 @@ def check_inputs(args: argparse.Namespace) -> None:
                 videos.prompts = read_prompts(args.prompts, videos.paths)
             if args.protocol:
                 videos.require_prompts(f"the {args.protocol} protocol")
-            elif "clipsim" in metric_list(args.metrics if args.metrics is not None else DEFAULT_METRICS):
+            elif "clipsim" in metrics:
                 videos.require_prompts("clipsim")
+    if "fvd" in metrics:
+        from eval.i3d import MIN_FRAMES  # (torch: this command imports it anyway)
+
+        if not (args.real or args.protocol):
+            raise ValueError("fvd needs --real SRC (a dataset NAME[@VERSION], a folder or runs:/<id>)")
+        if args.clip_length < MIN_FRAMES:
+            raise ValueError(f"--clip-length {args.clip_length} is below {MIN_FRAMES}, the shortest clip I3D takes")
+    if "is" in metrics and args.clip_length != 16:
+        raise ValueError(f"--clip-length {args.clip_length}: the inception score's C3D takes 16-frame clips")
 
 
 # -- the flow -------------------------------------------------------------------------

@@ -255,6 +255,10 @@ def test_bad_evaluate_input_is_one_line_and_exit_2(prefect_server, tmp_path, cap
         (["--fake", str(fake), "--prompts", str(tmp_path / "nope.txt")], r"prompts \S+nope.txt: no such file"),
         (["--fake", "runs:/deadbeefdeadbeef", "--tracking-uri", uri], "runs:/deadbeefdeadbeef: not found in the MLflow"),
         (["--fake", str(fake), "--metrics", "fvd,clipsim"], r"clipsim needs the prompts of the fake videos: pass --prompts FILE \(none found"),
+        (["--real", str(fake)], r"give --fake SRC, or --checkpoints DIR"),
+        (["--fake", str(fake)], r"fvd needs --real SRC"),
+        (["--real", str(fake), "--fake", str(fake), "--clip-length", "8"], r"--clip-length 8 is below 9, the shortest"),
+        (["--fake", str(fake), "--metrics", "is", "--clip-length", "9"], r"--clip-length 9: the inception score's C3D"),
     ]
     for options, message in cases:
         assert main(["evaluate", "--metrics", "fvd", *options]) == 2, options

@@ -110,7 +110,7 @@ def test_a_prompts_file_that_does_not_fit_matters_only_where_prompts_are_needed(
     (fake / "prompts.json").write_text(json.dumps({"a.mp4": "a cat"}))  # b.mp4 came later
     videos = resolve_source(str(fake))
     assert videos.prompts is None and "prompts.json: no prompt for" in videos.prompts_error
-    check_inputs(parse_args(["--fake", str(fake), "--metrics", "fvd"]))
+    check_inputs(parse_args(["--real", str(fake), "--fake", str(fake), "--metrics", "fvd"]))
     full = tmp_path / "full.json"
     full.write_text(json.dumps({"a.mp4": "a cat", "b.mp4": "a dog"}))
     check_inputs(parse_args(["--fake", str(fake), "--metrics", "clipsim", "--prompts", str(full)]))
