@@ -13,6 +13,7 @@ import importlib
 import math
 import os
 import sys
+from pathlib import Path
 
 from flows.early_server import ServerError, serving, start_if_needed
 
@@ -46,6 +47,19 @@ def non_negative_float(text: str) -> float:
     if not math.isfinite(value) or value < 0:
         raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
     return value
+
+
+def writable_folder(folder: str | Path, name: str) -> Path:
+    """`folder`, created if missing; a ValueError naming `name` if it cannot be made or written
+    (checked before a flow starts: its failure would come after work, behind a trace)."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"{name} {folder}: cannot be created ({err.strerror or err})") from None
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"{name} {folder}: cannot be written")
+    return folder
 
 
 def device_name(text: str) -> str:

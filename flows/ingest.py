@@ -17,7 +17,7 @@ from data_prep.config import IngestConfig, load_ingest_config
 from data_prep.dataset import commit_version, dataset_dir, locked, remove_stale_temporaries
 from data_prep.ingest import SourceOutcome, process_source
 from data_prep.sources import SourceRef, expand_sources
-from flows.cli import positive_int
+from flows.cli import positive_int, writable_folder
 
 DATASET_EVENT = "mav.dataset.updated"
 
@@ -160,10 +160,7 @@ def _run(args: argparse.Namespace) -> int:
         config = load_ingest_config(args.config)  # checked even when --workers is given
         workers = args.workers or config.workers
         dataset_dir(Path(args.data_root), args.dataset)
-        try:
-            Path(args.data_root).mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise ValueError(f"--data-root {args.data_root}: cannot be created ({err.strerror})") from None
+        writable_folder(args.data_root, "--data-root")
         if not all(source.strip() for source in args.sources):
             raise ValueError("an empty source was given (an unset shell variable?)")
         run = with_task_runner(args.task_runner, args.dask_address, workers)

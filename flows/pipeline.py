@@ -14,7 +14,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -23,6 +22,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE as NO_CACHE
 
 from data_prep.atomic import replacing
+from flows.cli import writable_folder
 from flows.ingest import ingest
 from flows.pipeline_config import PipelineConfig, TrainStep, load_pipeline_config, repo_path
 from flows.tracking import default_tracking_uri, store_identity, use_experiment
@@ -404,13 +404,8 @@ def check_places(cfg: PipelineConfig, data_root: str | None, ingests: bool) -> N
         missing = [s for s in ingest_sources(cfg.sources) if "://" not in s and not Path(s).exists()]
         if missing:
             raise ValueError(f"sources: no such file or folder: {', '.join(missing)}")
-    for what, folder in (("data_root", Path(data_root or cfg.data_root)), ("work_dir", Path(cfg.work_dir))):
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise ValueError(f"{what} {folder}: cannot be created ({err.strerror or err})") from None
-        if not os.access(folder, os.W_OK):
-            raise ValueError(f"{what} {folder}: cannot be written")
+    writable_folder(data_root or cfg.data_root, "data_root")
+    writable_folder(cfg.work_dir, "work_dir")
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -254,7 +254,8 @@ def update_prompts(folder: Path, entries: dict[str, str], dropped: list[str] = (
         known = json.loads(path.read_text()) if path.is_file() else {}
     except (OSError, ValueError):  # unreadable: rewritten from what this run knows
         known = {}
-    known = {k: v for k, v in (known if isinstance(known, dict) else {}).items() if k not in set(dropped)}
+    dropped = set(dropped)
+    known = {k: v for k, v in (known if isinstance(known, dict) else {}).items() if k not in dropped}
     atomic_write_json(path, known | entries)
 
 

@@ -150,9 +150,9 @@ def train_stage(stage: str, config: StageConfig | dict | str | Path, *, data_roo
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     module = build_stage(cfg)
     if resume:
-        step = check_resume(module, last)
-        if step >= (max_steps or cfg.trainer.max_steps):
-            raise AlreadyTrained(last, step, max_steps or cfg.trainer.max_steps)
+        step, end = check_resume(module, last), max_steps or cfg.trainer.max_steps
+        if step >= end:
+            raise AlreadyTrained(last, step, end)
     elif init:
         init_from_checkpoint(module, init)
 
