@@ -19,6 +19,7 @@ import argparse
 import functools
 import json
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -30,7 +31,7 @@ import numpy as np
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE as NO_CACHE
 
-from flows.cli import device_name, non_negative_float, non_negative_int, positive_int
+from flows.cli import device_name, non_negative_float, non_negative_int, positive_int, writable_folder
 from flows.tracking import default_tracking_uri, experiment_id
 from eval import METRICS, metric_list
 from eval.protocols import PROTOCOLS, load_protocol
@@ -289,9 +290,12 @@ def metric_values(results: dict) -> dict[str, float]:
 
 @task(name="log-to-mlflow", cache_policy=NO_CACHE)
 def log_task(results: dict, params: dict, clips: list, tracking_uri: str, experiment: str,
-             parent_run_id: str | None, run_name: str | None, prompts: dict | None = None) -> str:
+             parent_run_id: str | None, run_name: str | None, prompts: dict | None = None,
+             samples: VideoSet | None = None) -> str:
     """One MLflow run (nested under parent_run_id if given). Uses MlflowClient, not the fluent
-    API, so a caller's active run (e.g. the pipeline's parent run) is left alone."""
+    API, so a caller's active run (e.g. the pipeline's parent run) is left alone. `samples`, the
+    videos this evaluation sampled, go to samples/ with their prompts.json, where `--fake
+    runs:/<id>` finds them."""
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param
 
@@ -314,6 +318,11 @@ def log_task(results: dict, params: dict, clips: list, tracking_uri: str, experi
         client.log_dict(run_id, {k: r.as_dict() for k, r in results.items()}, "eval/results.json")
         if prompts:
             client.log_dict(run_id, prompts, "eval/prompts.json")
+        if samples:
+            for path in samples.paths:
+                client.log_artifact(run_id, str(path), "samples")
+            client.log_dict(run_id, {p.name: q for p, q in zip(samples.paths, samples.prompts)},
+                            "samples/prompts.json")
         if clips:
             with tempfile.TemporaryDirectory() as tmp:
                 grid = video_grid(clips)
@@ -336,6 +345,11 @@ def check_inputs(args: argparse.Namespace) -> None:
         if args.metrics is not None or not args.protocol else []
     if not (args.fake or args.checkpoints or args.protocol):
         raise ValueError("give --fake SRC, or --checkpoints DIR (and --prompts) to sample the fake videos")
+    if args.sample_dir:
+        if args.fake or not args.checkpoints:
+            raise ValueError("--sample-dir is where videos sampled from --checkpoints go; it needs --checkpoints "
+                             "and no --fake")
+        writable_folder(args.sample_dir, "--sample-dir")
     if args.prompts and not (args.fake and not _RUN_SRC.match(args.fake)):
         read_prompts(args.prompts)  # with a local --fake: below, against its videos
     for src in (args.real, args.fake):
@@ -400,6 +414,7 @@ def evaluate(real: str | None = None, fake: str | None = None, prompts: str | No
     tracking_uri = tracking_uri or default_tracking_uri()
 
     fake_set = resolve_source(fake, data_root, tracking_uri) if fake else None
+    sampled = own_dir = None
     prompt_list = None
     if prompts:
         prompt_list = read_prompts(prompts, fake_set.paths if fake_set else None)
@@ -410,9 +425,10 @@ def evaluate(real: str | None = None, fake: str | None = None, prompts: str | No
         if not prompt_list:
             raise ValueError("sampling fake videos needs prompts")
         prompt_list = prompt_list[:num_videos] if num_videos else prompt_list
-        fake_set = sample_videos(prompt_list, sampler, checkpoints,
-                                 sample_dir or tempfile.mkdtemp(prefix="mav-samples-"), sample_steps, guidance,
-                                 seed, device)
+        own_dir = None if sample_dir else tempfile.mkdtemp(prefix="mav-samples-")
+        sampled = fake_set = sample_videos(prompt_list, sampler, checkpoints, sample_dir or own_dir, sample_steps,
+                                           guidance, seed, device)
+        get_run_logger().info(f"sampled {len(sampled.paths)} videos into {sampled.source}")
     if prompt_list is not None:
         fake_set.prompts = prompt_list
     fake_set = fake_set.take(num_videos, seed)
@@ -425,9 +441,13 @@ def evaluate(real: str | None = None, fake: str | None = None, prompts: str | No
               "seed": seed, "device": device}
     if proto:
         params |= {"protocol": proto.name} | proto.params
-    if checkpoints is not None and fake is None:
+    if sampled:
         params |= {"sample_steps": "per stage config" if sample_steps is None else sample_steps,
                    "guidance": "per stage config" if guidance is None else guidance}
+        if isinstance(checkpoints, dict):
+            params["checkpoints"] = ",".join(f"{stage}={path}" for stage, path in checkpoints.items())
+        if own_dir:  # removed once logged
+            params["fake_source"] = "this run's samples/ artifacts"
     real_set = None
     if "fvd" in metrics:
         if proto and proto.real:
@@ -457,7 +477,9 @@ def evaluate(real: str | None = None, fake: str | None = None, prompts: str | No
                    "is_frame_size": "112x112 bilinear", "is_smoke": results["is"].smoke}
     params["smoke"] = any(r.smoke for r in results.values())
     used = {p.name: q for p, q in zip(fake_set.paths, fake_set.prompts)} if fake_set.prompts else None
-    run_id = log_task(results, params, clips, tracking_uri, experiment, parent_run_id, run_name, used)
+    run_id = log_task(results, params, clips, tracking_uri, experiment, parent_run_id, run_name, used, sampled)
+    if own_dir:  # logged with the run; a failure before this keeps them (hours of sampling) and says where
+        shutil.rmtree(own_dir, ignore_errors=True)
     lines = result_lines(results)
     logger = get_run_logger()
     for line in lines:
@@ -474,6 +496,8 @@ def register(subparsers) -> None:
     p.add_argument("--fake", help="same forms as --real")
     p.add_argument("--checkpoints", help="instead of --fake: sample from <stage>.ckpt or <stage>/checkpoints/last.ckpt "
                                          "in this folder")
+    p.add_argument("--sample-dir", help="with --checkpoints: keep the sampled videos (and prompts.json) here; they "
+                                        "are logged to the run's samples/ either way")
     p.add_argument("--prompts", help="prompts of the fake videos: .txt (one per line) or .json (list or {file: prompt})")
     p.add_argument("--metrics", default=None, help=f"comma-separated, of {', '.join(METRICS)} "
                                                    "(default fvd,clipsim, or the protocol's)")
@@ -527,7 +551,7 @@ def _run(args: argparse.Namespace) -> int:
                        clip_length=args.clip_length, clip_stride=args.clip_stride, seed=args.seed, device=args.device,
                        num_resamples=args.bootstrap, unbiased=args.unbiased, batch_size=args.batch_size,
                        experiment=args.experiment, checkpoints=checkpoints, sample_steps=args.sample_steps,
-                       guidance=args.guidance, protocol=args.protocol,
+                       guidance=args.guidance, sample_dir=args.sample_dir, protocol=args.protocol,
                        protocol_root=args.protocol_root, split_file=args.split_file, captions=args.captions,
                        video_root=args.video_root, c3d_weights=args.c3d_weights, c3d_sha256=args.c3d_sha256)
     except (ValueError, FileNotFoundError, ConnectionError) as err:  # ConnectionError: weights behind a URL

@@ -513,6 +513,53 @@ def test_several_samples_name_their_prompts_for_evaluation(chain, tmp_path):
     assert sorted(p.name for p in tmp_path.glob("*.mp4")) == ["sample-0000.mp4", "sample-0001.mp4", "sample-0002.mp4"]
 
 
+def test_evaluate_from_checkpoints_logs_the_videos_it_scored(chain, prefect_server, tmp_path, capsys):
+    """`mav evaluate --checkpoints` logs its samples (and their prompts) to the run's samples/ and
+    leaves no temporary folder behind; scoring that run again gives the same CLIPSIM. With
+    --sample-dir the videos also stay there."""
+    import json
+    import tempfile
+
+    import mlflow
+
+    from flows.cli import main
+
+    ckpts = tmp_path / "ckpts"
+    ckpts.mkdir()
+    for stage in ("prior", "decoder"):
+        (ckpts / f"{stage}.ckpt").symlink_to(chain[stage].checkpoint)
+    (tmp_path / "prompts.txt").write_text("a red circle\na blue square\n")
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    common = ["--metrics", "clipsim", "--clip", "tiny", "--tracking-uri", uri, "--bootstrap", "0"]
+    temp_before = set(Path(tempfile.gettempdir()).glob("mav-samples-*"))
+
+    assert main(["evaluate", "--checkpoints", str(ckpts), "--prompts", str(tmp_path / "prompts.txt"),
+                 "--sample-steps", "1", *common]) == 0
+    first = capsys.readouterr()
+    run_id = first.err.split("mlflow run: ")[1].split()[0]
+    assert set(Path(tempfile.gettempdir()).glob("mav-samples-*")) == temp_before
+    client = mlflow.MlflowClient(uri)
+    logged = sorted(a.path for a in client.list_artifacts(run_id, "samples"))
+    assert logged == ["samples/prompts.json", "samples/sample-0000.mp4", "samples/sample-0001.mp4"]
+    prompts = json.loads(Path(client.download_artifacts(run_id, "samples/prompts.json", str(tmp_path))).read_text())
+    assert prompts == {"sample-0000.mp4": "a red circle", "sample-0001.mp4": "a blue square"}
+    params = client.get_run(run_id).data.params
+    assert params["checkpoints"] == f"prior={ckpts / 'prior.ckpt'},decoder={ckpts / 'decoder.ckpt'}"
+    assert params["fake_kind"] == "sampled" and params["sample_steps"] == "1"
+
+    assert main(["evaluate", "--fake", f"runs:/{run_id}", *common]) == 0  # the logged videos, their prompts
+    again = capsys.readouterr()
+    clipsim = [line for line in first.out.splitlines() if "clipsim" in line]
+    assert clipsim and clipsim == [line for line in again.out.splitlines() if "clipsim" in line]
+
+    kept = tmp_path / "kept"
+    assert main(["evaluate", "--checkpoints", str(ckpts), "--prompts", str(tmp_path / "prompts.txt"),
+                 "--sample-steps", "1", "--sample-dir", str(kept), *common]) == 0
+    assert sorted(p.name for p in kept.iterdir()) == ["prompts.json", "sample-0000.mp4", "sample-0001.mp4"]
+    assert main(["evaluate", "--fake", str(kept), "--sample-dir", str(kept), *common]) == 2
+    assert "--sample-dir is where videos sampled from --checkpoints go" in capsys.readouterr().err
+
+
 def test_checkpoints_recorded_before_a_config_rule_still_load_for_sampling(chain, tmp_path):
     """Training now refuses an interpolation skip the net never trained on and attention levels the
     U-Net lacks; checkpoints that recorded such configs (and Lightning's precision aliases, device
