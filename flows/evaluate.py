@@ -330,8 +330,8 @@ def log_task(results: dict, params: dict, clips: list, tracking_uri: str, experi
                 write_gif(grid, Path(tmp) / "grid.gif", fps=8)
                 write_png(Path(tmp) / "contact_sheet.png", contact_sheet(clips))
                 client.log_artifacts(run_id, tmp, "eval")
-    except BaseException:
-        client.set_terminated(run_id, "FAILED")
+    except BaseException as err:
+        client.set_terminated(run_id, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
         raise
     client.set_terminated(run_id, "FINISHED")
     return run_id

@@ -25,7 +25,7 @@ from data_prep.atomic import replacing
 from flows.cli import writable_folder
 from flows.ingest import ingest
 from flows.pipeline_config import PipelineConfig, TrainStep, load_pipeline_config, repo_path
-from flows.tracking import default_tracking_uri, store_identity, use_experiment
+from flows.tracking import default_tracking_uri, start_run, store_identity, use_experiment
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = "configs/tiny/pipeline.yaml"
@@ -98,7 +98,7 @@ def train_stage_task(step_name: str, stage: str, config_path: str, overrides: di
         use_experiment(tracking_uri, experiment)
         tags = {"mav.kind": "train", "mav.stage": stage, "mav.step": step_name, "mav.cache_key": cache_key,
                 "mav.dataset": dataset, "mav.dataset_version": version, "mav.resumed": str(resume).lower()}
-        with mlflow.start_run(run_name=step_name, parent_run_id=parent_run_id, nested=True, tags=tags,
+        with start_run(run_name=step_name, parent_run_id=parent_run_id, nested=True, tags=tags,
                               log_system_metrics=True) as run:
             params = _flatten("config", config.model_dump(mode="json"), {})
             params |= {"init_checkpoint": init_checkpoint or "none", "config_file": config_path}
@@ -246,7 +246,7 @@ def pipeline(config: str = DEFAULT_CONFIG, dataset: str | None = None, data_root
     work = Path(cfg.work_dir).resolve()
     tags = {"mav.kind": "pipeline", "mav.dataset": dataset, "mav.dataset_version": version,
             "mav.config_digest": config_digest, "mav.code": code}
-    with mlflow.start_run(run_name=f"pipeline {dataset}@{version}", tags=tags, log_system_metrics=True) as parent:
+    with start_run(run_name=f"pipeline {dataset}@{version}", tags=tags, log_system_metrics=True) as parent:
         mlflow.log_params({"config": config, "dataset": dataset, "dataset_version": version, "data_root": data_root,
                            "num_clips": len(manifest), "steps": ",".join(s.name for s in cfg.steps)})
         mlflow.log_dict(cfg.model_dump(mode="json"), "pipeline_config.json")
@@ -380,7 +380,7 @@ def _train_only(cfg: PipelineConfig, dataset: str, data_root: str, version: str 
     version = load_manifest(Path(data_root), dataset, version).attrs["version"]
     tracking_uri = tracking_uri or cfg.tracking_uri or default_tracking_uri()
     use_experiment(tracking_uri, cfg.experiment)
-    with mlflow.start_run(run_name=f"train {dataset}@{version}",
+    with start_run(run_name=f"train {dataset}@{version}",
                           tags={"mav.kind": "train-only", "mav.dataset_version": version}) as parent:
         results = _train_steps(cfg, dataset, data_root, version, tracking_uri, parent.info.run_id, code_digest())
     return {"version": version, "checkpoints": {r["step"]: r["checkpoint"] for r in results}}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -52,3 +53,17 @@ def use_experiment(tracking_uri: str, name: str) -> None:
     else:
         os.environ["MLFLOW_TRACKING_URI"] = before
     mlflow.set_experiment(experiment_id=experiment_id(tracking_uri, name))
+
+
+@contextmanager
+def start_run(**kwargs):
+    """mlflow.start_run, except that a run stopped by Ctrl-C ends KILLED (MLflow's own marks it
+    FAILED, as for an error, so the UI could not tell the two apart)."""
+    import mlflow
+
+    with mlflow.start_run(**kwargs) as run:
+        try:
+            yield run
+        except KeyboardInterrupt:
+            mlflow.end_run("KILLED")  # the `with` then leaves the ended run alone
+            raise

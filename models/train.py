@@ -8,6 +8,7 @@ it at the same step with the same optimizer state).
 from __future__ import annotations
 
 import os
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,11 @@ class AlreadyTrained(ConfigError):
         super().__init__(f"--resume: {checkpoint} is at step {step}, and the run ends at step {end} "
                          "(--max-steps, else trainer.max_steps): raise it to train further")
         self.checkpoint, self.step = checkpoint, step
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training, saying where the run can go on. (Lightning turns the interrupt into
+    exit(1), which callers, Prefect among them, take for a crash.)"""
 
 
 @dataclass
@@ -163,7 +169,15 @@ def train_stage(stage: str, config: StageConfig | dict | str | Path, *, data_roo
         tc = cfg.trainer
         raise ConfigError(f"trainer: accelerator {tc.accelerator}, devices {tc.devices}, num_nodes {tc.num_nodes}, "
                           f"strategy {tc.strategy}, precision {tc.precision}: {err}") from None
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if resume else None)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if resume else None)
+    except SystemExit:
+        if not trainer.interrupted:
+            raise
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning ignores Ctrl-C from here on
+        saved = (f"it goes on from {last} (mav train --resume; a pipeline's rerun resumes it)" if last.exists()
+                 else "no checkpoint was saved yet")
+        raise TrainingInterrupted(f"{stage} stopped at step {trainer.global_step}; {saved}") from None
     ckpt_cb = trainer.checkpoint_callback
     best = Path(ckpt_cb.best_model_path) if ckpt_cb and ckpt_cb.best_model_path else None
     return TrainResult(stage, last, best, trainer.global_step, float(module.last_loss))

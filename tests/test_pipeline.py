@@ -1,5 +1,6 @@
 """The end-to-end pipeline against a real Prefect server and a real MLflow (SQLite) store."""
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -137,7 +138,10 @@ def test_failed_stage_keeps_earlier_results_and_rerun_resumes_there(prefect_serv
 
 
 @pytest.mark.slow
-def test_killed_training_resumes_from_its_last_checkpoint(prefect_server, tmp_path, video_dir):
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGINT], ids=["killed", "ctrl-c"])
+def test_killed_training_resumes_from_its_last_checkpoint(prefect_server, tmp_path, video_dir, stop):
+    """SIGKILL: the worker dies mid-training. Ctrl-C (SIGINT to the terminal's process group): the
+    command says where training stopped and exits 130, its MLflow runs end KILLED, not FAILED."""
     config = write_config(tmp_path, video_dir)
     raw = yaml.safe_load(config.read_text())
     raw["steps"] = raw["steps"][:1]
@@ -145,22 +149,28 @@ def test_killed_training_resumes_from_its_last_checkpoint(prefect_server, tmp_pa
     config.write_text(yaml.safe_dump(raw))
     env = {**os.environ, "PREFECT_API_URL": prefect_server}
     process = subprocess.Popen([sys.executable, "-m", "flows.cli", "pipeline", "--config", str(config)], cwd=REPO,
-                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
     checkpoints = tmp_path / "work" / "stages" / "prior"
     deadline = time.time() + 240
     while time.time() < deadline and not list(checkpoints.glob("*/checkpoints/last.ckpt")):  # written whole
         assert process.poll() is None, "the pipeline ended before its first checkpoint"
         time.sleep(0.05)
-    os.killpg(process.pid, signal.SIGKILL)  # the worker dies mid-training
-    process.wait()
+    os.killpg(process.pid, stop)
+    _, err = process.communicate(timeout=120)
     (last,) = list(checkpoints.glob("*/checkpoints/last.ckpt"))
     import torch
     killed_at = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
     assert 0 < killed_at < 200
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    if stop == signal.SIGINT:
+        assert process.returncode == 130
+        assert re.search(rf"interrupted: prior stopped at step \d+; it goes on from {re.escape(str(last))}", err)
+        runs = {r.data.tags["mav.kind"]: r.info.status for r in runs_of(client, "mav-test", "")}
+        assert runs == {"pipeline": "KILLED", "train": "KILLED"}
 
     done = train(config=str(config), steps=["prior"])  # the same step, same cache key: it resumes
     assert Path(done["checkpoints"]["prior"]) == last
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     (prior_run,) = runs_of(client, "mav-test", "tags.`mav.step` = 'prior' and tags.`mav.resumed` = 'true'")
     assert prior_run.info.status == "FINISHED" and prior_run.data.metrics["global_step"] == 200
 
