@@ -21,7 +21,6 @@ import json
 import shutil
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import pytest
@@ -175,19 +174,12 @@ def test_deploy_ingest_triggers_pipeline(prefect_stack, mlflow_tracking_server, 
     names = [d["name"] for d in spec["deployments"]]
     assert {"ingest", "train", "evaluate", "pipeline"} <= set(names)
     assert spec["pull"] == []
-    missing = [d["name"] for d in spec["deployments"] if not entrypoint_exists(d["entrypoint"])]
-    if not missing:
-        out = run_cli([tool("prefect"), "--no-prompt", "deploy", "--all"], stack.env, timeout=600)
-        deployed = names
-    else:
-        warnings.warn(f"prefect.yaml entrypoints not found yet, not deployed: {missing}")
-        deployed = [n for n in names if n not in missing]
-        out = run_cli([tool("prefect"), "--no-prompt", "deploy", *[a for n in deployed for a in ("--name", n)]],
-                      stack.env, timeout=600)
+    assert [d["name"] for d in spec["deployments"] if not entrypoint_exists(d["entrypoint"])] == []
+    out = run_cli([tool("prefect"), "--no-prompt", "deploy", "--all"], stack.env, timeout=600)
     timings["deploy"] = time.monotonic() - t0
     listed = api(lambda c: c.read_deployments())
     listed_names = {dep.name for dep in listed}
-    assert set(deployed) <= listed_names, (listed_names, out.stdout[-3000:])
+    assert set(names) <= listed_names, (listed_names, out.stdout[-3000:])
     for dep in listed:
         assert dep.work_pool_name == "mav-process"
         assert dep.pull_steps in ([], None), dep.pull_steps
@@ -198,8 +190,6 @@ def test_deploy_ingest_triggers_pipeline(prefect_stack, mlflow_tracking_server, 
     for s in schedules:  # no surprise ingest of data/samples if the test crosses an hour boundary
         api(lambda c, s=s: c.update_deployment_schedule(ingest_dep.id, s.id, active=False))
 
-    if "pipeline" not in deployed:
-        pytest.skip("flows/pipeline.py:pipeline does not exist yet: deployed and ran only ingest")
     pipeline_dep = api.deployment("pipeline/pipeline")
     automations = api(lambda c: c.read_automations())
     retrain = [a for a in automations if EVENT in json.dumps(a.trigger.model_dump(mode="json"))]
@@ -231,7 +221,10 @@ def test_deploy_ingest_triggers_pipeline(prefect_stack, mlflow_tracking_server, 
     params = run_a.parameters
     assert params["dataset"] == DATASET and params["version"] == v1
     assert Path(params["data_root"]) == data_root.resolve()
-    assert isinstance(params["new_clips"], int) and params["new_clips"] >= 1, params  # tojson keeps the int
+    from data_prep.dataset import load_manifest
+
+    clips_v1 = len(load_manifest(data_root, DATASET, v1))
+    assert isinstance(params["new_clips"], int) and params["new_clips"] == clips_v1, params  # tojson keeps the int
     assert params["tracking_uri"] == tracking_uri and params["min_new_clips"] == 1
     print("parameters of the event-triggered pipeline run:", {k: (v, type(v).__name__) for k, v in params.items()})
 
@@ -265,7 +258,9 @@ def test_deploy_ingest_triggers_pipeline(prefect_stack, mlflow_tracking_server, 
     timings["ingest 2"] = time.monotonic() - t
     assert v2 and v2 != v1
     run_c = wait_for(f"a pipeline run for {v2}", lambda: pipeline_runs_for(api, pipeline_dep.id, v2), 120, stack)[0]
-    assert run_c.parameters["new_clips"] >= 1 and run_c.parameters["min_new_clips"] == 1_000_000
+    added = len(load_manifest(data_root, DATASET, v2)) - clips_v1  # v2 only adds bottle-detection's clips
+    assert added >= 1 and run_c.parameters["new_clips"] == added
+    assert run_c.parameters["min_new_clips"] == 1_000_000
     t = time.monotonic()
     wait_final(api, run_c.id, 300, stack)
     timings["pipeline (below threshold)"] = time.monotonic() - t

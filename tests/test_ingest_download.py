@@ -79,14 +79,19 @@ def test_a_resume_answered_from_the_wrong_byte_starts_over(tmp_path, video_bytes
 
 
 def test_server_without_range_support_restarts_cleanly(tmp_path, video_bytes):
+    """A partial download with its validator is resumed with a Range request; a server that ignores
+    Range sends the whole file (200), which replaces the partial bytes instead of following them."""
     partial = tmp_path / ".partial"
     partial.mkdir()
-    url_hash = None
+    garbage = b"garbage from an earlier try"
     with FaultServer({"/v.mkv": ("ok_no_range", video_bytes)}) as srv:
         url = f"{srv.base}/v.mkv"
         url_hash = hashlib.sha256(url.encode()).hexdigest()[:32]
-        (partial / f"{url_hash}.part").write_bytes(b"garbage from an earlier try")
+        (partial / f"{url_hash}.part").write_bytes(garbage)
+        (partial / f"{url_hash}.validator").write_text('"etag-of-the-earlier-try"')
         path, _ = download(url, tmp_path, FAST)
+        ranges = [r for _, r in srv.requests]
+    assert ranges[0] == f"bytes={len(garbage)}-"  # the resume was asked for
     assert path.read_bytes() == video_bytes
 
 
