@@ -10,15 +10,15 @@ from flows.evaluate import read_prompts, resolve_source
 
 
 @pytest.fixture()
-def two_folders(tmp_path, shared_videos):
+def two_folders(tmp_path, samples):
+    """The bundled sample videos (a user's clone has them too), two real and two "fake"."""
     real, fake = tmp_path / "real", tmp_path / "fake"
     real.mkdir(), fake.mkdir()
-    for name in ("bikes.mp4", "car-detection.mp4", "bottle-detection.mp4"):
-        shutil.copy(shared_videos / name, real / name)
-    for name in ("carphone_pristine.mp4", "carphone_distorted.mp4", "asl_book.mkv"):
-        shutil.copy(shared_videos / name, fake / name)
-    prompts = {"carphone_pristine": "a man talking in a car", "carphone_distorted": "a man talking in a car",
-               "asl_book.mkv": "a person signing the word book"}
+    for name in ("big_buck_bunny_0_30.webm", "bottle-detection.mp4"):
+        shutil.copy(samples / name, real / name)
+    for name in ("bigbuckbunny.mp4", "asl_book.mkv"):
+        shutil.copy(samples / name, fake / name)
+    prompts = {"bigbuckbunny": "a rabbit in a meadow", "asl_book.mkv": "a person signing the word book"}
     (tmp_path / "prompts.json").write_text(json.dumps(prompts))
     return real, fake, tmp_path / "prompts.json"
 
@@ -51,7 +51,7 @@ def test_cli_end_to_end(prefect_server, tmp_path, two_folders, capsys, monkeypat
     assert m["smoke_fvd"] > 0 and m["smoke_fvd_low"] <= m["smoke_fvd"] <= m["smoke_fvd_high"]
     assert -1 <= m["smoke_clipsim"] <= 1
     assert float(out[-2].split()[1]) == pytest.approx(m["smoke_fvd"], rel=1e-3)
-    assert p["clip_length"] == "10" and p["num_real"] == "3" and p["num_fake"] == "3"
+    assert p["clip_length"] == "10" and p["num_real"] == "2" and p["num_fake"] == "2"
     assert p["smoke"] == "True" and p["detector_sha256"] == "random" and "bilinear 224" in p["resize"]
     assert run.data.tags["mav.smoke"] == "true"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "eval")}
@@ -139,14 +139,16 @@ def test_a_missing_dataset_version_is_a_clean_cli_error(prefect_server, tmp_path
     assert "error: dataset 'clips' has no version 'deadbeef'" in capsys.readouterr().err
 
 
-def test_sampler_hook_makes_the_fake_set(tmp_path, shared_videos):
+def test_sampler_hook_makes_the_fake_set(tmp_path, samples):
+    """evaluate(sampler=...): a user's own sampler (here one that copies a video) makes the fake
+    set; the tiny chain's own sampling is tested in test_models_stages."""
     from flows.evaluate import sample_videos
 
     calls = []
 
     def sampler(prompt, checkpoints, out, steps, guidance, seed, device):
         calls.append((prompt, checkpoints, steps, guidance, seed, device))
-        shutil.copy(shared_videos / "carphone_distorted.mp4", out)
+        shutil.copy(samples / "bigbuckbunny.mp4", out)
         return out
 
     made = sample_videos.fn(["a cat", "a dog"], sampler, {"decoder": "ckpt"}, str(tmp_path / "s"), 3, 2.0, 5, "cpu")
