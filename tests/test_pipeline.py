@@ -175,6 +175,41 @@ def test_killed_training_resumes_from_its_last_checkpoint(prefect_server, tmp_pa
     assert prior_run.info.status == "FINISHED" and prior_run.data.metrics["global_step"] == 200
 
 
+@pytest.mark.slow
+def test_two_pipelines_on_one_work_dir_train_a_step_once(prefect_server, tmp_path, video_dir):
+    """A second run of a step that another process is training waits for it (the step folder's
+    lock) and takes its checkpoint: it trains nothing (without the lock it resumed from the
+    first one's checkpoint and both wrote the same last.ckpt at once)."""
+    from flows.ingest import ingest
+
+    config = write_config(tmp_path, video_dir)
+    raw = yaml.safe_load(config.read_text())
+    raw["steps"] = raw["steps"][:1]
+    raw["steps"][0]["overrides"] = {"trainer.max_steps": 150, "trainer.checkpoint_every": 5, "trainer.warmup_steps": 1}
+    config.write_text(yaml.safe_dump(raw))
+    ingest(sources=[str(video_dir)], data_root=raw["data_root"], dataset="clips", config=raw["ingest_config"],
+           announce=False)
+    env = {**os.environ, "PREFECT_API_URL": prefect_server}
+    first = subprocess.Popen([sys.executable, "-c", f"from flows.pipeline import train; train(config={str(config)!r})"],
+                             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    checkpoints = tmp_path / "work" / "stages" / "prior"
+    deadline = time.time() + 240
+    while time.time() < deadline and not list(checkpoints.glob("*/checkpoints/last.ckpt")):  # mid-training
+        assert first.poll() is None, "the first run ended before its first checkpoint"
+        time.sleep(0.05)
+    second = train(config=str(config))  # while the first trains
+    _, err = first.communicate(timeout=240)
+    assert first.returncode == 0, err[-3000:]
+
+    (last,) = list(checkpoints.glob("*/checkpoints/last.ckpt"))
+    assert Path(second["checkpoints"]["prior"]) == last
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = runs_of(client, "mav-test", "tags.`mav.step` = 'prior'")
+    assert len(runs) == 2 and all(r.data.metrics["global_step"] == 150 for r in runs)
+    trained = sorted(len(client.get_metric_history(r.info.run_id, "train/loss")) for r in runs)
+    assert trained[0] == 0 and trained[1] > 0  # one run trained; the other logged no training step
+
+
 def test_a_stage_trained_to_its_end_before_a_failure_is_taken_as_it_is(tmp_path):
     """A rerun finds last.ckpt at the run's last step (training ended, then the task failed, e.g.
     while logging): no step is trained, no loss is made up, the checkpoint is registered."""
