@@ -208,8 +208,9 @@ def test_bad_ingest_and_pipeline_input_is_one_line_and_exit_2(prefect_server, tm
 
 def test_pipeline_runs_are_told_apart_by_their_stage_configs_and_code(tmp_path):
     """`--version V` and a repeated event skip a version with a finished run of the same digest:
-    a stage config edited in its own file (which retrains that step) changes it too."""
-    from flows.pipeline import pipeline_digest
+    a stage config edited in its own file changes it too, as it changes the step's cache key
+    (which retrains that step), as do the dataset version, the init step and the code."""
+    from flows.pipeline import pipeline_digest, step_key
     from flows.pipeline_config import load_pipeline_config
 
     stage = tmp_path / "prior.yaml"
@@ -217,9 +218,12 @@ def test_pipeline_runs_are_told_apart_by_their_stage_configs_and_code(tmp_path):
     config = tmp_path / "pipeline.yaml"
     config.write_text(f"steps:\n  - {{name: p, stage: prior, config: {stage}}}\n")
     cfg = load_pipeline_config(config)
-    before = pipeline_digest(cfg, "code")
+    before, key = pipeline_digest(cfg, "code"), step_key(cfg.steps[0], "v1", None, "code", "here")
     stage.write_text(stage.read_text() + "cond_dropout: 0.2\n")
     assert pipeline_digest(cfg, "code") != before != pipeline_digest(cfg, "other code")
+    keys = {key, step_key(cfg.steps[0], "v1", None, "code", "here"), step_key(cfg.steps[0], "v2", None, "code", "here"),
+            step_key(cfg.steps[0], "v1", "init", "code", "here"), step_key(cfg.steps[0], "v1", None, "other", "here")}
+    assert len(keys) == 5
 
 
 def test_a_deleted_mlflow_experiment_is_named_with_the_way_back(tmp_path):

@@ -100,6 +100,18 @@ def test_pipeline_end_to_end_then_cached_rerun(prefect_server, tmp_path, video_d
     assert [r.info.run_name for r in new_children] == ["evaluate"]  # no stage trained again
     assert second["checkpoints"] == first["checkpoints"]
 
+    # a changed step retrains itself and the steps initialised from it, and no other
+    raw = yaml.safe_load(config.read_text())
+    raw["steps"][1]["overrides"] = {**raw["steps"][1]["overrides"], "trainer.lr": 0.002}  # decoder_image
+    config.write_text(yaml.safe_dump(raw))
+    retrained = train(config=str(config))
+    (train_parent,) = runs_of(client, "mav-test", "tags.`mav.kind` = 'train-only'")
+    trained = {r.info.run_name for r in
+               runs_of(client, "mav-test", f"tags.`mlflow.parentRunId` = '{train_parent.info.run_id}'")}
+    assert trained == {"decoder_image", "decoder", "interpolation"}
+    changed = {step for step, path in retrained["checkpoints"].items() if path != first["checkpoints"][step]}
+    assert changed == trained
+
     # the MLflow store deleted by hand and made again at the same URI: cached steps point at runs
     # that are gone, so the step trains again and logs into the new store (a new process, as a
     # user's next command would be: this one keeps connections to the deleted file)
