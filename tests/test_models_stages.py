@@ -496,6 +496,9 @@ def test_sampling_chain_writes_76_frame_mp4_and_is_seeded(chain, tmp_path):
     assert result.frames.shape == (76, 64, 64, 3) and result.frames.dtype == torch.uint8
     assert fps == pytest.approx(20.0)
     assert result.gif.exists() and read_frames(result.gif)[0].shape[0] == 76
+    again = sample_video("a red circle moving right", ckpts, tmp_path / "again.mp4", steps=1, guidance=2.0, seed=1)
+    other = sample_video("a red circle moving right", ckpts, tmp_path / "other.mp4", steps=1, guidance=2.0, seed=2)
+    assert torch.equal(again.frames, result.frames) and not torch.equal(other.frames, result.frames)
 
 
 def test_several_samples_name_their_prompts_for_evaluation(chain, tmp_path):
@@ -558,6 +561,43 @@ def test_evaluate_from_checkpoints_logs_the_videos_it_scored(chain, prefect_serv
     assert sorted(p.name for p in kept.iterdir()) == ["prompts.json", "sample-0000.mp4", "sample-0001.mp4"]
     assert main(["evaluate", "--fake", str(kept), "--sample-dir", str(kept), *common]) == 2
     assert "--sample-dir is where videos sampled from --checkpoints go" in capsys.readouterr().err
+
+
+def test_mav_sample_writes_what_it_says_and_is_seeded(chain, tmp_path, capsys):
+    """`mav sample` from the layout the pipeline links (DIR/<stage>/checkpoints/last.ckpt): several
+    prompts go to the folder named by --out, with GIF previews and prompts.json; the same --seed
+    gives the same videos, another seed others."""
+    import json
+
+    import numpy as np
+
+    from flows.cli import main
+    from models.video_io import read_frames
+
+    ckpts = tmp_path / "ckpts"
+    for stage in ("prior", "decoder"):
+        (ckpts / stage / "checkpoints").mkdir(parents=True)
+        (ckpts / stage / "checkpoints" / "last.ckpt").symlink_to(chain[stage].checkpoint)
+
+    def sample(name, seed):
+        assert main(["sample", "--checkpoints", str(ckpts), "--steps", "1", "--device", "cpu", "--seed", str(seed),
+                     "--prompt", "a red circle", "--prompt", "a blue square", "--out", str(tmp_path / name)]) == 0
+        return capsys.readouterr().out
+
+    said = sample("video.mp4", 3)
+    folder = tmp_path / "video"
+    assert sorted(p.name for p in folder.iterdir()) == ["prompts.json", "sample-0000.gif", "sample-0000.mp4",
+                                                        "sample-0001.gif", "sample-0001.mp4"]
+    assert json.loads((folder / "prompts.json").read_text()) == {"sample-0000.mp4": "a red circle",
+                                                                 "sample-0001.mp4": "a blue square"}
+    for i, prompt in enumerate(("a red circle", "a blue square")):
+        frames, fps = read_frames(folder / f"sample-{i:04d}.mp4")
+        t, h, w, _ = frames.shape
+        assert f"{prompt!r}: {t} frames {w}x{h} @ {fps:g} fps -> {folder / f'sample-{i:04d}.mp4'}" in said
+    sample("same.mp4", 3)
+    sample("other.mp4", 4)
+    first, same, other = (read_frames(tmp_path / name / "sample-0001.mp4")[0] for name in ("video", "same", "other"))
+    assert np.array_equal(first, same) and not np.array_equal(first, other)
 
 
 def test_checkpoints_recorded_before_a_config_rule_still_load_for_sampling(chain, tmp_path):
