@@ -169,7 +169,10 @@ def test_msrvtt_protocol_on_fake_folder(prefect_server, benchmarks, tmp_path, ca
     assert {"smoke_clipsim", "smoke_fvd"} <= set(run.data.metrics)
     assert run.data.params["protocol"] == "msrvtt" and run.data.params["num_captions"] == "4"
     used = client.download_artifacts(run.info.run_id, "eval/prompts.json", str(tmp_path))
-    assert set(json.loads(Path(used).read_text()).values()) <= set(benchmarks["all_captions"])
+    used = json.loads(Path(used).read_text())
+    own = json.loads((benchmarks["fake_msrvtt"] / "prompts.json").read_text())
+    assert len(used) == 2 and used == {name: own[name] for name in used}  # each video with its own caption
+    assert set(used.values()) <= set(benchmarks["all_captions"])
 
 
 def test_msrvtt_protocol_prompts(benchmarks):

@@ -13,8 +13,15 @@ def ramp(tmp_path):
     return write_mp4(np.broadcast_to(frames, (30, 32, 32, 3)), tmp_path / "ramp clip.mp4", fps=10, crf=0)
 
 
+def levels(frames: np.ndarray) -> np.ndarray:
+    """The ramp's frame numbers (frame i is grey level 8 i, within the YUV round trip)."""
+    return np.round(frames.reshape(len(frames), -1).mean(1) / 8).astype(int)
+
+
 def test_too_short_is_its_own_error_and_names_the_file(ramp):
-    assert read_video(ramp, 10, 2, 5).shape == (10, 32, 32, 3)
+    frames = read_video(ramp, 10, 2, 5)
+    assert frames.shape == (10, 32, 32, 3)
+    assert levels(frames).tolist() == list(range(5, 25, 2))  # offset 5, every 2nd frame
     with pytest.raises(VideoTooShort, match="ramp clip.mp4.*only 12 could be read"):
         read_video(ramp, 16, 2, 6)
     with pytest.raises(VideoTooShort, match="ramp clip.mp4: 30 frames, shorter than one clip"):
@@ -25,7 +32,13 @@ def test_read_clip_reads_a_random_window_and_passes_other_errors_through(tmp_pat
     """Only a too-short read is retried at offset 0 (for containers that over-report their
     frames); an unreadable file raises its own error, not a too-short one."""
     spec = ClipSpec(length=9, stride=1, random_offset=True, seed=0)
-    assert read_clip(ramp, spec).shape == (9, 32, 32, 3)
+    clip = read_clip(ramp, spec)
+    assert clip.shape == (9, 32, 32, 3)
+    start = levels(clip)[0]
+    assert levels(clip).tolist() == list(range(start, start + 9)) and 0 <= start <= 30 - 9
+    assert np.array_equal(read_clip(ramp, spec), clip)  # the same seed, the same window
+    starts = {levels(read_clip(ramp, ClipSpec(length=9, stride=1, random_offset=True, seed=s)))[0] for s in range(6)}
+    assert len(starts) > 1  # the offset is drawn
     junk = tmp_path / "junk.mp4"
     junk.write_bytes(b"not a video" * 100)
     for random_offset in (True, False):  # counting the frames first, or decoding at once

@@ -175,6 +175,11 @@ def test_clips_keep_the_colours_of_full_range_and_bt709_sources(tmp_path, colour
     size = clip["width"]
     expected = _ffmpeg_rgb(source, f"crop=min(iw\\,ih):min(iw\\,ih),scale={size}:{size}").reshape(size, size, 3)
     assert np.abs(frames[0].astype(int) - expected.astype(int)).mean() < 3  # was 6-8 (range, matrix lost)
+    import av
+
+    with av.open(str(_clip_file(result, clip))) as container:  # tagged as what it is: limited-range BT.601
+        context = container.streams.video[0].codec_context
+        assert (context.color_range, context.colorspace) == (1, 6)  # AVCOL_RANGE_MPEG, AVCOL_SPC_SMPTE170M
 
 
 def test_variable_frame_rate_clips_play_at_the_sources_speed(tmp_path):

@@ -29,15 +29,17 @@ def test_a_folder_scan_skips_the_data_root(tmp_path):
     assert len(expand_sources([str(tmp_path)], EXT)) == 3  # without a data root, nothing is skipped
 
 
-def test_url_lists_txt_csv_parquet(tmp_path):
+def test_url_lists_txt_csv_tsv_parquet(tmp_path):
     (tmp_path / "list.txt").write_text("# comment\nhttp://h/a.mp4\n\nhttps://h/b.mp4\nlocal.mp4\n")
     (tmp_path / "list.csv").write_text("caption,url\nx,http://h/c.mp4\ny,http://h/a.mp4\n")
+    (tmp_path / "list.tsv").write_text("caption\turl\na, with a comma\thttp://h/e.mp4\n")
     pd.DataFrame({"url": ["http://h/d.mp4"]}).to_parquet(tmp_path / "list.parquet")
-    refs = expand_sources([str(tmp_path / n) for n in ("list.txt", "list.csv", "list.parquet")], EXT)
+    refs = expand_sources([str(tmp_path / n) for n in ("list.txt", "list.csv", "list.parquet", "list.tsv")], EXT)
     sources = [r.source for r in refs]
     # repeats dropped, order kept, relative entries resolved against the list's folder
-    assert sources == ["http://h/a.mp4", "https://h/b.mp4", str(tmp_path / "local.mp4"), "http://h/c.mp4", "http://h/d.mp4"]
-    assert [r.kind for r in refs] == ["url", "url", "file", "url", "url"]
+    assert sources == ["http://h/a.mp4", "https://h/b.mp4", str(tmp_path / "local.mp4"), "http://h/c.mp4",
+                       "http://h/d.mp4", "http://h/e.mp4"]
+    assert [r.kind for r in refs] == ["url", "url", "file", "url", "url", "url"]
 
 
 def test_url_lists_saved_with_a_byte_order_mark(tmp_path):
