@@ -17,10 +17,14 @@ from data_prep.ffmpeg_bin import ffmpeg_exe
 REPO = Path(__file__).resolve().parent.parent
 
 
-def mav(*args: str, prefect_home: Path) -> subprocess.CompletedProcess:
+def user_env(prefect_home: Path) -> dict:
+    """A user's environment: no Prefect server configured, so mav starts its own."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
-    env.update(PREFECT_HOME=str(prefect_home), PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180")
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], env=env, cwd=REPO,
+    return env | {"PREFECT_HOME": str(prefect_home), "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"}
+
+
+def mav(*args: str, prefect_home: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], env=user_env(prefect_home), cwd=REPO,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -73,8 +77,7 @@ def _children(pid: int) -> list[int]:
 
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc to find child processes")
 def test_the_server_dies_with_a_killed_mav(tmp_path, samples):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
-    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    env = user_env(tmp_path / "prefect-home")
     process = subprocess.Popen([sys.executable, "-m", "flows.cli", "ingest", str(samples), "--data-root",
                                 str(tmp_path / "root"), "--no-progress"], env=env, cwd=REPO,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -100,8 +103,7 @@ def test_pipeline_exits_when_its_flow_is_done(tmp_path, video_dir):
     from test_pipeline import write_config
 
     config = write_config(tmp_path, video_dir)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
-    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    env = user_env(tmp_path / "prefect-home")
     process = subprocess.Popen([sys.executable, "-m", "flows.cli", "pipeline", "--config", str(config)], env=env,
                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     said = []

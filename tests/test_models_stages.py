@@ -248,6 +248,20 @@ def test_the_prior_reads_image_text_folders_and_webdataset_shards(tmp_path):
         first_pass(tmp_path / "nowhere")
 
 
+def test_a_prior_on_uncaptioned_clips_falls_back_to_source_names_only_where_configured(tmp_path):
+    """tiny (the demo): a warning, and each clip captioned with its source's name; base/large
+    (caption_fallback: error): a data error that says what to give instead."""
+    write_synthetic_dataset(tmp_path, "plain", num_clips=3, frames=20, size=32, captions=False)
+    with pytest.warns(UserWarning, match="captioning frames with their source file names"):
+        dm = StageDataModule(tiny("prior"), tmp_path, "plain").check()
+    assert {row["caption"] for row in dm.train_set.rows.values()} == {"0", "1", "2"}  # synthetic://plain/0/<i>
+    for size in ("base", "large"):
+        cfg = load_config(ROOT / "configs" / size / "prior.yaml", {"clip": "tiny", "data.size": 32})
+        assert cfg.data.caption_fallback == "error"
+        with pytest.raises(DataError, match="no clip of 'plain' has a caption; give image-text pairs"):
+            StageDataModule(cfg, tmp_path, "plain").check()
+
+
 def test_stride_realises_fps_and_fits_the_clip():
     import random
 

@@ -160,9 +160,11 @@ def test_killed_training_resumes_from_its_last_checkpoint(prefect_server, tmp_pa
     raw["steps"][0]["overrides"] = {"trainer.max_steps": 200, "trainer.checkpoint_every": 5, "trainer.warmup_steps": 1}
     config.write_text(yaml.safe_dump(raw))
     env = {**os.environ, "PREFECT_API_URL": prefect_server}
+    # as from a terminal: SIGINT at its default (a shell's background job, CI's maybe, ignores it, and
+    # a child inherits that)
     process = subprocess.Popen([sys.executable, "-m", "flows.cli", "pipeline", "--config", str(config)], cwd=REPO,
                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
+                               start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     checkpoints = tmp_path / "work" / "stages" / "prior"
     deadline = time.time() + 240
     while time.time() < deadline and not list(checkpoints.glob("*/checkpoints/last.ckpt")):  # written whole
