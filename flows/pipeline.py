@@ -25,7 +25,7 @@ from data_prep.atomic import replacing
 from flows.cli import writable_folder
 from flows.ingest import ingest
 from flows.pipeline_config import PipelineConfig, TrainStep, load_pipeline_config, repo_path
-from flows.tracking import default_tracking_uri, start_run, store_identity, use_experiment
+from flows.tracking import default_tracking_uri, end_orphaned_runs, start_run, store_identity, use_experiment
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = "configs/tiny/pipeline.yaml"
@@ -119,6 +119,12 @@ def train_stage_task(step_name: str, stage: str, config_path: str, overrides: di
         return {"step": step_name, "stage": stage, "checkpoint": str(result.checkpoint), "run_id": run.info.run_id,
                 "global_step": result.global_step, "train_loss": loss, "cache_key": cache_key,
                 "model_version": version_number, "parent_run_id": parent_run_id}
+
+
+def end_killed_runs(tracking_uri: str, experiment: str) -> None:
+    ended = end_orphaned_runs(tracking_uri, experiment)
+    if ended:
+        print(f"MLflow runs of a killed process, still marked running, ended as KILLED: {', '.join(ended)}")
 
 
 def registered_name(step_name: str, prefix: str = "mav") -> str:
@@ -243,6 +249,7 @@ def pipeline(config: str = DEFAULT_CONFIG, dataset: str | None = None, data_root
         return {"skipped": "already done", "run_id": done.info.run_id, "version": version}
 
     use_experiment(tracking_uri, cfg.experiment)
+    end_killed_runs(tracking_uri, cfg.experiment)
     work = Path(cfg.work_dir).resolve()
     tags = {"mav.kind": "pipeline", "mav.dataset": dataset, "mav.dataset_version": version,
             "mav.config_digest": config_digest, "mav.code": code}
@@ -380,8 +387,9 @@ def _train_only(cfg: PipelineConfig, dataset: str, data_root: str, version: str 
     version = load_manifest(Path(data_root), dataset, version).attrs["version"]
     tracking_uri = tracking_uri or cfg.tracking_uri or default_tracking_uri()
     use_experiment(tracking_uri, cfg.experiment)
+    end_killed_runs(tracking_uri, cfg.experiment)
     with start_run(run_name=f"train {dataset}@{version}",
-                          tags={"mav.kind": "train-only", "mav.dataset_version": version}) as parent:
+                   tags={"mav.kind": "train-only", "mav.dataset_version": version}) as parent:
         results = _train_steps(cfg, dataset, data_root, version, tracking_uri, parent.info.run_id, code_digest())
     return {"version": version, "checkpoints": {r["step"]: r["checkpoint"] for r in results}}
 

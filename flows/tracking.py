@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -56,14 +57,46 @@ def use_experiment(tracking_uri: str, name: str) -> None:
 
 
 @contextmanager
-def start_run(**kwargs):
+def start_run(tags: dict | None = None, **kwargs):
     """mlflow.start_run, except that a run stopped by Ctrl-C ends KILLED (MLflow's own marks it
-    FAILED, as for an error, so the UI could not tell the two apart)."""
+    FAILED, as for an error, so the UI could not tell the two apart), and that the run names the
+    process that runs it, so that a later run can end it if that process was killed."""
     import mlflow
 
-    with mlflow.start_run(**kwargs) as run:
+    tags = (tags or {}) | {"mav.host": socket.gethostname(), "mav.pid": str(os.getpid())}
+    with mlflow.start_run(tags=tags, **kwargs) as run:
         try:
             yield run
         except KeyboardInterrupt:
             mlflow.end_run("KILLED")  # the `with` then leaves the ended run alone
             raise
+
+
+def end_orphaned_runs(tracking_uri: str, experiment: str) -> list[str]:
+    """End as KILLED the experiment's runs still RUNNING whose process, on this host, is gone (a
+    SIGKILL or a lost machine ends no run). -> their names."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    running = client.search_runs([exp.experiment_id], max_results=1000, filter_string=(
+        f"attributes.status = 'RUNNING' and tags.`mav.host` = '{socket.gethostname()}'"))
+    ended = []
+    for run in running:
+        pid = int(run.data.tags.get("mav.pid", "0"))
+        if pid and not _alive(pid):
+            client.set_terminated(run.info.run_id, "KILLED")
+            ended.append(run.info.run_name)
+    return ended
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True

@@ -181,10 +181,14 @@ def test_killed_training_resumes_from_its_last_checkpoint(prefect_server, tmp_pa
         assert process.returncode == 130, err[-3000:]
         assert re.search(rf"interrupted: prior stopped at step \d+; it goes on from {re.escape(str(last))}", err)
         runs = {r.data.tags["mav.kind"]: r.info.status for r in runs_of(client, "mav-test", "")}
-        assert runs == {"pipeline": "KILLED", "train": "KILLED"}
+        assert runs == {"pipeline": "KILLED", "train": "KILLED"}  # ended by the command itself
 
     done = train(config=str(config), steps=["prior"])  # the same step, same cache key: it resumes
     assert Path(done["checkpoints"]["prior"]) == last
+    # a SIGKILLed process ends none of its runs: the next one ends them as KILLED
+    runs = {(r.data.tags["mav.kind"], r.data.tags.get("mav.resumed")): r.info.status for r in runs_of(client, "mav-test")}
+    assert runs == {("pipeline", None): "KILLED", ("train", "false"): "KILLED",
+                    ("train-only", None): "FINISHED", ("train", "true"): "FINISHED"}
     (prior_run,) = runs_of(client, "mav-test", "tags.`mav.step` = 'prior' and tags.`mav.resumed` = 'true'")
     assert prior_run.info.status == "FINISHED" and prior_run.data.metrics["global_step"] == 200
     history = client.get_metric_history(prior_run.info.run_id, "train/loss")
