@@ -406,12 +406,22 @@ def register(subparsers) -> None:
 
 
 def check_places(cfg: PipelineConfig, data_root: str | None, ingests: bool) -> None:
-    """Local sources exist; the data root and work folder can be written (else the flow would fail
-    after its ingest, or train on the last version with the missing sources only logged)."""
+    """Local sources, image-text folders and detector weights exist; the data root and work folder
+    can be written (else the flow would fail after its ingest, train on the last version with the
+    missing sources only logged, or fail at a later step or the evaluation, hours in)."""
+    from models.config import load_config
+
     if ingests:
         missing = [s for s in ingest_sources(cfg.sources) if "://" not in s and not Path(s).exists()]
         if missing:
             raise ValueError(f"sources: no such file or folder: {', '.join(missing)}")
+    for step in cfg.steps:
+        data = load_config(repo_path(step.config), step.overrides).data  # (loaded and checked once already)
+        if data.source == "images" and data.image_path and not Path(data.image_path).exists():
+            raise ValueError(f"step {step.name}: data.image_path {data.image_path}: no such file or folder")
+    weights = cfg.evaluate.i3d_weights
+    if weights and "://" not in weights and not Path(weights).is_file():
+        raise ValueError(f"evaluate.i3d_weights {weights}: no such file")
     writable_folder(data_root or cfg.data_root, "data_root")
     writable_folder(cfg.work_dir, "work_dir")
 

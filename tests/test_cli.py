@@ -200,12 +200,44 @@ def test_bad_ingest_and_pipeline_input_is_one_line_and_exit_2(prefect_server, tm
               (f"sources: [{samples}]\ndata_root: {tmp_path / 'd'}\nwork_dir: {tmp_path / 'a-file' / 'runs'}\n",
                r"work_dir \S+runs: cannot be created \(Not a directory\)"),
               (f"sources: [{samples}]\ndata_root: {tmp_path / 'a-file' / 'data'}\nwork_dir: {tmp_path / 'w'}\n",
-               r"data_root \S+data: cannot be created \(Not a directory\)")]
+               r"data_root \S+data: cannot be created \(Not a directory\)"),
+              (f"sources: [{samples}]\nsteps:\n  - {{name: sr, stage: sr_high, config: configs/tiny/sr_high.yaml, "
+               f"overrides: {{data.source: images, data.image_path: {tmp_path / 'pairs'}}}}}\n",
+               r"step sr: data.image_path \S+pairs: no such file or folder"),
+              (f"sources: [{samples}]\nevaluate: {{i3d_weights: {tmp_path / 'i3d.pt'}}}\n",
+               r"evaluate.i3d_weights \S+i3d.pt: no such file")]
     for text, message in places:
         (tmp_path / "pipeline.yaml").write_text(text)
         assert main(["pipeline", "--config", str(tmp_path / "pipeline.yaml")]) == 2, text
         err = capsys.readouterr().err.strip()
         assert re.search(message, err) and len(err.splitlines()) == 1, err
+
+
+def test_the_base_pipeline_is_the_demo_chain_on_base_stages(tmp_path, capsys, monkeypatch):
+    """configs/base/pipeline.yaml loads, runs the demo's chain of steps on the base stage configs
+    (the prior and sr_high on image-text pairs), ingests what its video stages read, and stops in
+    one line, before any work, where its placeholders are not filled in."""
+    from data_prep.config import load_ingest_config
+    from flows.cli import main
+    from flows.pipeline_config import load_pipeline_config
+    from models.config import load_config
+
+    base, tiny = (load_pipeline_config(REPO / "configs" / size / "pipeline.yaml") for size in ("base", "tiny"))
+    assert [(s.name, s.stage, s.init_from) for s in base.steps] == [(s.name, s.stage, s.init_from) for s in tiny.steps]
+    ingest = load_ingest_config(str(REPO / base.ingest_config))
+    for step in base.steps:
+        assert Path(step.config).parts[:2] == ("configs", "base")
+        cfg = load_config(REPO / step.config, step.overrides)
+        if cfg.data.source == "images":
+            assert step.name in ("prior", "sr_high")
+        else:
+            assert ingest.clips.short_side >= cfg.data.size, step.name
+    monkeypatch.chdir(tmp_path)
+    assert main(["pipeline", "--config", str(REPO / "configs" / "base" / "pipeline.yaml")]) == 2
+    assert re.fullmatch(r"error: sources: no such file or folder: \S*videos", capsys.readouterr().err.strip())
+    (tmp_path / "videos").mkdir()
+    assert main(["pipeline", "--config", str(REPO / "configs" / "base" / "pipeline.yaml")]) == 2
+    assert capsys.readouterr().err.strip() == "error: step prior: data.image_path image-text: no such file or folder"
 
 
 def test_pipeline_runs_are_told_apart_by_their_stage_configs_and_code(tmp_path):
