@@ -49,10 +49,17 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+def with_notes(err: BaseException) -> str:
+    """The error's message and its notes (what was kept where), one per line."""
+    return "\n".join([str(err), *getattr(err, "__notes__", [])]).strip()
+
+
 def writable_folder(folder: str | Path, name: str) -> Path:
     """`folder`, created if missing; a ValueError naming `name` if it cannot be made or written
     (checked before a flow starts: its failure would come after work, behind a trace)."""
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{name} {folder}: is a file, not a folder")
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -103,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:
-        print(f"interrupted: {err}" if str(err) else "interrupted", file=sys.stderr)
+        print(f"interrupted: {with_notes(err)}" if str(err) or getattr(err, "__notes__", None) else "interrupted",
+              file=sys.stderr)
         return 130
 
 

@@ -31,8 +31,9 @@ import numpy as np
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE as NO_CACHE
 
-from flows.cli import device_name, non_negative_float, non_negative_int, positive_int, writable_folder
-from flows.tracking import default_tracking_uri, experiment_id
+from flows.cli import (device_name, non_negative_float, non_negative_int, positive_int, with_notes,
+                       writable_folder)
+from flows.tracking import default_tracking_uri, end_orphaned_runs, experiment_id, process_tags
 from eval import METRICS, metric_list
 from eval.protocols import PROTOCOLS, load_protocol
 from eval.video_io import VIDEO_EXTENSIONS, list_videos, write_png
@@ -304,8 +305,11 @@ def log_task(results: dict, params: dict, clips: list, tracking_uri: str, experi
 
     client = MlflowClient(tracking_uri)
     exp_id = experiment_id(tracking_uri, experiment)
+    if ended := end_orphaned_runs(tracking_uri, experiment):
+        print(f"MLflow runs of a killed process, still marked running, ended as KILLED: {', '.join(ended)}",
+              file=sys.stderr)
     smoke = any(r.smoke for r in results.values())
-    tags = {"mav.kind": "evaluate", "mav.smoke": str(smoke).lower()}
+    tags = {"mav.kind": "evaluate", "mav.smoke": str(smoke).lower()} | process_tags()
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
     run = client.create_run(exp_id, run_name=run_name, tags=tags)
@@ -349,6 +353,8 @@ def check_inputs(args: argparse.Namespace) -> None:
         if args.fake or not args.checkpoints:
             raise ValueError("--sample-dir is where videos sampled from --checkpoints go; it needs --checkpoints "
                              "and no --fake")
+        if Path(args.sample_dir).is_dir() and list_videos(Path(args.sample_dir)):  # an earlier run's, kept
+            raise ValueError(f"--sample-dir {args.sample_dir}: holds videos already; name a new or empty folder")
         writable_folder(args.sample_dir, "--sample-dir")
     if args.prompts and not (args.fake and not _RUN_SRC.match(args.fake)):
         read_prompts(args.prompts)  # with a local --fake: below, against its videos
@@ -426,59 +432,70 @@ def evaluate(real: str | None = None, fake: str | None = None, prompts: str | No
             raise ValueError("sampling fake videos needs prompts")
         prompt_list = prompt_list[:num_videos] if num_videos else prompt_list
         own_dir = None if sample_dir else tempfile.mkdtemp(prefix="mav-samples-")
-        sampled = fake_set = sample_videos(prompt_list, sampler, checkpoints, sample_dir or own_dir, sample_steps,
-                                           guidance, seed, device)
+        try:
+            sampled = fake_set = sample_videos(prompt_list, sampler, checkpoints, sample_dir or own_dir,
+                                               sample_steps, guidance, seed, device)
+        except BaseException:
+            if own_dir:  # a part of the samples is of no use: sampling starts over
+                shutil.rmtree(own_dir, ignore_errors=True)
+            raise
         get_run_logger().info(f"sampled {len(sampled.paths)} videos into {sampled.source}")
-    if prompt_list is not None:
-        fake_set.prompts = prompt_list
-    fake_set = fake_set.take(num_videos, seed)
-    if proto:
-        fake_set.require_prompts(f"the {proto.name} protocol")
-        proto.check_prompts(fake_set.prompts, fake_set.source)
+    try:
+        if prompt_list is not None:
+            fake_set.prompts = prompt_list
+        fake_set = fake_set.take(num_videos, seed)
+        if proto:
+            fake_set.require_prompts(f"the {proto.name} protocol")
+            proto.check_prompts(fake_set.prompts, fake_set.source)
 
-    params = {"metrics": ",".join(metrics), "fake_source": fake_set.source, "fake_kind": fake_set.kind,
-              "num_fake": len(fake_set.paths), "clip_length": clip_length, "clip_stride": clip_stride,
-              "seed": seed, "device": device}
-    if proto:
-        params |= {"protocol": proto.name} | proto.params
-    if sampled:
-        params |= {"sample_steps": "per stage config" if sample_steps is None else sample_steps,
-                   "guidance": "per stage config" if guidance is None else guidance}
-        if isinstance(checkpoints, dict):
-            params["checkpoints"] = ",".join(f"{stage}={path}" for stage, path in checkpoints.items())
-        if own_dir:  # removed once logged
-            params["fake_source"] = "this run's samples/ artifacts"
-    real_set = None
-    if "fvd" in metrics:
-        if proto and proto.real:
-            real_set = VideoSet(proto.real_source, proto.name, proto.real)
-        elif real:
-            real_set = resolve_source(real, data_root, tracking_uri)
-        else:
-            raise ValueError("fvd needs --real SRC" + (" or --video-root" if protocol == "msrvtt" else ""))
-        real_set = real_set.take(num_videos, seed)
-    if "clipsim" in metrics:
-        fake_set.require_prompts("clipsim")
-    results, clips, extra = score_task(metrics, real_set, fake_set, fake_set.prompts, clip_length, clip_stride, seed,
-                                       device, batch_size, i3d_weights=i3d_weights, i3d_sha256=i3d_sha256,
-                                       clip_model=clip_model, c3d_weights=c3d_weights, c3d_sha256=c3d_sha256,
-                                       num_resamples=num_resamples, unbiased=unbiased)
-    if "fvd" in results:
-        r = results["fvd"]
-        params |= {"real_source": real_set.source, "real_version": real_set.version, "num_real": r.num_real,
-                   "resize": RESIZE, "covariance": "unbiased" if unbiased else "biased",
-                   "real_offset": "one random offset per video", "detector": r.detector,
-                   "detector_sha256": r.detector_sha256, "fvd_smoke": r.smoke,
-                   "bootstrap_resamples": num_resamples}
-    if "clipsim" in results:
-        params |= {"clip_model": results["clipsim"].clip_model, "clipsim_smoke": results["clipsim"].smoke}
-    if "is" in results:
-        params |= {"is_classifier": "C3D", "c3d_sha256": extra["c3d_sha256"], "is_splits": results["is"].splits,
-                   "is_frame_size": "112x112 bilinear", "is_smoke": results["is"].smoke}
-    params["smoke"] = any(r.smoke for r in results.values())
-    used = {p.name: q for p, q in zip(fake_set.paths, fake_set.prompts)} if fake_set.prompts else None
-    run_id = log_task(results, params, clips, tracking_uri, experiment, parent_run_id, run_name, used, sampled)
-    if own_dir:  # logged with the run; a failure before this keeps them (hours of sampling) and says where
+        params = {"metrics": ",".join(metrics), "fake_source": fake_set.source, "fake_kind": fake_set.kind,
+                  "num_fake": len(fake_set.paths), "clip_length": clip_length, "clip_stride": clip_stride,
+                  "seed": seed, "device": device}
+        if proto:
+            params |= {"protocol": proto.name} | proto.params
+        if sampled:
+            params |= {"sample_steps": "per stage config" if sample_steps is None else sample_steps,
+                       "guidance": "per stage config" if guidance is None else guidance}
+            if isinstance(checkpoints, dict):  # resolved: the pipeline's links move to each new chain
+                params["checkpoints"] = ",".join(f"{stage}={Path(path).resolve()}"
+                                                 for stage, path in checkpoints.items())
+            if own_dir:  # removed once logged
+                params["fake_source"] = "this run's samples/ artifacts"
+        real_set = None
+        if "fvd" in metrics:
+            if proto and proto.real:
+                real_set = VideoSet(proto.real_source, proto.name, proto.real)
+            elif real:
+                real_set = resolve_source(real, data_root, tracking_uri)
+            else:
+                raise ValueError("fvd needs --real SRC" + (" or --video-root" if protocol == "msrvtt" else ""))
+            real_set = real_set.take(num_videos, seed)
+        if "clipsim" in metrics:
+            fake_set.require_prompts("clipsim")
+        results, clips, extra = score_task(metrics, real_set, fake_set, fake_set.prompts, clip_length, clip_stride,
+                                           seed, device, batch_size, i3d_weights=i3d_weights, i3d_sha256=i3d_sha256,
+                                           clip_model=clip_model, c3d_weights=c3d_weights, c3d_sha256=c3d_sha256,
+                                           num_resamples=num_resamples, unbiased=unbiased)
+        if "fvd" in results:
+            r = results["fvd"]
+            params |= {"real_source": real_set.source, "real_version": real_set.version, "num_real": r.num_real,
+                       "resize": RESIZE, "covariance": "unbiased" if unbiased else "biased",
+                       "real_offset": "one random offset per video", "detector": r.detector,
+                       "detector_sha256": r.detector_sha256, "fvd_smoke": r.smoke,
+                       "bootstrap_resamples": num_resamples}
+        if "clipsim" in results:
+            params |= {"clip_model": results["clipsim"].clip_model, "clipsim_smoke": results["clipsim"].smoke}
+        if "is" in results:
+            params |= {"is_classifier": "C3D", "c3d_sha256": extra["c3d_sha256"], "is_splits": results["is"].splits,
+                       "is_frame_size": "112x112 bilinear", "is_smoke": results["is"].smoke}
+        params["smoke"] = any(r.smoke for r in results.values())
+        used = {p.name: q for p, q in zip(fake_set.paths, fake_set.prompts)} if fake_set.prompts else None
+        run_id = log_task(results, params, clips, tracking_uri, experiment, parent_run_id, run_name, used, sampled)
+    except BaseException as err:
+        if own_dir and Path(own_dir).is_dir():  # hours of sampling: kept, and the error says where
+            err.add_note(f"the sampled videos are kept in {own_dir}")
+        raise
+    if own_dir:  # logged with the run
         shutil.rmtree(own_dir, ignore_errors=True)
     lines = result_lines(results)
     logger = get_run_logger()
@@ -555,7 +572,7 @@ def _run(args: argparse.Namespace) -> int:
                        protocol_root=args.protocol_root, split_file=args.split_file, captions=args.captions,
                        video_root=args.video_root, c3d_weights=args.c3d_weights, c3d_sha256=args.c3d_sha256)
     except (ValueError, FileNotFoundError, ConnectionError) as err:  # ConnectionError: weights behind a URL
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {with_notes(err)}", file=sys.stderr)
         return 2
     for line in out["lines"]:
         print(line)

@@ -215,6 +215,7 @@ def pipeline(config: str = DEFAULT_CONFIG, dataset: str | None = None, data_root
     log = get_run_logger()
     quiet_library_chatter()
     cfg: PipelineConfig = load_pipeline_config(config)
+    check_places(cfg, data_root, ingests=version is None)  # (mav pipeline did; a deployment's run did not)
     dataset = dataset or cfg.dataset
     data_root = str(Path(data_root or cfg.data_root).resolve())
     tracking_uri = tracking_uri or cfg.tracking_uri or default_tracking_uri()
@@ -383,6 +384,7 @@ def _train_only(cfg: PipelineConfig, dataset: str, data_root: str, version: str 
 
     from data_prep.dataset import load_manifest
 
+    check_places(cfg, data_root, ingests=False, evaluates=False)
     data_root = str(Path(data_root).resolve())
     version = load_manifest(Path(data_root), dataset, version).attrs["version"]
     tracking_uri = tracking_uri or cfg.tracking_uri or default_tracking_uri()
@@ -405,10 +407,11 @@ def register(subparsers) -> None:
     parser.set_defaults(func=_run)
 
 
-def check_places(cfg: PipelineConfig, data_root: str | None, ingests: bool) -> None:
+def check_places(cfg: PipelineConfig, data_root: str | None, ingests: bool, evaluates: bool = True) -> None:
     """Local sources, image-text folders and detector weights exist; the data root and work folder
     can be written (else the flow would fail after its ingest, train on the last version with the
     missing sources only logged, or fail at a later step or the evaluation, hours in)."""
+    from eval.weights import is_url
     from models.config import load_config
 
     if ingests:
@@ -417,10 +420,11 @@ def check_places(cfg: PipelineConfig, data_root: str | None, ingests: bool) -> N
             raise ValueError(f"sources: no such file or folder: {', '.join(missing)}")
     for step in cfg.steps:
         data = load_config(repo_path(step.config), step.overrides).data  # (loaded and checked once already)
-        if data.source == "images" and data.image_path and not Path(data.image_path).exists():
+        if data.source == "images" and data.image_path and not Path(data.image_path).expanduser().exists():
             raise ValueError(f"step {step.name}: data.image_path {data.image_path}: no such file or folder")
     weights = cfg.evaluate.i3d_weights
-    if weights and "://" not in weights and not Path(weights).is_file():
+    if evaluates and "fvd" in cfg.evaluate.metrics and weights and not is_url(weights) \
+            and not Path(weights).expanduser().is_file():
         raise ValueError(f"evaluate.i3d_weights {weights}: no such file")
     writable_folder(data_root or cfg.data_root, "data_root")
     writable_folder(cfg.work_dir, "work_dir")

@@ -60,11 +60,10 @@ def use_experiment(tracking_uri: str, name: str) -> None:
 def start_run(tags: dict | None = None, **kwargs):
     """mlflow.start_run, except that a run stopped by Ctrl-C ends KILLED (MLflow's own marks it
     FAILED, as for an error, so the UI could not tell the two apart), and that the run names the
-    process that runs it, so that a later run can end it if that process was killed."""
+    process that runs it (process_tags)."""
     import mlflow
 
-    tags = (tags or {}) | {"mav.host": socket.gethostname(), "mav.pid": str(os.getpid())}
-    with mlflow.start_run(tags=tags, **kwargs) as run:
+    with mlflow.start_run(tags=(tags or {}) | process_tags(), **kwargs) as run:
         try:
             yield run
         except KeyboardInterrupt:
@@ -72,31 +71,59 @@ def start_run(tags: dict | None = None, **kwargs):
             raise
 
 
+# -- runs of killed processes ----------------------------------------------------------
+# A SIGKILL (or an out-of-memory kill) ends no MLflow run: it stays RUNNING for good. Each run
+# names its process; a later one ends the runs whose process is gone. A process is its pid and
+# start time within one kernel boot and PID namespace (pids are reused, and a container with
+# the host's name has pids of its own); runs of other machines or namespaces are left alone.
+def _pid_space() -> str:
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return f"{boot} {os.readlink('/proc/self/ns/pid')}"
+    except OSError:  # not Linux: the host name alone
+        return ""
+
+
+def _started(pid: int) -> str:
+    import psutil
+
+    return f"{psutil.Process(pid).create_time():.2f}"
+
+
+def process_tags() -> dict:
+    return {"mav.host": socket.gethostname(), "mav.process": f"{_pid_space()}|{os.getpid()}|{_started(os.getpid())}"}
+
+
+def _gone(tags: dict) -> bool:
+    """Is the process that the tags name known to be gone? (Unknown or another machine's: no.)"""
+    import psutil
+
+    named = tags.get("mav.process", "").split("|")
+    if len(named) != 3 or tags.get("mav.host") != socket.gethostname():  # untagged (older), or not here
+        return False
+    space, pid, start = named
+    if space != _pid_space() or not pid.isdigit():
+        return False
+    try:
+        return _started(int(pid)) != start
+    except psutil.NoSuchProcess:
+        return True
+    except psutil.Error:  # e.g. access denied: it exists
+        return False
+
+
 def end_orphaned_runs(tracking_uri: str, experiment: str) -> list[str]:
-    """End as KILLED the experiment's runs still RUNNING whose process, on this host, is gone (a
-    SIGKILL or a lost machine ends no run). -> their names."""
+    """End as KILLED the experiment's RUNNING runs whose process is gone. -> their names."""
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return []
-    running = client.search_runs([exp.experiment_id], max_results=1000, filter_string=(
-        f"attributes.status = 'RUNNING' and tags.`mav.host` = '{socket.gethostname()}'"))
+    running = client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'", max_results=1000)
     ended = []
     for run in running:
-        pid = int(run.data.tags.get("mav.pid", "0"))
-        if pid and not _alive(pid):
+        if _gone(run.data.tags):
             client.set_terminated(run.info.run_id, "KILLED")
             ended.append(run.info.run_name)
     return ended
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True

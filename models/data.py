@@ -408,7 +408,7 @@ class StageDataModule(L.LightningDataModule):
         data = self.config.data
         if not data.image_path:
             raise DataError("data.image_path: source 'images' needs a folder of image + .txt pairs or .tar shards")
-        path = Path(data.image_path)
+        path = Path(data.image_path).expanduser()
         if not path.exists():
             raise DataError(f"data.image_path: {path} does not exist")
         shards = [path] if path.is_file() else sorted(path.rglob("*.tar"))

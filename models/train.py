@@ -23,7 +23,7 @@ from data_prep.atomic import replacing
 from models.config import STAGES, ConfigError, StageConfig, as_config
 from models.data import StageDataModule
 from models.ema import ShardedEMA
-from models.stages import build_stage, check_resume, init_from_checkpoint
+from models.stages import build_stage, check_resume, init_from_checkpoint, read_checkpoint
 
 
 class AlreadyTrained(ConfigError):
@@ -169,14 +169,15 @@ def train_stage(stage: str, config: StageConfig | dict | str | Path, *, data_roo
         tc = cfg.trainer
         raise ConfigError(f"trainer: accelerator {tc.accelerator}, devices {tc.devices}, num_nodes {tc.num_nodes}, "
                           f"strategy {tc.strategy}, precision {tc.precision}: {err}") from None
+    on_ctrl_c = signal.getsignal(signal.SIGINT)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if resume else None)
-    except SystemExit:
-        if not trainer.interrupted:
+    except SystemExit as exit_:
+        if not isinstance(exit_.__context__, KeyboardInterrupt):  # Lightning's Ctrl-C is exit(1) while handling it
             raise
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning ignores Ctrl-C from here on
-        saved = (f"it goes on from {last} (mav train --resume; a pipeline's rerun resumes it)" if last.exists()
-                 else "no checkpoint was saved yet")
+        signal.signal(signal.SIGINT, on_ctrl_c)  # Lightning ignores SIGINT for its shutdown (restored only sometimes)
+        saved = (f"{last} holds step {read_checkpoint(last)['global_step']}, where a resume goes on (mav train "
+                 "--resume; a pipeline resumes by itself when run again)" if last.exists() else "no checkpoint yet")
         raise TrainingInterrupted(f"{stage} stopped at step {trainer.global_step}; {saved}") from None
     ckpt_cb = trainer.checkpoint_callback
     best = Path(ckpt_cb.best_model_path) if ckpt_cb and ckpt_cb.best_model_path else None

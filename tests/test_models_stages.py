@@ -535,11 +535,14 @@ def test_evaluate_from_checkpoints_logs_the_videos_it_scored(chain, prefect_serv
     leaves no temporary folder behind; scoring that run again gives the same CLIPSIM. With
     --sample-dir the videos also stay there."""
     import json
+    import re
     import tempfile
 
     import mlflow
+    import numpy as np
 
     from flows.cli import main
+    from models.video_io import write_mp4
 
     ckpts = tmp_path / "ckpts"
     ckpts.mkdir()
@@ -561,7 +564,8 @@ def test_evaluate_from_checkpoints_logs_the_videos_it_scored(chain, prefect_serv
     prompts = json.loads(Path(client.download_artifacts(run_id, "samples/prompts.json", str(tmp_path))).read_text())
     assert prompts == {"sample-0000.mp4": "a red circle", "sample-0001.mp4": "a blue square"}
     params = client.get_run(run_id).data.params
-    assert params["checkpoints"] == f"prior={ckpts / 'prior.ckpt'},decoder={ckpts / 'decoder.ckpt'}"
+    prior, decoder = (chain[stage].checkpoint.resolve() for stage in ("prior", "decoder"))
+    assert params["checkpoints"] == f"prior={prior},decoder={decoder}"  # what the links pointed at
     assert params["fake_kind"] == "sampled" and params["sample_steps"] == "1"
 
     assert main(["evaluate", "--fake", f"runs:/{run_id}", *common]) == 0  # the logged videos, their prompts
@@ -575,6 +579,22 @@ def test_evaluate_from_checkpoints_logs_the_videos_it_scored(chain, prefect_serv
     assert sorted(p.name for p in kept.iterdir()) == ["prompts.json", "sample-0000.mp4", "sample-0001.mp4"]
     assert main(["evaluate", "--fake", str(kept), "--sample-dir", str(kept), *common]) == 2
     assert "--sample-dir is where videos sampled from --checkpoints go" in capsys.readouterr().err
+    assert main(["evaluate", "--checkpoints", str(ckpts), "--prompts", str(tmp_path / "prompts.txt"),
+                 "--sample-dir", str(kept), *common]) == 2  # the kept samples are not overwritten
+    assert f"--sample-dir {kept}: holds videos already" in capsys.readouterr().err
+
+    # scoring fails after sampling (FVD against a folder without videos of 16 frames): the samples stay
+    short = tmp_path / "short"
+    short.mkdir()
+    write_mp4(np.zeros((4, 16, 16, 3), np.uint8), short / "a.mp4", fps=4)
+    write_mp4(np.zeros((4, 16, 16, 3), np.uint8), short / "b.mp4", fps=4)
+    assert main(["evaluate", "--checkpoints", str(ckpts), "--prompts", str(tmp_path / "prompts.txt"),
+                 "--sample-steps", "1", "--real", str(short), *common, "--metrics", "fvd"]) == 2
+    err = capsys.readouterr().err
+    kept_in = re.search(r"the sampled videos are kept in (\S+)", err)
+    assert kept_in and sorted(p.name for p in Path(kept_in.group(1)).glob("*.mp4")) == ["sample-0000.mp4",
+                                                                                        "sample-0001.mp4"]
+    shutil.rmtree(kept_in.group(1))
 
 
 def test_mav_sample_writes_what_it_says_and_is_seeded(chain, tmp_path, capsys):

@@ -179,14 +179,16 @@ def test_killed_training_resumes_from_its_last_checkpoint(prefect_server, tmp_pa
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     if stop == signal.SIGINT:
         assert process.returncode == 130, err[-3000:]
-        assert re.search(rf"interrupted: prior stopped at step \d+; it goes on from {re.escape(str(last))}", err)
+        said = rf"interrupted: prior stopped at step \d+; {re.escape(str(last))} holds step {killed_at}, "
+        assert re.search(said, err), err[-3000:]
         runs = {r.data.tags["mav.kind"]: r.info.status for r in runs_of(client, "mav-test", "")}
         assert runs == {"pipeline": "KILLED", "train": "KILLED"}  # ended by the command itself
 
     done = train(config=str(config), steps=["prior"])  # the same step, same cache key: it resumes
     assert Path(done["checkpoints"]["prior"]) == last
     # a SIGKILLed process ends none of its runs: the next one ends them as KILLED
-    runs = {(r.data.tags["mav.kind"], r.data.tags.get("mav.resumed")): r.info.status for r in runs_of(client, "mav-test")}
+    runs = {(r.data.tags["mav.kind"], r.data.tags.get("mav.resumed")): r.info.status
+            for r in runs_of(client, "mav-test")}
     assert runs == {("pipeline", None): "KILLED", ("train", "false"): "KILLED",
                     ("train-only", None): "FINISHED", ("train", "true"): "FINISHED"}
     (prior_run,) = runs_of(client, "mav-test", "tags.`mav.step` = 'prior' and tags.`mav.resumed` = 'true'")
@@ -315,3 +317,32 @@ def test_checkpoint_links_follow_the_latest_chain(tmp_path):
     link_chain({"prior": tmp_path / "a.ckpt", "sr_low": tmp_path / "b.ckpt"}, folder)
     link_chain({"prior": tmp_path / "c.ckpt"}, folder)  # a later run without sr_low
     assert {p.name: p.resolve().name for p in folder.iterdir()} == {"prior.ckpt": "c.ckpt"}
+
+
+def test_only_runs_of_processes_known_to_be_gone_are_ended(tmp_path):
+    """A run whose process (pid and start time, on this machine) is gone ends KILLED; this process's
+    own runs, runs of other hosts or PID namespaces, untagged (older) runs and malformed tags stay."""
+    from flows.tracking import end_orphaned_runs, experiment_id, process_tags
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    client = MlflowClient(uri)
+    exp = experiment_id(uri, "orphans")
+    child = subprocess.Popen([sys.executable, "-c", "from flows.tracking import process_tags; "
+                              "print(process_tags()['mav.process'])"], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    gone = child.communicate()[0].strip()
+    mine = process_tags()
+    space, pid, start = mine["mav.process"].split("|")
+    cases = {
+        "gone": {**mine, "mav.process": gone},
+        "mine": mine,
+        "reused pid": {**mine, "mav.process": f"{space}|{pid}|{float(start) - 5:.2f}"},
+        "other host": {**mine, "mav.host": "elsewhere", "mav.process": gone},
+        "other namespace": {**mine, "mav.process": f"another boot|{gone.split('|', 1)[1]}"},
+        "untagged": {},
+        "malformed": {**mine, "mav.process": "abc"},
+    }
+    for name, tags in cases.items():
+        client.create_run(exp, run_name=name, tags=tags)
+    assert sorted(end_orphaned_runs(uri, "orphans")) == ["gone", "reused pid"]
+    status = {r.info.run_name: r.info.status for r in client.search_runs([exp])}
+    assert status == {name: "KILLED" if name in ("gone", "reused pid") else "RUNNING" for name in cases}
