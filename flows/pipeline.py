@@ -99,7 +99,7 @@ def train_stage_task(step_name: str, stage: str, config_path: str, overrides: di
         tags = {"mav.kind": "train", "mav.stage": stage, "mav.step": step_name, "mav.cache_key": cache_key,
                 "mav.dataset": dataset, "mav.dataset_version": version, "mav.resumed": str(resume).lower()}
         with start_run(run_name=step_name, parent_run_id=parent_run_id, nested=True, tags=tags,
-                              log_system_metrics=True) as run:
+                       log_system_metrics=True) as run:
             params = _flatten("config", config.model_dump(mode="json"), {})
             params |= {"init_checkpoint": init_checkpoint or "none", "config_file": config_path}
             mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
