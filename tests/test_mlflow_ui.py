@@ -122,13 +122,22 @@ def test_run_page_lists_its_metrics(ui, tmp_path):
 
 
 def test_screenshot_of_the_metric_charts(ui, tmp_path):
-    """The chart view (one bar per run for each of fvd and clipsim) as a PNG; MAV_UI_SCREENSHOT copies it."""
+    """The chart view (one bar per run for each of fvd and clipsim, read from its DOM) as a PNG;
+    MAV_UI_SCREENSHOT copies it."""
     url, experiment_id, _ = ui
     png = tmp_path / "mlflow-ui.png"
     chromium([f"--screenshot={png}", "--window-size=1600,900",
               f"{url}/#/experiments/{experiment_id}/runs?compareRunsMode=CHART"], tmp_path / "profile")
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000, len(data)
+    text = visible_text(chromium(["--window-size=1600,900", "--dump-dom",  # the same view: its chart titles
+                                  f"{url}/#/experiments/{experiment_id}/runs?compareRunsMode=CHART"],
+                                 tmp_path / "profile"))
+    charts = re.search(r"Model metrics \(2\) .*?clipsim ([\d.]+) ([\d.]+) .*?fvd ([\d.]+) ([\d.]+)", text)
+    assert charts, text[:3000]
+    shown = [float(v) for v in charts.groups()]  # one bar per run, labelled to 2 decimals
+    assert sorted(shown[:2]) == sorted(round(r[2], 2) for r in RUNS), shown
+    assert sorted(shown[2:]) == sorted(round(r[1], 2) for r in RUNS), shown
     target = os.environ.get("MAV_UI_SCREENSHOT")
     if target:
         out = Path(target) if Path(target).is_absolute() else REPO / target
