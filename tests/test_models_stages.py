@@ -61,6 +61,31 @@ def test_data_module_batches(data_root):
     assert next(iter(dm.train_dataloader()))["image"].shape == (4, 3, 64, 64)
 
 
+def test_a_sample_holds_the_clips_frames_at_the_stride_its_fps_says(tmp_path):
+    """A lossless grey ramp (frame i at level 8 i): each training window is frames i, i+s, i+2s...
+    of the clip, in order, and its fps conditioning is the clip's fps / s."""
+    import random
+
+    import numpy as np
+
+    from models.data import ClipSampler
+    from models.video_io import write_mp4
+
+    levels = np.arange(0, 240, 8, dtype=np.uint8)  # 30 frames
+    ramp = write_mp4(np.broadcast_to(levels[:, None, None, None], (30, 32, 32, 3)), tmp_path / "ramp.mp4",
+                     fps=30, crf=0)
+    sampler = ClipSampler(tiny("decoder", **{"data.size": 16, "data.frames": 6}))
+    strides = set()
+    for seed in range(12):
+        sample = sampler(ramp, {"num_frames": 30, "fps": 30.0, "clip_id": "ramp"}, random.Random(seed))
+        frames = ((sample["video"].mean(dim=(0, 2, 3)) + 1) * 127.5 / 8).round().long().tolist()  # frame numbers
+        stride = frames[1] - frames[0]
+        assert stride >= 1 and frames == list(range(frames[0], frames[0] + 6 * stride, stride)) and frames[-1] < 30
+        assert float(sample["fps"]) == pytest.approx(30.0 / stride)
+        strides.add(stride)
+    assert len(strides) > 1  # the stride is drawn
+
+
 def test_readers_split_one_shard_without_overlap(data_root):
     """Two DataLoader workers (readers, like two DDP ranks) over a one-shard dataset: each reads its
     own half, in shard order, so one pass over both covers every clip exactly once."""
