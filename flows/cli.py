@@ -110,8 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:
-        print(f"interrupted: {with_notes(err)}" if str(err) or getattr(err, "__notes__", None) else "interrupted",
-              file=sys.stderr)
+        said = with_notes(err)
+        print(f"interrupted: {said}" if said else "interrupted", file=sys.stderr)
         return 130
 
 

@@ -305,9 +305,8 @@ def log_task(results: dict, params: dict, clips: list, tracking_uri: str, experi
 
     client = MlflowClient(tracking_uri)
     exp_id = experiment_id(tracking_uri, experiment)
-    if ended := end_orphaned_runs(tracking_uri, experiment):
-        print(f"MLflow runs of a killed process, still marked running, ended as KILLED: {', '.join(ended)}",
-              file=sys.stderr)
+    if not parent_run_id:  # (a pipeline ended its experiment's as it started)
+        end_orphaned_runs(tracking_uri, experiment, say=lambda line: print(line, file=sys.stderr))
     smoke = any(r.smoke for r in results.values())
     tags = {"mav.kind": "evaluate", "mav.smoke": str(smoke).lower()} | process_tags()
     if parent_run_id:

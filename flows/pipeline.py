@@ -121,12 +121,6 @@ def train_stage_task(step_name: str, stage: str, config_path: str, overrides: di
                 "model_version": version_number, "parent_run_id": parent_run_id}
 
 
-def end_killed_runs(tracking_uri: str, experiment: str) -> None:
-    ended = end_orphaned_runs(tracking_uri, experiment)
-    if ended:
-        print(f"MLflow runs of a killed process, still marked running, ended as KILLED: {', '.join(ended)}")
-
-
 def registered_name(step_name: str, prefix: str = "mav") -> str:
     return f"{prefix}-{step_name.replace('_', '-')}"
 
@@ -250,7 +244,7 @@ def pipeline(config: str = DEFAULT_CONFIG, dataset: str | None = None, data_root
         return {"skipped": "already done", "run_id": done.info.run_id, "version": version}
 
     use_experiment(tracking_uri, cfg.experiment)
-    end_killed_runs(tracking_uri, cfg.experiment)
+    end_orphaned_runs(tracking_uri, cfg.experiment)
     work = Path(cfg.work_dir).resolve()
     tags = {"mav.kind": "pipeline", "mav.dataset": dataset, "mav.dataset_version": version,
             "mav.config_digest": config_digest, "mav.code": code}
@@ -380,8 +374,6 @@ def _train_steps(cfg: PipelineConfig, dataset: str, data_root: str, version: str
 
 
 def _train_only(cfg: PipelineConfig, dataset: str, data_root: str, version: str | None, tracking_uri: str | None) -> dict:
-    import mlflow
-
     from data_prep.dataset import load_manifest
 
     check_places(cfg, data_root, ingests=False, evaluates=False)
@@ -389,7 +381,7 @@ def _train_only(cfg: PipelineConfig, dataset: str, data_root: str, version: str 
     version = load_manifest(Path(data_root), dataset, version).attrs["version"]
     tracking_uri = tracking_uri or cfg.tracking_uri or default_tracking_uri()
     use_experiment(tracking_uri, cfg.experiment)
-    end_killed_runs(tracking_uri, cfg.experiment)
+    end_orphaned_runs(tracking_uri, cfg.experiment)
     with start_run(run_name=f"train {dataset}@{version}",
                    tags={"mav.kind": "train-only", "mav.dataset_version": version}) as parent:
         results = _train_steps(cfg, dataset, data_root, version, tracking_uri, parent.info.run_id, code_digest())

@@ -112,8 +112,8 @@ def _gone(tags: dict) -> bool:
         return False
 
 
-def end_orphaned_runs(tracking_uri: str, experiment: str) -> list[str]:
-    """End as KILLED the experiment's RUNNING runs whose process is gone. -> their names."""
+def end_orphaned_runs(tracking_uri: str, experiment: str, say=print) -> list[str]:
+    """End as KILLED the experiment's RUNNING runs whose process is gone, saying so. -> their names."""
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri)
@@ -126,4 +126,6 @@ def end_orphaned_runs(tracking_uri: str, experiment: str) -> list[str]:
         if _gone(run.data.tags):
             client.set_terminated(run.info.run_id, "KILLED")
             ended.append(run.info.run_name)
+    if ended:
+        say(f"MLflow runs of a killed process, still marked running, ended as KILLED: {', '.join(ended)}")
     return ended
