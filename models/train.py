@@ -79,7 +79,10 @@ def fsdp_strategy(cls=None, bf16: bool = False):
     model has: frozen spatial weights and trained temporal weights then never share a flat
     parameter (FSDP would keep a gradient for the whole of it). `cls`: an FSDPStrategy subclass.
     bf16: compute in bf16 but reduce gradients (and keep buffers) in float32, as DDP under
-    bf16-mixed does; Lightning's default for bf16-mixed also reduces in bf16."""
+    bf16-mixed does; Lightning's default for bf16-mixed also reduces in bf16. The batch stays
+    float32 (FSDP would cast the root's inputs): the noising is built from it outside the net, and
+    in bf16 1 - alpha_bar rounds to 0 for the cosine schedule's first 21 timesteps (x_t = x0, no
+    noise). Lightning's autocast runs the net in bf16 all the same."""
     from lightning.pytorch.strategies import FSDPStrategy
     from torch.distributed.fsdp import MixedPrecision
 
@@ -87,8 +90,8 @@ def fsdp_strategy(cls=None, bf16: bool = False):
     from models.unet import AttentionBlock, ResBlock
 
     units = {ResBlock, AttentionBlock, TemporalConv, TemporalAttention, ScalarEmbedding}
-    precision = MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
-                               buffer_dtype=torch.float32) if bf16 else None
+    precision = MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, buffer_dtype=torch.float32,
+                               cast_root_forward_inputs=False) if bf16 else None
     return (cls or FSDPStrategy)(auto_wrap_policy=units, activation_checkpointing_policy=None,
                                  mixed_precision=precision)
 

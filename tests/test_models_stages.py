@@ -191,6 +191,25 @@ def test_fsdp_reduces_gradients_in_float32_under_bf16():
     assert fsdp_strategy().mixed_precision is None  # float32 runs: no casts at all
 
 
+def test_fsdp_under_bf16_keeps_the_batch_in_float32():
+    """FSDP casts its root module's inputs by default, which here is the whole batch: the noising
+    would then be built in bf16, where x_t = x0 for the cosine schedule's first 21 timesteps."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.servers import free_port
+
+    done = subprocess.run([sys.executable, str(ROOT / "tests" / "fsdp_bf16_probe.py"), str(free_port())],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"x0": "torch.float32", "finite": True}
+    from models.diffusion import Diffusion
+
+    alphas = Diffusion(timesteps=1000).schedule.alphas_cumprod
+    assert ((1 - alphas.bfloat16()) == 0).sum() > 0 and ((1 - alphas) == 0).sum() == 0  # why it matters
+
+
 def test_shard_groups_are_balanced_or_not_used():
     from models.data import balanced_groups
 
