@@ -33,6 +33,7 @@ from prefect.cache_policies import NONE as NO_CACHE
 
 from flows.cli import (device_name, non_negative_float, non_negative_int, positive_int, with_notes,
                        writable_folder)
+from flows.registry import chain_from_registry, describe
 from flows.tracking import default_tracking_uri, end_orphaned_runs, experiment_id, process_tags
 from eval import METRICS, metric_list
 from eval.protocols import PROTOCOLS, load_protocol
@@ -346,17 +347,22 @@ def check_inputs(args: argparse.Namespace) -> None:
     # what will be scored (a protocol without --metrics: its own, which it checks)
     metrics = metric_list(args.metrics if args.metrics is not None else DEFAULT_METRICS) \
         if args.metrics is not None or not args.protocol else []
-    if not (args.fake or args.checkpoints or args.protocol):
-        raise ValueError("give --fake SRC, or --checkpoints DIR (and --prompts) to sample the fake videos")
+    if not (args.fake or args.checkpoints or args.registry or args.protocol):
+        raise ValueError("give --fake SRC, or --checkpoints DIR or --registry ALIAS (and --prompts) to sample the "
+                         "fake videos")
+    if sum(map(bool, (args.fake, args.checkpoints, args.registry))) > 1:
+        raise ValueError("give one of --fake, --checkpoints and --registry")
     if args.sample_dir:
-        if args.fake or not args.checkpoints:
-            raise ValueError("--sample-dir is where videos sampled from --checkpoints go; it needs --checkpoints "
-                             "and no --fake")
+        if not (args.checkpoints or args.registry):
+            raise ValueError("--sample-dir is where videos sampled from --checkpoints or --registry go; it needs one "
+                             "of them")
         if Path(args.sample_dir).is_dir() and list_videos(Path(args.sample_dir)):  # an earlier run's, kept
             raise ValueError(f"--sample-dir {args.sample_dir}: holds videos already; name a new or empty folder")
         writable_folder(args.sample_dir, "--sample-dir")
     if args.prompts and not (args.fake and not _RUN_SRC.match(args.fake)):
         read_prompts(args.prompts)  # with a local --fake: below, against its videos
+    if args.registry:  # what the flow will sample from: each version there, and its checkpoint file
+        chain_from_registry(args.tracking_uri or default_tracking_uri(), args.registry, args.model_prefix)
     for src in (args.real, args.fake):
         if src and _RUN_SRC.match(src):  # the run must exist; its artifacts are fetched in the flow
             import mlflow
@@ -395,12 +401,14 @@ def evaluate(real: str | None = None, fake: str | None = None, prompts: str | No
              i3d_sha256: str | None = None, clip_model: str | None = None, data_root: str = "mav-data",
              tracking_uri: str | None = None, clip_length: int = 16, clip_stride: int = 1, seed: int = 0,
              device: str = "auto", num_resamples: int = 100, unbiased: bool = False, batch_size: int = 16,
-             sampler: Callable | None = None, checkpoints=None, sample_dir: str | None = None,
+             sampler: Callable | None = None, checkpoints=None, registry: str | None = None, model_prefix: str = "mav",
+             sample_dir: str | None = None,
              sample_steps: int | None = None, guidance: float | None = None, experiment: str = "evaluate",
              parent_run_id: str | None = None, run_name: str | None = None, protocol: str | None = None,
              protocol_root: str | None = None, split_file: str | None = None, captions: str | None = None,
              video_root: str | None = None, c3d_weights: str | None = None, c3d_sha256: str | None = None) -> dict:
-    """Score `fake` (or videos sampled from `checkpoints` for `prompts`) against `real`; or run a
+    """Score `fake` (or videos sampled for `prompts` from `checkpoints`, or from the registered models
+    `<model_prefix>-<stage>` at the alias `registry`) against `real`; or run a
     `protocol` (ucf101: protocol_root, split_file; msrvtt: captions, video_root), which gives the
     prompts, the real videos and the metrics (fvd + is; clipsim [+ fvd]) and N (2048; all captions).
     Returns {"results": {metric: dict}, "lines": [...], "prompts": {file: prompt}, "run_id": ...}."""
@@ -419,6 +427,10 @@ def evaluate(real: str | None = None, fake: str | None = None, prompts: str | No
     tracking_uri = tracking_uri or default_tracking_uri()
 
     fake_set = resolve_source(fake, data_root, tracking_uri) if fake else None
+    versions = None
+    if registry:
+        checkpoints, versions = chain_from_registry(tracking_uri, registry, model_prefix)
+        get_run_logger().info(f"sampling from the registry's {registry!r} versions: {describe(versions)}")
     sampled = own_dir = None
     prompt_list = None
     if prompts:
@@ -458,6 +470,8 @@ def evaluate(real: str | None = None, fake: str | None = None, prompts: str | No
             if isinstance(checkpoints, dict):  # resolved: the pipeline's links move to each new chain
                 params["checkpoints"] = ",".join(f"{stage}={Path(path).resolve()}"
                                                  for stage, path in checkpoints.items())
+            if versions:
+                params |= {"registry_alias": registry, "model_versions": describe(versions)}
             if own_dir:  # removed once logged
                 params["fake_source"] = "this run's samples/ artifacts"
         real_set = None
@@ -512,8 +526,12 @@ def register(subparsers) -> None:
     p.add_argument("--fake", help="same forms as --real")
     p.add_argument("--checkpoints", help="instead of --fake: sample from <stage>.ckpt or <stage>/checkpoints/last.ckpt "
                                          "in this folder")
-    p.add_argument("--sample-dir", help="with --checkpoints: keep the sampled videos (and prompts.json) here; they "
-                                        "are logged to the run's samples/ either way")
+    p.add_argument("--registry", metavar="ALIAS",
+                   help="instead of --fake: sample from each stage's registered model <prefix>-<stage> at this alias "
+                        "in the MLflow registry (e.g. champion)")
+    p.add_argument("--model-prefix", default="mav", help="with --registry: the pipeline's registry.model_prefix")
+    p.add_argument("--sample-dir", help="with --checkpoints or --registry: keep the sampled videos (and prompts.json) "
+                                        "here; they are logged to the run's samples/ either way")
     p.add_argument("--prompts", help="prompts of the fake videos: .txt (one per line) or .json (list or {file: prompt})")
     p.add_argument("--metrics", default=None, help=f"comma-separated, of {', '.join(METRICS)} "
                                                    "(default fvd,clipsim, or the protocol's)")
@@ -544,9 +562,9 @@ def register(subparsers) -> None:
     p.add_argument("--unbiased", action="store_true", help="unbiased covariance (default: biased, as StyleGAN-V)")
     p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--sample-steps", type=positive_int, default=None,
-                   help="with --checkpoints: sampler steps per stage (default: each stage config's sample_steps)")
+                   help="when sampling: sampler steps per stage (default: each stage config's sample_steps)")
     p.add_argument("--guidance", type=non_negative_float, default=None,
-                   help="with --checkpoints: classifier-free guidance (default: each stage config's guidance)")
+                   help="when sampling: classifier-free guidance (default: each stage config's guidance)")
     p.add_argument("--experiment", default="evaluate")
     p.set_defaults(func=_run)
 
@@ -566,7 +584,8 @@ def _run(args: argparse.Namespace) -> int:
                        clip_model=args.clip_model, data_root=args.data_root, tracking_uri=args.tracking_uri,
                        clip_length=args.clip_length, clip_stride=args.clip_stride, seed=args.seed, device=args.device,
                        num_resamples=args.bootstrap, unbiased=args.unbiased, batch_size=args.batch_size,
-                       experiment=args.experiment, checkpoints=checkpoints, sample_steps=args.sample_steps,
+                       experiment=args.experiment, checkpoints=checkpoints, registry=args.registry,
+                       model_prefix=args.model_prefix, sample_steps=args.sample_steps,
                        guidance=args.guidance, sample_dir=args.sample_dir, protocol=args.protocol,
                        protocol_root=args.protocol_root, split_file=args.split_file, captions=args.captions,
                        video_root=args.video_root, c3d_weights=args.c3d_weights, c3d_sha256=args.c3d_sha256)

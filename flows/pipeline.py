@@ -25,6 +25,7 @@ from data_prep.atomic import replacing
 from flows.cli import writable_folder
 from flows.ingest import ingest
 from flows.pipeline_config import PipelineConfig, TrainStep, load_pipeline_config, repo_path
+from flows.registry import move_champion, register_checkpoint, registered_name, sha256_of
 from flows.tracking import default_tracking_uri, end_orphaned_runs, start_run, store_identity, use_experiment
 
 REPO = Path(__file__).resolve().parent.parent
@@ -83,6 +84,7 @@ def train_stage_task(step_name: str, stage: str, config_path: str, overrides: di
     """Train one stage in a nested MLflow run; resume from its last checkpoint if a killed run left one."""
     import mlflow
     from lightning.pytorch.loggers import MLFlowLogger
+    from mlflow import MlflowClient
 
     from data_prep.dataset import file_lock
     from models.config import load_config
@@ -115,27 +117,11 @@ def train_stage_task(step_name: str, stage: str, config_path: str, overrides: di
                                | ({"final_train_loss": loss} if loss is not None else {}))
             mlflow.log_artifact(str(result.checkpoint), artifact_path="checkpoints")
             source = f"{run.info.artifact_uri}/checkpoints/{result.checkpoint.name}"
-            version_number = _register(run.info.run_id, source, model_name, step_name, cache_key, tracking_uri)
+            version_number = register_checkpoint(MlflowClient(tracking_uri), run.info.run_id, source, model_name,
+                                                 step_name, cache_key, sha256_of(result.checkpoint))
         return {"step": step_name, "stage": stage, "checkpoint": str(result.checkpoint), "run_id": run.info.run_id,
                 "global_step": result.global_step, "train_loss": loss, "cache_key": cache_key,
                 "model_version": version_number, "parent_run_id": parent_run_id}
-
-
-def registered_name(step_name: str, prefix: str = "mav") -> str:
-    return f"{prefix}-{step_name.replace('_', '-')}"
-
-
-def _register(run_id: str, source: str, name: str, step_name: str, cache_key: str, tracking_uri: str) -> str:
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    client = MlflowClient(tracking_uri)
-    try:
-        client.create_registered_model(name, description=f"Make-A-Video step {step_name} (a Lightning checkpoint)")
-    except MlflowException:
-        pass  # exists
-    version = client.create_model_version(name, source, run_id=run_id, tags={"mav.cache_key": cache_key})
-    return version.version
 
 
 @task(name="sample", cache_policy=NO_CACHE)
@@ -168,31 +154,6 @@ def _latest_finished_run(tracking_uri: str, experiment: str, config_digest: str,
     runs = client.search_runs([exp.experiment_id], filter_string=" and ".join(conditions),
                               order_by=["attributes.start_time DESC"], max_results=1)
     return runs[0] if runs else None
-
-
-def _move_champion(client, trained: list[dict], metric: str, value: float, alias: str, prefix: str, log) -> list[str]:
-    """Tag each of this run's model versions with the best `metric` of any sampling chain it was
-    part of (a version reused from an earlier run keeps its better score: a worse chain around it
-    says nothing against it), and point `alias` at those whose best beats the champion's."""
-    moved = []
-    for item in trained:
-        name = registered_name(item["step"], prefix)
-        version = item["model_version"]
-        best_here = min(value, float(client.get_model_version(name, version).tags.get(f"mav.{metric}", "inf")))
-        client.set_model_version_tag(name, version, f"mav.{metric}", str(best_here))
-        try:
-            champion = client.get_model_version_by_alias(name, alias)
-            best = float(champion.tags.get(f"mav.{metric}", "inf"))
-        except Exception:
-            champion, best = None, float("inf")
-        if champion is not None and champion.version == version:
-            continue
-        if best_here < best:
-            client.set_registered_model_alias(name, alias, version)
-            moved.append(f"{name} v{version}")
-        else:
-            log.info("%s: %s %.4g does not beat the champion's %.4g; alias stays", name, metric, best_here, best)
-    return moved
 
 
 @flow(name="pipeline", log_prints=True)
@@ -300,7 +261,7 @@ def pipeline(config: str = DEFAULT_CONFIG, dataset: str | None = None, data_root
         fvd_key = next((k for k in ("fvd", "smoke_fvd") if k in metrics), None)
         moved = []
         if fvd_key:
-            moved = _move_champion(MlflowClient(tracking_uri), trained, fvd_key, metrics[fvd_key],
+            moved = move_champion(MlflowClient(tracking_uri), trained, fvd_key, metrics[fvd_key],
                                    cfg.registry.alias, cfg.registry.model_prefix, log)
         run_id = parent.info.run_id
 

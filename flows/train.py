@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 
 from flows.cli import device_name, non_negative_float, positive_int
+from flows.registry import chain_from_registry, checkpoints_from_registry, describe
+from flows.tracking import default_tracking_uri
 
 STAGES = ("prior", "decoder", "interpolation", "sr_low", "sr_high")
 CHAIN_FLAGS = {"prior": "--prior", "decoder": "--decoder", "interpolation": "--interpolation",
@@ -32,8 +34,16 @@ def register(subparsers) -> None:
     sample.add_argument("--out", type=Path, default=Path("video.mp4"),
                         help="the .mp4 (a .gif beside it); for several prompts, the folder of that name")
     sample.add_argument("--checkpoints", type=Path, help="folder with <stage>.ckpt or <stage>/checkpoints/last.ckpt")
+    sample.add_argument("--registry", metavar="ALIAS",
+                        help="instead of --checkpoints: each stage's registered model <prefix>-<stage> at this "
+                             "alias in the MLflow registry, e.g. champion")
+    sample.add_argument("--model-prefix", default="mav", help="with --registry: the pipeline's registry.model_prefix")
+    sample.add_argument("--tracking-uri", help="with --registry or models:/ URIs: the MLflow store "
+                                               "(default $MLFLOW_TRACKING_URI or ./mlflow.db)")
     for stage, flag in CHAIN_FLAGS.items():
-        sample.add_argument(flag, type=Path, dest=f"ckpt_{stage}", help=f"{stage} checkpoint")
+        sample.add_argument(flag, dest=f"ckpt_{stage}", metavar="CKPT",
+                            help=f"{stage} checkpoint: a file, or a registered version (models:/NAME@ALIAS, "
+                                 "models:/NAME/VERSION)")
     sample.add_argument("--steps", type=positive_int)
     sample.add_argument("--guidance", type=non_negative_float)
     sample.add_argument("--seed", type=int, default=0)
@@ -78,6 +88,24 @@ def find_checkpoints(folder: Path | None, explicit: dict[str, Path | None]) -> d
     return found
 
 
+def chain_checkpoints(args) -> dict[str, Path]:
+    """The checkpoint of each stage `mav sample` was given: files, a folder, registered versions."""
+    given = {stage: getattr(args, f"ckpt_{stage}") for stage in STAGES if getattr(args, f"ckpt_{stage}")}
+    uris = {stage: value for stage, value in given.items() if value.startswith("models:/")}
+    checkpoints = find_checkpoints(args.checkpoints, {s: Path(v) for s, v in given.items() if s not in uris})
+    versions = {}
+    tracking_uri = args.tracking_uri or default_tracking_uri()
+    if args.registry:  # a stage named by its own flag keeps it
+        found, versions = chain_from_registry(tracking_uri, args.registry, args.model_prefix, skip=given)
+        checkpoints |= found
+    if uris:
+        found, named = checkpoints_from_registry(tracking_uri, uris)
+        checkpoints, versions = checkpoints | found, versions | named
+    if versions:
+        print(f"from the registry ({tracking_uri}): {describe(versions)}")
+    return checkpoints
+
+
 def unwritable(out: Path, several: bool) -> str | None:
     """Why `mav sample` could not write to `out`, found before any sampling (None: it can)."""
     if several:  # videos go to the folder of out's name without its suffix
@@ -109,11 +137,18 @@ def run_sample(args) -> int:
     if args.checkpoints and not args.checkpoints.is_dir():
         print(f"error: --checkpoints {args.checkpoints}: no such folder", file=sys.stderr)
         return 2
-    checkpoints = find_checkpoints(args.checkpoints, {s: getattr(args, f"ckpt_{s}") for s in STAGES})
+    if args.checkpoints and args.registry:
+        print("error: give --checkpoints DIR or --registry ALIAS, not both", file=sys.stderr)
+        return 2
+    try:
+        checkpoints = chain_checkpoints(args)
+    except ValueError as err:  # RegistryError: no such version, a checkpoint gone or corrupt
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     missing = [CHAIN_FLAGS[s] for s in ("prior", "decoder") if s not in checkpoints]
     if missing:
         where = (f"in {args.checkpoints} (as <stage>.ckpt or <stage>/checkpoints/last.ckpt)" if args.checkpoints
-                 else "(give --checkpoints DIR, e.g. the pipeline's mav-runs/checkpoints)")
+                 else "(give --checkpoints DIR, e.g. the pipeline's mav-runs/checkpoints, or --registry champion)")
         print(f"error: no {' or '.join(s.removeprefix('--') for s in missing)} checkpoint {where}; "
               f"or name it with {', '.join(missing)}", file=sys.stderr)
         return 2

@@ -622,7 +622,7 @@ def test_evaluate_from_checkpoints_logs_the_videos_it_scored(chain, prefect_serv
                  "--sample-steps", "1", "--sample-dir", str(kept), *common]) == 0
     assert sorted(p.name for p in kept.iterdir()) == ["prompts.json", "sample-0000.mp4", "sample-0001.mp4"]
     assert main(["evaluate", "--fake", str(kept), "--sample-dir", str(kept), *common]) == 2
-    assert "--sample-dir is where videos sampled from --checkpoints go" in capsys.readouterr().err
+    assert "--sample-dir is where videos sampled from --checkpoints or --registry go" in capsys.readouterr().err
     assert main(["evaluate", "--checkpoints", str(ckpts), "--prompts", str(tmp_path / "prompts.txt"),
                  "--sample-dir", str(kept), *common]) == 2  # the kept samples are not overwritten
     assert f"--sample-dir {kept}: holds videos already" in capsys.readouterr().err

@@ -7,11 +7,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from mlflow import MlflowClient
 
-from flows.pipeline import pipeline, registered_name, train
+from flows.pipeline import pipeline, train
+from flows.registry import registered_name
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "configs" / "tiny"
@@ -51,7 +53,7 @@ def runs_of(client: MlflowClient, experiment: str, filter_string: str = ""):
 
 
 @pytest.mark.slow
-def test_pipeline_end_to_end_then_cached_rerun(prefect_server, tmp_path, video_dir):
+def test_pipeline_end_to_end_then_cached_rerun(prefect_server, tmp_path, video_dir, capsys):
     config = write_config(tmp_path, video_dir)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     first = pipeline(config=str(config))
@@ -87,6 +89,34 @@ def test_pipeline_end_to_end_then_cached_rerun(prefect_server, tmp_path, video_d
     assert {stage: path.resolve() for stage, path in chain.items()} == {  # the step named as its stage is the last
         stage: Path(first["checkpoints"][stage]).resolve() for stage in ("prior", "decoder", "interpolation",
                                                                          "sr_low", "sr_high")}
+
+    # the registry gives the chain back: `mav sample --registry champion` samples what the links do,
+    # from the checkpoint files whose sha256 each version recorded
+    import hashlib
+
+    from flows.cli import main
+    from models.video_io import read_frames
+
+    for stage, path in chain.items():
+        version = client.get_model_version_by_alias(registered_name(stage), "champion")
+        assert version.tags["mav.sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    common = ["--prompt", "a bunny in a meadow", "--steps", "1", "--seed", "3"]
+    assert main(["sample", "--registry", "champion", "--tracking-uri", uri, *common,
+                 "--out", str(tmp_path / "registry.mp4")]) == 0
+    assert main(["sample", "--checkpoints", str(tmp_path / "work" / "checkpoints"), *common,
+                 "--out", str(tmp_path / "links.mp4")]) == 0
+    assert np.array_equal(read_frames(tmp_path / "registry.mp4")[0], read_frames(tmp_path / "links.mp4")[0])
+    said = capsys.readouterr().out
+    assert f"from the registry ({uri}): prior=mav-prior/1, decoder=mav-decoder/1, interpolation=mav-interpolation/1, " \
+           "sr_low=mav-sr-low/1, sr_high=mav-sr-high/1" in said
+    (tmp_path / "prompt.txt").write_text("a bunny in a meadow\n")
+    assert main(["evaluate", "--registry", "champion", "--tracking-uri", uri, "--prompts", str(tmp_path / "prompt.txt"),
+                 "--metrics", "clipsim", "--clip", "tiny", "--sample-steps", "1", "--bootstrap", "0"]) == 0
+    evaluated = capsys.readouterr().err.split("mlflow run: ")[1].split()[0]
+    params = client.get_run(evaluated).data.params
+    assert params["registry_alias"] == "champion" and params["fake_kind"] == "sampled"
+    assert params["model_versions"] == "prior=mav-prior/1, decoder=mav-decoder/1, interpolation=mav-interpolation/1, " \
+                                       "sr_low=mav-sr-low/1, sr_high=mav-sr-high/1"
 
     # an event for the version just trained: nothing new since, so nothing to do
     again = pipeline(config=str(config), version=first["version"], new_clips=1)
@@ -280,7 +310,7 @@ def test_champion_follows_each_versions_best_chain_under_the_configured_prefix(t
     """A version reused by a later, worse chain keeps its score: a worse new version cannot beat it."""
     import logging
 
-    from flows.pipeline import _move_champion, _register
+    from flows.registry import move_champion, register_checkpoint
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
@@ -290,11 +320,11 @@ def test_champion_follows_each_versions_best_chain_under_the_configured_prefix(t
         run = client.create_run(experiment)
         client.set_terminated(run.info.run_id)
         name = registered_name(step, "team")
-        return {"step": step, "model_version": _register(run.info.run_id, f"{run.info.artifact_uri}/x.ckpt", name,
-                                                         step, "key", uri)}
+        source = f"{run.info.artifact_uri}/x.ckpt"
+        return {"step": step, "model_version": register_checkpoint(client, run.info.run_id, source, name, step, "key")}
 
     def move(items, fvd):
-        return _move_champion(client, items, "fvd", fvd, "champion", "team", logging.getLogger("test"))
+        return move_champion(client, items, "fvd", fvd, "champion", "team", logging.getLogger("test"))
 
     prior_1, sr_1 = new_version("prior"), new_version("sr_high")
     assert move([prior_1, sr_1], 100.0) == ["team-prior v1", "team-sr-high v1"]

@@ -1,0 +1,157 @@
+"""The MLflow model registry: each pipeline step's checkpoint is a version of `<prefix>-<step>`,
+the alias `champion` follows the best FVD, and `mav sample` / `mav evaluate --registry ALIAS`
+take the sampling chain back out of it.
+
+A registered version's source is its training run's checkpoint artifact. A local store's
+file is used where it lies; a remote store's (an `mlflow server`) is downloaded once into
+$MAV_CACHE/registry (default ~/.cache/mav), checked against the sha256 recorded at registration.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+import urllib.parse
+from pathlib import Path
+
+CHAIN = ("prior", "decoder", "interpolation", "sr_low", "sr_high")
+
+
+class RegistryError(ValueError):
+    pass
+
+
+def registered_name(step_name: str, prefix: str = "mav") -> str:
+    return f"{prefix}-{step_name.replace('_', '-')}"
+
+
+def sha256_of(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def register_checkpoint(client, run_id: str, source: str, name: str, step_name: str, cache_key: str,
+                        sha256: str | None = None) -> str:
+    """A new version of `name` whose source is `source` (a run artifact); returns its number."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(name, description=f"Make-A-Video step {step_name} (a Lightning checkpoint)")
+    except MlflowException:
+        pass  # exists
+    tags = {"mav.cache_key": cache_key} | ({"mav.sha256": sha256} if sha256 else {})
+    return client.create_model_version(name, source, run_id=run_id, tags=tags).version
+
+
+def move_champion(client, trained: list[dict], metric: str, value: float, alias: str, prefix: str, log) -> list[str]:
+    """Tag each of this run's model versions with the best `metric` of any sampling chain it was
+    part of (a version reused from an earlier run keeps its better score: a worse chain around it
+    says nothing against it), and point `alias` at those whose best beats the champion's."""
+    moved = []
+    for item in trained:
+        name = registered_name(item["step"], prefix)
+        version = item["model_version"]
+        best_here = min(value, float(client.get_model_version(name, version).tags.get(f"mav.{metric}", "inf")))
+        client.set_model_version_tag(name, version, f"mav.{metric}", str(best_here))
+        try:
+            champion = client.get_model_version_by_alias(name, alias)
+            best = float(champion.tags.get(f"mav.{metric}", "inf"))
+        except Exception:
+            champion, best = None, float("inf")
+        if champion is not None and champion.version == version:
+            continue
+        if best_here < best:
+            client.set_registered_model_alias(name, alias, version)
+            moved.append(f"{name} v{version}")
+        else:
+            log.info("%s: %s %.4g does not beat the champion's %.4g; alias stays", name, metric, best_here, best)
+    return moved
+
+
+MODEL_URI = re.compile(r"models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))")
+
+
+def model_version(client, uri: str):
+    """The version a model URI names (`models:/NAME@ALIAS`, `models:/NAME/VERSION`), None if there is none."""
+    from mlflow.exceptions import MlflowException
+
+    match = MODEL_URI.fullmatch(uri)
+    if not match:
+        raise RegistryError(f"{uri}: not a model URI (models:/NAME@ALIAS or models:/NAME/VERSION)")
+    name, alias, number = match.group("name", "alias", "version")
+    try:
+        if alias:  # (an unknown alias is INVALID_PARAMETER_VALUE to get_model_version_by_alias, like a bad name)
+            number = client.get_registered_model(name).aliases.get(alias)
+            if number is None:
+                return None
+        return client.get_model_version(name, str(number))
+    except MlflowException as err:
+        if err.error_code == "RESOURCE_DOES_NOT_EXIST":  # no such model or version
+            return None
+        raise RegistryError(f"{uri}: {err.message}") from None
+
+
+def checkpoints_from_registry(tracking_uri: str, uris: dict[str, str],
+                              optional=()) -> tuple[dict[str, Path], dict[str, str]]:
+    """The checkpoint each `{stage: model URI}` names, and `{stage: "<name>/<version>"}`. A URI that
+    names no version is an error, except for the `optional` stages, which are left out."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    checkpoints, versions = {}, {}
+    for stage, uri in uris.items():
+        version = model_version(client, uri)
+        if version is None and stage in optional:
+            continue
+        if version is None:
+            raise RegistryError(f"registry {tracking_uri}: {uri} names no model version (a pipeline run registers "
+                                "<prefix>-<step> for each step, and moves 'champion' once it has an FVD)")
+        checkpoints[stage] = fetch_version(version, tracking_uri)
+        versions[stage] = f"{version.name}/{version.version}"
+    return checkpoints, versions
+
+
+def chain_from_registry(tracking_uri: str, alias: str, prefix: str = "mav",
+                        skip=()) -> tuple[dict[str, Path], dict[str, str]]:
+    """Each chain stage's model `<prefix>-<stage>` at `alias` (the pipelines name each stage's last
+    step after the stage), but the stages in `skip`; only the prior and the decoder must have one."""
+    uris = {stage: f"models:/{registered_name(stage, prefix)}@{alias}" for stage in CHAIN if stage not in skip}
+    return checkpoints_from_registry(tracking_uri, uris, optional=[s for s in uris if s not in ("prior", "decoder")])
+
+
+def fetch_version(version, tracking_uri: str) -> Path:
+    """A local path of the version's checkpoint: the store's own file, or a verified cached download."""
+    import mlflow
+
+    label = f"{version.name} v{version.version}"
+    source = urllib.parse.urlparse(version.source)
+    if source.scheme in ("", "file"):
+        path = Path(urllib.parse.unquote(source.path))
+        if not path.is_file():
+            raise RegistryError(f"{label}: its checkpoint {version.source} is gone")
+        return path
+    # versions do not change: downloaded once, keyed by the store and the version's source
+    key = hashlib.sha256(f"{tracking_uri}|{version.source}".encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("MAV_CACHE", Path.home() / ".cache" / "mav")) / "registry"
+    target = cache / version.name / key / Path(source.path).name
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".tmp-") as tmp:  # whole and verified, or not at all
+        try:
+            got = Path(mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=tmp,
+                                                           tracking_uri=tracking_uri))
+        except Exception as err:  # MLflow raises its own and the HTTP client's errors
+            raise RegistryError(f"{label}: downloading {version.source} failed ({err})") from None
+        expected = version.tags.get("mav.sha256")
+        if expected and sha256_of(got) != expected:
+            raise RegistryError(f"{label}: the downloaded checkpoint's sha256 is not the {expected} recorded "
+                                "at registration (corrupt or replaced)")
+        os.replace(got, target)
+    return target
+
+
+def describe(versions: dict[str, str]) -> str:
+    return ", ".join(f"{stage}={ref}" for stage, ref in versions.items())
+
