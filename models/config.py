@@ -71,6 +71,9 @@ class DataConfig(Strict):
     # (b > a: low fps, the motion that sampling at sampling.fps asks for); None keeps fps_beta
     fps_beta_end: tuple[float, float] | None = None
     clip_frame: Literal["first", "middle", "mean"] = "middle"  # which frame(s) give the CLIP image embedding
+    # decoder / interpolation: that frame is cut from the clip at CLIP's input size, not upsampled from
+    # the data.size target: sampling conditions on the prior's embeddings, which are of full-size images
+    clip_size: int = Field(224, gt=0)
     max_skip: int = Field(5, gt=0)  # interpolation: frame skips 1..max_skip
     mask_modes: list[Literal["interpolate", "extrapolate", "animate"]] = Field(
         ["interpolate", "extrapolate", "animate"], min_length=1)

@@ -64,18 +64,30 @@ def window_indices(num_frames: int, frames: int, stride: int, rng: random.Random
     return list(range(start, start + span, stride))
 
 
+def square_crop(video: np.ndarray, rng: random.Random | None) -> np.ndarray:
+    """The largest square of uint8 [T,H,W,3] frames, at a random place along the long side (rng=None: centred)."""
+    h, w = video.shape[1:3]
+    side = min(h, w)
+    top = rng.randint(0, h - side) if rng else (h - side) // 2
+    left = rng.randint(0, w - side) if rng else (w - side) // 2
+    return video[:, top : top + side, left : left + side]
+
+
+def resize(video: np.ndarray, size: int) -> torch.Tensor:
+    """uint8 [T,S,S,3] -> float [3,T,size,size] in [-1,1]."""
+    x = rearrange(torch.from_numpy(np.ascontiguousarray(video)), "t h w c -> t c h w").float() / 127.5 - 1
+    if x.shape[-1] != size:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False).clamp(-1, 1)
+    return rearrange(x, "t c h w -> c t h w")
+
+
 def resize_crop(video: np.ndarray, size: int, rng: random.Random | None) -> torch.Tensor:
     """uint8 [T,H,W,3] -> float [3,T,size,size] in [-1,1]; rng=None: centre crop."""
-    x = rearrange(torch.from_numpy(video), "t h w c -> t c h w").float() / 127.5 - 1
-    h, w = x.shape[-2:]
-    scale = size / min(h, w)
-    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-    if (nh, nw) != (h, w):
-        x = F.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
-    top = rng.randint(0, nh - size) if rng else (nh - size) // 2
-    left = rng.randint(0, nw - size) if rng else (nw - size) // 2
-    x = x[..., top : top + size, left : left + size].clamp(-1, 1)
-    return rearrange(x, "t c h w -> c t h w")
+    return resize(square_crop(video, rng), size)
+
+
+def as_uint8(x: torch.Tensor) -> torch.Tensor:
+    return ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
 class ClipSampler:
@@ -85,6 +97,7 @@ class ClipSampler:
         self.cfg = config.data
         self.frames = config.data.frames if config.video else 1
         self.captions = config.stage == "prior"
+        self.clip_image = config.stage in ("decoder", "interpolation")  # the stages conditioned on a frame's CLIP
 
     def __call__(self, src, row: dict, rng: random.Random, progress: float = 0.0) -> dict:
         n, fps = int(row["num_frames"]), float(row["fps"])
@@ -94,11 +107,20 @@ class ClipSampler:
             stride = draw_stride(fps, n, self.frames, self.cfg.fps_range, fps_beta_at(self.cfg, progress), rng)
             idx = window_indices(n, self.frames, stride, rng)
         video, _ = read_frames(src, idx)
-        x = resize_crop(video, self.cfg.size, rng if self.cfg.random_crop else None)
+        square = square_crop(video, rng if self.cfg.random_crop else None)
+        x = resize(square, self.cfg.size)
         sample = {"fps": torch.tensor(fps / stride, dtype=torch.float32), "caption": row.get("caption") or "",
                   "clip_id": row["clip_id"]}
         sample["video" if self.frames > 1 else "image"] = x if self.frames > 1 else x[:, 0]
+        if self.clip_image:  # [3,K,clip_size,clip_size] uint8, the same square as the target's
+            sample["clip_image"] = as_uint8(resize(square[clip_frames(self.cfg.clip_frame, len(idx))],
+                                                   self.cfg.clip_size))
         return sample
+
+
+def clip_frames(which: str, frames: int) -> slice:
+    """The frames of a window whose CLIP embedding conditions the decoder (their mean for "mean")."""
+    return {"first": slice(0, 1), "middle": slice(frames // 2, frames // 2 + 1), "mean": slice(0, frames)}[which]
 
 
 def stream_seed(*parts) -> int:

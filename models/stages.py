@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from models.config import StageConfig, as_config, parse_config
-from models.data import stream_seed
+from models.data import clip_frames, stream_seed
 from models.diffusion import Diffusion, guided
 from models.inflate import misfits, widen_input
 from models.prior import DiffusionPrior
@@ -228,19 +228,20 @@ class DecoderStage(DiffusionStage):
                     temporal=self.config.video, **self.config.unet.model_dump())
 
     def image_embedding(self, x: torch.Tensor) -> torch.Tensor:
-        """CLIP image embedding of an image [B,3,H,W] or of a clip's chosen frame(s) [B,3,T,H,W]."""
+        """CLIP image embedding of images [B,3,H,W], or the mean over frames [B,3,K,H,W]; pixels in [-1, 1]."""
         x = (x.float() + 1) / 2
         if x.ndim == 4:
             return self.clip.encode_images(x)
-        which = self.config.data.clip_frame
-        if which == "mean":
-            emb = self.clip.encode_images(rearrange(x, "b c t h w -> (b t) c h w"))
-            return F.normalize(rearrange(emb, "(b t) d -> b t d", b=x.shape[0]).mean(1), dim=-1)
-        return self.clip.encode_images(x[:, :, 0 if which == "first" else x.shape[2] // 2])
+        emb = self.clip.encode_images(rearrange(x, "b c t h w -> (b t) c h w"))
+        return F.normalize(rearrange(emb, "(b t) d -> b t d", b=x.shape[0]).mean(1), dim=-1)
 
     def conditioning(self, batch):
         x0 = batch["video"] if self.config.video else batch["image"]
-        cond = {"image_emb": drop(self.image_embedding(x0), self.config.cond_dropout)}
+        if "clip_image" in batch:  # the data's frame(s) at CLIP's input size
+            pixels = batch["clip_image"].float() / 127.5 - 1
+        else:  # the target's own frame(s), upsampled by CLIP's preprocessing
+            pixels = x0[:, :, clip_frames(self.config.data.clip_frame, x0.shape[2])] if x0.ndim == 5 else x0
+        cond = {"image_emb": drop(self.image_embedding(pixels), self.config.cond_dropout)}
         if self.config.video:
             cond["fps"] = batch["fps"].float()
         return x0, cond

@@ -86,6 +86,47 @@ def test_a_sample_holds_the_clips_frames_at_the_stride_its_fps_says(tmp_path):
     assert len(strides) > 1  # the stride is drawn
 
 
+def test_the_decoder_is_conditioned_on_its_frame_cut_at_clips_size(tmp_path):
+    """The CLIP embedding that conditions the decoder is of the window's middle frame cut from the
+    clip at data.clip_size over the target's own square (sampling gives it the prior's embeddings,
+    which are of full-size images), not of the data.size target upsampled."""
+    import random
+
+    import numpy as np
+
+    from models.data import ClipSampler
+    from models.video_io import write_mp4
+
+    levels = np.arange(0, 240, 8, dtype=np.uint8)  # frame i at level 8 i
+    ramp = write_mp4(np.broadcast_to(levels[:, None, None, None], (30, 32, 32, 3)), tmp_path / "ramp.mp4",
+                     fps=30, crf=0)
+    config = tiny("decoder", **{"data.size": 8, "data.frames": 5, "data.clip_size": 24, "cond_dropout": 0.0})
+    sampler = ClipSampler(config)
+    for seed in range(4):
+        sample = sampler(ramp, {"num_frames": 30, "fps": 30.0, "clip_id": "ramp"}, random.Random(seed))
+        frames = ((sample["video"].mean(dim=(0, 2, 3)) + 1) * 127.5 / 8).round().long().tolist()
+        assert sample["clip_image"].shape == (3, 1, 24, 24) and sample["clip_image"].dtype == torch.uint8
+        assert round(sample["clip_image"].float().mean().item() / 8) == frames[2]  # the middle frame
+
+    # over the target's square: a horizontal gradient, cropped at random places along the long side
+    gradient = np.broadcast_to(np.linspace(0, 240, 64).astype(np.uint8)[None, None, :, None], (6, 32, 64, 3))
+    wide = write_mp4(gradient, tmp_path / "wide.mp4", fps=30, crf=0)
+    means = []
+    for seed in range(6):
+        sample = sampler(wide, {"num_frames": 6, "fps": 30.0, "clip_id": "wide"}, random.Random(seed))
+        target = (sample["video"][:, 2].mean().item() + 1) * 127.5
+        assert sample["clip_image"].float().mean().item() == pytest.approx(target, abs=2)
+        means.append(target)
+    assert max(means) - min(means) > 20  # the squares differ
+
+    stage = build_stage(config)
+    batch = {"video": sample["video"][None], "clip_image": sample["clip_image"][None], "fps": sample["fps"][None]}
+    _, cond = stage.conditioning(batch)
+    pixels = sample["clip_image"][None].float() / 127.5 - 1
+    assert torch.allclose(cond["image_emb"], stage.image_embedding(pixels))
+    assert not torch.allclose(cond["image_emb"], stage.image_embedding(sample["video"][None, :, 2:3]), atol=1e-3)
+
+
 def test_readers_split_one_shard_without_overlap(data_root):
     """Two DataLoader workers (readers, like two DDP ranks) over a one-shard dataset: each reads its
     own half, in shard order, so one pass over both covers every clip exactly once."""
