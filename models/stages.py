@@ -26,6 +26,7 @@ from models.config import StageConfig, as_config, parse_config
 from models.data import clip_frames, stream_seed
 from models.diffusion import Diffusion, guided
 from models.inflate import misfits, widen_input
+from models.layers import TemporalConv
 from models.prior import DiffusionPrior
 from models.unet import UNet
 
@@ -79,9 +80,11 @@ class DiffusionStage(L.LightningModule):
             for name, p in self.net.named_parameters():
                 p.requires_grad_(self.trained_when_spatial_frozen(name))
         # which parameters weight decay applies to, decided now: under FSDP the optimizer sees flat
-        # 1-D shards, where no weight matrix can be told from a bias any more
+        # 1-D shards, where no weight matrix can be told from a bias any more. Not the temporal
+        # convolutions' kernels: they start as the identity, and decay would pull them to zero
+        identity = {f"{name}.weight" for name, m in self.named_modules() if isinstance(m, TemporalConv)}
         self._decayed = {name for name, p in self.named_parameters()
-                         if p.ndim >= 2 and not name.endswith(("pos", "query"))}
+                         if p.ndim >= 2 and not name.endswith(("pos", "query")) and name not in identity}
         self.last_loss = torch.tensor(float("nan"))
 
     def trained_when_spatial_frozen(self, name: str) -> bool:

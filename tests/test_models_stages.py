@@ -222,6 +222,14 @@ def test_weight_decay_spares_biases_norms_and_learned_positions():
     assert {"net.pos", "net.query"} <= kept_names and any(n.endswith(".bias") for n in kept_names)
     assert len(decayed["params"]) + len(kept["params"]) == sum(p.requires_grad for p in prior.parameters())
     (single,) = build_stage(tiny("prior")).configure_optimizers()["optimizer"].param_groups  # no decay: one group
+    # the video decoder's trained layers: the temporal convolutions start as the identity, which decay
+    # would shrink towards zero; the temporal attention's projections decay as any weight matrix
+    decoder = build_stage(tiny("decoder", **{"trainer.weight_decay": 0.1}))
+    decayed, kept = decoder.configure_optimizers()["optimizer"].param_groups
+    names = {id(p): n for n, p in decoder.named_parameters()}
+    decayed_names, kept_names = ({names[id(p)] for p in group["params"]} for group in (decayed, kept))
+    assert "net.conv_in.temporal.weight" in kept_names and all("temporal.weight" not in n for n in decayed_names)
+    assert any(n.endswith(".temporal.attn.to_q.weight") for n in decayed_names)
 
 
 def test_fsdp_reduces_gradients_in_float32_under_bf16():
