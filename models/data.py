@@ -64,6 +64,9 @@ def window_indices(num_frames: int, frames: int, stride: int, rng: random.Random
     return list(range(start, start + span, stride))
 
 
+CLIP_CONDITIONED = ("decoder", "interpolation")  # stages conditioned on the CLIP embedding of a frame
+
+
 def square_crop(video: np.ndarray, rng: random.Random | None) -> np.ndarray:
     """The largest square of uint8 [T,H,W,3] frames, at a random place along the long side (rng=None: centred)."""
     h, w = video.shape[1:3]
@@ -81,11 +84,6 @@ def resize(video: np.ndarray, size: int) -> torch.Tensor:
     return rearrange(x, "t c h w -> c t h w")
 
 
-def resize_crop(video: np.ndarray, size: int, rng: random.Random | None) -> torch.Tensor:
-    """uint8 [T,H,W,3] -> float [3,T,size,size] in [-1,1]; rng=None: centre crop."""
-    return resize(square_crop(video, rng), size)
-
-
 def as_uint8(x: torch.Tensor) -> torch.Tensor:
     return ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
@@ -97,7 +95,7 @@ class ClipSampler:
         self.cfg = config.data
         self.frames = config.data.frames if config.video else 1
         self.captions = config.stage == "prior"
-        self.clip_image = config.stage in ("decoder", "interpolation")  # the stages conditioned on a frame's CLIP
+        self.clip_image = config.stage in CLIP_CONDITIONED
 
     def __call__(self, src, row: dict, rng: random.Random, progress: float = 0.0) -> dict:
         n, fps = int(row["num_frames"]), float(row["fps"])
@@ -302,33 +300,43 @@ class ClipShards(ShardStream):
         return self.sampler(sample["mp4"], self.rows[sample["__key__"]], rng, progress)
 
 
-def image_sample(image, caption: str, size: int, rng: random.Random | None) -> dict:
-    """An image (path or file object) and its caption as a prior sample; rng=None: centre crop."""
-    from PIL import Image
+class ImageSampler:
+    """Turns one image (path or file object) and its caption into a training sample."""
 
-    pixels = np.asarray(Image.open(image).convert("RGB"))[None]
-    return {"image": resize_crop(pixels, size, rng)[:, 0], "caption": caption, "fps": torch.tensor(0.0)}
+    def __init__(self, config: StageConfig):
+        self.size, self.random_crop = config.data.size, config.data.random_crop
+        self.clip_size = config.data.clip_size if config.stage in CLIP_CONDITIONED else None
+
+    def __call__(self, image, caption: str, rng: random.Random) -> dict:
+        from PIL import Image
+
+        pixels = np.asarray(Image.open(image).convert("RGB"))[None]
+        square = square_crop(pixels, rng if self.random_crop else None)
+        sample = {"image": resize(square, self.size)[:, 0], "caption": caption, "fps": torch.tensor(0.0)}
+        if self.clip_size:  # as ClipSampler's
+            sample["clip_image"] = as_uint8(resize(square, self.clip_size))
+        return sample
 
 
 class ImageText(RowStream):
-    """Folder of images with same-named .txt captions (the prior's image-text pairs)."""
+    """Folder of images with same-named .txt captions (image-text pairs)."""
 
-    def __init__(self, pairs: list[tuple[Path, str]], size: int, random_crop: bool = True):
+    def __init__(self, pairs: list[tuple[Path, str]], sampler: ImageSampler):
         super().__init__(pairs)
-        self.size, self.random_crop = size, random_crop
+        self.sampler = sampler
 
     def load(self, pair: tuple[Path, str], rng: random.Random, progress: float) -> dict:
-        return image_sample(pair[0], pair[1], self.size, rng if self.random_crop else None)
+        return self.sampler(pair[0], pair[1], rng)
 
 
 class ImageTextShards(ShardStream):
-    """WebDataset shards of <key>.jpg (or .png, .webp) + <key>.txt (the prior's image-text pairs)."""
+    """WebDataset shards of <key>.jpg (or .png, .webp) + <key>.txt (image-text pairs)."""
 
     what = "captioned images (<key>.jpg + <key>.txt)"
     image_exts = tuple(ext.lstrip(".") for ext in IMAGE_EXTS)
 
-    def __init__(self, shards: list[str], size: int, random_crop: bool, buffer: int):
-        self.size, self.random_crop = size, random_crop
+    def __init__(self, shards: list[str], sampler: ImageSampler, buffer: int):
+        self.sampler = sampler
         counts = [sum("txt" in exts and any(e in exts for e in self.image_exts) for exts in shard_keys(s).values())
                   for s in shards]
         super().__init__(shards, counts, buffer)
@@ -340,8 +348,7 @@ class ImageTextShards(ShardStream):
         import io
 
         image = next(sample[e] for e in self.image_exts if e in sample)
-        return image_sample(io.BytesIO(image), sample["txt"].decode().strip(), self.size,
-                            rng if self.random_crop else None)
+        return self.sampler(io.BytesIO(image), sample["txt"].decode().strip(), rng)
 
 
 def balanced_groups(counts: list[int], parts: int, tolerance: float = 0.1) -> list[list[int]] | None:
@@ -441,11 +448,10 @@ class StageDataModule(L.LightningDataModule):
         if shards:
             if any(shard.suffix != ".tar" for shard in shards):
                 raise DataError(f"data.image_path: {path} is neither a folder nor a .tar shard")
-            return ImageTextShards([str(shard) for shard in shards], data.size, data.random_crop,
-                                   data.shuffle_buffer)
+            return ImageTextShards([str(shard) for shard in shards], ImageSampler(self.config), data.shuffle_buffer)
         if not pairs:
             raise DataError(f"data.image_path: no captioned images (<name>.jpg + <name>.txt) in {path}")
-        return ImageText(pairs, data.size, data.random_crop)
+        return ImageText(pairs, ImageSampler(self.config))
 
     def _drop(self, manifest: pd.DataFrame, unfit: pd.Series, what: str, hint: str) -> pd.DataFrame:
         """Skip the clips that are `what` (with a warning); all of them is an error ending in `hint`."""

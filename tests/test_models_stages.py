@@ -328,6 +328,22 @@ def test_the_prior_reads_image_text_folders_and_webdataset_shards(tmp_path):
     order = [sorted(range(5), key=lambda i: b["caption"][i]) for b in still]
     assert torch.equal(still[0]["image"][order[0]], still[1]["image"][order[1]])
 
+    # the image decoder (the paper trains its spatial layers on image-text pairs) also gets each image's
+    # square at CLIP's input size: here 32, the images' height, so the square itself
+    import numpy as np
+    from PIL import Image
+
+    from models.data import resize
+
+    cfg = tiny("decoder", mode="image", **{"data.source": "images", "data.image_path": str(tmp_path / "loose"),
+                                           "data.batch_size": 5, "data.size": 16, "data.clip_size": 32})
+    batch = next(iter(StageDataModule(cfg).check().train_dataloader()))
+    originals = [np.asarray(Image.open(p)) for p in sorted((tmp_path / "loose").glob("*.png"))]
+    for square, image in zip(batch["clip_image"][:, :, 0], batch["image"]):
+        hwc = square.permute(1, 2, 0).numpy()
+        assert any((hwc == o[:, left:left + 32]).all() for o in originals for left in range(17))
+        assert torch.allclose(resize(hwc[None], 16)[:, 0], image)
+
     cfg = tiny("prior", **{"data.source": "images", "data.image_path": str(tmp_path / "shards"), "data.size": 16,
                            "data.batch_size": 2})
     result = train_stage("prior", cfg, out_dir=tmp_path / "prior", max_steps=2)  # trains from the shard
