@@ -19,7 +19,7 @@ from eval.fvd import FrechetVideoDistance
 from eval.i3d import MIN_FRAMES
 from eval.inception_score import VideoInceptionScore
 from eval.sheets import GRID_TILE, fit_square
-from eval.video_io import VideoTooShort, count_frames, read_video
+from eval.video_io import VideoTooShort, count_frames, read_video, read_whole_video
 
 
 @dataclass(frozen=True)
@@ -36,8 +36,11 @@ class ClipSpec:
         return (self.length - 1) * self.stride + 1
 
 
-def read_clip(path: str | Path, spec: ClipSpec, index: int = 0) -> np.ndarray:
-    """One clip of a video as uint8 [T,H,W,3]; a clear error when the video is too short."""
+def read_clip(path: str | Path, spec: ClipSpec | None, index: int = 0) -> np.ndarray:
+    """One clip of a video (spec None: all of it) as uint8 [T,H,W,3]; a clear error when the
+    video is too short."""
+    if spec is None:
+        return read_whole_video(path)
     offset = 0
     if spec.random_offset:
         total = count_frames(path)
@@ -97,7 +100,8 @@ def score_files(fake: Sequence[str | Path], fake_spec: ClipSpec, *, fvd: Frechet
                 prompts: Sequence[str] | None = None, inception: VideoInceptionScore | None = None,
                 batch_size: int = 16, keep_clips: list | None = None, max_keep: int = 16) -> None:
     """Feed the metrics given (read their result() afterwards): the real videos are decoded once,
-    for FVD, and the fake ones once for all of them, batch by batch (decoding a large sample set,
+    for FVD, and the fake ones once for all of them (CLIPSIM gets every frame, FVD and IS the
+    clip `fake_spec` takes from the start), batch by batch (decoding a large sample set,
     not the networks, is the slow part on a GPU). The first `max_keep` fake clips are appended to
     `keep_clips` (for pictures) when a list is given. Every input is checked before any decoding."""
     if fvd is not None:
@@ -111,19 +115,26 @@ def score_files(fake: Sequence[str | Path], fake_spec: ClipSpec, *, fvd: Frechet
                 raise ValueError(f"FVD needs at least 2 {kind} videos, got {len(paths)}")
     if clipsim is not None and (prompts is None or len(prompts) != len(fake)):
         raise ValueError(f"CLIPSIM: {len(fake)} videos but {0 if prompts is None else len(prompts)} prompts")
+    if clipsim is not None and fake_spec.random_offset:  # fake clips come from whole videos, at offset 0
+        raise ValueError("CLIPSIM scores whole fake videos; their FVD clips start at offset 0")
     if inception is not None and fake_spec.length != 16:
         raise ValueError(f"inception score: C3D takes 16-frame clips, got a clip length of {fake_spec.length}")
     if fvd is not None:
         for names, batch in batches_by_shape(iter_clips(real, real_spec), batch_size):
             fvd.update(batch, real=True, names=names)
     done = 0
-    for names, batch in batches_by_shape(iter_clips(fake, fake_spec), batch_size):
+    whole = clipsim is not None  # CLIPSIM scores every frame of a fake video, FVD and IS a clip of it
+    for names, batch in batches_by_shape(iter_clips(fake, None if whole else fake_spec), batch_size):
+        clip = batch[:, : fake_spec.span : fake_spec.stride].contiguous() if whole else batch  # (offset 0)
+        if clip.shape[1] < fake_spec.length and (fvd is not None or inception is not None):
+            raise VideoTooShort(f"{names[0]}: {batch.shape[1]} frames, shorter than one clip ({fake_spec.length} "
+                                f"frames, stride {fake_spec.stride})")
         if fvd is not None:
-            fvd.update(batch, real=False, names=names)
+            fvd.update(clip, real=False, names=names)
         if clipsim is not None:
             clipsim.update(batch, prompts[done: done + len(names)], names=names)
         if inception is not None:
-            inception.update(batch)
+            inception.update(clip)
         if keep_clips is not None and len(keep_clips) < max_keep:  # at the pictures' size, not the videos'
-            keep_clips.extend(fit_square(c, GRID_TILE) for c in batch.unbind(0)[: max_keep - len(keep_clips)])
+            keep_clips.extend(fit_square(c, GRID_TILE) for c in clip.unbind(0)[: max_keep - len(keep_clips)])
         done += len(names)

@@ -145,6 +145,11 @@ class Protocol:
             raise ValueError(f"{source}: {len(bad)} prompts are not {kind}, e.g. {bad[0]!r}")
 
 
+def protocol_metrics(name: str, video_root=None) -> tuple[str, ...]:
+    """What a protocol scores: UCF-101 FVD and IS; MSR-VTT CLIPSIM, and FVD given its videos."""
+    return ("fvd", "is") if name == "ucf101" else ("clipsim", "fvd") if video_root else ("clipsim",)
+
+
 def ucf101_protocol(root, split_file=None, num_videos: int | None = None, seed: int = 0) -> Protocol:
     """Class-template prompts with the split's class frequencies; FVD and IS as UCF101Settings."""
     ds, settings = UCF101(root, split_file=split_file), UCF101Settings()
@@ -152,7 +157,7 @@ def ucf101_protocol(root, split_file=None, num_videos: int | None = None, seed: 
     if missing:
         raise FileNotFoundError(f"{ds.split_file}: {len(missing)} listed videos are missing, e.g. {missing[0]}")
     n = num_videos or settings.fvd_num_videos
-    return Protocol("ucf101", ("fvd", "is"), ds.class_prompts(n, seed), frozenset(ds.prompts()), ds.videos,
+    return Protocol("ucf101", protocol_metrics("ucf101"), ds.class_prompts(n, seed), frozenset(ds.prompts()), ds.videos,
                     str(ds.split_file), n, {"split_file": str(ds.split_file), "num_classes": len(set(ds.labels))})
 
 
@@ -166,19 +171,24 @@ def msrvtt_protocol(captions, video_root=None, num_videos: int | None = None, se
     else:
         pairs_used = pairs
     real = msrvtt_videos(video_root, {vid for vid, _ in pairs}) if video_root else []
-    return Protocol("msrvtt", ("clipsim", "fvd") if real else ("clipsim",), [cap for _, cap in pairs_used],
+    return Protocol("msrvtt", protocol_metrics("msrvtt", real), [cap for _, cap in pairs_used],
                     frozenset(cap for _, cap in pairs), real, str(video_root) if real else None, num_videos,
                     {"captions_file": str(captions), "num_captions": len(pairs)})
 
 
+def check_protocol_inputs(name: str, root=None, captions=None) -> None:
+    """The inputs a protocol cannot start without (checked again by load_protocol)."""
+    if name not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {name!r}; choose from {', '.join(PROTOCOLS)}")
+    if name == "ucf101" and not root:
+        raise ValueError("the ucf101 protocol needs its root (--protocol-root: UCF-101/ and ucfTrainTestlist/)")
+    if name == "msrvtt" and not captions:
+        raise ValueError("the msrvtt protocol needs its captions (--captions test_videodatainfo.json)")
+
+
 def load_protocol(name: str, *, root=None, split_file=None, captions=None, video_root=None,
                   num_videos: int | None = None, seed: int = 0) -> Protocol:
+    check_protocol_inputs(name, root, captions)
     if name == "ucf101":
-        if not root:
-            raise ValueError("the ucf101 protocol needs its root (--protocol-root: UCF-101/ and ucfTrainTestlist/)")
         return ucf101_protocol(root, split_file, num_videos, seed)
-    if name == "msrvtt":
-        if not captions:
-            raise ValueError("the msrvtt protocol needs its captions (--captions test_videodatainfo.json)")
-        return msrvtt_protocol(captions, video_root, num_videos, seed)
-    raise ValueError(f"unknown protocol {name!r}; choose from {', '.join(PROTOCOLS)}")
+    return msrvtt_protocol(captions, video_root, num_videos, seed)

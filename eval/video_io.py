@@ -37,6 +37,19 @@ def read_video(path: str | Path, num_frames: int, stride: int = 1, offset: int =
     return frames
 
 
+def read_whole_video(path: str | Path) -> np.ndarray:
+    """Every frame as RGB uint8 [T,H,W,3], upright; ValueError naming the file if it has none or cannot be read."""
+    from models.video_io import read_frames
+
+    try:
+        frames, _ = read_frames(path)
+    except (ValueError, OSError) as err:
+        raise ValueError(f"{path}: {_reason(err)}") from None
+    if not len(frames):
+        raise ValueError(f"{path}: no frames")
+    return frames
+
+
 def _reason(err: Exception) -> str:
     return getattr(err, "strerror", None) or str(err)
 

@@ -36,7 +36,7 @@ from flows.cli import (device_name, non_negative_float, non_negative_int, positi
 from flows.registry import chain_from_registry, describe
 from flows.tracking import default_tracking_uri, end_orphaned_runs, experiment_id, process_tags
 from eval import METRICS, metric_list
-from eval.protocols import PROTOCOLS, load_protocol
+from eval.protocols import PROTOCOLS, check_protocol_inputs, load_protocol, protocol_metrics
 from eval.video_io import VIDEO_EXTENSIONS, list_videos, write_png
 
 RESIZE = "bilinear 224x224 align_corners=False, no crop, [-1,1]"
@@ -344,9 +344,11 @@ def log_task(results: dict, params: dict, clips: list, tracking_uri: str, experi
 def check_inputs(args: argparse.Namespace) -> None:
     """What can be checked before the flow starts (its failures log a whole trace first):
     metrics, the prompts file, video sources (folders, datasets, MLflow runs)."""
-    # what will be scored (a protocol without --metrics: its own, which it checks)
-    metrics = metric_list(args.metrics if args.metrics is not None else DEFAULT_METRICS) \
-        if args.metrics is not None or not args.protocol else []
+    if args.protocol:
+        check_protocol_inputs(args.protocol, args.protocol_root, args.captions)
+    # what will be scored (a protocol without --metrics: its own)
+    metrics = metric_list(args.metrics) if args.metrics is not None else \
+        list(protocol_metrics(args.protocol, args.video_root)) if args.protocol else metric_list(DEFAULT_METRICS)
     if not (args.fake or args.checkpoints or args.registry or args.protocol):
         raise ValueError("give --fake SRC, or --checkpoints DIR or --registry ALIAS (and --prompts) to sample the "
                          "fake videos")

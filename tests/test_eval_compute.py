@@ -13,7 +13,7 @@ from eval.fvd import FrechetVideoDistance
 from eval.i3d import load_i3d
 from eval.inception_score import VideoInceptionScore, load_c3d
 from models.clip import FrozenCLIP, build_tiny_clip
-from models.video_io import write_mp4
+from models.video_io import read_frames, write_mp4
 
 
 def _videos(folder, count, seed, frames=20, size=32):
@@ -62,8 +62,8 @@ def test_every_video_is_decoded_once_and_each_metric_gets_its_clips(tmp_path, de
     fake_clips = torch.stack([torch.from_numpy(read_clip(p, fake_spec)) for p in fake])
     ref_fvd.update(torch.stack([torch.from_numpy(read_clip(p, real_spec, i)) for i, p in enumerate(real)]), real=True)
     ref_fvd.update(fake_clips, real=False)
-    for one, prompt in zip(fake_clips, prompts):
-        ref_clipsim.update([one], [prompt])
+    for path, prompt in zip(fake, prompts):  # CLIPSIM: every frame of the video, not the 16 of FVD's clip
+        ref_clipsim.update([torch.from_numpy(read_frames(path)[0])], [prompt])
     ref_inception.update(fake_clips)
     assert fvd.result(num_resamples=0).value == pytest.approx(ref_fvd.result(num_resamples=0).value, rel=1e-6)
     assert clipsim.result(num_resamples=0).value == pytest.approx(ref_clipsim.result(num_resamples=0).value, abs=1e-6)
@@ -86,6 +86,23 @@ def test_bad_inputs_stop_before_any_decoding(tmp_path, decodes):
     with pytest.raises(ValueError, match="C3D takes 16-frame clips, got a clip length of 10"):
         score_files(fake, ClipSpec(10), inception=inception)
     assert not decodes
+
+
+def test_clipsim_scores_whole_videos_of_any_length_and_fvd_still_needs_a_clip(tmp_path):
+    """Videos shorter than the clip length: CLIPSIM alone scores them (every frame); with FVD the
+    first one too short to give a clip is named."""
+    from eval.video_io import VideoTooShort
+
+    fake = _videos(tmp_path / "short", 2, seed=4, frames=8)
+    clip = FrozenCLIP.load(build_tiny_clip(tmp_path / "clip"))
+    fvd, clipsim, _ = _metrics(clip)
+    score_files(fake, ClipSpec(16), clipsim=clipsim, prompts=["one", "two"])
+    reference = CLIPSIM(clip)
+    reference.update([torch.from_numpy(read_frames(p)[0]) for p in fake], ["one", "two"])
+    assert clipsim.result(num_resamples=0).value == pytest.approx(reference.result(num_resamples=0).value, abs=1e-6)
+    with pytest.raises(VideoTooShort, match=r"v0.mp4: 8 frames, shorter than one clip \(16 frames, stride 1\)"):
+        score_files(fake, ClipSpec(16), clipsim=CLIPSIM(clip), prompts=["one", "two"], fvd=fvd,
+                    real=_videos(tmp_path / "real", 2, seed=5))
 
 
 def test_decoding_runs_a_bounded_number_of_clips_ahead(tmp_path, decodes):

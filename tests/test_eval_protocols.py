@@ -196,6 +196,16 @@ def test_protocol_bad_inputs(prefect_server, benchmarks, tmp_path, capsys):
     rc, _, err, _ = _cli(["--protocol", "msrvtt", "--captions", str(bad), "--fake", str(benchmarks["fake_msrvtt"])],
                          tmp_path, capsys)
     assert rc == 2 and f"error: {bad}: no 'sentences' list" in err
+    from flows.cli import build_parser
+    from flows.evaluate import check_inputs
+
+    for protocol, needs in (("ucf101", "needs its root"), ("msrvtt", "needs its captions")):  # before the flow starts
+        args = build_parser("evaluate").parse_args(["evaluate", "--protocol", protocol, "--fake", "x"])
+        with pytest.raises(ValueError, match=needs):
+            check_inputs(args)
+    rc, _, err, _ = _cli(["--protocol", "ucf101", "--protocol-root", str(benchmarks["ucf"]), "--fake",
+                          str(benchmarks["fake_ucf"]), "--clip-length", "12"], tmp_path, capsys)
+    assert rc == 2 and "--clip-length 12: the inception score's C3D takes 16-frame clips" in err  # before any work
     with pytest.raises(SystemExit):
         _cli(["--protocol", "kinetics", "--fake", str(benchmarks["fake_ucf"])], tmp_path, capsys)
     assert "invalid choice: 'kinetics'" in capsys.readouterr().err
