@@ -209,7 +209,8 @@ def commit_version(ds_dir: Path, new_rows: list[dict], failures: list[dict], con
     manifest = pd.concat([kept, added], ignore_index=True) if len(added) else kept
     manifest = manifest.sort_values(["source_sha256", "start_frame", "clip_id"]).reset_index(drop=True)
     manifest = manifest.astype({c: "int64" for c in ("start_frame", "end_frame", "num_frames", "width", "height")})
-    version = manifest_digest(manifest) if len(manifest) else None
+    # an empty manifest is a version too once there was one: its clips' sources were rejected or changed
+    version = manifest_digest(manifest) if len(manifest) or parent else None
     if version is None or version == parent:
         return VersionResult(parent or "", False, parent, 0, len(manifest), ds_dir / "versions" / (parent or ""))
     holder = write_shards(ds_dir, added, shard_max_clips)

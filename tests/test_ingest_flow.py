@@ -163,6 +163,28 @@ def test_rerun_is_idempotent_and_a_new_video_is_processed_alone(prefect_server, 
     assert version_info(root, "d")["replaced_clips"] == len(old_asl)
 
 
+def test_a_dataset_whose_only_source_is_rejected_gets_an_empty_version(prefect_server, tmp_path, samples):
+    """The clips of a source that new settings reject leave the version even when no clip is left:
+    the new version is empty (training on it says so) and the earlier one keeps them."""
+    from models.config import load_config
+    from models.data import DataError, StageDataModule
+
+    source, root = samples / "asl_book.mkv", tmp_path / "data"
+    first = ingest(sources=[str(source)], data_root=str(root), dataset="one",
+                   config=str(REPO / "configs" / "tiny" / "ingest.yaml"))
+    assert first["created"] and first["total_clips"] > 0
+    strict = tmp_path / "strict.yaml"
+    strict.write_text("clips:\n  short_side: 128\nscenes:\n  min_scene_s: 100\n  max_scene_s: 200\n")
+    second = ingest(sources=[str(source)], data_root=str(root), dataset="one", config=str(strict))
+    assert second["created"] and second["total_clips"] == 0 and second["version"] != first["version"]
+    assert load_manifest(root, "one").empty and len(load_manifest(root, "one", first["version"])) == first["total_clips"]
+    assert version_info(root, "one")["replaced_clips"] == first["total_clips"]
+    again = ingest(sources=[str(source)], data_root=str(root), dataset="one", config=str(strict))
+    assert not again["created"] and again["version"] == second["version"]  # a rerun changes nothing
+    with pytest.raises(DataError, match="'one' is empty: no clips to train on"):
+        StageDataModule(load_config(REPO / "configs" / "tiny" / "decoder.yaml"), root, "one").check()
+
+
 def _finished_task_runs(flow_run_id, name_prefix: str, count: int) -> list:
     """The flow run's finished task runs whose names start with `name_prefix`, by start time (the
     server records them asynchronously)."""
