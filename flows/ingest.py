@@ -144,7 +144,7 @@ def with_task_runner(kind: str, address: str | None, workers: int):
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("ingest", help="ingest videos into a versioned clip dataset")
-    parser.add_argument("sources", nargs="+", help="files, folders, http(s) URLs, or .txt/.csv/.parquet URL lists")
+    parser.add_argument("sources", nargs="+", help="files, folders, http(s) URLs, or .txt/.csv/.tsv/.parquet URL lists")
     parser.add_argument("--data-root", default="mav-data")
     parser.add_argument("--dataset", default="default")
     parser.add_argument("--config", default=None, help="ingest YAML (e.g. configs/base/ingest.yaml)")

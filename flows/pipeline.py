@@ -386,7 +386,14 @@ def check_places(cfg: PipelineConfig, data_root: str | None, ingests: bool, eval
 def _run(args: argparse.Namespace) -> int:
     try:
         cfg = load_pipeline_config(args.config)  # bad input: one line, before a flow (and its logged trace) starts
+        if args.force and not args.version:
+            raise ValueError("--force goes with --version V (to run a version again); without it the pipeline "
+                             "ingests and runs anyway")
         check_places(cfg, args.data_root, ingests=args.version is None)
+        if args.version:
+            from data_prep.dataset import load_manifest
+
+            load_manifest(Path(args.data_root or cfg.data_root), args.dataset or cfg.dataset, args.version)
         summary = pipeline(config=args.config, dataset=args.dataset, data_root=args.data_root, version=args.version,
                            tracking_uri=args.tracking_uri, force=args.force)
     except (ValueError, FileNotFoundError) as err:  # bad input: a config, a dataset version, data (the flow logs the trace)

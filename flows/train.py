@@ -71,7 +71,11 @@ def run_train(args) -> int:
     except (ConfigError, DataError, CheckpointError, FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"{result.stage}: step {result.global_step}, loss {result.train_loss:.4f}, checkpoint {result.checkpoint}")
+    from lightning.pytorch.utilities import rank_zero_only
+
+    if rank_zero_only.rank == 0:  # (every process of a multi-device run gets here, each with its own loss)
+        print(f"{result.stage}: step {result.global_step}, loss {result.train_loss:.4f}, "
+              f"checkpoint {result.checkpoint}")
     return 0
 
 

@@ -122,11 +122,14 @@ class TrainerConfig(Strict):
     checkpoint_every: int = Field(500, gt=0)
     seed: int = 0
 
-    @field_validator("devices")
+    @field_validator("devices", mode="before")  # one message, not one per member of the union
     @classmethod
     def _devices(cls, value):
-        if isinstance(value, str) and not re.fullmatch(r"auto|-1|\d+|\d+(,\d+)*,?", value.replace(" ", "")):
-            raise ValueError(f"a count, -1, a list of GPU ids, \"0,1\" or auto, got {value!r}")
+        count = isinstance(value, int) and not isinstance(value, bool) and (value > 0 or value == -1)
+        ids = isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+        text = isinstance(value, str) and re.fullmatch(r"auto|-1|\d+|\d+(,\d+)*,?", value.replace(" ", ""))
+        if not (count or ids or text):
+            raise ValueError(f"a count >= 1, -1 (all), a list of GPU ids, \"0,1\" or auto, got {value!r}")
         return value
 
 

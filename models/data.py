@@ -78,7 +78,8 @@ def square_crop(video: np.ndarray, rng: random.Random | None) -> np.ndarray:
 
 def resize(video: np.ndarray, size: int) -> torch.Tensor:
     """uint8 [T,S,S,3] -> float [3,T,size,size] in [-1,1]."""
-    x = rearrange(torch.from_numpy(np.ascontiguousarray(video)), "t h w c -> t c h w").float() / 127.5 - 1
+    frames = np.require(video, requirements=["C", "W"])  # PIL's arrays are read-only (torch warns): copied
+    x = rearrange(torch.from_numpy(frames), "t h w c -> t c h w").float() / 127.5 - 1
     if x.shape[-1] != size:
         x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False).clamp(-1, 1)
     return rearrange(x, "t c h w -> c t h w")
@@ -381,7 +382,9 @@ def read_manifest(data_root: Path, dataset: str, version: str | None = None) -> 
     try:
         manifest = load_manifest(data_root, dataset, version or "latest")
         shards = [str(p) for p in shard_paths(data_root, dataset, manifest.attrs["version"])]
-    except (DatasetError, FileNotFoundError, KeyError) as err:
+    except DatasetError as err:  # (names the dataset and where it looked)
+        raise DataError(str(err)) from None
+    except (FileNotFoundError, KeyError) as err:
         raise DataError(f"dataset {dataset!r} under {data_root}: {err}") from None
     return manifest, shards
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import re
+import zipfile
 from pathlib import Path
 
 import lightning as L
@@ -351,6 +352,11 @@ def read_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        raise CheckpointError(f"{path}: a folder, not a checkpoint (e.g. its checkpoints/last.ckpt)")
+    if not zipfile.is_zipfile(path):  # what torch.save writes; else torch's message is about mmap
+        raise CheckpointError(f"{path}: not a readable checkpoint (not a whole file written by torch.save: cut "
+                              "short, or another kind of file)")
     try:
         # mmap: checks such as --resume's read only the pages they touch, not the whole file twice
         ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)

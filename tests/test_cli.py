@@ -150,7 +150,11 @@ def test_train_command_trains_refuses_a_used_folder_and_resumes(tmp_path, capsys
     last = out / "checkpoints" / "last.ckpt"
     last.write_bytes(last.read_bytes()[:1000])  # damaged outside the run
     assert main([*base, "--max-steps", "6", "--resume"]) == 2
-    assert f"{last}: not a readable checkpoint" in capsys.readouterr().err
+    assert f"{last}: not a readable checkpoint (not a whole file written by torch.save" in capsys.readouterr().err
+    config = REPO / "configs" / "tiny" / "prior.yaml"  # a YAML file for --init: no word of torch's mmap
+    assert main([*base[:-1], str(tmp_path / "other"), "--init", str(config)]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {config}: not a readable checkpoint (not a whole file written " \
+                                              "by torch.save: cut short, or another kind of file)"
     assert main([*base[:-1], str(tmp_path / "other"), "--set", f"clip={tmp_path / 'no-clip'}"]) == 2
     assert capsys.readouterr().err.strip() == f"error: CLIP '{tmp_path / 'no-clip'}': no such folder"
 
@@ -211,6 +215,13 @@ def test_bad_ingest_and_pipeline_input_is_one_line_and_exit_2(prefect_server, tm
         assert main(["pipeline", "--config", str(tmp_path / "pipeline.yaml")]) == 2, text
         err = capsys.readouterr().err.strip()
         assert re.search(message, err) and len(err.splitlines()) == 1, err
+    # a version that is not there, and --force without one: before the flow (which logs a trace)
+    (tmp_path / "pipeline.yaml").write_text(f"sources: [{samples}]\ndata_root: {tmp_path / 'd'}\n")
+    for options, message in ((["--version", "deadbeef"], "dataset 'samples' has no version 'deadbeef'"),
+                             (["--force"], r"--force goes with --version V")):
+        assert main(["pipeline", "--config", str(tmp_path / "pipeline.yaml"), *options]) == 2
+        err = capsys.readouterr().err.strip()
+        assert re.search(message, err) and len(err.splitlines()) == 1 and "Traceback" not in err, err
 
 
 def test_the_base_pipeline_is_the_demo_chain_on_base_stages(tmp_path, capsys, monkeypatch):

@@ -90,8 +90,10 @@ def test_overrides_and_missing_file(tmp_path):
     ({"sampling.fps": -3}, "sampling.fps"),
     ({"diffusion.guidance": float("nan")}, "diffusion.guidance: Input should be a finite number"),
     ({"trainer.lr": float("inf")}, "trainer.lr"),
-    ({"trainer.devices": 0}, "trainer.devices"),
+    ({"trainer.devices": 0}, r"trainer.devices: Value error, a count >= 1, -1 \(all\), a list of GPU ids, \"0,1\" or "
+                             r"auto, got 0$"),  # one message, not one per member of the type's union
     ({"trainer.devices": "foo"}, "trainer.devices"),
+    ({"trainer.devices": [0, -1]}, "trainer.devices"),
     ({"trainer.accelerator": "tpux"}, "trainer.accelerator"),
     ({"trainer.precision": "foo"}, "trainer.precision"),
     ({"trainer.num_nodes": 0}, "trainer.num_nodes"),

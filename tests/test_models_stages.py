@@ -574,7 +574,7 @@ def test_bad_input_fails_before_training(data_root, tmp_path, chain):
     with pytest.raises(DataError, match=r"smaller than data.size=128 px \(largest short side: 64 px\)"):
         run("sr_high", tiny("sr_high", **{"data.size": 128}))
     write_synthetic_dataset(tmp_path / "empty", "none", num_clips=0)  # no version at all
-    with pytest.raises(DataError, match="none"):
+    with pytest.raises(DataError, match=r"^dataset 'none' has no version yet under \S+empty/datasets$"):
         run("decoder", tiny("decoder", freeze_spatial=False), data_root=tmp_path / "empty", dataset="none")
     with pytest.raises(FileNotFoundError, match="resume"):
         run("decoder", tiny("decoder"), resume=True)
