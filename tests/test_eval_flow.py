@@ -114,13 +114,14 @@ def test_a_prompts_file_that_does_not_fit_matters_only_where_prompts_are_needed(
     full = tmp_path / "full.json"
     full.write_text(json.dumps({"a.mp4": "a cat", "b.mp4": "a dog"}))
     check_inputs(parse_args(["--fake", str(fake), "--metrics", "clipsim", "--prompts", str(full)]))
-    for options, why in ((["--metrics", "clipsim"], "clipsim"), (["--protocol", "ucf101"], "the ucf101 protocol")):
+    ucf101 = ["--protocol", "ucf101", "--protocol-root", str(tmp_path)]
+    for options, why in ((["--metrics", "clipsim"], "clipsim"), (ucf101, "the ucf101 protocol")):
         with pytest.raises(ValueError, match=f"{why} needs the prompts of the fake videos: pass --prompts FILE "
                                              r"\(\S+prompts.json: no prompt for \S+b.mp4\)"):
             check_inputs(parse_args(["--fake", str(fake), *options]))
     (fake / "prompts.json").unlink()
     with pytest.raises(ValueError, match=r"ucf101 protocol needs the prompts .*\(none found with"):
-        check_inputs(parse_args(["--fake", str(fake), "--protocol", "ucf101"]))
+        check_inputs(parse_args(["--fake", str(fake), *ucf101]))
     full.write_text(json.dumps({"a.mp4": "a cat", "b.mp4": None}))
     with pytest.raises(ValueError, match="full.json: the prompt for 'b.mp4' is not text"):
         read_prompts(full)

@@ -79,7 +79,7 @@ def test_registry_errors_name_the_model_and_the_reason(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()[-1]  # (before it, MLflow may log its store's set-up)
         assert err.startswith("error: ") and re.search(message, err), err
 
-    artifact = next((tmp_path / "mlartifacts").rglob("last.ckpt"))
+    artifact = found["prior"]  # the store's own file, read in place
     assert artifact.read_bytes() == b"prior bytes" and local.read_bytes() == b"prior bytes"
     artifact.unlink()  # the store's file deleted by hand
     with pytest.raises(RegistryError, match=r"mav-prior v1: its checkpoint file://\S+last.ckpt is gone"):
