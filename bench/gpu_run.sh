@@ -16,6 +16,12 @@ fi
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   && export PYTHONPATH=/tmp/site
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 MAV_CACHE=/tmp/mav-cache
+# before any device minute goes to a run that cannot start (a wheel for another Python, a new import)
+if ! python3 -c "import tests.test_models_gpu, bench.train_step" 2>"$OUT/imports.txt"; then
+  tail -3 "$OUT/imports.txt" >&2
+  echo "the GPU tests or the benchmark do not import here: see $OUT/imports.txt" >&2
+  exit 3
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
 python3 -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__)" | tee -a "$OUT/device.txt"
 date -u +%Y-%m-%dT%H:%MZ | tee -a "$OUT/device.txt"

@@ -97,12 +97,14 @@ def bench_stage(size, stage, device, steps, warmup, batch_size=None, compile_net
         step(module, opt, batch, device)
     sync(device)
     warmup_s = time.perf_counter() - t0
+    print(f"# {stage}: warm-up {warmup_s:.1f} s", flush=True)  # (a run cut short by a timeout keeps these)
     t0 = time.perf_counter()
     for _ in range(steps):
         loss = step(module, opt, batch, device)
     loss.item()
     sync(device)
     dt = (time.perf_counter() - t0) / steps
+    print(f"# {stage}: {dt:.3f} s/step, {flops / dt / 1e12:.1f} TFLOP/s", flush=True)
     if profile:
         write_profile(module, opt, batch, device, Path(profile))
     params = sum(p.numel() for p in module.net.parameters()) / 1e6

@@ -10,7 +10,6 @@ wait in a short delay line so that cuts the detector reports a few frames late
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import subprocess
@@ -26,6 +25,7 @@ import ffmpeg
 import numpy as np
 
 from data_prep.config import ClipConfig, IngestConfig
+from data_prep.dataset import clip_id_for
 from data_prep.ffmpeg_bin import ffmpeg_exe
 from data_prep.probe import Probe
 from data_prep.scenes import CutDetector
@@ -76,10 +76,6 @@ def decode_command(path: Path, width: int, height: int, square: bool = False, th
     stream = stream.filter("scale", width, height, flags="bilinear", out_range="tv", out_color_matrix="bt601")
     out = stream.output("pipe:", format="rawvideo", pix_fmt="yuv420p", fps_mode="passthrough")
     return out.global_args("-v", "error", "-nostdin").compile(cmd=ffmpeg_exe())
-
-
-def clip_id_for(source_sha: str, start: int, end: int, settings_hash: str) -> str:
-    return hashlib.sha256(f"{source_sha}:{start}:{end}:{settings_hash}".encode()).hexdigest()[:16]
 
 
 class ClipWriter:

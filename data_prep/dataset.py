@@ -98,6 +98,11 @@ def resolve_version(ds_dir: Path, version: str | None) -> str:
     return version
 
 
+def clip_id_for(source_sha: str, start: int, end: int, settings_hash: str) -> str:
+    """A clip's id: its source's bytes, its frames and the settings that cut it."""
+    return hashlib.sha256(f"{source_sha}:{start}:{end}:{settings_hash}".encode()).hexdigest()[:16]
+
+
 def manifest_digest(manifest: pd.DataFrame) -> str:
     """Content hash of a manifest: the version id."""
     rows = manifest[MANIFEST_COLUMNS].sort_values("clip_id").to_dict("records")

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.clips import clip_id_for
-from data_prep.dataset import commit_version
+# (not data_prep.clips: OpenCV, ffmpeg-python and PySceneDetect are the ingest's, and a GPU
+# host running the training tests need not have them)
+from data_prep.dataset import clip_id_for, commit_version
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 80, 230), "yellow": (230, 210, 40),
            "white": (240, 240, 240)}

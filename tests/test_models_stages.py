@@ -259,6 +259,26 @@ def test_fsdp_under_bf16_keeps_the_batch_in_float32():
     assert ((1 - alphas.bfloat16()) == 0).sum() > 0 and ((1 - alphas) == 0).sum() == 0  # why it matters
 
 
+def test_the_gpu_run_imports_without_the_ingests_packages():
+    """bench/gpu_run.sh brings a GPU host only what training needs: its tests and benchmark must
+    import without OpenCV, ffmpeg-python, PySceneDetect, imageio-ffmpeg, Prefect or MLflow (the
+    FSDP GPU test once could not: data_prep.synthetic imported the ingest's clip cutter)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import importlib.abc, sys\n"
+        "BLOCKED = {'cv2', 'ffmpeg', 'scenedetect', 'imageio_ffmpeg', 'prefect', 'mlflow'}\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in BLOCKED:\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r} (not on the GPU host)')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import tests.test_models_gpu, bench.train_step\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 def test_shard_groups_are_balanced_or_not_used():
     from models.data import balanced_groups
 
