@@ -273,6 +273,9 @@ def pipeline(config: str = DEFAULT_CONFIG, dataset: str | None = None, data_root
     print(f"sample video: {samples[0]['mp4']}")
     print(f"sample more: mav sample --checkpoints {work / 'checkpoints'} --prompt \"...\" --out video.mp4")
     print(f"champion alias moved: {', '.join(moved) if moved else 'no'}")
+    prefix = "" if cfg.registry.model_prefix == "mav" else f" --model-prefix {cfg.registry.model_prefix}"
+    print(f"sample the {cfg.registry.alias}s: mav sample --registry {cfg.registry.alias}{prefix} --tracking-uri "
+          f"{tracking_uri} --prompt \"...\" --out video.mp4")
     print(f"MLflow UI: mlflow ui --backend-store-uri {tracking_uri}   (then open http://127.0.0.1:5000)"
           if store != tracking_uri else f"MLflow: {tracking_uri}")
     return summary
