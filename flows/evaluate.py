@@ -33,7 +33,7 @@ from prefect.cache_policies import NONE as NO_CACHE
 
 from flows.cli import (device_name, non_negative_float, non_negative_int, positive_int, with_notes,
                        writable_folder)
-from flows.registry import chain_from_registry, describe
+from flows.registry import add_registry_options, chain_from_registry, describe
 from flows.tracking import default_tracking_uri, end_orphaned_runs, experiment_id, process_tags
 from eval import METRICS, metric_list
 from eval.protocols import PROTOCOLS, check_protocol_inputs, load_protocol, protocol_metrics
@@ -528,10 +528,7 @@ def register(subparsers) -> None:
     p.add_argument("--fake", help="same forms as --real")
     p.add_argument("--checkpoints", help="instead of --fake: sample from <stage>.ckpt or <stage>/checkpoints/last.ckpt "
                                          "in this folder")
-    p.add_argument("--registry", metavar="ALIAS",
-                   help="instead of --fake: sample from each stage's registered model <prefix>-<stage> at this alias "
-                        "in the MLflow registry (e.g. champion)")
-    p.add_argument("--model-prefix", default="mav", help="with --registry: the pipeline's registry.model_prefix")
+    add_registry_options(p, instead_of="--fake")
     p.add_argument("--sample-dir", help="with --checkpoints or --registry: keep the sampled videos (and prompts.json) "
                                         "here; they are logged to the run's samples/ either way")
     p.add_argument("--prompts", help="prompts of the fake videos: .txt (one per line) or .json (list or {file: prompt})")

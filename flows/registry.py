@@ -152,6 +152,14 @@ def fetch_version(version, tracking_uri: str) -> Path:
     return target
 
 
+def add_registry_options(parser, instead_of: str) -> None:
+    """`--registry ALIAS` and `--model-prefix`, for the commands that sample a chain."""
+    parser.add_argument("--registry", metavar="ALIAS",
+                        help=f"instead of {instead_of}: sample from each stage's registered model <prefix>-<stage> "
+                             "at this alias in the MLflow registry (e.g. champion)")
+    parser.add_argument("--model-prefix", default="mav", help="with --registry: the pipeline's registry.model_prefix")
+
+
 def describe(versions: dict[str, str]) -> str:
     return ", ".join(f"{stage}={ref}" for stage, ref in versions.items())
 

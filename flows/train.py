@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from flows.cli import device_name, non_negative_float, positive_int
-from flows.registry import chain_from_registry, checkpoints_from_registry, describe
+from flows.registry import add_registry_options, chain_from_registry, checkpoints_from_registry, describe
 from flows.tracking import default_tracking_uri
 
 STAGES = ("prior", "decoder", "interpolation", "sr_low", "sr_high")
@@ -34,10 +34,7 @@ def register(subparsers) -> None:
     sample.add_argument("--out", type=Path, default=Path("video.mp4"),
                         help="the .mp4 (a .gif beside it); for several prompts, the folder of that name")
     sample.add_argument("--checkpoints", type=Path, help="folder with <stage>.ckpt or <stage>/checkpoints/last.ckpt")
-    sample.add_argument("--registry", metavar="ALIAS",
-                        help="instead of --checkpoints: each stage's registered model <prefix>-<stage> at this "
-                             "alias in the MLflow registry, e.g. champion")
-    sample.add_argument("--model-prefix", default="mav", help="with --registry: the pipeline's registry.model_prefix")
+    add_registry_options(sample, instead_of="--checkpoints")
     sample.add_argument("--tracking-uri", help="with --registry or models:/ URIs: the MLflow store "
                                                "(default $MLFLOW_TRACKING_URI or ./mlflow.db)")
     for stage, flag in CHAIN_FLAGS.items():
