@@ -54,8 +54,8 @@ def _reason(err: Exception) -> str:
     return getattr(err, "strerror", None) or str(err)
 
 
-def count_frames(path: str | Path) -> int:
-    """Frame count from the container if it knows it, else by decoding."""
+def count_frames(path: str | Path, decode: bool = True) -> int | None:
+    """Frame count from the container if it knows it, else by decoding (decode=False: None)."""
     import av
 
     from data_prep.probe import main_video_stream
@@ -67,7 +67,7 @@ def count_frames(path: str | Path) -> int:
                 raise ValueError("no video stream")
             if stream.frames:
                 return int(stream.frames)
-            return sum(1 for _ in container.decode(stream))
+            return sum(1 for _ in container.decode(stream)) if decode else None
     except (ValueError, OSError) as err:
         raise ValueError(f"{path}: not a readable video ({_reason(err)})") from None
 

@@ -363,8 +363,16 @@ def check_inputs(args: argparse.Namespace) -> None:
         writable_folder(args.sample_dir, "--sample-dir")
     if args.prompts and not (args.fake and not _RUN_SRC.match(args.fake)):
         read_prompts(args.prompts)  # with a local --fake: below, against its videos
+    if "fvd" in metrics:
+        from eval.i3d import MIN_FRAMES  # (torch: this command imports it anyway)
+
+        if args.clip_length < MIN_FRAMES:
+            raise ValueError(f"--clip-length {args.clip_length} is below {MIN_FRAMES}, the shortest clip I3D takes")
+    if "is" in metrics and args.clip_length != 16:
+        raise ValueError(f"--clip-length {args.clip_length}: the inception score's C3D takes 16-frame clips")
     if args.registry:  # what the flow will sample from: each version there, and its checkpoint file
         chain_from_registry(args.tracking_uri or default_tracking_uri(), args.registry, args.model_prefix)
+    local = []  # the sources read from folders and datasets here
     for src in (args.real, args.fake):
         if src and _RUN_SRC.match(src):  # the run must exist; its artifacts are fetched in the flow
             import mlflow
@@ -377,6 +385,7 @@ def check_inputs(args: argparse.Namespace) -> None:
                 raise _not_in_store(src, tracking_uri, err) from None
         elif src:
             videos = resolve_source(src, args.data_root)
+            local.append(videos)
             if src != args.fake:
                 continue
             if args.prompts:
@@ -385,15 +394,24 @@ def check_inputs(args: argparse.Namespace) -> None:
                 videos.require_prompts(f"the {args.protocol} protocol")
             elif "clipsim" in metrics:
                 videos.require_prompts("clipsim")
-    if "fvd" in metrics:
-        from eval.i3d import MIN_FRAMES  # (torch: this command imports it anyway)
+    if "fvd" in metrics and not (args.real or args.protocol):
+        raise ValueError("fvd needs --real SRC (a dataset NAME[@VERSION], a folder or runs:/<id>)")
+    if {"fvd", "is"} & set(metrics):
+        for videos in local:
+            check_clip_lengths(videos.take(args.num_videos, args.seed), args.clip_length, args.clip_stride)
 
-        if not (args.real or args.protocol):
-            raise ValueError("fvd needs --real SRC (a dataset NAME[@VERSION], a folder or runs:/<id>)")
-        if args.clip_length < MIN_FRAMES:
-            raise ValueError(f"--clip-length {args.clip_length} is below {MIN_FRAMES}, the shortest clip I3D takes")
-    if "is" in metrics and args.clip_length != 16:
-        raise ValueError(f"--clip-length {args.clip_length}: the inception score's C3D takes 16-frame clips")
+
+def check_clip_lengths(videos: VideoSet, length: int, stride: int) -> None:
+    """A video too short for one clip, named before any decoding (where its container says how
+    long it is; the others are found as they are read)."""
+    from eval.video_io import count_frames
+
+    span = (length - 1) * stride + 1
+    for path in videos.paths:
+        frames = count_frames(path, decode=False)
+        if frames is not None and frames < span:
+            raise ValueError(f"{path}: {frames} frames, shorter than one clip (--clip-length {length}, "
+                             f"--clip-stride {stride}: {span} frames)")
 
 
 # -- the flow -------------------------------------------------------------------------

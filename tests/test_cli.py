@@ -318,13 +318,17 @@ def test_bad_evaluate_input_is_one_line_and_exit_2(prefect_server, tmp_path, cap
         (["--fake", str(fake)], r"fvd needs --real SRC"),
         (["--real", str(fake), "--fake", str(fake), "--clip-length", "8"], r"--clip-length 8 is below 9, the shortest"),
         (["--fake", str(fake), "--metrics", "is", "--clip-length", "9"], r"--clip-length 9: the inception score's C3D"),
+        (["--real", str(fake), "--fake", str(fake), "--clip-length", "10"],  # before any decoding, not while scoring
+         r"\S+a.mp4: 4 frames, shorter than one clip \(--clip-length 10, --clip-stride 1: 10 frames\)"),
     ]
     for options, message in cases:
         assert main(["evaluate", "--metrics", "fvd", *options]) == 2, options
         err = capsys.readouterr().err.strip()  # (MLflow logs a line when it first opens a store)
         assert re.search(message, err.splitlines()[-1]) and "Traceback" not in err and "Flow run" not in err, err
     # found inside the flow (after Prefect logs its trace): the last line says it
-    assert main(["evaluate", "--real", str(fake), "--fake", str(fake), "--metrics", "fvd", "--i3d-weights",
+    longer = tmp_path / "longer"
+    write_mp4(np.zeros((16, 16, 16, 3), dtype=np.uint8), longer / "a.mp4", fps=4)
+    assert main(["evaluate", "--real", str(longer), "--fake", str(longer), "--metrics", "fvd", "--i3d-weights",
                  str(tmp_path / "weights.pt"), "--tracking-uri", uri]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == \
         f"error: weights {tmp_path / 'weights.pt'}: not a readable PyTorch state dict"

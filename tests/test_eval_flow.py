@@ -105,8 +105,8 @@ def test_a_prompts_file_that_does_not_fit_matters_only_where_prompts_are_needed(
         return build_parser("evaluate").parse_args(["evaluate", *options])
 
     fake = tmp_path / "fake"
-    for name in ("a", "b"):
-        write_mp4(np.zeros((4, 16, 16, 3), dtype=np.uint8), fake / f"{name}.mp4", fps=4)
+    for name in ("a", "b"):  # (16 frames: FVD's clips)
+        write_mp4(np.zeros((16, 16, 16, 3), dtype=np.uint8), fake / f"{name}.mp4", fps=4)
     (fake / "prompts.json").write_text(json.dumps({"a.mp4": "a cat"}))  # b.mp4 came later
     videos = resolve_source(str(fake))
     assert videos.prompts is None and "prompts.json: no prompt for" in videos.prompts_error
