@@ -61,6 +61,12 @@ def move_champion(client, trained: list[dict], metric: str, value: float, alias:
             champion, best = None, float("inf")
         if champion is not None and champion.version == version:
             continue
+        real = f"mav.{metric.removeprefix('smoke_')}"
+        if champion is not None and metric.startswith("smoke_") and real in champion.tags:
+            # a random-weight score says nothing against one of real weights (and a real one beats
+            # a smoke-scored champion: its smoke tag is not read above)
+            log.info("%s: a %s does not displace a champion scored with %s", name, metric, real.removeprefix("mav."))
+            continue
         if best_here < best:
             client.set_registered_model_alias(name, alias, version)
             moved.append(f"{name} v{version}")

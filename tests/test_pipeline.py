@@ -323,8 +323,11 @@ def test_champion_follows_each_versions_best_chain_under_the_configured_prefix(t
         source = f"{run.info.artifact_uri}/x.ckpt"
         return {"step": step, "model_version": register_checkpoint(client, run.info.run_id, source, name, step, "key")}
 
+    def _move(client, items, metric, fvd):
+        return move_champion(client, items, metric, fvd, "champion", "team", logging.getLogger("test"))
+
     def move(items, fvd):
-        return move_champion(client, items, "fvd", fvd, "champion", "team", logging.getLogger("test"))
+        return _move(client, items, "fvd", fvd)
 
     prior_1, sr_1 = new_version("prior"), new_version("sr_high")
     assert move([prior_1, sr_1], 100.0) == ["team-prior v1", "team-sr-high v1"]
@@ -336,6 +339,13 @@ def test_champion_follows_each_versions_best_chain_under_the_configured_prefix(t
     assert str(client.get_model_version_by_alias("team-prior", "champion").version) == "1"
     assert move([prior_2, sr_1], 50.0) == ["team-prior v2"]
     assert client.get_model_version("team-sr-high", "1").tags["mav.fvd"] == "50.0"  # its best chain now
+    # smoke scores (random-weight I3D, e.g. the demo logged to the same store) never displace a
+    # champion with a real FVD, however small; a real FVD displaces a smoke-scored champion
+    prior_3 = new_version("prior")
+    assert _move(client, [prior_3], "smoke_fvd", 1.0) == []
+    assert str(client.get_model_version_by_alias("team-prior", "champion").version) == "2"
+    client.set_registered_model_alias("team-prior", "champion", prior_3["model_version"])  # smoke-scored champion
+    assert move([prior_2], 1e6) == ["team-prior v2"]
 
 
 def test_checkpoint_links_follow_the_latest_chain(tmp_path):
