@@ -76,6 +76,19 @@ def quiet_library_chatter() -> None:
     transformers_logging.disable_progress_bar()  # "Loading weights" bars of the CLIP load
 
 
+def stage_logger(experiment: str, tracking_uri: str, run_id: str):
+    """Lightning's MLflow logger for a stage run that the flow ends itself. Lightning's own marks it
+    FINISHED as `fit` returns, before the checkpoint is logged and registered: a process killed then
+    left a FINISHED run without its model version, which no later run ends as KILLED."""
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    class FlowEndsTheRun(MLFlowLogger):
+        def finalize(self, status: str = "success") -> None:
+            pass  # (and logs no checkpoints: log_model is off)
+
+    return FlowEndsTheRun(experiment_name=experiment, tracking_uri=tracking_uri, run_id=run_id)
+
+
 @task(name="train-stage", cache_key_fn=lambda context, params: params["cache_key"], persist_result=True,
       task_run_name="train {step_name}")
 def train_stage_task(step_name: str, stage: str, config_path: str, overrides: dict, data_root: str, dataset: str,
@@ -83,7 +96,6 @@ def train_stage_task(step_name: str, stage: str, config_path: str, overrides: di
                      parent_run_id: str, cache_key: str, model_name: str) -> dict:
     """Train one stage in a nested MLflow run; resume from its last checkpoint if a killed run left one."""
     import mlflow
-    from lightning.pytorch.loggers import MLFlowLogger
     from mlflow import MlflowClient
 
     from data_prep.dataset import file_lock
@@ -105,7 +117,7 @@ def train_stage_task(step_name: str, stage: str, config_path: str, overrides: di
             params = _flatten("config", config.model_dump(mode="json"), {})
             params |= {"init_checkpoint": init_checkpoint or "none", "config_file": config_path}
             mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
-            logger = MLFlowLogger(experiment_name=experiment, tracking_uri=tracking_uri, run_id=run.info.run_id)
+            logger = stage_logger(experiment, tracking_uri, run.info.run_id)
             try:
                 result = train_stage(stage, config, data_root=data_root, dataset=dataset, version=version,
                                      init=None if resume else init_checkpoint,

@@ -348,6 +348,23 @@ def test_champion_follows_each_versions_best_chain_under_the_configured_prefix(t
     assert move([prior_2], 1e6) == ["team-prior v2"]
 
 
+def test_a_stage_run_stays_running_until_its_checkpoint_is_registered(tmp_path):
+    """Lightning ends its logger's run as fit returns; the stage's run must stay RUNNING until the
+    flow has logged and registered the checkpoint (a kill in between leaves it RUNNING, which the
+    next run ends as KILLED, not FINISHED without a model version)."""
+    from flows.pipeline import stage_logger
+    from flows.tracking import experiment_id
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    client = MlflowClient(uri)
+    run = client.create_run(experiment_id(uri, "stages"))
+    logger = stage_logger("stages", uri, run.info.run_id)
+    logger.log_metrics({"train/loss": 0.5}, step=1)
+    logger.finalize("success")  # what Lightning calls when fit returns
+    assert client.get_run(run.info.run_id).info.status == "RUNNING"
+    assert client.get_metric_history(run.info.run_id, "train/loss")[0].value == 0.5
+
+
 def test_checkpoint_links_follow_the_latest_chain(tmp_path):
     from flows.pipeline import link_chain
 
