@@ -8,7 +8,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 LIST_SUFFIXES = {".txt", ".csv", ".tsv", ".parquet"}
-URL_COLUMNS = ("url", "URL", "link", "source", "path")
+URL_COLUMNS = ("url", "link", "source", "path")  # and any name ending in "url" (WebVid's contentUrl), any case
 
 
 @dataclass(frozen=True)
@@ -36,12 +36,18 @@ def _ref_for(text: str, base: Path | None = None) -> SourceRef:
         return SourceRef(text, "url")
     if parsed.scheme == "file":  # file:///a/my%20clip.mp4 names "/a/my clip.mp4"
         return SourceRef(str(Path(unquote(parsed.path)).absolute()), "file")
-    if parsed.scheme and len(parsed.scheme) > 1:  # "C:" style drive letters are paths
+    if parsed.scheme and "://" in text:  # ftp://, s3://...; "take:2.mp4" or "C:\\clip.mp4" is a path
         return SourceRef(text, "unsupported")
     path = Path(text).expanduser()
     if base is not None and not path.is_absolute():
         path = base / path
     return SourceRef(str(path.absolute()), "file")  # the same file is the same source from any cwd
+
+
+def url_column(names: list[str]) -> int | None:
+    """The index of the column of URLs among a header's names, if one is named so."""
+    names = [name.strip().lower() for name in names]
+    return next((i for i, name in enumerate(names) if name in URL_COLUMNS or name.endswith("url")), None)
 
 
 def read_url_list(path: Path) -> list[str]:
@@ -55,18 +61,20 @@ def read_url_list(path: Path) -> list[str]:
             rows = list(csv.reader(handle, delimiter="\t" if suffix == ".tsv" else ","))
         if not rows:
             return []
-        header = rows[0]
-        column = next((header.index(c) for c in URL_COLUMNS if c in header), None)
-        if column is None:  # no header: first column
-            return [row[0].strip() for row in rows if row and row[0].strip()]
-        return [row[column].strip() for row in rows[1:] if len(row) > column and row[column].strip()]
+        column, body = url_column(rows[0]), rows[1:]
+        if column is None:  # no header it knows: the column of URLs, else the first; row 0 a header if not a URL
+            cells = [[cell.strip() for cell in row] for row in rows]
+            column = next((i for i in range(len(cells[0])) if any("://" in row[i] for row in cells if len(row) > i)), 0)
+            urls = any("://" in row[column] for row in cells[1:] if len(row) > column)
+            body = rows[1:] if urls and "://" not in cells[0][column] else rows
+        return [row[column].strip() for row in body if len(row) > column and row[column].strip()]
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 
         table = pq.read_table(path)
-        column = next((c for c in URL_COLUMNS if c in table.column_names), None)
+        column = url_column(table.column_names)
         if column is None:
-            raise SourceError(f"no url column (looked for {', '.join(URL_COLUMNS)})")
+            raise SourceError(f"no url column (looked for {', '.join(URL_COLUMNS)} or a name ending in url)")
         return [str(v) for v in table.column(column).to_pylist() if v]
     raise SourceError("not a URL list (expected .txt, .csv, .tsv or .parquet)")
 

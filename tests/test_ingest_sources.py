@@ -42,6 +42,26 @@ def test_url_lists_txt_csv_tsv_parquet(tmp_path):
     assert [r.kind for r in refs] == ["url", "url", "file", "url", "url", "url"]
 
 
+def test_url_list_headers_are_found_however_written_and_never_taken_for_sources(tmp_path):
+    (tmp_path / "spaced.csv").write_text("id, url\n1, http://h/a.mp4\n")
+    (tmp_path / "webvid.csv").write_text("videoid,contentUrl,duration\n7,http://h/b.mp4,PT10S\n")
+    (tmp_path / "unknown.csv").write_text("caption,link_to_video\na cat,http://h/c.mp4\n")
+    (tmp_path / "bare.csv").write_text("http://h/d.mp4\nhttp://h/e.mp4\n")
+    pd.DataFrame({"contentUrl": ["http://h/f.mp4"]}).to_parquet(tmp_path / "webvid.parquet")
+    names = ("spaced.csv", "webvid.csv", "unknown.csv", "bare.csv", "webvid.parquet")
+    refs = expand_sources([str(tmp_path / n) for n in names], EXT)
+    assert [r.source for r in refs] == [f"http://h/{c}.mp4" for c in "abcdef"]
+
+
+def test_a_name_with_a_colon_is_a_path_not_a_url_scheme(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "list.txt").write_text("v.1:x.mp4\n")
+    refs = expand_sources(["take:2.mp4", str(tmp_path / "list.txt"), "s3://bucket/k.mp4"], EXT)
+    assert [(r.source, r.kind) for r in refs] == [(str(tmp_path / "take:2.mp4"), "file"),
+                                                  (str(tmp_path / "v.1:x.mp4"), "file"),
+                                                  ("s3://bucket/k.mp4", "unsupported")]
+
+
 def test_url_lists_saved_with_a_byte_order_mark(tmp_path):
     (tmp_path / "list.txt").write_text("http://h/a.mp4\nhttp://h/b.mp4\n", encoding="utf-8-sig")
     (tmp_path / "list.csv").write_text("url,caption\nhttp://h/c.mp4,x\n", encoding="utf-8-sig")
