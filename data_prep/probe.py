@@ -103,7 +103,11 @@ def probe(path: Path) -> Probe:
         codec, index = stream.codec_context.name, stream.index
     deltas = [b - a for a, b in zip(times, times[1:]) if b > a]
     average = float(rate) if rate else (len(times) - 1) / max(times[-1], 1e-9)
-    variable = bool(deltas) and max(deltas) > 1.5 * min(deltas)
+    # variable: frame gaps far apart, or frames drifting more than a frame off an even spacing
+    # (a phone dropping from 30 to 24 fps in low light: gaps only 1.25x apart)
+    step = times[-1] / max(len(times) - 1, 1)
+    drift = max((abs(t - i * step) for i, t in enumerate(times)), default=0.0)
+    variable = bool(deltas) and (max(deltas) > 1.5 * min(deltas) or drift > step)
     last = deltas[-1] if deltas else 1.0 / max(average, 1e-9)
     if rotation % 180:
         width, height = height, width

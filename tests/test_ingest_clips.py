@@ -182,13 +182,14 @@ def test_clips_keep_the_colours_of_full_range_and_bt709_sources(tmp_path, colour
         assert (context.color_range, context.colorspace) == (1, 6)  # AVCOL_RANGE_MPEG, AVCOL_SPC_SMPTE170M
 
 
-def test_variable_frame_rate_clips_play_at_the_sources_speed(tmp_path):
-    """2 s at 30 fps, a cut, 2 s at 10 fps: both shots become clips of their own duration."""
+@pytest.mark.parametrize("later_fps", [10, 24])  # 24: a phone dropping from 30 in low light (gaps 1.25x apart)
+def test_variable_frame_rate_clips_play_at_the_sources_speed(tmp_path, later_fps):
+    """2 s at 30 fps, a cut, 2 s at a lower rate: both shots become clips of their own duration."""
     source = _encode(tmp_path / "vfr.mp4", "-f", "lavfi", "-i", "testsrc2=size=160x120:rate=30:duration=2",
-                     "-f", "lavfi", "-i", "smptebars=size=160x120:rate=10:duration=2",
+                     "-f", "lavfi", "-i", f"smptebars=size=160x120:rate={later_fps}:duration=2",
                      "-filter_complex", "[0:v][1:v]concat=n=2:v=1[v]", "-map", "[v]", "-fps_mode", "vfr")
     info = probe(source)
-    assert info.variable_fps and info.num_frames == 80
+    assert info.variable_fps and info.num_frames == 60 + 2 * later_fps
     result = run(source, tmp_path)
     assert [c["start_frame"] for c in result.clips] == [0, 60]  # the 10 fps shot is long enough too
     for clip in result.clips:
