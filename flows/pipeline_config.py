@@ -81,6 +81,10 @@ def load_pipeline_config(path: str | Path) -> PipelineConfig:
         config.evaluate.metrics = metric_list(config.evaluate.metrics)
     except ValueError as err:
         raise ValueError(f"pipeline config {path}: evaluate.metrics: {err}") from None
+    if "fvd" in config.evaluate.metrics and min(len(config.sample.prompts), config.evaluate.num_videos or 2) < 2:
+        raise ValueError(f"pipeline config {path}: FVD needs at least 2 sampled videos (sample.prompts has "
+                         f"{len(config.sample.prompts)}, evaluate.num_videos is {config.evaluate.num_videos}); "
+                         "add prompts or drop fvd from evaluate.metrics")
     names = [s.name for s in config.steps]
     if len(set(names)) != len(names):
         raise ValueError(f"pipeline config {path}: step names repeat")

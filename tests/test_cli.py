@@ -289,6 +289,12 @@ def test_pipeline_metrics_are_named_like_evaluates(tmp_path):
     config = tmp_path / "pipeline.yaml"
     config.write_text("evaluate: {metrics: [' FVD', clipsim]}\n")
     assert load_pipeline_config(config).evaluate.metrics == ["fvd", "clipsim"]
+    for text in ("sample: {prompts: [one]}\n", "evaluate: {num_videos: 1}\n"):  # found after training, before
+        config.write_text(text)
+        with pytest.raises(ValueError, match="FVD needs at least 2 sampled videos"):
+            load_pipeline_config(config)
+    config.write_text("sample: {prompts: [one]}\nevaluate: {metrics: [clipsim]}\n")
+    assert load_pipeline_config(config).sample.prompts == ["one"]
     config.write_text("evaluate: {metrics: [fvd, foo]}\n")
     with pytest.raises(ValueError, match=r"pipeline config \S+: evaluate.metrics: unknown metrics \['foo'\]"):
         load_pipeline_config(config)
