@@ -66,7 +66,8 @@ def read_url_list(path: Path) -> list[str]:
             cells = [[cell.strip() for cell in row] for row in rows]
             column = next((i for i in range(len(cells[0])) if any("://" in row[i] for row in cells if len(row) > i)), 0)
             urls = any("://" in row[column] for row in cells[1:] if len(row) > column)
-            body = rows[1:] if urls and "://" not in cells[0][column] else rows
+            first = cells[0][column] if len(cells[0]) > column else ""
+            body = rows[1:] if urls and "://" not in first else rows
         return [row[column].strip() for row in body if len(row) > column and row[column].strip()]
     if suffix == ".parquet":
         import pyarrow.parquet as pq

@@ -48,9 +48,10 @@ def test_url_list_headers_are_found_however_written_and_never_taken_for_sources(
     (tmp_path / "unknown.csv").write_text("caption,link_to_video\na cat,http://h/c.mp4\n")
     (tmp_path / "bare.csv").write_text("http://h/d.mp4\nhttp://h/e.mp4\n")
     pd.DataFrame({"contentUrl": ["http://h/f.mp4"]}).to_parquet(tmp_path / "webvid.parquet")
-    names = ("spaced.csv", "webvid.csv", "unknown.csv", "bare.csv", "webvid.parquet")
+    (tmp_path / "blank.csv").write_text("\nhttp://h/g.mp4\n")  # a blank first line
+    names = ("spaced.csv", "webvid.csv", "unknown.csv", "bare.csv", "webvid.parquet", "blank.csv")
     refs = expand_sources([str(tmp_path / n) for n in names], EXT)
-    assert [r.source for r in refs] == [f"http://h/{c}.mp4" for c in "abcdef"]
+    assert [r.source for r in refs] == [f"http://h/{c}.mp4" for c in "abcdefg"]
 
 
 def test_a_name_with_a_colon_is_a_path_not_a_url_scheme(tmp_path, monkeypatch):
