@@ -321,6 +321,8 @@ def test_bad_evaluate_input_is_one_line_and_exit_2(prefect_server, tmp_path, cap
         (["--fake", "runs:/deadbeefdeadbeef", "--tracking-uri", uri], "runs:/deadbeefdeadbeef: not found in the MLflow"),
         (["--fake", str(fake), "--metrics", "fvd,clipsim"], r"clipsim needs the prompts of the fake videos: pass --prompts FILE \(none found"),
         (["--real", str(fake)], r"give --fake SRC, or --checkpoints DIR"),
+        (["--real", str(fake), "--fake", str(fake), "--checkpoints", str(tmp_path)],  # (they were ignored)
+         r"give one of --fake, --checkpoints and --registry"),
         (["--fake", str(fake)], r"fvd needs --real SRC"),
         (["--real", str(fake), "--fake", str(fake), "--clip-length", "8"], r"--clip-length 8 is below 9, the shortest"),
         (["--fake", str(fake), "--metrics", "is", "--clip-length", "9"], r"--clip-length 9: the inception score's C3D"),
