@@ -25,7 +25,7 @@ from data_prep.atomic import replacing
 from flows.cli import writable_folder
 from flows.ingest import ingest
 from flows.pipeline_config import PipelineConfig, TrainStep, load_pipeline_config, repo_path
-from flows.registry import move_champion, register_checkpoint, registered_name, sha256_of
+from flows.registry import move_champion, register_checkpoint, registered_name
 from flows.tracking import default_tracking_uri, end_orphaned_runs, start_run, store_identity, use_experiment
 
 REPO = Path(__file__).resolve().parent.parent
@@ -99,6 +99,7 @@ def train_stage_task(step_name: str, stage: str, config_path: str, overrides: di
     from mlflow import MlflowClient
 
     from data_prep.dataset import file_lock
+    from data_prep.download import sha256_file
     from models.config import load_config
     from models.train import AlreadyTrained, TrainResult, train_stage
 
@@ -130,7 +131,7 @@ def train_stage_task(step_name: str, stage: str, config_path: str, overrides: di
             mlflow.log_artifact(str(result.checkpoint), artifact_path="checkpoints")
             source = f"{run.info.artifact_uri}/checkpoints/{result.checkpoint.name}"
             version_number = register_checkpoint(MlflowClient(tracking_uri), run.info.run_id, source, model_name,
-                                                 step_name, cache_key, sha256_of(result.checkpoint))
+                                                 step_name, cache_key, sha256_file(result.checkpoint))
         return {"step": step_name, "stage": stage, "checkpoint": str(result.checkpoint), "run_id": run.info.run_id,
                 "global_step": result.global_step, "train_loss": loss, "cache_key": cache_key,
                 "model_version": version_number, "parent_run_id": parent_run_id}

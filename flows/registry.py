@@ -26,11 +26,6 @@ def registered_name(step_name: str, prefix: str = "mav") -> str:
     return f"{prefix}-{step_name.replace('_', '-')}"
 
 
-def sha256_of(path: Path) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
 def register_checkpoint(client, run_id: str, source: str, name: str, step_name: str, cache_key: str,
                         sha256: str | None = None) -> str:
     """A new version of `name` whose source is `source` (a run artifact); returns its number."""
@@ -150,8 +145,10 @@ def fetch_version(version, tracking_uri: str) -> Path:
                                                            tracking_uri=tracking_uri))
         except Exception as err:  # MLflow raises its own and the HTTP client's errors
             raise RegistryError(f"{label}: downloading {version.source} failed ({err})") from None
+        from data_prep.download import sha256_file
+
         expected = version.tags.get("mav.sha256")
-        if expected and sha256_of(got) != expected:
+        if expected and sha256_file(got) != expected:
             raise RegistryError(f"{label}: the downloaded checkpoint's sha256 is not the {expected} recorded "
                                 "at registration (corrupt or replaced)")
         os.replace(got, target)

@@ -96,7 +96,7 @@ class ClipSampler:
         self.cfg = config.data
         self.frames = config.data.frames if config.video else 1
         self.captions = config.stage == "prior"
-        self.clip_image = config.stage in CLIP_CONDITIONED
+        self.clip_size = config.data.clip_size if config.stage in CLIP_CONDITIONED else None
 
     def __call__(self, src, row: dict, rng: random.Random, progress: float = 0.0) -> dict:
         n, fps = int(row["num_frames"]), float(row["fps"])
@@ -111,9 +111,9 @@ class ClipSampler:
         sample = {"fps": torch.tensor(fps / stride, dtype=torch.float32), "caption": row.get("caption") or "",
                   "clip_id": row["clip_id"]}
         sample["video" if self.frames > 1 else "image"] = x if self.frames > 1 else x[:, 0]
-        if self.clip_image:  # [3,K,clip_size,clip_size] uint8, the same square as the target's
+        if self.clip_size:  # [3,K,clip_size,clip_size] uint8, the same square as the target's
             sample["clip_image"] = as_uint8(resize(square[clip_frames(self.cfg.clip_frame, len(idx))],
-                                                   self.cfg.clip_size))
+                                                   self.clip_size))
         return sample
 
 
