@@ -398,6 +398,7 @@ class StageDataModule(L.LightningDataModule):
         self.dataset_name = dataset
         self.version = version
         self.train_set: SampleStream | None = None
+        self.curriculum_steps: int | None = None  # a resumed run's, from its checkpoint
 
     def check(self) -> "StageDataModule":
         """Resolve and validate the data; every problem is a DataError raised here, before training."""
@@ -489,8 +490,8 @@ class StageDataModule(L.LightningDataModule):
         # on --resume Lightning has restored the step before it asks for the data
         self.train_set.resume_batches = trainer.global_step * trainer.accumulate_grad_batches if trainer else 0
         self.train_set.batches_per_step = trainer.accumulate_grad_batches if trainer else 1
-        # the configured run length, recorded in the checkpoint: --max-steps (a stop) and a resume
-        # do not re-time the curriculum
-        self.train_set.total_steps = self.config.trainer.max_steps
+        # the configured run length, as the run started: neither --max-steps (a stop) nor a resume
+        # with another trainer.max_steps re-times the curriculum (past its end it stays at the end)
+        self.train_set.total_steps = self.curriculum_steps or self.config.trainer.max_steps
         return DataLoader(self.train_set, batch_size=data.batch_size, num_workers=data.num_workers,
                           persistent_workers=data.num_workers > 0, pin_memory=torch.cuda.is_available())

@@ -432,8 +432,9 @@ def init_from_checkpoint(module: DiffusionStage, path: str | Path) -> DiffusionS
     return module
 
 
-def check_resume(module: DiffusionStage, path: str | Path) -> int:
-    """A checkpoint to resume from must be this stage, mode and shape exactly; -> its step."""
+def check_resume(module: DiffusionStage, path: str | Path) -> tuple[int, int]:
+    """A checkpoint to resume from must be this stage, mode and shape exactly; -> its step, and the
+    run length its config had (the fps curriculum's, kept when trainer.max_steps changes)."""
     ckpt = read_checkpoint(path)
     hp = ckpt["hyper_parameters"]
     if hp["stage"] != module.config.stage or hp["config"].get("mode") != module.config.mode:
@@ -447,7 +448,7 @@ def check_resume(module: DiffusionStage, path: str | Path) -> int:
     if set(state) != set(own) or any(own[k].shape != v.shape for k, v in state.items()):
         fit_state(module, state, str(path))  # raises with the details
         raise CheckpointError(f"{path}: the network differs from this config (missing temporal layers?)")
-    return int(ckpt.get("global_step", 0))
+    return int(ckpt.get("global_step", 0)), int(hp["config"].get("trainer", {}).get("max_steps", 0))
 
 
 def load_stage(path: str | Path, stage: str | None = None, device: str | torch.device = "cpu") -> DiffusionStage:

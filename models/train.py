@@ -159,7 +159,8 @@ def train_stage(stage: str, config: StageConfig | dict | str | Path, *, data_roo
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     module = build_stage(cfg)
     if resume:
-        step, end = check_resume(module, last), max_steps or cfg.trainer.max_steps
+        step, datamodule.curriculum_steps = check_resume(module, last)
+        end = max_steps or cfg.trainer.max_steps
         if step >= end:
             raise AlreadyTrained(last, step, end)
     elif init:
