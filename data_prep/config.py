@@ -27,8 +27,11 @@ class SceneConfig(BaseModel):
     detector: Literal["content", "adaptive", "histogram", "hash"] = "content"
     threshold: float | None = None  # None: the detector's own default
     detect_width: int = 256  # PySceneDetect's own auto-downscale target
-    # the detector's own minimum shot length (its default): merges flicker in fades into one cut
-    detector_min_frames: int = 15
+    # The detector's own minimum shot length, in frames. Above 0, PySceneDetect merges or suppresses a
+    # cut that comes sooner than this after the last one, and a clip then holds several shots (15 joined
+    # shots of 8, 60 and 12 frames into one clip). 0 reports every cut; min_scene_s then drops the pieces
+    # too short to be clips (short shots, the flicker of a fade).
+    detector_min_frames: int = Field(0, ge=0)
     min_scene_s: float = 1.0
     max_scene_s: float = 10.0  # longer scenes are split into pieces of this length
     trim_frames: int = 0  # frames dropped on each side of a cut

@@ -15,8 +15,8 @@ DETECTORS = {"content": (ContentDetector, "threshold"), "adaptive": (AdaptiveDet
 
 
 def make_detector(cfg: SceneConfig, fps: float):
-    # The detector's min_scene_len (its default, 15 frames) merges the flicker of fades into
-    # one cut; clip lengths are then set by our own filter (min/max scene, trim).
+    # min_scene_len 0 (our default) reports every cut: merging close cuts would join a short shot to
+    # its neighbours in one clip. Clip lengths are set by our own filter (min/max scene, trim).
     cls, threshold_kw = DETECTORS[cfg.detector]
     kwargs = {threshold_kw: cfg.threshold} if cfg.threshold is not None else {}
     return cls(min_scene_len=cfg.detector_min_frames, **kwargs)

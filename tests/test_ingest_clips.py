@@ -227,3 +227,41 @@ def test_anamorphic_sources_keep_their_display_proportions(tmp_path):
     assert (clip["width"], clip["height"]) == (568, 240)
     expected = _ffmpeg_rgb(source, "scale=568:240,setsar=1").reshape(240, 568, 3)
     assert np.abs(decode(_clip_file(result, clip))[0].astype(int) - expected.astype(int)).mean() < 4
+
+
+# -- short shots and fades between long ones ----------------------------------------------
+def _concat_shots(path: Path, shots: list[tuple[str, int]]) -> Path:
+    """One 25 fps video of ffmpeg test patterns, each (source, frames) a shot of its own."""
+    inputs = [arg for source, frames in shots
+              for arg in ("-f", "lavfi", "-i", f"{source}=size=192x144:rate=25:duration={frames / 25}")]
+    concat = "".join(f"[{i}:v]" for i in range(len(shots))) + f"concat=n={len(shots)}:v=1[v]"
+    return _encode(path, *inputs, "-filter_complex", concat, "-map", "[v]", "-pix_fmt", "yuv420p")
+
+
+@pytest.mark.parametrize("detector", ["content", "adaptive", "histogram", "hash"])
+def test_short_shots_between_long_ones_are_dropped_not_merged_into_a_clip(tmp_path, detector):
+    """Shots of 60, 8, 60, 12, 60 frames. With a minimum shot length of its own (it was 15 frames)
+    each detector dropped the cut at 68 and one of 128 and 140, and a clip held several shots."""
+    shots = [("testsrc2", 60), ("smptebars", 8), ("zoneplate", 60), ("rgbtestsrc", 12), ("testsrc", 60)]
+    source = _concat_shots(tmp_path / "short-shots.mp4", shots)
+    cfg = IngestConfig.model_validate({"scenes": {"detector": detector}})
+    result = run(source, tmp_path, cfg)
+    true_cuts = [60, 68, 128, 140]
+    for clip in result.clips:  # the promise: a clip never straddles a shot boundary
+        assert not [c for c in true_cuts if clip["start_frame"] < c < clip["end_frame"]], (clip, result.cuts)
+    # each 2.4 s shot is a clip; the 8- and 12-frame shots are under min_scene_s (1 s) and dropped
+    assert [(c["start_frame"], c["end_frame"]) for c in result.clips] == [(0, 60), (68, 128), (140, 200)]
+
+
+def test_a_fade_between_two_shots_leaves_both_as_clips(tmp_path):
+    """A fade through black (frames 60-75) gives several cuts close together. Reported, they cut the
+    fade into pieces under min_scene_s, which are dropped: the shots on either side stay clips."""
+    source = _encode(tmp_path / "fade.mp4", "-f", "lavfi", "-i", "testsrc2=size=192x144:rate=25:duration=3",
+                     "-f", "lavfi", "-i", "gradients=seed=1:size=192x144:rate=25:duration=3", "-filter_complex",
+                     "[0:v][1:v]xfade=transition=fadeblack:duration=0.6:offset=2.4,format=yuv420p[v]",
+                     "-map", "[v]")
+    result = run(source, tmp_path)
+    assert len(result.cuts) > 1 and all(60 <= c <= 75 for c in result.cuts), result.cuts
+    (first, second) = [(c["start_frame"], c["end_frame"]) for c in result.clips]
+    assert first[0] == 0 and first[1] >= 60  # the whole first shot, up to the fade
+    assert second[1] == 135 and second[0] <= 75  # the whole second shot, from the fade's end
