@@ -56,6 +56,41 @@ def locked(directory: Path):
     return file_lock(directory / ".lock")
 
 
+def same_file(fd: int, path: Path) -> bool:
+    """Is the open file still the one at `path` (not removed, nor replaced by a newer one)?"""
+    try:
+        here, there = os.fstat(fd), os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+
+
+@contextlib.contextmanager
+def passing_lock(path: Path):
+    """An exclusive lock like `file_lock` on a file that exists only while it is held, so that
+    locks taken once per source leave no file behind: the holder removes it before letting go,
+    and a waiter that then finds its file gone opens the path again."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        if same_file(fd, path):
+            break
+        os.close(fd)
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # still locked: nobody can take this file over
+        os.close(fd)
+
+
+def source_lock(ds_dir: Path, source_sha: str, settings_hash: str):
+    """One worker at a time on the same bytes under the same settings (two paths or a path and a
+    URL holding them, in one run): the one that waited finds the other's record instead of cutting
+    the same clip files at once (and deleting them if its own cut fails)."""
+    return passing_lock(ds_dir / ".locks" / f"{source_sha}-{settings_hash}.lock")
+
+
 def remove_stale_temporaries(directory: Path, older_than_s: float = 0.0) -> int:
     """Temp files a killed run left behind (.tmp-*)."""
     now, removed = time.time(), 0

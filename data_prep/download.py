@@ -18,6 +18,7 @@ from urllib.parse import urljoin, urlparse
 import requests
 
 from data_prep.config import VIDEO_EXTENSIONS, DownloadConfig
+from data_prep.dataset import same_file
 
 CHUNK = 1 << 16  # small enough that a broken response still leaves most bytes for a resume
 
@@ -177,7 +178,7 @@ def fetch_once(raw_dir: Path, url: str, fetch: Callable[[], tuple[Path, str]]) -
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)  # no truncation: a waiter reads what it holds
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            if _is_current(fd, lock):  # ours: fetch, leave the result for our waiters, remove the file
+            if same_file(fd, lock):  # ours: fetch, leave the result for our waiters, remove the file
                 try:
                     os.ftruncate(fd, 0)  # a holder killed before removing it may have left a name
                     stored = fetch()
@@ -190,15 +191,6 @@ def fetch_once(raw_dir: Path, url: str, fetch: Callable[[], tuple[Path, str]]) -
             os.close(fd)  # releases the lock
         if name and (raw_dir / name).is_file():
             return raw_dir / name, name.split(".")[0]
-
-
-def _is_current(fd: int, path: Path) -> bool:
-    """Is the open file still the one at `path` (not removed, or replaced by a newer lock)?"""
-    try:
-        here, there = os.fstat(fd), os.stat(path)
-    except FileNotFoundError:
-        return False
-    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
 
 
 def _download(url: str, part: Path, raw_dir: Path, cfg: DownloadConfig) -> tuple[Path, str]:

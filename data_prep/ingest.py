@@ -5,13 +5,13 @@ nothing raised here stops the other sources.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 from data_prep.clips import DecodeError, cut_source
 from data_prep.config import IngestConfig
-from data_prep.dataset import read_source_record, write_source_record
+from data_prep.dataset import read_source_record, source_lock, write_source_record
 from data_prep.download import DownloadError, PageURLError, download, download_page, sha256_file
 from data_prep.probe import ProbeError, probe
 from data_prep.sources import SourceRef
@@ -20,7 +20,7 @@ from data_prep.sources import SourceRef
 @dataclass
 class SourceOutcome:
     source: str
-    status: str  # "new", "unchanged" or "failed"
+    status: str  # "new", "unchanged", "failed" or "duplicate" (the same bytes as another source: `reason`)
     source_sha256: str = ""
     stage: str = ""  # where it failed
     reason: str = ""
@@ -67,6 +67,17 @@ def process_source(ref: SourceRef, data_root: Path, ds_dir: Path, cfg: IngestCon
         path, digest = fetch(ref, data_root, cfg)
     except Exception as err:  # DownloadError, OSError, or what nobody foresaw: tried again next time
         return SourceOutcome(ref.source, "failed", stage="download", reason=_reason(err))
+    try:  # the same bytes at another path or URL of this run wait here, then find this one's record
+        with source_lock(ds_dir, digest, settings):
+            return _process_bytes(ref, path, digest, ds_dir, cfg, on_frames)
+    except OSError as err:  # the lock file cannot be made (a read-only or full disk): tried again
+        return SourceOutcome(ref.source, "failed", digest, stage="record", reason=_reason(err))
+
+
+def _process_bytes(ref: SourceRef, path: Path, digest: str, ds_dir: Path, cfg: IngestConfig,
+                   on_frames: Callable[[int], None] | None) -> SourceOutcome:
+    """Probe, cut and record fetched bytes, unless a record says they were done (or rejected)."""
+    settings = cfg.clip_settings_hash()
     try:
         done = read_source_record(ds_dir, digest, settings)
     except (OSError, ValueError) as err:
@@ -103,6 +114,40 @@ def process_source(ref: SourceRef, data_root: Path, ds_dir: Path, cfg: IngestCon
         return SourceOutcome(ref.source, "failed", digest, stage="record", reason=_reason(err))
     return SourceOutcome(ref.source, "new", digest, clips=_rows(result.clips, ref.source, digest),
                          cuts=result.cuts, probe=info.summary())
+
+
+def merge_same_bytes(outcomes: list[SourceOutcome]) -> list[SourceOutcome]:
+    """Sources holding the same bytes (two paths, a path and a URL) are one source: the first of
+    them by name takes the best outcome of the lot (their clips, once; "new" if any cut them) and
+    the others are "duplicate", naming it. Which of them cut the bytes and which found the record
+    depends on timing; naming the first by name (not by the order given) makes the report and the
+    manifest depend on neither."""
+    groups: dict[str, list[SourceOutcome]] = {}
+    for outcome in outcomes:
+        if outcome.source_sha256:  # a failed download has no bytes to compare
+            groups.setdefault(outcome.source_sha256, []).append(outcome)
+    firsts = {digest: min(group, key=lambda o: o.source) for digest, group in groups.items() if len(group) > 1}
+    merged = []
+    for outcome in outcomes:
+        first = firsts.get(outcome.source_sha256)
+        if first is None:
+            merged.append(outcome)
+        elif outcome is not first:
+            merged.append(SourceOutcome(outcome.source, "duplicate", outcome.source_sha256,
+                                        reason=f"same bytes as {first.source}"))
+        else:
+            merged.append(_best_of(groups[outcome.source_sha256], first.source))
+    return merged
+
+
+def _best_of(group: list[SourceOutcome], source: str) -> SourceOutcome:
+    """The outcome of one set of bytes given as several sources, under the name `source`."""
+    done = [o for o in group if o.status != "failed"]
+    if not done:  # failed under every name: the first's reason speaks for all
+        first = next(o for o in group if o.source == source)
+        return replace(first, rejected=any(o.rejected for o in group))
+    best = next((o for o in done if o.status == "new"), done[0])
+    return replace(best, source=source, clips=[{**row, "source": source} for row in best.clips])
 
 
 def _rejected(ds_dir: Path, settings: str, source: str, digest: str, stage: str, reason: str,

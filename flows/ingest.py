@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from data_prep.config import IngestConfig, load_ingest_config
 from data_prep.dataset import commit_version, dataset_dir, locked, remove_stale_temporaries
-from data_prep.ingest import SourceOutcome, process_source
+from data_prep.ingest import SourceOutcome, merge_same_bytes, process_source
 from data_prep.sources import SourceRef, expand_sources
 from flows.cli import positive_int, writable_folder
 
@@ -89,7 +89,7 @@ def ingest(sources: list[str], data_root: str = "mav-data", dataset: str = "defa
             slots.acquire()
             futures.append(process_source_task.submit(ref, str(root), str(ds_dir), cfg.model_dump(), callback))
             futures[-1].add_done_callback(finished)
-        outcomes: list[SourceOutcome] = [future.result() for future in futures]
+        outcomes: list[SourceOutcome] = merge_same_bytes([future.result() for future in futures])
         sources_bar.close()
         frames_bar.close()
         new_rows = [row for o in outcomes if o.status != "failed" for row in o.clips]
@@ -102,8 +102,9 @@ def ingest(sources: list[str], data_root: str = "mav-data", dataset: str = "defa
     summary = {
         "dataset": dataset, "data_root": str(root), "version": result.version, "created": result.created,
         "parent": result.parent, "new_clips": result.new_clips, "total_clips": result.total_clips,
-        "sources": {s: sum(o.status == s for o in outcomes) for s in ("new", "unchanged", "failed")},
+        "sources": {s: sum(o.status == s for o in outcomes) for s in ("new", "unchanged", "duplicate", "failed")},
         "failures": failures,
+        "duplicates": [{"source": o.source, "reason": o.reason} for o in outcomes if o.status == "duplicate"],
     }
     for line in summary_lines(summary):
         print(line)
@@ -120,11 +121,13 @@ def _runs_in_threads() -> bool:
 def summary_lines(summary: dict) -> list[str]:
     state = "new version" if summary["created"] else "unchanged, no new version"
     counts = summary["sources"]
+    same = f", {counts['duplicate']} the same bytes as another" if counts["duplicate"] else ""
     lines = [
         f"dataset {summary['dataset']} @ {summary['version'] or '-'} ({state}): "
         f"{summary['total_clips']} clips, {summary['new_clips']} new",
-        f"sources: {counts['new']} processed, {counts['unchanged']} already done, {counts['failed']} failed",
+        f"sources: {counts['new']} processed, {counts['unchanged']} already done{same}, {counts['failed']} failed",
     ]
+    lines += [f"  duplicate {d['source']}: {d['reason']}" for d in summary["duplicates"]]
     lines += [f"  failed [{f['stage']}] {f['source']}: {f['reason']}" for f in summary["failures"]]
     return lines
 

@@ -53,7 +53,7 @@ def test_bad_inputs_are_reported_and_the_rest_goes_on(prefect_server, tmp_path, 
         urls = [f"{srv.base}{path}" for path in routes]
         summary = ingest(sources=[str(video_dir), str(bad), *urls], data_root=str(tmp_path / "root"),
                          dataset="mixed", config=str(config))
-    assert summary["sources"] == {"new": 2, "unchanged": 0, "failed": 10}
+    assert summary["sources"] == {"new": 2, "unchanged": 0, "duplicate": 0, "failed": 10}
     reasons = {Path(f["source"]).name: (f["stage"], f["reason"]) for f in summary["failures"]}
     assert reasons["zero.mp4"] == ("probe", "empty file (0 bytes)")
     assert "not a readable video" in reasons["text.mp4"][1]
@@ -79,7 +79,7 @@ def test_bad_inputs_are_reported_and_the_rest_goes_on(prefect_server, tmp_path, 
     shorter = tmp_path / "shorter.yaml"  # other scene settings: the too-short video is cut after all
     shorter.write_text("scenes:\n  min_scene_s: 0.3\n")
     again = ingest(sources=[str(bad)], data_root=str(tmp_path / "root"), dataset="mixed", config=str(shorter))
-    assert again["sources"] == {"new": 1, "unchanged": 0, "failed": 4}
+    assert again["sources"] == {"new": 1, "unchanged": 0, "duplicate": 0, "failed": 4}
     assert {Path(f["source"]).name: (f["stage"], f["reason"]) for f in again["failures"]} == \
         {name: reasons[name] for name in ("zero.mp4", "text.mp4", "truncated.mp4", "audio_only.mp4")}
 
@@ -103,7 +103,7 @@ def test_rerun_is_idempotent_and_a_new_video_is_processed_alone(prefect_server, 
 
     shutil.copy(samples / "big_buck_bunny_0_30.webm", video_dir)
     third = ingest(sources=[str(video_dir)], data_root=str(root), dataset="d")
-    assert third["sources"] == {"new": 1, "unchanged": 2, "failed": 0}
+    assert third["sources"] == {"new": 1, "unchanged": 2, "duplicate": 0, "failed": 0}
     assert third["created"] and third["parent"] == first["version"] and third["new_clips"] == 5
     info = version_info(root, "d")
     assert info["num_clips"] == first["total_clips"] + 5 and len(info["shards"]) == 2
@@ -123,7 +123,7 @@ def test_rerun_is_idempotent_and_a_new_video_is_processed_alone(prefect_server, 
     smaller.write_text("clips:\n  short_side: 64\n")
     bunny = video_dir / "bigbuckbunny.mp4"
     fourth = ingest(sources=[str(bunny)], data_root=str(root), dataset="d", config=str(smaller))
-    assert fourth["created"] and fourth["sources"] == {"new": 1, "unchanged": 0, "failed": 0}
+    assert fourth["created"] and fourth["sources"] == {"new": 1, "unchanged": 0, "duplicate": 0, "failed": 0}
     recut = clip_table(root, "d")
     old_bunny = table[table["source"] == str(bunny)]
     new_bunny = recut[recut["source"] == str(bunny)]
@@ -144,7 +144,7 @@ def test_rerun_is_idempotent_and_a_new_video_is_processed_alone(prefect_server, 
     strict = tmp_path / "strict.yaml"
     strict.write_text("clips:\n  short_side: 64\nscenes:\n  min_scene_s: 100\n  max_scene_s: 200\n")
     fifth = ingest(sources=[str(bunny)], data_root=str(root), dataset="d", config=str(strict))
-    assert fifth["sources"] == {"new": 0, "unchanged": 0, "failed": 1} and fifth["created"]
+    assert fifth["sources"] == {"new": 0, "unchanged": 0, "duplicate": 0, "failed": 1} and fifth["created"]
     assert clip_table(root, "d").drop(columns=["shard"]).equals(others.drop(columns=["shard"]))
     assert version_info(root, "d")["replaced_clips"] == len(new_bunny)
 
@@ -156,7 +156,7 @@ def test_rerun_is_idempotent_and_a_new_video_is_processed_alone(prefect_server, 
                     str(edited)], check=True)
     os.replace(edited, asl)
     sixth = ingest(sources=[str(asl)], data_root=str(root), dataset="d")
-    assert sixth["created"] and sixth["sources"] == {"new": 1, "unchanged": 0, "failed": 0}
+    assert sixth["created"] and sixth["sources"] == {"new": 1, "unchanged": 0, "duplicate": 0, "failed": 0}
     new_asl = clip_table(root, "d").query("source == @asl.__str__()")
     assert len(old_asl) and len(new_asl) == sixth["new_clips"] and set(new_asl["source_sha256"]) != \
         set(old_asl["source_sha256"]) and new_asl["source_sha256"].nunique() == 1
@@ -235,6 +235,29 @@ def test_new_version_emits_event_and_artifact(prefect_server, tmp_path, video_di
     assert event["payload"]["new_clips"] == event["payload"]["total_clips"] == summary["total_clips"]
     table = next(a for a in artifacts if a.key == "ingest-events-test")
     assert "asl_book.mkv" in str(table.data)
+
+
+def test_the_same_bytes_at_two_paths_and_a_url_are_one_source(prefect_server, tmp_path, samples):
+    """Given at once to two workers, the bytes are cut once and listed once, under the first path by
+    name; the others are reported as its duplicates, and a rerun changes nothing."""
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for name in ("b.mkv", "a.mkv"):
+        shutil.copy(samples / "asl_book.mkv", videos / name)
+    with FaultServer({"/copy.mkv": ("ok", (samples / "asl_book.mkv").read_bytes())}) as srv:
+        sources = [f"{srv.base}/copy.mkv", str(videos)]
+        first = ingest(sources=sources, data_root=str(tmp_path / "root"), dataset="d", workers=2)
+        again = ingest(sources=sources[::-1], data_root=str(tmp_path / "root"), dataset="d", workers=2)
+    assert first["sources"] == {"new": 1, "unchanged": 0, "duplicate": 2, "failed": 0}
+    said = f"same bytes as {videos / 'a.mkv'}"
+    assert {d["source"]: d["reason"] for d in first["duplicates"]} == {f"{srv.base}/copy.mkv": said,
+                                                                       str(videos / "b.mkv"): said}
+    manifest = clip_table(tmp_path / "root", "d")
+    assert first["total_clips"] == len(manifest) == manifest["clip_id"].nunique() > 0
+    assert set(manifest["source"]) == {str(videos / "a.mkv")}
+    assert sorted(p.stem for p in (tmp_path / "root/datasets/d/clips").iterdir()) == sorted(manifest["clip_id"])
+    assert not again["created"] and again["version"] == first["version"]
+    assert again["sources"] == {"new": 0, "unchanged": 1, "duplicate": 2, "failed": 0}
 
 
 @pytest.mark.slow

@@ -288,3 +288,56 @@ def test_new_bytes_at_a_path_replace_its_clips_unless_another_path_gives_them_ag
     commit_version(ds, [again], [], {}, 8, frozenset(), {a["source"]: again["source_sha256"]})
     listed = load_manifest(tmp_path, "d").set_index("clip_id")["source"].to_dict()
     assert listed == {a["clip_id"]: "/elsewhere.mp4", b["clip_id"]: b["source"], again["clip_id"]: a["source"]}
+
+
+def test_the_same_bytes_at_two_paths_are_cut_once_even_at_once(tmp_path, samples):
+    """Two workers on two copies of one video: one cuts, the other waits and finds its record
+    (before, both cut the same clip files at once, and a failing one deleted what the other listed)."""
+    import json
+    import shutil
+    from concurrent.futures import ThreadPoolExecutor
+
+    from data_prep.ingest import merge_same_bytes, process_source
+    from data_prep.sources import SourceRef
+
+    for name in ("a.mkv", "b.mkv"):
+        shutil.copy(samples / "asl_book.mkv", tmp_path / name)
+    cfg, ds = load_ingest_config(None), tmp_path / "root" / "datasets" / "d"
+    refs = [SourceRef(str(tmp_path / name), "file") for name in ("b.mkv", "a.mkv")]
+    with ThreadPoolExecutor(2) as pool:
+        outcomes = list(pool.map(lambda ref: process_source(ref, tmp_path / "root", ds, cfg), refs))
+    assert sorted(o.status for o in outcomes) == ["new", "unchanged"]
+    assert outcomes[0].clips and [c["clip_id"] for c in outcomes[0].clips] == [c["clip_id"] for c in outcomes[1].clips]
+    (record,) = [json.loads(p.read_text()) for p in (ds / "sources").glob("*.json")]
+    assert all((ds / clip["clip_path"]).is_file() for clip in record["clips"])
+    assert sorted(p.name for p in (ds / "clips").iterdir()) == sorted(f"{c['clip_id']}.mp4" for c in record["clips"])
+    assert not (ds / ".locks").exists() or not any((ds / ".locks").iterdir())  # lock files live only while held
+
+    # reported as one source, whoever cut it and whatever order they were given in
+    b, a = merge_same_bytes(outcomes)
+    assert (a.status, b.status) == ("new", "duplicate") and b.reason == f"same bytes as {a.source}"
+    assert {c["source"] for c in a.clips} == {a.source} and not b.clips
+    assert merge_same_bytes(outcomes[::-1]) == [a, b]
+
+
+def test_same_bytes_are_one_source_whichever_cut_them_and_failed_ones_stay_failed():
+    from data_prep.ingest import SourceOutcome, merge_same_bytes
+
+    clip = {"clip_id": "c" * 16, "source": "/x/b.mp4", "source_sha256": "s" * 64}
+    cut_by_b = [SourceOutcome("/x/b.mp4", "new", "s" * 64, clips=[clip]),
+                SourceOutcome("/x/a.mp4", "unchanged", "s" * 64, clips=[{**clip, "source": "/x/a.mp4"}]),
+                SourceOutcome("https://h/a.mp4", "failed", stage="download", reason="HTTP 404 Not Found")]
+    merged = merge_same_bytes(cut_by_b)
+    assert [(o.source, o.status) for o in merged] == [
+        ("/x/b.mp4", "duplicate"), ("/x/a.mp4", "new"), ("https://h/a.mp4", "failed")]
+    assert merged[1].clips == [{**clip, "source": "/x/a.mp4"}]
+    # a transient failure under one name and a cut under the other: the bytes were cut
+    flaky = [SourceOutcome("/x/a.mp4", "failed", "s" * 64, stage="decode", reason="out of memory"),
+             SourceOutcome("/x/b.mp4", "new", "s" * 64, clips=[clip])]
+    assert [(o.status, o.clips) for o in merge_same_bytes(flaky)] == [
+        ("new", [{**clip, "source": "/x/a.mp4"}]), ("duplicate", [])]
+    # rejected under both names: the first's rejection speaks for both, the other is its duplicate
+    bad = [SourceOutcome(s, "failed", "r" * 64, stage="probe", reason="empty file (0 bytes)", rejected=True)
+           for s in ("/x/z.mp4", "/x/y.mp4")]
+    assert [(o.status, o.reason) for o in merge_same_bytes(bad)] == [
+        ("duplicate", "same bytes as /x/y.mp4"), ("failed", "empty file (0 bytes)")]
