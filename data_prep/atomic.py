@@ -27,6 +27,23 @@ def replacing(path: Path, suffix: str = ".part"):
         temp.unlink(missing_ok=True)
 
 
+def fsync_path(path: Path) -> None:
+    """Flush to disk a file's bytes, or a folder's entries (the names just renamed into it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def durable_replace(temp: Path, path: Path) -> None:
+    """Rename a complete temp file that another process wrote (an encoder) over `path`, its bytes
+    flushed first as `atomic_write_bytes` flushes its own: after a crash, `path` is the old file or
+    the whole new one, never a name whose bytes never reached the disk."""
+    fsync_path(temp)
+    os.replace(temp, path)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     with replacing(path) as temp, open(temp, "wb") as handle:
         handle.write(data)

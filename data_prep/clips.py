@@ -11,7 +11,6 @@ wait in a short delay line so that cuts the detector reports a few frames late
 from __future__ import annotations
 
 import math
-import os
 import subprocess
 import tempfile
 import uuid
@@ -24,6 +23,7 @@ import cv2
 import ffmpeg
 import numpy as np
 
+from data_prep.atomic import durable_replace, fsync_path
 from data_prep.config import ClipConfig, IngestConfig
 from data_prep.dataset import clip_id_for
 from data_prep.ffmpeg_bin import ffmpeg_exe
@@ -173,7 +173,7 @@ def cut_source(
         else:
             temp = writer.finish()
             clip_id = clip_id_for(source_sha, clip_start, end, settings)
-            os.replace(temp, clips_dir / f"{clip_id}.mp4")
+            durable_replace(temp, clips_dir / f"{clip_id}.mp4")
             result.clips.append({
                 "clip_id": clip_id, "start_frame": clip_start, "end_frame": end,
                 "start_s": time_of(clip_start), "end_s": time_of(end) if end < len(times) else probe.duration_s,
@@ -240,6 +240,9 @@ def cut_source(
             while pending:
                 emit(*pending.popleft())
             close(index)
+            # the renames on disk before the caller writes the record that lists these clips (the
+            # record is in another folder: its rename could otherwise reach the disk first)
+            fsync_path(clips_dir)
         except BaseException:
             process.kill()
             process.wait()

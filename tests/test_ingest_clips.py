@@ -265,3 +265,25 @@ def test_a_fade_between_two_shots_leaves_both_as_clips(tmp_path):
     (first, second) = [(c["start_frame"], c["end_frame"]) for c in result.clips]
     assert first[0] == 0 and first[1] >= 60  # the whole first shot, up to the fade
     assert second[1] == 135 and second[0] <= 75  # the whole second shot, from the fade's end
+
+
+def test_a_clip_is_renamed_into_place_whole_and_flushed(tmp_path):
+    """Clips go through atomic.durable_replace (fsync, then rename), as the records go through
+    atomic_write_bytes: a clip file is whole under its final name and no temp file is left."""
+    from data_prep.atomic import durable_replace, fsync_path
+
+    target, temp = tmp_path / "clip.mp4", tmp_path / ".tmp-x.mp4"
+    target.write_bytes(b"old")
+    temp.write_bytes(b"new bytes" * 1000)
+    durable_replace(temp, target)
+    assert target.read_bytes() == b"new bytes" * 1000 and not temp.exists()
+    with pytest.raises(FileNotFoundError):  # nothing to rename: the old file stays
+        durable_replace(tmp_path / ".tmp-gone.mp4", target)
+    assert target.read_bytes() == b"new bytes" * 1000
+    fsync_path(tmp_path)  # a folder too (its entries)
+
+    result = run(_encode(tmp_path / "source.mp4", *PATTERN), tmp_path)
+    listed = sorted(f"{c['clip_id']}.mp4" for c in result.clips)
+    assert listed and sorted(p.name for p in (tmp_path / "clips").iterdir()) == listed
+    for clip in result.clips:
+        assert len(decode(_clip_file(result, clip))) == clip["num_frames"]
