@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import re
+import socket
 import sys
 import threading
 from pathlib import Path
@@ -132,11 +134,75 @@ def summary_lines(summary: dict) -> list[str]:
     return lines
 
 
-def with_task_runner(kind: str, address: str | None, workers: int):
-    """The ingest flow on the chosen task runner: threads (default) or a Dask cluster."""
-    if kind == "dask":
-        from prefect_dask import DaskTaskRunner
+SCHEDULER_CHECK_S = 5.0  # a scheduler answers in milliseconds
 
+
+def check_scheduler(address: str, timeout_s: float = SCHEDULER_CHECK_S) -> None:
+    """A ValueError naming `address` and the reason, unless a Dask scheduler answers there within
+    `timeout_s`. Checked before the flow starts: distributed itself retries for 30 s (for ever
+    behind a port that is not a scheduler's) and then fails the flow with a trace."""
+    from distributed.comm import parse_address, parse_host_port
+    from distributed.comm.registry import get_backend
+
+    try:
+        scheme, location = parse_address(address)
+        get_backend(scheme)  # a ValueError naming the schemes it knows
+        host, port = parse_host_port(location, 8786) if scheme in ("tcp", "tls") else (None, None)
+        if port is not None and not 0 < port < 65536:
+            raise ValueError(f"port {port} is not in 1-65535")
+    except ValueError as err:
+        raise ValueError(f"--dask-address {address}: not a scheduler address ({err})") from None
+    reason = _tcp_unreachable(host, port, timeout_s) if host else None
+    if reason is None and scheme == "tcp":  # tls needs the cluster's certificates: the runner finds out
+        reason = _not_a_scheduler(address, timeout_s)
+    if reason:
+        raise ValueError(f"--dask-address {address}: no Dask scheduler there ({reason})")
+
+
+def _tcp_unreachable(host: str, port: int, timeout_s: float) -> str | None:
+    """Why nothing takes a TCP connection at host:port (at once where the OS knows: refused,
+    unknown host), or None if something does."""
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except socket.gaierror as err:
+        return f"unknown host {host!r}: {err.strerror}"
+    except TimeoutError:
+        return f"no answer within {timeout_s:g} s"
+    except OSError as err:
+        return (err.strerror or str(err)).lower()
+    return None
+
+
+def _not_a_scheduler(address: str, timeout_s: float) -> str | None:
+    """Why what answers at `address` is not a Dask scheduler (a web server, a worker's port), or None."""
+    from distributed.comm import connect
+
+    async def identity() -> dict:
+        comm = await connect(address, timeout=timeout_s)
+        try:
+            await comm.write({"op": "identity", "reply": True})
+            return await comm.read()
+        finally:
+            comm.abort()
+
+    try:  # distributed's own handshake waits for ever on a peer that never replies: our deadline
+        reply = asyncio.run(asyncio.wait_for(identity(), timeout_s))
+    except Exception as err:
+        return f"something answers there, but no Dask handshake within {timeout_s:g} s: {err.__class__.__name__}"
+    kind = reply.get("type") if isinstance(reply, dict) else None
+    return None if kind == "Scheduler" else f"it answers as a {kind or 'peer of another kind'}, not a scheduler"
+
+
+def with_task_runner(kind: str, address: str | None, workers: int):
+    """The ingest flow on the chosen task runner: threads (default) or a Dask cluster (its
+    scheduler at `address` checked first: a ValueError naming it, quickly, if none answers)."""
+    if kind == "dask":
+        try:
+            from prefect_dask import DaskTaskRunner
+        except ImportError as err:  # an install without the dependency (pyproject lists it)
+            raise ValueError(f"--task-runner dask needs prefect-dask and distributed ({err})") from None
+        if address:
+            check_scheduler(address)
         runner = (DaskTaskRunner(address=address) if address else
                   DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True}))
         return ingest.with_options(task_runner=runner)

@@ -260,6 +260,48 @@ def test_the_same_bytes_at_two_paths_and_a_url_are_one_source(prefect_server, tm
     assert again["sources"] == {"new": 0, "unchanged": 1, "duplicate": 2, "failed": 0}
 
 
+def _free_loopback_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]  # closed on return: nothing listens there
+
+
+def test_an_unreachable_dask_scheduler_is_one_line_at_once_and_touches_nothing(tmp_path, samples, capsys):
+    """Before: the flow started, distributed retried for 30 s, and a 60-line trace came out."""
+    from flows.cli import main
+
+    dataset = tmp_path / "root" / "datasets" / "default"  # what an earlier ingest left: stays as it is
+    (dataset / "clips").mkdir(parents=True)
+    (dataset / "clips" / "c.mp4").write_bytes(b"clip")
+    (dataset / "latest").write_text("v1\n")
+    before = {p: p.read_bytes() for p in dataset.rglob("*") if p.is_file()}
+    address = f"tcp://127.0.0.1:{_free_loopback_port()}"
+    started = time.monotonic()
+    code = main(["ingest", str(samples / "asl_book.mkv"), "--data-root", str(tmp_path / "root"), "--no-progress",
+                 "--task-runner", "dask", "--dask-address", address])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == f"error: --dask-address {address}: no Dask scheduler there (connection refused)"
+    assert time.monotonic() - started < 5
+    assert {p: p.read_bytes() for p in dataset.rglob("*") if p.is_file()} == before
+
+
+def test_a_dask_address_is_checked_for_a_scheduler(tmp_path):
+    from distributed import LocalCluster
+
+    from flows.ingest import check_scheduler
+
+    with LocalCluster(n_workers=0, processes=False, protocol="tcp", dashboard_address=None) as cluster:
+        check_scheduler(cluster.scheduler_address, timeout_s=2)  # a scheduler: no error
+    with FaultServer({}) as web, pytest.raises(ValueError) as err:  # a web server, not a scheduler
+        check_scheduler(web.base.replace("http", "tcp"), timeout_s=0.5)
+    assert "something answers there, but no Dask handshake within 0.5 s" in str(err.value)
+    for address, reason in [("ftp://host:1", "unknown address scheme 'ftp'"), ("tcp://host:70000", "port 70000")]:
+        with pytest.raises(ValueError, match=f"--dask-address {address}: not a scheduler address .*{reason}"):
+            check_scheduler(address)
+
+
 @pytest.mark.slow
 def test_dask_task_runner_gives_the_same_manifest(prefect_server, tmp_path, video_dir):
     threads = ingest(sources=[str(video_dir)], data_root=str(tmp_path / "a"), dataset="d")
