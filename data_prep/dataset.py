@@ -146,8 +146,8 @@ def manifest_digest(manifest: pd.DataFrame) -> str:
 
 
 def empty_manifest() -> pd.DataFrame:
-    return pd.DataFrame({c: pd.Series(dtype="int64" if c in ("start_frame", "end_frame", "num_frames", "width", "height")
-                                      else "float64" if c in ("start_s", "end_s", "fps") else "object")
+    ints, floats = ("start_frame", "end_frame", "num_frames", "width", "height"), ("start_s", "end_s", "fps")
+    return pd.DataFrame({c: pd.Series(dtype="int64" if c in ints else "float64" if c in floats else "object")
                          for c in MANIFEST_COLUMNS})
 
 

@@ -177,7 +177,8 @@ def test_a_dataset_whose_only_source_is_rejected_gets_an_empty_version(prefect_s
     strict.write_text("clips:\n  short_side: 128\nscenes:\n  min_scene_s: 100\n  max_scene_s: 200\n")
     second = ingest(sources=[str(source)], data_root=str(root), dataset="one", config=str(strict))
     assert second["created"] and second["total_clips"] == 0 and second["version"] != first["version"]
-    assert load_manifest(root, "one").empty and len(load_manifest(root, "one", first["version"])) == first["total_clips"]
+    assert load_manifest(root, "one").empty
+    assert len(load_manifest(root, "one", first["version"])) == first["total_clips"]
     assert version_info(root, "one")["replaced_clips"] == first["total_clips"]
     again = ingest(sources=[str(source)], data_root=str(root), dataset="one", config=str(strict))
     assert not again["created"] and again["version"] == second["version"]  # a rerun changes nothing
