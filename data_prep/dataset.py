@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from data_prep.atomic import atomic_write_bytes, atomic_write_json, replacing
+from data_prep.atomic import atomic_write_bytes, atomic_write_json, fsync_path, replacing
 
 MANIFEST_COLUMNS = [
     "clip_id", "source", "source_sha256", "start_frame", "end_frame", "start_s", "end_s",
@@ -191,10 +191,12 @@ def write_shards(ds_dir: Path, manifest: pd.DataFrame, max_clips: int) -> dict[s
         holder.update({r["clip_id"]: f"shards/{final.name}" for r in chunk})
         if final.exists():
             continue
-        with replacing(final) as temp, tarfile.open(temp, "w", format=tarfile.USTAR_FORMAT) as tar:
-            for row in chunk:
-                _add_member(tar, f"{row['clip_id']}.mp4", (ds_dir / row["clip_path"]).read_bytes())
-                _add_member(tar, f"{row['clip_id']}.json", json.dumps(row, default=str, sort_keys=True).encode())
+        with replacing(final) as temp:
+            with tarfile.open(temp, "w", format=tarfile.USTAR_FORMAT) as tar:
+                for row in chunk:
+                    _add_member(tar, f"{row['clip_id']}.mp4", (ds_dir / row["clip_path"]).read_bytes())
+                    _add_member(tar, f"{row['clip_id']}.json", json.dumps(row, default=str, sort_keys=True).encode())
+            fsync_path(temp)  # on disk before the version that lists it
     return holder
 
 
@@ -273,6 +275,10 @@ def commit_version(ds_dir: Path, new_rows: list[dict], failures: list[dict], con
             "num_sources": int(manifest["source_sha256"].nunique()), "num_frames": int(manifest["num_frames"].sum()),
             "shards": shards, "config": config,
         })
+        for written in ("manifest.parquet", "failures.parquet", "."):  # dataset.json flushes itself; ".": the names
+            fsync_path(temp / written)
         os.replace(temp, final)
+    fsync_path(ds_dir / "versions")  # the version and its shards on disk before `latest` names it
+    fsync_path(ds_dir / "shards")
     atomic_write_bytes(ds_dir / "latest", (version + "\n").encode())
     return VersionResult(version, True, parent, len(added), len(manifest), final)

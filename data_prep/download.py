@@ -17,6 +17,7 @@ from urllib.parse import urljoin, urlparse
 
 import requests
 
+from data_prep.atomic import durable_replace
 from data_prep.config import VIDEO_EXTENSIONS, DownloadConfig
 from data_prep.dataset import same_file
 
@@ -225,7 +226,7 @@ def _store(temp: Path, raw_dir: Path, suffix: str) -> tuple[Path, str]:
         temp.unlink()
         return existing, digest
     final = raw_dir / f"{digest}{suffix}"
-    os.replace(temp, final)
+    durable_replace(temp, final)  # a name that claims these bytes never holds fewer after a crash
     return final, digest
 
 
