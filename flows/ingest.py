@@ -217,8 +217,10 @@ def register(subparsers) -> None:
     parser.add_argument("--data-root", default="mav-data")
     parser.add_argument("--dataset", default="default")
     parser.add_argument("--config", default=None, help="ingest YAML (e.g. configs/base/ingest.yaml)")
-    parser.add_argument("--task-runner", choices=["threads", "dask"], default="threads")
-    parser.add_argument("--dask-address", default=None, help="scheduler address of an existing Dask cluster")
+    parser.add_argument("--task-runner", choices=["threads", "dask"], default=None,
+                        help="threads (default), or dask: a local Dask cluster, or the one at --dask-address")
+    parser.add_argument("--dask-address", default=None,
+                        help="scheduler address of an existing Dask cluster (implies --task-runner dask)")
     parser.add_argument("--workers", type=positive_int, default=None, help="sources processed at once")
     parser.add_argument("--no-progress", action="store_true")
     parser.set_defaults(func=_run)
@@ -232,7 +234,11 @@ def _run(args: argparse.Namespace) -> int:
         writable_folder(args.data_root, "--data-root")
         if not all(source.strip() for source in args.sources):
             raise ValueError("an empty source was given (an unset shell variable?)")
-        run = with_task_runner(args.task_runner, args.dask_address, workers)
+        if args.dask_address and args.task_runner == "threads":
+            raise ValueError(f"--dask-address {args.dask_address}: --dask-address is for --task-runner dask, "
+                             "not threads: drop one")
+        runner = args.task_runner or ("dask" if args.dask_address else "threads")
+        run = with_task_runner(runner, args.dask_address, workers)
         summary = run(sources=args.sources, data_root=args.data_root, dataset=args.dataset,
                       config=args.config, progress=not args.no_progress, workers=workers)
     except (ValueError, OSError) as err:  # a config, a dataset name, a data root that cannot be written
