@@ -63,16 +63,29 @@ def load_chain(checkpoints: dict[str, str | Path], device: str | torch.device = 
     return chain
 
 
-def _noise(shape, generator, device):
-    return torch.randn(*shape, generator=generator).to(device)
+def seeded(seed: int, n: int) -> list[torch.Generator]:
+    """One generator per video, video i's seeded `seed + i` (diffusers' convention): a video's noise
+    is its own, the same whatever the batch it is sampled in and its place there."""
+    return [torch.Generator().manual_seed(seed + i) for i in range(n)]
+
+
+def _one_each(generators: list[torch.Generator], videos: int) -> None:
+    if len(generators) != videos:
+        raise ValueError(f"{len(generators)} generators for {videos} videos: give one per video")
+
+
+def _noise(shape, generators: list[torch.Generator], device) -> torch.Tensor:
+    """[B, *shape] noise, video i's from generators[i] (on the CPU: the same numbers on every device)."""
+    return torch.stack([torch.randn(*shape, generator=g) for g in generators]).to(device)
 
 
 def interpolate_frames(net: InterpolationStage, video: torch.Tensor, image_emb: torch.Tensor, fps: float,
-                       skip: int, generator, steps=None, guidance=None) -> torch.Tensor:
-    """[B,3,T,H,W] -> [B,3,(T-1)*skip+1,H,W]."""
+                       skip: int, generators: list[torch.Generator], steps=None, guidance=None) -> torch.Tensor:
+    """[B,3,T,H,W] -> [B,3,(T-1)*skip+1,H,W]; video i's noise from generators[i]."""
     b, c, t, h, w = video.shape
     if t < 2:
         raise ValueError(f"frame interpolation needs at least 2 frames, the decoder made {t}")
+    _one_each(generators, b)
     known_per_window = min(t, max(2, (net.config.data.frames - 1) // skip + 1))
     n_windows = -(-(t - 1) // (known_per_window - 1))
     starts = [min(i * (known_per_window - 1), t - known_per_window) for i in range(n_windows)]
@@ -86,7 +99,9 @@ def interpolate_frames(net: InterpolationStage, video: torch.Tensor, image_emb: 
     cond = {"image_emb": repeat(image_emb, "b d -> (b n) d", n=len(starts)),
             "fps": torch.full((dense.shape[0],), fps * skip, device=video.device),
             "extra": net.extra(dense, mask)}
-    out = net.generate(cond, _noise(dense.shape, generator, video.device), steps, guidance)
+    noise = rearrange(_noise((len(starts), c, length, h, w), generators, video.device),
+                      "b n c t h w -> (b n) c t h w")
+    out = net.generate(cond, noise, steps, guidance)
     out = torch.where(mask.bool(), dense, out)  # known frames exactly
     out = rearrange(out, "(b n) c t h w -> b n c t h w", b=b)
     result = torch.zeros(b, c, (t - 1) * skip + 1, h, w, device=video.device)
@@ -125,23 +140,25 @@ def denoise_in_windows(denoise, window: int, overlap: int):
     return windowed
 
 
-def super_resolve_video(net: DiffusionStage, video: torch.Tensor, fps: float, generator, steps=None,
-                        lowres_noise: float | None = None) -> torch.Tensor:
-    """SR^t_l over the whole clip in overlapping windows of its training length; [B,3,T,h,w] -> [B,3,T,H,W].
+def super_resolve_video(net: DiffusionStage, video: torch.Tensor, fps: float, generators: list[torch.Generator],
+                        steps=None, lowres_noise: float | None = None) -> torch.Tensor:
+    """SR^t_l over the whole clip in overlapping windows of its training length; [B,3,T,h,w] -> [B,3,T,H,W],
+    video i's noise from generators[i].
     `lowres_noise`: the input's augmentation level (default: the config's sampling.lowres_noise)."""
     low, size, window = net.config.data.lowres_size, net.config.data.size, net.config.data.frames
     overlap = net.config.sampling.window_overlap
     overlap = window // 2 if overlap is None else overlap
     if not net.config.video:  # frame by frame: windows only bound the memory
         overlap = 0
+    _one_each(generators, video.shape[0])
     if video.shape[-1] != low:
         video = net.upsample(video, low)
     level = lowres_level(net, lowres_noise)
-    cond = net.lowres_condition(video, size, level, _lowres_noise(net, video.shape, generator))
+    cond = net.lowres_condition(video, size, level, _lowres_noise(net, video.shape[1:], generators))
     cond["fps"] = torch.full((video.shape[0],), fps, device=video.device)
     b, c, t = video.shape[:3]
     denoise = denoise_in_windows(net.denoise, window, overlap)
-    return net.generate(cond, _noise((b, c, t, size, size), generator, video.device), steps, 1.0, denoise=denoise)
+    return net.generate(cond, _noise((c, t, size, size), generators, video.device), steps, 1.0, denoise=denoise)
 
 
 def lowres_level(net: DiffusionStage, level: float | None) -> float:
@@ -155,21 +172,23 @@ def lowres_level(net: DiffusionStage, level: float | None) -> float:
     return level
 
 
-def _lowres_noise(net: DiffusionStage, shape, generator) -> torch.Tensor | None:
+def _lowres_noise(net: DiffusionStage, shape, generators: list[torch.Generator]) -> torch.Tensor | None:
     """The noise for the low-res input's augmentation (None where the net was trained without it)."""
-    return _noise(shape, generator, net.device) if net.config.data.lowres_noise_max else None
+    return _noise(shape, generators, net.device) if net.config.data.lowres_noise_max else None
 
 
-def super_resolve_frames(net: DiffusionStage, video: torch.Tensor, generator, steps=None,
+def super_resolve_frames(net: DiffusionStage, video: torch.Tensor, generators: list[torch.Generator], steps=None,
                          frames_per_batch: int = 16, lowres_noise: float | None = None) -> torch.Tensor:
-    """SR_h per frame; every frame of a clip starts from the same noise. [B,3,T,h,w] -> [B,3,T,H,W]."""
+    """SR_h per frame; every frame of a clip starts from the same noise, video i's from generators[i].
+    [B,3,T,h,w] -> [B,3,T,H,W]."""
     low, size = net.config.data.lowres_size, net.config.data.size
     level = lowres_level(net, lowres_noise)
     b, _, t = video.shape[:3]
+    _one_each(generators, b)
     if video.shape[-1] != low:
         video = net.upsample(video, low)
-    shared = _noise((b, 3, size, size), generator, video.device)
-    shared_lowres = _lowres_noise(net, (b, 3, low, low), generator)  # shared too, for the same reason
+    shared = _noise((3, size, size), generators, video.device)
+    shared_lowres = _lowres_noise(net, (3, low, low), generators)  # shared too, for the same reason
     frames = rearrange(video, "b c t h w -> (b t) c h w")
     noise = repeat(shared, "b c h w -> (b t) c h w", t=t)
     if shared_lowres is not None:
@@ -186,30 +205,31 @@ def super_resolve_frames(net: DiffusionStage, video: torch.Tensor, generator, st
 def generate(chain: dict[str, DiffusionStage], prompts: list[str], *, steps: int | None = None,
              guidance: float | None = None, seed: int = 0, lowres_noise: float | None = None
              ) -> tuple[torch.Tensor, float]:
-    """-> (video float [B,3,T,H,W] in [-1,1], fps). `lowres_noise`: both SR stages' augmentation level
-    (default: each one's sampling.lowres_noise)."""
+    """-> (video float [B,3,T,H,W] in [-1,1], fps). Video i draws all its noise from its own generator,
+    seeded `seed + i`: alone with that seed it comes out the same. `lowres_noise`: both SR stages'
+    augmentation level (default: each one's sampling.lowres_noise)."""
     if guidance is not None and not (math.isfinite(guidance) and guidance >= 0):  # nan: a black video
         raise ValueError(f"guidance must be a finite number >= 0, got {guidance}")
     for stage in ("sr_low", "sr_high"):  # before minutes of sampling the stages before them
         if stage in chain:
             lowres_level(chain[stage], lowres_noise)
-    generator = torch.Generator().manual_seed(seed)
+    generators = seeded(seed, len(prompts))
     prior, decoder = chain["prior"], chain["decoder"]
     device = decoder.device
-    image_emb = prior.sample(prompts, generator, steps=steps, guidance=guidance).to(device)
+    image_emb = prior.sample(prompts, generators, steps=steps, guidance=guidance).to(device)
     s = decoder.config.sampling
     size = decoder.config.data.size
     cond = {"image_emb": image_emb, "fps": torch.full((len(prompts),), s.fps, device=device)}
-    video = decoder.generate(cond, _noise((len(prompts), 3, s.frames, size, size), generator, device), steps, guidance)
+    video = decoder.generate(cond, _noise((3, s.frames, size, size), generators, device), steps, guidance)
     fps = s.fps
     if "interpolation" in chain:
         skip = chain["interpolation"].config.sampling.skip
-        video = interpolate_frames(chain["interpolation"], video, image_emb, fps, skip, generator, steps, guidance)
+        video = interpolate_frames(chain["interpolation"], video, image_emb, fps, skip, generators, steps, guidance)
         fps = fps * skip
     if "sr_low" in chain:
-        video = super_resolve_video(chain["sr_low"], video, fps, generator, steps, lowres_noise)
+        video = super_resolve_video(chain["sr_low"], video, fps, generators, steps, lowres_noise)
     if "sr_high" in chain:
-        video = super_resolve_frames(chain["sr_high"], video, generator, steps, lowres_noise=lowres_noise)
+        video = super_resolve_frames(chain["sr_high"], video, generators, steps, lowres_noise=lowres_noise)
     return video.clamp(-1, 1), fps
 
 

@@ -216,11 +216,13 @@ class PriorStage(DiffusionStage):
         return self.net(x_t, t, cond["text_emb"], cond["tokens"])
 
     @torch.no_grad()
-    def sample(self, captions: list[str], generator: torch.Generator | None = None, **kw) -> torch.Tensor:
-        """Prompts -> L2-normalised CLIP image embeddings [B,D]."""
+    def sample(self, captions: list[str], generators: list[torch.Generator], **kw) -> torch.Tensor:
+        """Prompts -> L2-normalised CLIP image embeddings [B,D]; caption i's noise from generators[i]."""
+        if len(generators) != len(captions):
+            raise ValueError(f"{len(generators)} generators for {len(captions)} captions: give one per caption")
         cond = self.text_condition(captions)
-        noise = torch.randn(len(captions), self.net.kwargs["embed_dim"], generator=generator,
-                            device="cpu").to(self.device)
+        noise = torch.stack([torch.randn(self.net.kwargs["embed_dim"], generator=g) for g in generators])
+        noise = noise.to(self.device)
         return F.normalize(self.generate(cond, noise, **kw), dim=-1)
 
 

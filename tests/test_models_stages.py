@@ -830,21 +830,21 @@ def test_the_chain_refuses_image_mode_and_mixed_clip_checkpoints(chain, tmp_path
 
 def test_interpolation_of_very_short_decoder_outputs(chain):
     """Fewer decoder frames than one window's known frames: windows shrink to what there is."""
-    from models.sampling import interpolate_frames, load_chain
+    from models.sampling import interpolate_frames, load_chain, seeded
 
     loaded = load_chain({s: chain[s].checkpoint for s in ("prior", "decoder", "interpolation")})
-    net, generator, size = loaded["interpolation"], torch.Generator().manual_seed(0), loaded["interpolation"].config.data.size
-    image_emb = loaded["prior"].sample(["a red circle"], generator, steps=1)
+    net, generators, size = loaded["interpolation"], seeded(0, 1), loaded["interpolation"].config.data.size
+    image_emb = loaded["prior"].sample(["a red circle"], generators, steps=1)
     for t in (2, 3):
         video = torch.rand(1, 3, t, size, size) * 2 - 1
-        out = interpolate_frames(net, video, image_emb, 4.0, 5, generator, steps=1)
+        out = interpolate_frames(net, video, image_emb, 4.0, 5, generators, steps=1)
         assert out.shape == (1, 3, (t - 1) * 5 + 1, size, size)
         assert torch.equal(out[:, :, ::5], video)  # the decoder's frames are kept exactly
     with pytest.raises(ValueError, match="at least 2 frames"):
-        interpolate_frames(net, video[:, :, :1], image_emb, 4.0, 5, generator)
+        interpolate_frames(net, video[:, :, :1], image_emb, 4.0, 5, generators)
     # the frames in between are generated from the known ones (the same noise, other known frames);
     # a few training steps leave the zero-initialised input weights small, hence the small bound
-    a, b = (interpolate_frames(net, v, image_emb, 4.0, 5, torch.Generator().manual_seed(1), steps=1)
+    a, b = (interpolate_frames(net, v, image_emb, 4.0, 5, seeded(1, 1), steps=1)
             for v in (video, -video))
     assert (a[:, :, 1:5] - b[:, :, 1:5]).abs().max() > 1e-6
 
@@ -863,16 +863,18 @@ def test_known_frames_and_mask_are_the_interpolation_nets_extra_channels():
 
 def test_sr_high_starts_every_frame_of_a_clip_from_the_same_noise(chain):
     """A clip of identical frames comes out as identical frames (per-frame noise would differ),
-    and two clips of a batch get different noise."""
-    from models.sampling import super_resolve_frames
+    and two clips of a batch get different noise, each from its own generator."""
+    from models.sampling import seeded, super_resolve_frames
 
     net = load_stage(chain["sr_high"].checkpoint, "sr_high")
     low = net.config.data.lowres_size
     still = (torch.rand(1, 3, 1, low, low) * 2 - 1).expand(2, 3, 3, low, low).contiguous()
-    out = super_resolve_frames(net, still, torch.Generator().manual_seed(0), steps=1, frames_per_batch=2)
+    out = super_resolve_frames(net, still, seeded(0, 2), steps=1, frames_per_batch=2)
     assert out.shape == (2, 3, 3, net.config.data.size, net.config.data.size)
     assert torch.allclose(out[:, :, 1:], out[:, :, :1].expand_as(out[:, :, 1:]), atol=1e-6)
     assert (out[0] - out[1]).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="1 generators for 2 videos: give one per video"):
+        super_resolve_frames(net, still, seeded(0, 1), steps=1)
 
 
 def test_lowres_noise_augmentation_noises_the_input_by_the_schedule_and_tells_the_net(chain):
@@ -960,7 +962,7 @@ def test_windowed_denoising_averages_the_windows_that_share_a_frame():
 def test_sr_low_sees_only_windows_of_its_training_length(chain, overlap, windows_per_step):
     """13 frames through the 6-frame sr_low: overlapping full windows (by default half a window
     shared), never a short remainder; every frame super-resolved."""
-    from models.sampling import super_resolve_video
+    from models.sampling import seeded, super_resolve_video
 
     net = load_stage(chain["sr_low"].checkpoint, "sr_low")
     net.config.sampling.window_overlap = overlap
@@ -969,24 +971,24 @@ def test_sr_low_sees_only_windows_of_its_training_length(chain, overlap, windows
                                         or denoise(x_t, t, cond))
     low, size = net.config.data.lowres_size, net.config.data.size
     video = torch.rand(1, 3, 13, low, low) * 2 - 1
-    out = super_resolve_video(net, video, 8.0, torch.Generator().manual_seed(0), steps=2)
+    out = super_resolve_video(net, video, 8.0, seeded(0, 1), steps=2)
     assert out.shape == (1, 3, 13, size, size) and torch.isfinite(out).all()
     assert set(lengths) == {net.config.data.frames} and len(lengths) == 2 * windows_per_step
     assert levels == [[round(net.config.sampling.lowres_noise * 999)]] * len(lengths) == [[100]] * len(lengths)
     levels.clear()
-    super_resolve_video(net, video, 8.0, torch.Generator().manual_seed(0), steps=1, lowres_noise=0.3)
+    super_resolve_video(net, video, 8.0, seeded(0, 1), steps=1, lowres_noise=0.3)
     assert levels == [[300]] * windows_per_step
 
 
 def test_image_mode_sr_low_super_resolves_frame_by_frame_in_windows(chain):
-    from models.sampling import super_resolve_video
+    from models.sampling import seeded, super_resolve_video
 
     net = load_stage(chain["sr_low_image"].checkpoint, "sr_low")
     lengths, denoise = [], net.denoise
     net.denoise = lambda x_t, t, cond: lengths.append(x_t.shape[2]) or denoise(x_t, t, cond)
     low, size = net.config.data.lowres_size, net.config.data.size
     video = (torch.rand(1, 3, 1, low, low) * 2 - 1).expand(1, 3, 13, low, low).contiguous()
-    out = super_resolve_video(net, video, 8.0, torch.Generator().manual_seed(0), steps=1)
+    out = super_resolve_video(net, video, 8.0, seeded(0, 1), steps=1)
     assert out.shape == (1, 3, 13, size, size)
     assert lengths == [6, 6, 6]  # no overlap: 0-6, 6-12, and 7-13 for the last frame
     assert (out[:, :, 1:] - out[:, :, :1]).abs().max() > 1e-3  # its own noise per frame: no temporal layers
@@ -1008,7 +1010,7 @@ def test_sampling_refuses_a_lowres_noise_the_sr_stages_never_trained_on_before_s
 
 
 def test_sr_high_noises_every_frames_input_alike_at_the_sampling_level(chain):
-    from models.sampling import super_resolve_frames
+    from models.sampling import seeded, super_resolve_frames
 
     net = load_stage(chain["sr_high"].checkpoint, "sr_high")
     extras, levels, denoise = [], [], net.denoise
@@ -1016,11 +1018,29 @@ def test_sr_high_noises_every_frames_input_alike_at_the_sampling_level(chain):
                                         or denoise(x_t, t, cond))
     low = net.config.data.lowres_size
     still = (torch.rand(1, 3, 1, low, low) * 2 - 1).expand(1, 3, 3, low, low).contiguous()
-    super_resolve_frames(net, still, torch.Generator().manual_seed(0), steps=1)
+    super_resolve_frames(net, still, seeded(0, 1), steps=1)
     assert levels == [[100, 100, 100]]
     clean = net.upsample(still[:, :, 0], net.config.data.size)
     assert (extras[0][0] - clean[0]).abs().max() > 0.05  # noised (level 0.1: sigma ~0.16) ...
     assert torch.equal(extras[0][1], extras[0][0]) and torch.equal(extras[0][2], extras[0][0])  # ... alike
+
+
+def test_a_video_is_its_seeds_alone_or_in_a_batch(chain):
+    """Video i of a batch sampled with seed S draws all its noise (prior, decoder, interpolation, both
+    SR stages and their low-res augmentation) from its own generator, seeded S + i: sampled alone
+    with seed S + i it is the same video (to float rounding: batched matmuls round differently, here
+    by < 1e-7). One generator shared by the batch gave the second video other noise: 0.05 apart."""
+    from models.sampling import CHAIN, generate, load_chain
+
+    loaded = load_chain({s: chain[s].checkpoint for s in CHAIN})
+    batch, fps = generate(loaded, ["a red circle", "a blue square"], steps=1, guidance=2.0, seed=5)
+    second, fps_alone = generate(loaded, ["a blue square"], steps=1, guidance=2.0, seed=6)
+    first, _ = generate(loaded, ["a red circle"], steps=1, guidance=2.0, seed=5)
+    assert batch.shape == (2, 3, 76, 64, 64) and fps == fps_alone
+    assert (batch[1:] - second).abs().max() < 1e-5
+    assert (batch[:1] - first).abs().max() < 1e-5
+    # the tiny nets' videos lie near 0 after one step: other noise moves them by a few hundredths
+    assert (batch[1:] - generate(loaded, ["a blue square"], steps=1, guidance=2.0, seed=5)[0]).abs().max() > 1e-2
 
 
 def test_guidance_and_seed_in_prior_and_decoder(chain, tmp_path):
