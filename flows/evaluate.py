@@ -186,7 +186,7 @@ def resolve_source(src: str, data_root: str | Path = "mav-data", tracking_uri: s
 def sample_videos(prompts: list[str], sampler: Callable | None, checkpoints, out_dir: str, steps: int | None,
                   guidance: float | None, seed: int, device: str) -> VideoSet:
     from models.sampling import sample_videos as sample_batches
-    from models.sampling import update_prompts
+    from models.sampling import update_sidecar
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -200,7 +200,9 @@ def sample_videos(prompts: list[str], sampler: Callable | None, checkpoints, out
             target = out / f"sample-{i:05d}.mp4"
             made = sampler(prompt, checkpoints, target, steps=steps, guidance=guidance, seed=seed + i, device=device)
             paths.append(Path(made) if isinstance(made, (str, Path)) else target)
-        update_prompts(out, {p.name: q for p, q in zip(paths, prompts)})
+        update_sidecar(out / "prompts.json", {p.name: q for p, q in zip(paths, prompts)})
+        update_sidecar(out / "samples.json", {p.name: {"prompt": q, "seed": seed + i}
+                                              for i, (p, q) in enumerate(zip(paths, prompts))})
     return VideoSet(str(out), "sampled", paths, list(prompts))
 
 
@@ -296,8 +298,8 @@ def log_task(results: dict, params: dict, clips: list, tracking_uri: str, experi
              samples: VideoSet | None = None) -> str:
     """One MLflow run (nested under parent_run_id if given). Uses MlflowClient, not the fluent
     API, so a caller's active run (e.g. the pipeline's parent run) is left alone. `samples`, the
-    videos this evaluation sampled, go to samples/ with their prompts.json, where `--fake
-    runs:/<id>` finds them."""
+    videos this evaluation sampled, go to samples/ with their prompts.json (and samples.json: each
+    one's seed), where `--fake runs:/<id>` finds them."""
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param
 
@@ -327,6 +329,8 @@ def log_task(results: dict, params: dict, clips: list, tracking_uri: str, experi
                 client.log_artifact(run_id, str(path), "samples")
             client.log_dict(run_id, {p.name: q for p, q in zip(samples.paths, samples.prompts)},
                             "samples/prompts.json")
+            if (Path(samples.source) / "samples.json").is_file():  # each video's seed and settings
+                client.log_artifact(run_id, str(Path(samples.source) / "samples.json"), "samples")
         if clips:
             with tempfile.TemporaryDirectory() as tmp:
                 grid = video_grid(clips)

@@ -151,7 +151,7 @@ def sample_task(prompts: list[str], checkpoints: dict[str, str], out_dir: str, s
         if r.gif:
             r.gif = Path(r.gif).rename(gif_dir / Path(r.gif).name)
     return [{"prompt": r.prompt, "mp4": str(r.mp4), "gif": str(r.gif) if r.gif else None,
-             "frames": int(r.frames.shape[0])} for r in results]
+             "frames": int(r.frames.shape[0]), "seed": r.seed} for r in results]
 
 
 def _latest_finished_run(tracking_uri: str, experiment: str, config_digest: str, **tags: str):
@@ -254,8 +254,9 @@ def pipeline(config: str = DEFAULT_CONFIG, dataset: str | None = None, data_root
             mlflow.log_artifact(item["mp4"], artifact_path="samples")
             if item["gif"]:
                 mlflow.log_artifact(item["gif"], artifact_path="samples")
-        # with the videos, so `mav evaluate --fake runs:/<this run>` finds their prompts
+        # with the videos, so `mav evaluate --fake runs:/<this run>` finds their prompts (and each one's seed)
         mlflow.log_artifact(str(sample_dir / "prompts.json"), artifact_path="samples")
+        mlflow.log_artifact(str(sample_dir / "samples.json"), artifact_path="samples")
 
         from flows.evaluate import evaluate
 

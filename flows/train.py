@@ -43,7 +43,9 @@ def register(subparsers) -> None:
                                  "models:/NAME/VERSION)")
     sample.add_argument("--steps", type=positive_int)
     sample.add_argument("--guidance", type=non_negative_float)
-    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--seed", type=int, default=0,
+                        help="the first video's seed; the i-th prompt's video gets seed + i, and alone with that "
+                             "seed comes out the same")
     sample.add_argument("--lowres-noise", type=float, metavar="LEVEL",
                         help="noise level of the SR stages' low-res input, 0 to the level they trained up to "
                              "(default: each one's sampling.lowres_noise)")
@@ -172,7 +174,7 @@ def run_sample(args) -> int:
         return 1
     for r in results:
         t, h, w, _ = r.frames.shape
-        print(f"{r.prompt!r}: {t} frames {w}x{h} @ {r.fps:g} fps -> {r.mp4} {r.gif or ''}")
+        print(f"{r.prompt!r}: {t} frames {w}x{h} @ {r.fps:g} fps, seed {r.seed} -> {r.mp4} {r.gif or ''}")
     return 0
 
 

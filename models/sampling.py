@@ -38,6 +38,7 @@ class SampleResult:
     gif: Path | None
     frames: torch.Tensor  # uint8 [T,H,W,3]
     fps: float
+    seed: int  # its generator's: alone with this seed, the prompt gives this video again
 
 
 def load_chain(checkpoints: dict[str, str | Path], device: str | torch.device = "cpu") -> dict[str, DiffusionStage]:
@@ -243,14 +244,17 @@ def sample_videos(prompts: list[str], checkpoints: dict[str, str | Path], out_di
                   device: str | torch.device = "cpu", batch_size: int = 8, gif: bool = True,
                   chain: dict[str, DiffusionStage] | None = None, lowres_noise: float | None = None
                   ) -> list[SampleResult]:
-    """Sample one video per prompt (in batches) -> out_dir/sample-0000.mp4 (+ .gif), each with its
-    prompt in out_dir/prompts.json (update_prompts: an earlier run's videos keep theirs)."""
+    """Sample one video per prompt (in batches) -> out_dir/sample-0000.mp4 (+ .gif), video i with seed
+    `seed + i`, each with its prompt in out_dir/prompts.json and its prompt, seed and what sampled it
+    (sampling_settings) in out_dir/samples.json (update_sidecar: an earlier run's videos keep theirs)."""
     chain = chain or load_chain(checkpoints, device)
+    settings = sampling_settings(checkpoints, steps, guidance, lowres_noise)
     out_dir = Path(out_dir)
     names = [f"sample-{i:04d}" for i in range(len(prompts))]
     # the videos about to be overwritten lose their old prompts first: a run that fails part way
     # leaves them unlisted (evaluate then asks for prompts) rather than listed with the wrong text
-    update_prompts(out_dir, {}, dropped=[f"{n}.mp4" for n in names])
+    for sidecar in ("prompts.json", "samples.json"):
+        update_sidecar(out_dir / sidecar, {}, dropped=[f"{n}.mp4" for n in names])
     results = []
     for start in range(0, len(prompts), batch_size):
         batch = list(prompts[start : start + batch_size])
@@ -261,15 +265,30 @@ def sample_videos(prompts: list[str], checkpoints: dict[str, str | Path], out_di
             stem = out_dir / names[start + i]
             mp4 = write_mp4(frames, stem.with_suffix(".mp4"), fps)
             results.append(SampleResult(prompt, mp4, write_gif(frames, stem.with_suffix(".gif"), fps) if gif else None,
-                                        frames, fps))
-        update_prompts(out_dir, {r.mp4.name: r.prompt for r in results[start:]})
+                                        frames, fps, seed + start + i))
+        made = results[start:]
+        update_sidecar(out_dir / "prompts.json", {r.mp4.name: r.prompt for r in made})
+        update_sidecar(out_dir / "samples.json", {r.mp4.name: {"prompt": r.prompt, "seed": r.seed,
+                                                               "sampled_with": settings} for r in made})
     return results
 
 
-def update_prompts(folder: Path, entries: dict[str, str], dropped: list[str] = ()) -> None:
-    """folder/prompts.json ({video file name: prompt}, what `mav evaluate --fake folder` reads):
-    `dropped` names leave, `entries` are added; the other videos' prompts stay."""
-    path = Path(folder) / "prompts.json"
+def sampling_settings(checkpoints: dict[str, str | Path], steps: int | None, guidance: float | None,
+                      lowres_noise: float | None) -> dict:
+    """What a run sampled with, as samples.json records it: two videos with the same settings come from
+    the same model. A checkpoint is its file's path, size and modification time (a resumed training
+    rewrites last.ckpt in place); None: each stage config's value."""
+    def identity(path):
+        stat = Path(path).stat()
+        return {"path": str(Path(path).resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    return {"checkpoints": {stage: identity(path) for stage, path in checkpoints.items() if path},
+            "steps": steps, "guidance": guidance, "lowres_noise": lowres_noise}
+
+
+def update_sidecar(path: Path, entries: dict, dropped: list[str] = ()) -> None:
+    """A {video file name: ...} record beside the videos (prompts.json: the prompt, what `mav evaluate
+    --fake folder` reads; samples.json: prompt, seed and settings): `dropped` names leave, `entries`
+    are added; the other videos' entries stay."""
     try:
         known = json.loads(path.read_text()) if path.is_file() else {}
     except (OSError, ValueError):  # unreadable: rewritten from what this run knows
@@ -288,4 +307,4 @@ def sample_video(prompt: str, checkpoints: dict[str, str | Path], out: str | Pat
     frames = to_uint8(video[0])
     out = Path(out)
     mp4 = write_mp4(frames, out, fps)
-    return SampleResult(prompt, mp4, write_gif(frames, out.with_suffix(".gif"), fps), frames, fps)
+    return SampleResult(prompt, mp4, write_gif(frames, out.with_suffix(".gif"), fps), frames, fps, seed)

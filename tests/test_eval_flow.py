@@ -155,6 +155,8 @@ def test_sampler_hook_makes_the_fake_set(tmp_path, samples):
     made = sample_videos.fn(["a cat", "a dog"], sampler, {"decoder": "ckpt"}, str(tmp_path / "s"), 3, 2.0, 5, "cpu")
     assert [p.name for p in made.paths] == ["sample-00000.mp4", "sample-00001.mp4"]
     assert made.prompts == ["a cat", "a dog"] and [c[4] for c in calls] == [5, 6]
+    assert json.loads((tmp_path / "s" / "samples.json").read_text()) == \
+        {"sample-00000.mp4": {"prompt": "a cat", "seed": 5}, "sample-00001.mp4": {"prompt": "a dog", "seed": 6}}
     # the folder it wrote is itself a source, prompts included
     again = resolve_source(str(tmp_path / "s"))
     assert again.prompts == ["a cat", "a dog"]

@@ -664,18 +664,30 @@ def test_sampling_chain_writes_76_frame_mp4_and_is_seeded(chain, tmp_path):
 
 
 def test_several_samples_name_their_prompts_for_evaluation(chain, tmp_path):
-    """prompts.json beside the videos ({file: prompt}, what `mav evaluate --fake` reads); a later run
-    into the same folder overwrites some videos, and every video there keeps its own prompt."""
+    """prompts.json beside the videos ({file: prompt}, what `mav evaluate --fake` reads) and
+    samples.json (prompt, seed: seed + i, what sampled it); a later run into the same folder
+    overwrites some videos, and every video there keeps its own entries."""
     import json
 
     from models.sampling import sample_videos
 
     ckpts = {s: chain[s].checkpoint for s in ("prior", "decoder")}
-    sample_videos(["a", "b", "c"], ckpts, tmp_path, steps=1, gif=False)
-    sample_videos(["d"], ckpts, tmp_path, steps=1, gif=False)
+    made = sample_videos(["a", "b", "c"], ckpts, tmp_path, steps=1, gif=False, seed=7, batch_size=2)
+    assert [r.seed for r in made] == [7, 8, 9]
+    sample_videos(["d"], ckpts, tmp_path, steps=2, gif=False, seed=3)
     assert json.loads((tmp_path / "prompts.json").read_text()) == \
         {"sample-0000.mp4": "d", "sample-0001.mp4": "b", "sample-0002.mp4": "c"}
     assert sorted(p.name for p in tmp_path.glob("*.mp4")) == ["sample-0000.mp4", "sample-0001.mp4", "sample-0002.mp4"]
+    records = json.loads((tmp_path / "samples.json").read_text())
+    assert {name: (r["prompt"], r["seed"], r["sampled_with"]["steps"]) for name, r in records.items()} == \
+        {"sample-0000.mp4": ("d", 3, 2), "sample-0001.mp4": ("b", 8, 1), "sample-0002.mp4": ("c", 9, 1)}
+    decoder = records["sample-0001.mp4"]["sampled_with"]["checkpoints"]["decoder"]
+    assert decoder["path"] == str(chain["decoder"].checkpoint.resolve())
+    assert decoder["size"] == chain["decoder"].checkpoint.stat().st_size
+    # the third video, sampled in the second batch, is the one its seed gives alone
+    alone = sample_videos(["c"], ckpts, tmp_path / "alone", steps=1, gif=False, seed=9)[0]
+    assert (alone.frames.int() - made[2].frames.int()).abs().max() <= 1  # uint8 rounding of float noise
+    assert (made[1].frames.int() - made[2].frames.int()).abs().max() > 1
 
 
 def test_evaluate_from_checkpoints_logs_the_videos_it_scored(chain, prefect_server, tmp_path, capsys):
@@ -708,9 +720,12 @@ def test_evaluate_from_checkpoints_logs_the_videos_it_scored(chain, prefect_serv
     assert set(Path(tempfile.gettempdir()).glob("mav-samples-*")) == temp_before
     client = mlflow.MlflowClient(uri)
     logged = sorted(a.path for a in client.list_artifacts(run_id, "samples"))
-    assert logged == ["samples/prompts.json", "samples/sample-0000.mp4", "samples/sample-0001.mp4"]
+    assert logged == ["samples/prompts.json", "samples/sample-0000.mp4", "samples/sample-0001.mp4",
+                      "samples/samples.json"]
     prompts = json.loads(Path(client.download_artifacts(run_id, "samples/prompts.json", str(tmp_path))).read_text())
     assert prompts == {"sample-0000.mp4": "a red circle", "sample-0001.mp4": "a blue square"}
+    records = json.loads(Path(client.download_artifacts(run_id, "samples/samples.json", str(tmp_path))).read_text())
+    assert {name: r["seed"] for name, r in records.items()} == {"sample-0000.mp4": 0, "sample-0001.mp4": 1}
     params = client.get_run(run_id).data.params
     prior, decoder = (chain[stage].checkpoint.resolve() for stage in ("prior", "decoder"))
     assert params["checkpoints"] == f"prior={prior},decoder={decoder}"  # what the links pointed at
@@ -724,7 +739,8 @@ def test_evaluate_from_checkpoints_logs_the_videos_it_scored(chain, prefect_serv
     kept = tmp_path / "kept"
     assert main(["evaluate", "--checkpoints", str(ckpts), "--prompts", str(tmp_path / "prompts.txt"),
                  "--sample-steps", "1", "--sample-dir", str(kept), *common]) == 0
-    assert sorted(p.name for p in kept.iterdir()) == ["prompts.json", "sample-0000.mp4", "sample-0001.mp4"]
+    assert sorted(p.name for p in kept.iterdir()) == ["prompts.json", "sample-0000.mp4", "sample-0001.mp4",
+                                                      "samples.json"]
     assert main(["evaluate", "--fake", str(kept), "--sample-dir", str(kept), *common]) == 2
     assert "--sample-dir is where videos sampled from --checkpoints or --registry go" in capsys.readouterr().err
     assert main(["evaluate", "--checkpoints", str(ckpts), "--prompts", str(tmp_path / "prompts.txt"),
@@ -772,17 +788,26 @@ def test_mav_sample_writes_what_it_says_and_is_seeded(chain, tmp_path, capsys):
     said = sample("video.mp4", 3)
     folder = tmp_path / "video"
     assert sorted(p.name for p in folder.iterdir()) == ["prompts.json", "sample-0000.gif", "sample-0000.mp4",
-                                                        "sample-0001.gif", "sample-0001.mp4"]
+                                                        "sample-0001.gif", "sample-0001.mp4", "samples.json"]
     assert json.loads((folder / "prompts.json").read_text()) == {"sample-0000.mp4": "a red circle",
                                                                  "sample-0001.mp4": "a blue square"}
+    records = json.loads((folder / "samples.json").read_text())
+    assert {name: (r["prompt"], r["seed"]) for name, r in records.items()} == \
+        {"sample-0000.mp4": ("a red circle", 3), "sample-0001.mp4": ("a blue square", 4)}
     for i, prompt in enumerate(("a red circle", "a blue square")):
         frames, fps = read_frames(folder / f"sample-{i:04d}.mp4")
         t, h, w, _ = frames.shape
-        assert f"{prompt!r}: {t} frames {w}x{h} @ {fps:g} fps -> {folder / f'sample-{i:04d}.mp4'}" in said
+        assert f"{prompt!r}: {t} frames {w}x{h} @ {fps:g} fps, seed {3 + i} -> {folder / f'sample-{i:04d}.mp4'}" in said
     sample("same.mp4", 3)
     sample("other.mp4", 4)
     first, same, other = (read_frames(tmp_path / name / "sample-0001.mp4")[0] for name in ("video", "same", "other"))
     assert np.array_equal(first, same) and not np.array_equal(first, other)
+    # the second prompt alone, with the seed it had in the batch: the same video
+    assert main(["sample", "--checkpoints", str(ckpts), "--steps", "1", "--device", "cpu", "--seed", "4",
+                 "--prompt", "a blue square", "--out", str(tmp_path / "alone.mp4")]) == 0
+    assert "seed 4 -> " in capsys.readouterr().out
+    alone = read_frames(tmp_path / "alone.mp4")[0]
+    assert np.abs(alone.astype(int) - first).max() <= 1 < np.abs(other.astype(int) - first).max()
 
 
 def test_checkpoints_recorded_before_a_config_rule_still_load_for_sampling(chain, tmp_path):

@@ -70,7 +70,9 @@ def test_pipeline_end_to_end_then_cached_rerun(prefect_server, tmp_path, video_d
     assert len(client.get_metric_history(decoder_run.info.run_id, "train/loss")) == 4  # every step
     assert parent.info.artifact_uri.startswith((tmp_path / "mlartifacts").as_uri())
     artifacts = {a.path for a in client.list_artifacts(first["run_id"], "samples")}
-    assert {"samples/sample-0000.mp4", "samples/sample-0000.gif", "samples/prompts.json"} <= artifacts
+    assert {"samples/sample-0000.mp4", "samples/sample-0000.gif", "samples/prompts.json",
+            "samples/samples.json"} <= artifacts
+    assert [item["seed"] for item in first["samples"]] == [0, 1]  # the config's sample.seed + i
     # the run's samples are an evaluate source, with their prompts
     from flows.evaluate import resolve_source
 
