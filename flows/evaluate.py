@@ -93,6 +93,45 @@ def _sidecar_prompts(folder: Path, paths: list[Path]) -> tuple[list[str] | None,
     return None, None
 
 
+def check_one_run(src: str, folder: Path, paths: list[Path]) -> None:
+    """`mav sample` into a folder that holds an earlier run's videos keeps them: refuse to score videos
+    that samples.json (in `folder`, or else the one folder that holds them) says were sampled with
+    other checkpoints or settings, or that it does not list beside ones it does, as one set."""
+    parents = {p.parent for p in paths}
+    found = [w / "samples.json" for w in [folder] + (list(parents) if len(parents) == 1 else [])
+             if (w / "samples.json").is_file()]
+    if not found:
+        return
+
+    def unreadable(why):
+        return ValueError(f"{src}: {found[0]} is not a samples record ({why}); remove it to score the videos "
+                          "without it")
+    try:
+        records = json.loads(found[0].read_text())
+    except ValueError as err:
+        raise unreadable(err) from None
+    if not (isinstance(records, dict) and all(isinstance(r, dict) for r in records.values())):
+        raise unreadable("expected {video file name: {prompt, seed, ...}}")
+    used = {p.name: records[p.name].get("sampled_with") for p in paths if p.name in records}
+    unlisted = [p.name for p in paths if p.name not in used]
+    if used and unlisted:
+        raise ValueError(f"{src}: {unlisted[0]} is not in {found[0].name} beside videos that are: it is not "
+                         "from the run that sampled them (a run stopped part way?); score one run's videos")
+    first = {}  # each run's settings (as JSON) -> the first video sampled with them
+    for name, settings in used.items():
+        first.setdefault(json.dumps(settings, sort_keys=True), name)
+    if len(first) > 1:
+        names = list(first.values())[:2]
+        a, b = ((used[name] or {}) for name in names)
+        ckpts = a.get("checkpoints", {}), b.get("checkpoints", {})
+        differ = [f"{stage} checkpoint" for stage in sorted({*ckpts[0], *ckpts[1]})
+                  if ckpts[0].get(stage) != ckpts[1].get(stage)]
+        differ += [key for key in sorted({*a, *b} - {"checkpoints"}) if a.get(key) != b.get(key)]
+        raise ValueError(f"{src}: its videos come from {len(first)} sampling runs with different "
+                         f"{', '.join(differ) or 'settings'} ({names[0]} and {names[1]}; see {found[0]}); score one "
+                         "run's videos, e.g. sample into a new folder")
+
+
 def _without_previews(paths: list[Path]) -> list[Path]:
     """Drop a GIF beside a video of the same name: `mav sample` writes both, and the GIF is a preview."""
     videos = {(p.parent, p.stem) for p in paths if p.suffix.lower() != ".gif"}
@@ -159,6 +198,7 @@ def resolve_source(src: str, data_root: str | Path = "mav-data", tracking_uri: s
         paths = _without_previews([p for p in list_videos(local) if "grid" not in p.stem])
         if not paths:
             raise ValueError(f"{src}: the run has no video artifacts ({', '.join(VIDEO_EXTENSIONS)})")
+        check_one_run(src, local, paths)
         prompts, why_not = _sidecar_prompts(local, paths)
         return VideoSet(src, "mlflow-run", paths, prompts, extra={"run_id": run_id}, prompts_error=why_not)
     folder = Path(src).expanduser()
@@ -166,6 +206,7 @@ def resolve_source(src: str, data_root: str | Path = "mav-data", tracking_uri: s
         paths = _without_previews(list_videos(folder))
         if not paths:
             raise ValueError(f"{src}: folder holds no videos ({', '.join(VIDEO_EXTENSIONS)})")
+        check_one_run(src, folder, paths)
         prompts, why_not = _sidecar_prompts(folder, paths)
         return VideoSet(src, "folder", paths, prompts, prompts_error=why_not)
     name, _, version = src.partition("@")

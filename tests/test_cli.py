@@ -301,6 +301,7 @@ def test_pipeline_metrics_are_named_like_evaluates(tmp_path):
 
 
 def test_bad_evaluate_input_is_one_line_and_exit_2(prefect_server, tmp_path, capsys):
+    import json
     import re
 
     import numpy as np
@@ -311,6 +312,13 @@ def test_bad_evaluate_input_is_one_line_and_exit_2(prefect_server, tmp_path, cap
     fake = tmp_path / "fake"
     write_mp4(np.zeros((4, 16, 16, 3), dtype=np.uint8), fake / "a.mp4", fps=4)
     (tmp_path / "bad.json").write_text("{not json")
+    mixed = tmp_path / "mixed"  # two `mav sample` runs into one folder, the second with --steps 2
+    records = {}
+    for i, steps in enumerate((None, 2)):
+        write_mp4(np.zeros((16, 16, 16, 3), dtype=np.uint8), mixed / f"sample-000{i}.mp4", fps=4)
+        settings = {"checkpoints": {}, "steps": steps, "guidance": None, "lowres_noise": None}
+        records[f"sample-000{i}.mp4"] = {"prompt": "x", "seed": i, "sampled_with": settings}
+    (mixed / "samples.json").write_text(json.dumps(records))
     (tmp_path / "weights.pt").write_text("not weights")
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     cases = [
@@ -326,6 +334,8 @@ def test_bad_evaluate_input_is_one_line_and_exit_2(prefect_server, tmp_path, cap
         (["--fake", str(fake)], r"fvd needs --real SRC"),
         (["--real", str(fake), "--fake", str(fake), "--clip-length", "8"], r"--clip-length 8 is below 9, the shortest"),
         (["--fake", str(fake), "--metrics", "is", "--clip-length", "9"], r"--clip-length 9: the inception score's C3D"),
+        (["--real", str(fake), "--fake", str(mixed)],  # before any decoding
+         rf"{mixed}: its videos come from 2 sampling runs with different steps \(sample-0000.mp4 and sample-0001.mp4;"),
         (["--real", str(fake), "--fake", str(fake), "--clip-length", "10"],  # before any decoding, not while scoring
          r"\S+a.mp4: 4 frames, shorter than one clip \(--clip-length 10, --clip-stride 1: 10 frames\)"),
     ]

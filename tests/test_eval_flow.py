@@ -92,6 +92,49 @@ def test_gif_previews_beside_their_videos_are_not_scored(tmp_path):
     assert videos.prompts == ["a cat", "a dog", "a gif"]
 
 
+def test_a_folder_of_videos_from_several_sampling_runs_is_refused(tmp_path):
+    """`mav sample` into a folder keeps an earlier run's videos; samples.json says what sampled each
+    one. Scored as one set they are refused where their checkpoints or settings differ, or where a
+    video is missing from it beside listed ones; other seeds and prompts of one model are fine."""
+    import re
+
+    import numpy as np
+
+    from models.video_io import write_mp4
+
+    def run(decoder="/ckpts/decoder.ckpt", mtime_ns=1, steps=None):
+        return {"checkpoints": {"prior": {"path": "/ckpts/prior.ckpt", "size": 10, "mtime_ns": 1},
+                                "decoder": {"path": decoder, "size": 20, "mtime_ns": mtime_ns}},
+                "steps": steps, "guidance": None, "lowres_noise": None}
+
+    def folder(name, records, videos=("sample-0000.mp4", "sample-0001.mp4", "sample-0002.mp4")):
+        where = tmp_path / name
+        for video in videos:
+            write_mp4(np.zeros((4, 16, 16, 3), dtype=np.uint8), where / video, fps=4)
+        (where / "samples.json").write_text(records if isinstance(records, str) else json.dumps(
+            {video: {"prompt": "a cat", "seed": seed, "sampled_with": settings} for video, seed, settings in records}))
+        return str(where)
+
+    one_model = folder("one", [("sample-0000.mp4", 5, run()), ("sample-0001.mp4", 1, run()),
+                               ("sample-0002.mp4", 2, run())])
+    assert len(resolve_source(one_model).paths) == 3
+    cases = [
+        ([("sample-0000.mp4", 0, run()), ("sample-0001.mp4", 1, run(steps=2)), ("sample-0002.mp4", 2, run())],
+         "its videos come from 2 sampling runs with different steps (sample-0000.mp4 and sample-0001.mp4; see "),
+        ([("sample-0000.mp4", 0, run()), ("sample-0001.mp4", 1, run(decoder="/other/decoder.ckpt")),
+          ("sample-0002.mp4", 2, run(mtime_ns=2))],  # the same path, rewritten by a resumed training
+         "its videos come from 3 sampling runs with different decoder checkpoint (sample-0000.mp4 and "),
+        ([("sample-0000.mp4", 0, run()), ("sample-0001.mp4", 1, run())],  # a run stopped part way
+         "sample-0002.mp4 is not in samples.json beside videos that are: it is not from the run that sampled them"),
+        ("{not json", "{where}/samples.json is not a samples record (Expecting property name"),
+        ('{"sample-0000.mp4": "a cat"}', "{where}/samples.json is not a samples record (expected {{video file name: "),
+    ]
+    for i, (records, message) in enumerate(cases):
+        where = tmp_path / str(i)
+        with pytest.raises(ValueError, match=re.escape(f"{where}: " + message.format(where=where))):
+            resolve_source(folder(str(i), records))
+
+
 def test_a_prompts_file_that_does_not_fit_matters_only_where_prompts_are_needed(tmp_path):
     """A sidecar that misses a video added later: FVD alone and --prompts go on; CLIPSIM and the
     protocols say what is wrong with it. Prompts that are not text are named."""

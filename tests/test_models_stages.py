@@ -668,7 +668,9 @@ def test_several_samples_name_their_prompts_for_evaluation(chain, tmp_path):
     samples.json (prompt, seed: seed + i, what sampled it); a later run into the same folder
     overwrites some videos, and every video there keeps its own entries."""
     import json
+    import re
 
+    from flows.evaluate import resolve_source
     from models.sampling import sample_videos
 
     ckpts = {s: chain[s].checkpoint for s in ("prior", "decoder")}
@@ -684,6 +686,10 @@ def test_several_samples_name_their_prompts_for_evaluation(chain, tmp_path):
     decoder = records["sample-0001.mp4"]["sampled_with"]["checkpoints"]["decoder"]
     assert decoder["path"] == str(chain["decoder"].checkpoint.resolve())
     assert decoder["size"] == chain["decoder"].checkpoint.stat().st_size
+    # scored as one set, the two runs' videos (other --steps) are refused before any decoding
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path}: its videos come from 2 sampling runs with different "
+                                                   "steps (sample-0000.mp4 and sample-0001.mp4; see")):
+        resolve_source(str(tmp_path))
     # the third video, sampled in the second batch, is the one its seed gives alone
     alone = sample_videos(["c"], ckpts, tmp_path / "alone", steps=1, gif=False, seed=9)[0]
     assert (alone.frames.int() - made[2].frames.int()).abs().max() <= 1  # uint8 rounding of float noise
