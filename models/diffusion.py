@@ -95,3 +95,13 @@ def guided(denoise_cond: Callable[[torch.Tensor, torch.Tensor, bool], torch.Tens
         uncond = denoise_cond(x, t, False)
         return uncond + guidance * (cond - uncond)
     return denoise
+
+
+def one_each(generators: list[torch.Generator], videos: int) -> None:
+    if len(generators) != videos:
+        raise ValueError(f"{len(generators)} generators for {videos} videos: give one per video")
+
+
+def per_video_noise(shape, generators: list[torch.Generator], device) -> torch.Tensor:
+    """[B, *shape] noise, video i's from generators[i] (drawn on the CPU: the same numbers on every device)."""
+    return torch.stack([torch.randn(*shape, generator=g) for g in generators]).to(device)

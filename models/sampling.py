@@ -25,6 +25,7 @@ import torch
 from einops import rearrange, repeat
 
 from data_prep.atomic import atomic_write_json
+from models.diffusion import one_each, per_video_noise
 from models.stages import DiffusionStage, InterpolationStage, load_stage
 from models.video_io import write_gif, write_mp4
 
@@ -70,23 +71,13 @@ def seeded(seed: int, n: int) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(seed + i) for i in range(n)]
 
 
-def _one_each(generators: list[torch.Generator], videos: int) -> None:
-    if len(generators) != videos:
-        raise ValueError(f"{len(generators)} generators for {videos} videos: give one per video")
-
-
-def _noise(shape, generators: list[torch.Generator], device) -> torch.Tensor:
-    """[B, *shape] noise, video i's from generators[i] (on the CPU: the same numbers on every device)."""
-    return torch.stack([torch.randn(*shape, generator=g) for g in generators]).to(device)
-
-
 def interpolate_frames(net: InterpolationStage, video: torch.Tensor, image_emb: torch.Tensor, fps: float,
                        skip: int, generators: list[torch.Generator], steps=None, guidance=None) -> torch.Tensor:
     """[B,3,T,H,W] -> [B,3,(T-1)*skip+1,H,W]; video i's noise from generators[i]."""
     b, c, t, h, w = video.shape
     if t < 2:
         raise ValueError(f"frame interpolation needs at least 2 frames, the decoder made {t}")
-    _one_each(generators, b)
+    one_each(generators, b)
     known_per_window = min(t, max(2, (net.config.data.frames - 1) // skip + 1))
     n_windows = -(-(t - 1) // (known_per_window - 1))
     starts = [min(i * (known_per_window - 1), t - known_per_window) for i in range(n_windows)]
@@ -100,7 +91,7 @@ def interpolate_frames(net: InterpolationStage, video: torch.Tensor, image_emb: 
     cond = {"image_emb": repeat(image_emb, "b d -> (b n) d", n=len(starts)),
             "fps": torch.full((dense.shape[0],), fps * skip, device=video.device),
             "extra": net.extra(dense, mask)}
-    noise = rearrange(_noise((len(starts), c, length, h, w), generators, video.device),
+    noise = rearrange(per_video_noise((len(starts), c, length, h, w), generators, video.device),
                       "b n c t h w -> (b n) c t h w")
     out = net.generate(cond, noise, steps, guidance)
     out = torch.where(mask.bool(), dense, out)  # known frames exactly
@@ -151,7 +142,7 @@ def super_resolve_video(net: DiffusionStage, video: torch.Tensor, fps: float, ge
     overlap = window // 2 if overlap is None else overlap
     if not net.config.video:  # frame by frame: windows only bound the memory
         overlap = 0
-    _one_each(generators, video.shape[0])
+    one_each(generators, video.shape[0])
     if video.shape[-1] != low:
         video = net.upsample(video, low)
     level = lowres_level(net, lowres_noise)
@@ -159,7 +150,8 @@ def super_resolve_video(net: DiffusionStage, video: torch.Tensor, fps: float, ge
     cond["fps"] = torch.full((video.shape[0],), fps, device=video.device)
     b, c, t = video.shape[:3]
     denoise = denoise_in_windows(net.denoise, window, overlap)
-    return net.generate(cond, _noise((c, t, size, size), generators, video.device), steps, 1.0, denoise=denoise)
+    noise = per_video_noise((c, t, size, size), generators, video.device)
+    return net.generate(cond, noise, steps, 1.0, denoise=denoise)
 
 
 def lowres_level(net: DiffusionStage, level: float | None) -> float:
@@ -175,7 +167,7 @@ def lowres_level(net: DiffusionStage, level: float | None) -> float:
 
 def _lowres_noise(net: DiffusionStage, shape, generators: list[torch.Generator]) -> torch.Tensor | None:
     """The noise for the low-res input's augmentation (None where the net was trained without it)."""
-    return _noise(shape, generators, net.device) if net.config.data.lowres_noise_max else None
+    return per_video_noise(shape, generators, net.device) if net.config.data.lowres_noise_max else None
 
 
 def super_resolve_frames(net: DiffusionStage, video: torch.Tensor, generators: list[torch.Generator], steps=None,
@@ -185,10 +177,10 @@ def super_resolve_frames(net: DiffusionStage, video: torch.Tensor, generators: l
     low, size = net.config.data.lowres_size, net.config.data.size
     level = lowres_level(net, lowres_noise)
     b, _, t = video.shape[:3]
-    _one_each(generators, b)
+    one_each(generators, b)
     if video.shape[-1] != low:
         video = net.upsample(video, low)
-    shared = _noise((3, size, size), generators, video.device)
+    shared = per_video_noise((3, size, size), generators, video.device)
     shared_lowres = _lowres_noise(net, (3, low, low), generators)  # shared too, for the same reason
     frames = rearrange(video, "b c t h w -> (b t) c h w")
     noise = repeat(shared, "b c h w -> (b t) c h w", t=t)
@@ -221,7 +213,8 @@ def generate(chain: dict[str, DiffusionStage], prompts: list[str], *, steps: int
     s = decoder.config.sampling
     size = decoder.config.data.size
     cond = {"image_emb": image_emb, "fps": torch.full((len(prompts),), s.fps, device=device)}
-    video = decoder.generate(cond, _noise((3, s.frames, size, size), generators, device), steps, guidance)
+    noise = per_video_noise((3, s.frames, size, size), generators, device)
+    video = decoder.generate(cond, noise, steps, guidance)
     fps = s.fps
     if "interpolation" in chain:
         skip = chain["interpolation"].config.sampling.skip

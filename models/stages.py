@@ -25,7 +25,7 @@ from einops import rearrange
 
 from models.config import StageConfig, as_config, parse_config
 from models.data import clip_frames, stream_seed
-from models.diffusion import Diffusion, guided
+from models.diffusion import Diffusion, guided, one_each, per_video_noise
 from models.inflate import misfits, widen_input
 from models.layers import TemporalConv
 from models.prior import DiffusionPrior
@@ -218,11 +218,9 @@ class PriorStage(DiffusionStage):
     @torch.no_grad()
     def sample(self, captions: list[str], generators: list[torch.Generator], **kw) -> torch.Tensor:
         """Prompts -> L2-normalised CLIP image embeddings [B,D]; caption i's noise from generators[i]."""
-        if len(generators) != len(captions):
-            raise ValueError(f"{len(generators)} generators for {len(captions)} captions: give one per caption")
+        one_each(generators, len(captions))
         cond = self.text_condition(captions)
-        noise = torch.stack([torch.randn(self.net.kwargs["embed_dim"], generator=g) for g in generators])
-        noise = noise.to(self.device)
+        noise = per_video_noise((self.net.kwargs["embed_dim"],), generators, self.device)
         return F.normalize(self.generate(cond, noise, **kw), dim=-1)
 
 
