@@ -1,4 +1,4 @@
-"""Read and write video: decode clips (path or bytes) and write mp4 (libx264) with PyAV, gif with ffmpeg."""
+"""Read and write video: decode clips (path or bytes) with PyAV, write mp4 (libx264) and gif with ffmpeg."""
 from __future__ import annotations
 
 import io
@@ -68,41 +68,36 @@ def _as_uint8(frames) -> np.ndarray:
 
 
 def write_mp4(frames, path: str | Path, fps: float = 8.0, crf: int = 18) -> Path:
-    """uint8 [T,H,W,3] -> H.264 mp4 (yuv420p: sizes are padded to even numbers)."""
+    """uint8 [T,H,W,3] -> H.264 mp4 (yuv420p: sizes are padded to even numbers).
+
+    ffmpeg's libx264, not PyAV's: inside a process that had sampled, PyAV's encoder wrote other
+    bytes for the same frames from call to call (up to 12 grey levels apart once decoded), so the
+    same chain and seed gave different files."""
     frames = _as_uint8(frames)
     t, h, w, _ = frames.shape
     pad_h, pad_w = h % 2, w % 2
     if pad_h or pad_w:
         frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
-    path = Path(path)
-    with replacing(path) as temp, av.open(str(temp), mode="w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1000))
-        stream.width, stream.height = w + pad_w, h + pad_h
-        stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": str(crf)}
-        _encode(container, stream, frames)
-    return path
+    return _ffmpeg_from_frames(frames, path, fps, ["-c:v", "libx264", "-crf", str(crf), "-pix_fmt", "yuv420p",
+                                                   "-f", "mp4"])
 
 
 def write_gif(frames, path: str | Path, fps: float = 8.0) -> Path:
     """uint8 [T,H,W,3] -> animated gif with a 256-colour palette made for this video (ffmpeg's
     palettegen + paletteuse; a fixed 3-3-2 palette keeps only 8 x 8 x 4 levels)."""
-    frames = _as_uint8(frames)
+    return _ffmpeg_from_frames(_as_uint8(frames), path, fps, [
+        "-filter_complex", "split[a][b];[a]palettegen=stats_mode=full[p];[b][p]paletteuse", "-loop", "0", "-f", "gif"])
+
+
+def _ffmpeg_from_frames(frames: np.ndarray, path: str | Path, fps: float, output_args: list[str]) -> Path:
+    """RGB frames piped raw into ffmpeg, which writes `path` (through a temp file beside it)."""
     path = Path(path)
-    rate = Fraction(fps).limit_denominator(100)
+    rate = Fraction(fps).limit_denominator(1000)
     with replacing(path) as temp:
         command = [ffmpeg_exe(), "-v", "error", "-nostdin", "-y", "-f", "rawvideo", "-pix_fmt", "rgb24",
                    "-s", f"{frames.shape[2]}x{frames.shape[1]}", "-framerate", f"{rate.numerator}/{rate.denominator}",
-                   "-i", "pipe:", "-filter_complex", "split[a][b];[a]palettegen=stats_mode=full[p];[b][p]paletteuse",
-                   "-loop", "0", "-f", "gif", str(temp)]
+                   "-i", "pipe:", *output_args, str(temp)]
         done = subprocess.run(command, input=np.ascontiguousarray(frames).tobytes(), capture_output=True)
         if done.returncode != 0:
             raise RuntimeError(f"writing {path}: ffmpeg: {done.stderr.decode(errors='replace').strip()[-500:]}")
     return path
-
-
-def _encode(container, stream, frames: np.ndarray) -> None:
-    """RGB frames through the stream's encoder into the container, then flush."""
-    for frame in frames:
-        container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-    container.mux(stream.encode())

@@ -70,3 +70,18 @@ def test_gif_keeps_the_colours_of_the_video(tmp_path):
     error = np.abs(back.astype(int) - frames.astype(int))
     assert error.mean() < 3 and error.max() < 16
     assert [p.name for p in tmp_path.iterdir()] == ["ramp.gif"]  # no temporary left
+
+
+def test_the_same_frames_make_the_same_mp4(tmp_path):
+    """Sampled videos are compared across runs (the registry's chain against the links' one): PyAV's
+    libx264 encoder wrote other bytes for the same frames from call to call (4 calls, 4 files); the
+    ffmpeg command line writes one."""
+    import hashlib
+
+    t, y, x = np.arange(24)[:, None, None], np.arange(64)[None, :, None], np.arange(64)[None, None, :]
+    smooth = [128 + 60 * np.sin((x + 2 * t) / 9.0) + 0 * y, 128 + 50 * np.cos((y - t) / 7.0) + 0 * x,
+              100 + t + 0 * x + 0 * y]
+    frames = np.stack(smooth, -1).astype(np.uint8)
+    files = {hashlib.sha256(write_mp4(frames, tmp_path / f"{i}.mp4", fps=20).read_bytes()).hexdigest()
+             for i in range(4)}
+    assert len(files) == 1
