@@ -379,8 +379,9 @@ def register(subparsers) -> None:
 
 def check_places(cfg: PipelineConfig, data_root: str | None, ingests: bool, evaluates: bool = True) -> None:
     """Local sources, image-text folders and detector weights exist; the data root and work folder
-    can be written (else the flow would fail after its ingest, train on the last version with the
-    missing sources only logged, or fail at a later step or the evaluation, hours in)."""
+    can be written; every CLIP the stages or CLIPSIM load is a folder or cached or reachable hub id
+    (else the flow would fail after its ingest, train on the last version with the missing sources
+    only logged, or fail at a later step or the evaluation, hours in)."""
     from eval.weights import is_url
     from models.config import load_config
 
@@ -388,16 +389,35 @@ def check_places(cfg: PipelineConfig, data_root: str | None, ingests: bool, eval
         missing = [s for s in ingest_sources(cfg.sources) if "://" not in s and not Path(s).exists()]
         if missing:
             raise ValueError(f"sources: no such file or folder: {', '.join(missing)}")
+    clips = []  # (stage or None for the evaluation, CLIP name, the setting that names it)
     for step in cfg.steps:
-        data = load_config(repo_path(step.config), step.overrides).data  # (loaded and checked once already)
+        stage_config = load_config(repo_path(step.config), step.overrides)  # (loaded and checked once already)
+        data = stage_config.data
         if data.source == "images" and data.image_path and not Path(data.image_path).expanduser().exists():
             raise ValueError(f"step {step.name}: data.image_path {data.image_path}: no such file or folder")
+        clips.append((stage_config.stage, stage_config.clip, f"step {step.name}: clip"))
     weights = cfg.evaluate.i3d_weights
     if evaluates and "fvd" in cfg.evaluate.metrics and weights and not is_url(weights) \
             and not Path(weights).expanduser().is_file():
         raise ValueError(f"evaluate.i3d_weights {weights}: no such file")
+    if evaluates and "clipsim" in cfg.evaluate.metrics and cfg.evaluate.clip_model is not None:
+        clips.append((None, cfg.evaluate.clip_model, "evaluate.clip_model"))
     writable_folder(data_root or cfg.data_root, "data_root")
     writable_folder(cfg.work_dir, "work_dir")
+    # a CLIP hub id that is neither cached nor reachable (an offline GPU host) failed the first stage
+    # after the ingest, or the evaluation after all the training; a config read now, weights later
+    from models.clip import CLIPLoadError, check_clip
+    from models.stages import STAGE_CLASSES
+
+    checked = set()
+    for stage, name, where in clips:
+        if name in checked or (stage and not STAGE_CLASSES[stage].uses_clip):  # (the SR stages load none)
+            continue
+        checked.add(name)
+        try:
+            check_clip(name)
+        except CLIPLoadError as err:
+            raise ValueError(f"{where}: {err}") from None
 
 
 def _run(args: argparse.Namespace) -> int:

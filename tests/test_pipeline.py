@@ -308,6 +308,30 @@ def test_config_sources_keep_urls_and_find_relative_paths_in_the_repository(tmp_
     assert ingest_sources([url, "data/samples", "/abs/videos"]) == [url, str(REPO / "data/samples"), "/abs/videos"]
 
 
+def test_a_clip_that_cannot_load_stops_the_pipeline_before_anything_runs(tmp_path, video_dir):
+    """The base configs name CLIP by hub id: on a host that neither has it cached nor reaches the hub
+    (a GPU host), the first stage failed after the ingest and CLIPSIM after all the training."""
+    from flows.pipeline import check_places
+    from flows.pipeline_config import load_pipeline_config
+
+    empty = tmp_path / "empty-clip"
+    empty.mkdir()
+    cases = {  # (a stage's clip, evaluate.clip_model) -> the error
+        (str(tmp_path / "no-clip"), "tiny"): r"step decoder: clip: CLIP '\S+no-clip': no such folder",
+        (str(empty), "tiny"): r"step decoder: clip: CLIP '\S+empty-clip' cannot be loaded",
+        ("tiny", str(empty)): r"evaluate.clip_model: CLIP '\S+empty-clip' cannot be loaded",
+    }
+    for (stage_clip, eval_clip), message in cases.items():
+        config = load_pipeline_config(write_config(tmp_path, video_dir))
+        config.steps[2].overrides["clip"] = stage_clip  # the video decoder
+        config.steps[4].overrides["clip"] = str(tmp_path / "unused")  # sr_low loads no CLIP: not checked
+        config.evaluate.clip_model = eval_clip
+        with pytest.raises(ValueError, match=message):
+            check_places(config, None, ingests=True)
+    config.steps[2].overrides["clip"] = "tiny"
+    check_places(config, None, ingests=True, evaluates=False)  # no CLIPSIM: its CLIP is not needed
+
+
 def test_champion_follows_each_versions_best_chain_under_the_configured_prefix(tmp_path):
     """A version reused by a later, worse chain keeps its score: a worse new version cannot beat it."""
     import logging
