@@ -301,12 +301,24 @@ class ClipShards(ShardStream):
         return self.sampler(sample["mp4"], self.rows[sample["__key__"]], rng, progress)
 
 
+def image_side(image) -> int:
+    """The short side of an image (path or file object) in pixels, from its header."""
+    from PIL import Image
+
+    with Image.open(image) as im:
+        return min(im.size)
+
+
 class ImageSampler:
     """Turns one image (path or file object) and its caption into a training sample."""
 
     def __init__(self, config: StageConfig):
         self.size, self.random_crop = config.data.size, config.data.random_crop
         self.clip_size = config.data.clip_size if config.stage in CLIP_CONDITIONED else None
+        # the U-Net stages learn the pixels: an image smaller than data.size would be upsampled into a
+        # blurry target (fatal for super-resolution), so it is skipped, as a clip that small is. The
+        # prior learns CLIP embeddings, which CLIP's own preprocessing makes from any size
+        self.min_side = self.size if config.stage != "prior" else 0
 
     def __call__(self, image, caption: str, rng: random.Random) -> dict:
         from PIL import Image
@@ -338,12 +350,25 @@ class ImageTextShards(ShardStream):
 
     def __init__(self, shards: list[str], sampler: ImageSampler, buffer: int):
         self.sampler = sampler
+        if sampler.min_side:
+            self.what = f"captioned images (<key>.jpg + <key>.txt) of at least data.size={sampler.min_side} px"
         counts = [sum("txt" in exts and any(e in exts for e in self.image_exts) for exts in shard_keys(s).values())
                   for s in shards]
         super().__init__(shards, counts, buffer)
 
     def keep(self, sample: dict) -> bool:  # an empty caption counts as none
-        return bool(sample.get("txt", b"").strip()) and any(e in sample for e in self.image_exts)
+        import io
+
+        image = next((sample[e] for e in self.image_exts if e in sample), None)
+        if not sample.get("txt", b"").strip() or image is None:
+            return False
+        if self.sampler.min_side and image_side(io.BytesIO(image)) < self.sampler.min_side:
+            self.small = getattr(self, "small", 0) + 1
+            if self.small in (1, 1000):  # (per reader; not per sample: a stream of them would bury the log)
+                warnings.warn(f"skipping images smaller than data.size={self.sampler.min_side} px "
+                              f"({'the first' if self.small == 1 else '1000 so far'} in {sample['__url__']})")
+            return False
+        return True
 
     def load(self, sample: dict, rng: random.Random, progress: float) -> dict:
         import io
@@ -455,7 +480,23 @@ class StageDataModule(L.LightningDataModule):
             return ImageTextShards([str(shard) for shard in shards], ImageSampler(self.config), data.shuffle_buffer)
         if not pairs:
             raise DataError(f"data.image_path: no captioned images (<name>.jpg + <name>.txt) in {path}")
-        return ImageText(pairs, ImageSampler(self.config))
+        sampler = ImageSampler(self.config)
+        if sampler.min_side:
+            sides = []
+            for image, _ in pairs:
+                try:
+                    sides.append(image_side(image))
+                except (OSError, ValueError) as err:  # PIL's UnidentifiedImageError is an OSError
+                    raise DataError(f"data.image_path: {image} is not a readable image ({err})") from None
+            small = [side < sampler.min_side for side in sides]
+            if all(small):
+                raise DataError(f"data.image_path: every image in {path} is smaller than data.size="
+                                f"{sampler.min_side} px (largest short side: {max(sides)} px); give larger "
+                                "images or lower data.size")
+            if any(small):
+                warnings.warn(f"skipping {sum(small)} images smaller than data.size={sampler.min_side} px")
+                pairs = [pair for pair, too_small in zip(pairs, small) if not too_small]
+        return ImageText(pairs, sampler)
 
     def _drop(self, manifest: pd.DataFrame, unfit: pd.Series, what: str, hint: str) -> pd.DataFrame:
         """Skip the clips that are `what` (with a warning); all of them is an error ending in `hint`."""

@@ -377,6 +377,47 @@ def test_the_prior_reads_image_text_folders_and_webdataset_shards(tmp_path):
         first_pass(tmp_path / "nowhere")
 
 
+def test_unet_stages_skip_images_smaller_than_their_size_as_they_skip_such_clips(tmp_path):
+    """sr_high (768 px in the base configs) learns from image-text pairs: an image below data.size was
+    upsampled into a blurry target, silently. The U-Net stages skip such images, from folders and
+    shards alike, and stop where none is large enough; the prior, which learns CLIP embeddings,
+    keeps them."""
+    import tarfile
+
+    import numpy as np
+    from PIL import Image
+
+    big = _image_text_pairs(tmp_path / "mixed", 3)  # 48 x 32
+    (tmp_path / "small").mkdir()
+    for folder in (tmp_path / "mixed", tmp_path / "small"):
+        for i in range(2):  # 48 x 31: one pixel short of data.size
+            Image.fromarray(np.zeros((31, 48, 3), np.uint8)).save(folder / f"small{i}.png")
+            (folder / f"small{i}.txt").write_text(f"small picture {i}")
+    for name in ("mixed", "small"):
+        with tarfile.open(tmp_path / f"{name}.tar", "w") as tar:  # the small ones first: read before a batch is full
+            for file in sorted((tmp_path / name).iterdir(), key=lambda f: (not f.name.startswith("small"), f.name)):
+                tar.add(file, arcname=file.name)
+
+    def first_batch(stage, image_path, batch_size, **overrides):
+        cfg = tiny(stage, **{"data.source": "images", "data.image_path": str(image_path), "data.size": 32,
+                             "data.batch_size": batch_size, "data.num_workers": 0, "data.shuffle_buffer": 0,
+                             **overrides})
+        return next(iter(StageDataModule(cfg).check().train_dataloader()))
+
+    for source in ("mixed", "mixed.tar"):
+        with pytest.warns(UserWarning, match="skipping .*images smaller than data.size=32 px"):
+            batch = first_batch("sr_high", tmp_path / source, 3, **{"data.lowres_size": 16})
+        assert sorted(batch["caption"]) == big, source  # one pass: the large images only
+    with pytest.warns(UserWarning, match="skipping 2 images smaller"):  # the image decoder too
+        assert sorted(first_batch("decoder", tmp_path / "mixed", 3, mode="image")["caption"]) == big
+    with pytest.raises(DataError, match="every image in .*small is smaller than data.size=32 px"):
+        first_batch("sr_high", tmp_path / "small", 2, **{"data.lowres_size": 16})
+    with pytest.raises(DataError, match=r"no captioned images \(<key>.jpg \+ <key>.txt\) of at least data.size=32"):
+        first_batch("sr_high", tmp_path / "small.tar", 2, **{"data.lowres_size": 16})
+    for source in ("mixed", "mixed.tar"):  # the prior keeps every captioned image
+        assert len(first_batch("prior", tmp_path / source, 5)["caption"]) == 5
+
+
 def test_a_prior_on_uncaptioned_clips_falls_back_to_source_names_only_where_configured(tmp_path):
     """tiny (the demo): a warning, and each clip captioned with its source's name; base/large
     (caption_fallback: error): a data error that says what to give instead."""
