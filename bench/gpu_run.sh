@@ -4,7 +4,14 @@
 # with WIDE=1 also at 192 channels.
 # Expects wheels for what the CUDA image lacks in .whl/ (pydantic, pydantic_core,
 # annotated-types, typing-inspection, diffusers, av, webdataset, braceexpand, importlib_metadata,
-# zipp): .whl is git-ignored, so the device call must name it in `carry`.
+# zipp): .whl is git-ignored, so the device call must name it in `carry`. The image's python3 is
+# 3.12 (x86-64); pydantic 2.14 needs typing_extensions >= 4.16, which the image may predate. From
+# the repo root, the .venv's versions (44 MB, with the 4 MB tree under the 64 MiB a call carries):
+#   .venv/bin/python -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+#     pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
+#     typing_extensions==4.16.0 diffusers==0.42.1 av==18.1.0 webdataset==1.0.2 braceexpand==0.1.7 \
+#     importlib_metadata==9.1.0 zipp==4.1.2
 # Results and their dates: bench/RESULTS.md.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
