@@ -69,15 +69,15 @@ def process_source(ref: SourceRef, data_root: Path, ds_dir: Path, cfg: IngestCon
         return SourceOutcome(ref.source, "failed", stage="download", reason=_reason(err))
     try:  # the same bytes at another path or URL of this run wait here, then find this one's record
         with source_lock(ds_dir, digest, settings):
-            return _process_bytes(ref, path, digest, ds_dir, cfg, on_frames)
+            return _process_bytes(ref, path, digest, settings, ds_dir, cfg, on_frames)
     except OSError as err:  # the lock file cannot be made (a read-only or full disk): tried again
         return SourceOutcome(ref.source, "failed", digest, stage="record", reason=_reason(err))
 
 
-def _process_bytes(ref: SourceRef, path: Path, digest: str, ds_dir: Path, cfg: IngestConfig,
+def _process_bytes(ref: SourceRef, path: Path, digest: str, settings: str, ds_dir: Path, cfg: IngestConfig,
                    on_frames: Callable[[int], None] | None) -> SourceOutcome:
-    """Probe, cut and record fetched bytes, unless a record says they were done (or rejected)."""
-    settings = cfg.clip_settings_hash()
+    """Probe, cut and record fetched bytes (`settings`: the clip settings hash), unless a record says
+    they were done (or rejected)."""
     try:
         done = read_source_record(ds_dir, digest, settings)
     except (OSError, ValueError) as err:

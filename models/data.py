@@ -348,6 +348,8 @@ class ImageTextShards(ShardStream):
     what = "captioned images (<key>.jpg + <key>.txt)"
     image_exts = tuple(ext.lstrip(".") for ext in IMAGE_EXTS)
 
+    small = 0  # images skipped for their size, by this reader
+
     def __init__(self, shards: list[str], sampler: ImageSampler, buffer: int):
         self.sampler = sampler
         if sampler.min_side:
@@ -363,7 +365,7 @@ class ImageTextShards(ShardStream):
         if not sample.get("txt", b"").strip() or image is None:
             return False
         if self.sampler.min_side and image_side(io.BytesIO(image)) < self.sampler.min_side:
-            self.small = getattr(self, "small", 0) + 1
+            self.small += 1
             if self.small in (1, 1000):  # (per reader; not per sample: a stream of them would bury the log)
                 warnings.warn(f"skipping images smaller than data.size={self.sampler.min_side} px "
                               f"({'the first' if self.small == 1 else '1000 so far'} in {sample['__url__']})")
