@@ -20,8 +20,9 @@ from models.stages import sharded
 
 
 class ShardedEMA(Callback):
-    def __init__(self, decay: float):  # 0 < decay < 1: TrainerConfig.ema_decay checks it
+    def __init__(self, decay: float, warmup: bool = True):  # 0 < decay < 1: TrainerConfig.ema_decay checks it
         self.decay = decay
+        self.warmup = warmup
         self.names: list[str] = []
         self.params: list[torch.nn.Parameter] = []
         self.shadow: list[torch.Tensor] = []
@@ -46,7 +47,11 @@ class ShardedEMA(Callback):
         if trainer.global_step == self._step:  # gradient accumulation: no optimizer step this batch
             return
         self._step = trainer.global_step
-        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1.0 - self.decay)
+        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1.0 - self.decay_at(self._step - 1))
+
+    def decay_at(self, n: int) -> float:
+        """The decay of the n-th optimizer step (from 0); the global step, so a resume keeps the schedule."""
+        return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
 
     @torch.no_grad()
     def on_train_end(self, trainer, pl_module):

@@ -117,7 +117,7 @@ def build_trainer(cfg: StageConfig, out_dir: Path, *, logger=None, callbacks=Non
                                 enable_version_counter=False)
     cbs: list[Callback] = [checkpoint, *(callbacks or [])]
     if tc.ema_decay > 0:
-        cbs.append(ShardedEMA(tc.ema_decay))
+        cbs.append(ShardedEMA(tc.ema_decay, warmup=tc.ema_warmup))
     strategy = strategy or _strategy(tc.strategy, precision)
     # a Strategy object that brings its own CheckpointIO keeps it (Lightning refuses two)
     plugins = [] if getattr(strategy, "_checkpoint_io", None) else [AtomicCheckpointIO()]
