@@ -611,7 +611,8 @@ class RecordWeights(Callback):
 
 @pytest.mark.parametrize("accumulate", [1, 2])
 def test_ema_averages_every_step_and_resumes_from_the_saved_average(data_root, tmp_path, accumulate):
-    """One EMA update per optimizer step (with accumulate=2, two batches make one step)."""
+    """One EMA update per optimizer step (with accumulate=2, two batches make one step), with the
+    warm-up's decay min(0.5, (1+n)/(10+n)) at step n, counted on across the resume."""
     decay = 0.5
     cfg = tiny("decoder", mode="image", **{"trainer.ema_decay": decay, "trainer.accumulate_grad_batches": accumulate})
     first, second = RecordWeights(), RecordWeights()
@@ -620,20 +621,32 @@ def test_ema_averages_every_step_and_resumes_from_the_saved_average(data_root, t
     saved = read_checkpoint(result.checkpoint)
     train_stage("decoder", cfg, data_root=data_root, dataset="shapes", out_dir=tmp_path, resume=True, max_steps=5,
                 callbacks=[second])
-    ema = dict(first.steps[0])
-    for weights in first.steps[1:]:
-        ema = {n: decay * ema[n] + (1 - decay) * weights[n] for n in ema}
+    def average(ema, steps, first_step):
+        for n, weights in enumerate(steps, start=first_step):
+            d = min(decay, (1 + n) / (10 + n))
+            ema = {k: d * ema[k] + (1 - d) * weights[k] for k in ema}
+        return ema
+
+    ema = average(dict(first.steps[0]), first.steps[1:], 0)
     for n in first.names:
         assert torch.allclose(saved["state_dict"][n], ema[n], atol=1e-6), n
         assert torch.equal(saved["current_model_state"][n], first.steps[-1][n]), n
     assert any(not torch.equal(ema[n], first.steps[-1][n]) for n in first.names)  # the average is not the last step
     for n in first.names:  # the second run continues the average, not a fresh one from the raw weights
         assert torch.equal(second.steps[0][n], first.steps[-1][n]), n
-    for weights in second.steps[1:]:
-        ema = {n: decay * ema[n] + (1 - decay) * weights[n] for n in ema}
+    ema = average(ema, second.steps[1:], 3)
     last = read_checkpoint(result.checkpoint)
     for n in first.names:
         assert torch.allclose(last["state_dict"][n], ema[n], atol=1e-6), n
+
+
+def test_ema_warmup_reaches_the_configured_decay_and_can_be_turned_off():
+    from models.ema import ShardedEMA
+
+    warm, plain = ShardedEMA(0.9999), ShardedEMA(0.9999, warmup=False)
+    assert warm.decay_at(0) == 0.1 and warm.decay_at(90) == 0.91 and warm.decay_at(10**6) == 0.9999
+    assert plain.decay_at(0) == plain.decay_at(10**6) == 0.9999
+    assert tiny("prior", **{"trainer.ema_warmup": False}).trainer.ema_warmup is False
 
 
 def test_bad_input_fails_before_training(data_root, tmp_path, chain):
@@ -686,22 +699,6 @@ def test_bad_input_fails_before_training(data_root, tmp_path, chain):
         train_stage("decoder", tiny("decoder"), data_root=data_root, dataset="shapes", out_dir=done.parent.parent)
     assert read_checkpoint(done)["global_step"] == STEPS
     assert not (tmp_path / "bad" / "checkpoints").exists()
-
-
-def test_sampling_chain_writes_76_frame_mp4_and_is_seeded(chain, tmp_path):
-    from models.sampling import sample_video
-    from models.video_io import read_frames
-
-    ckpts = {s: chain[s].checkpoint for s in ("prior", "decoder", "interpolation", "sr_low", "sr_high")}
-    result = sample_video("a red circle moving right", ckpts, tmp_path / "v.mp4", steps=1, guidance=2.0, seed=1)
-    frames, fps = read_frames(result.mp4)
-    assert frames.shape == (76, 64, 64, 3)
-    assert result.frames.shape == (76, 64, 64, 3) and result.frames.dtype == torch.uint8
-    assert fps == pytest.approx(20.0)
-    assert result.gif.exists() and read_frames(result.gif)[0].shape[0] == 76
-    again = sample_video("a red circle moving right", ckpts, tmp_path / "again.mp4", steps=1, guidance=2.0, seed=1)
-    other = sample_video("a red circle moving right", ckpts, tmp_path / "other.mp4", steps=1, guidance=2.0, seed=2)
-    assert torch.equal(again.frames, result.frames) and not torch.equal(other.frames, result.frames)
 
 
 def test_several_samples_name_their_prompts_for_evaluation(chain, tmp_path):
@@ -1097,22 +1094,27 @@ def test_sr_high_noises_every_frames_input_alike_at_the_sampling_level(chain):
     assert torch.equal(extras[0][1], extras[0][0]) and torch.equal(extras[0][2], extras[0][0])  # ... alike
 
 
-def test_a_video_is_its_seeds_alone_or_in_a_batch(chain):
-    """Video i of a batch sampled with seed S draws all its noise (prior, decoder, interpolation, both
-    SR stages and their low-res augmentation) from its own generator, seeded S + i: sampled alone
-    with seed S + i it is the same video (to float rounding: batched matmuls round differently, here
-    by < 1e-7). One generator shared by the batch gave the second video other noise: 0.05 apart."""
-    from models.sampling import CHAIN, generate, load_chain
+def test_sampling_chain_writes_76_frame_mp4_and_a_video_is_its_seed_alone_or_in_a_batch(chain, tmp_path):
+    """The five stages write a 76-frame mp4 and gif at 20 fps. Video i of a batch sampled with seed S
+    draws all its noise (prior, decoder, interpolation, both SR stages and their low-res augmentation)
+    from its own generator, seeded S + i: sampled alone with seed S + i it is the same video (to float
+    rounding: batched matmuls round differently, by < 1e-7; uint8 frames by at most one level). One
+    generator shared by the batch gave the second video other noise: 0.05 apart (6 levels)."""
+    from models.sampling import CHAIN, generate, load_chain, sample_video, to_uint8
+    from models.video_io import read_frames
 
-    loaded = load_chain({s: chain[s].checkpoint for s in CHAIN})
-    batch, fps = generate(loaded, ["a red circle", "a blue square"], steps=1, guidance=2.0, seed=5)
-    second, fps_alone = generate(loaded, ["a blue square"], steps=1, guidance=2.0, seed=6)
-    first, _ = generate(loaded, ["a red circle"], steps=1, guidance=2.0, seed=5)
-    assert batch.shape == (2, 3, 76, 64, 64) and fps == fps_alone
-    assert (batch[1:] - second).abs().max() < 1e-5
-    assert (batch[:1] - first).abs().max() < 1e-5
-    # the tiny nets' videos lie near 0 after one step: other noise moves them by a few hundredths
-    assert (batch[1:] - generate(loaded, ["a blue square"], steps=1, guidance=2.0, seed=5)[0]).abs().max() > 1e-2
+    ckpts = {s: chain[s].checkpoint for s in CHAIN}
+    batch, fps = generate(load_chain(ckpts), ["a red circle", "a red circle"], steps=1, guidance=2.0, seed=5)
+    assert batch.shape == (2, 3, 76, 64, 64) and fps == pytest.approx(20.0)
+    # one prompt, seeds 5 and 6: the tiny nets' videos lie near 0 after one step, other noise moves them
+    # by a few hundredths
+    assert (batch[0] - batch[1]).abs().max() > 1e-2
+    alone = sample_video("a red circle", ckpts, tmp_path / "v.mp4", steps=1, guidance=2.0, seed=6)
+    assert alone.frames.shape == (76, 64, 64, 3) and alone.frames.dtype == torch.uint8
+    assert (alone.frames.int() - to_uint8(batch[1]).int()).abs().max() <= 1
+    frames, written_fps = read_frames(alone.mp4)
+    assert frames.shape == (76, 64, 64, 3) and written_fps == pytest.approx(20.0)
+    assert alone.gif.exists() and read_frames(alone.gif)[0].shape[0] == 76
 
 
 def test_guidance_and_seed_in_prior_and_decoder(chain, tmp_path):
