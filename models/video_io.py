@@ -5,6 +5,7 @@ import io
 import subprocess
 from fractions import Fraction
 from pathlib import Path
+from typing import Iterator
 
 import av
 import numpy as np
@@ -21,6 +22,48 @@ class TooFewFrames(ValueError):
         self.available = available
 
 
+class VideoReader:
+    """A video's main stream (a path or bytes), decoded in order: `frames()` gives PyAV frames, `rgb()`
+    turns one into upright RGB (phone videos carry a rotation) and checks it has the earlier frames' size."""
+
+    def __init__(self, src: str | Path | bytes):
+        self.container = av.open(io.BytesIO(src) if isinstance(src, bytes) else str(src))
+        self.stream = main_video_stream(self.container)
+        if self.stream is None:
+            self.container.close()
+            raise ValueError("no video stream")
+        self.stream.thread_type = "AUTO"
+        self.fps = float(self.stream.average_rate or self.stream.guessed_rate or 0) or 25.0
+        self._shape: tuple | None = None
+
+    def __enter__(self) -> "VideoReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.container.close()
+
+    def frames(self) -> Iterator[av.VideoFrame]:
+        return self.container.decode(self.stream)
+
+    def rgb(self, frame: av.VideoFrame, index: int) -> np.ndarray:
+        rgb = frame.to_ndarray(format="rgb24")
+        k = round(frame.rotation or 0) // 90 % 4  # ffmpeg's angle is counter-clockwise, like np.rot90's k
+        if k:
+            rgb = np.ascontiguousarray(np.rot90(rgb, k))
+        if self._shape is not None and rgb.shape != self._shape:
+            raise ValueError(f"frame {index} is {rgb.shape[1]}x{rgb.shape[0]} but earlier frames are "
+                             f"{self._shape[1]}x{self._shape[0]} (mixed frame sizes in one video)")
+        self._shape = rgb.shape
+        return rgb
+
+
+def frame_time(frame: av.VideoFrame) -> Fraction | None:
+    """A decoded frame's presentation time in seconds, exact (None where it has no timestamp)."""
+    if frame.pts is None or frame.time_base is None:
+        return None
+    return frame.pts * Fraction(frame.time_base)
+
+
 def read_frames(src: str | Path | bytes, indices: list[int] | None = None) -> tuple[np.ndarray, float]:
     """Decode frames (all, or those at `indices` in decode order) -> (uint8 [T,H,W,3] upright, fps).
 
@@ -29,27 +72,15 @@ def read_frames(src: str | Path | bytes, indices: list[int] | None = None) -> tu
     wanted = None if indices is None else set(indices)
     last = None if indices is None else max(indices, default=-1)
     frames: dict[int, np.ndarray] = {}
-    with av.open(io.BytesIO(src) if isinstance(src, bytes) else str(src)) as container:
-        stream = main_video_stream(container)
-        if stream is None:
-            raise ValueError("no video stream")
-        stream.thread_type = "AUTO"
-        fps = float(stream.average_rate or stream.guessed_rate or 0) or 25.0
-        shape, decoded = None, 0
-        for i, frame in enumerate(container.decode(stream)):
+    with VideoReader(src) as video:
+        decoded = 0
+        for i, frame in enumerate(video.frames()):
             decoded = i + 1
             if wanted is None or i in wanted:
-                rgb = frame.to_ndarray(format="rgb24")
-                k = round(frame.rotation or 0) // 90 % 4  # ffmpeg's angle is counter-clockwise, like np.rot90's k
-                if k:
-                    rgb = np.ascontiguousarray(np.rot90(rgb, k))
-                if shape is not None and rgb.shape != shape:
-                    raise ValueError(f"frame {i} is {rgb.shape[1]}x{rgb.shape[0]} but earlier frames are "
-                                     f"{shape[1]}x{shape[0]} (mixed frame sizes in one video)")
-                shape = rgb.shape
-                frames[i] = rgb
+                frames[i] = video.rgb(frame, i)
             if last is not None and i >= last:  # stop decoding once the last wanted frame is in
                 break
+        fps = video.fps
     if indices is None:
         return (np.stack([frames[i] for i in sorted(frames)]) if frames else np.zeros((0, 0, 0, 3), np.uint8)), fps
     missing = sorted(wanted - frames.keys())
