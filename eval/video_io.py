@@ -1,7 +1,11 @@
 """Video files <-> uint8 arrays [T,H,W,3] through PyAV (decode) and PyAV/PIL (encode)."""
 from __future__ import annotations
 
+import math
+from contextlib import contextmanager
+from fractions import Fraction
 from pathlib import Path
+from typing import Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 
@@ -10,14 +14,30 @@ from data_prep.config import VIDEO_EXTENSIONS as INGESTED
 VIDEO_EXTENSIONS = (*INGESTED, ".gif")  # what ingest reads, and the GIFs that samplers write
 
 
+T = TypeVar("T")
+# mkv/webm keep times in milliseconds: frame 2 of a 30 fps video is at 67 ms, after 1/15 s (66.7 ms)
+TIMESTAMP_SLACK = Fraction(1, 1000)
+
+
 class VideoTooShort(ValueError):
     """Fewer frames than a clip needs at the asked offset and stride."""
 
 
-def read_video(path: str | Path, num_frames: int, stride: int = 1, offset: int = 0) -> np.ndarray:
+@contextmanager
+def _naming(path: str | Path) -> Iterator[None]:
+    """Decode errors (PyAV's are ValueErrors or OSErrors, "[Errno ...] ...") as ValueErrors naming the file."""
+    try:
+        yield
+    except (ValueError, OSError) as err:
+        raise ValueError(f"{path}: {_reason(err)}") from None
+
+
+def read_video(path: str | Path, num_frames: int, stride: int = 1, offset: int = 0,
+               fps: float | None = None) -> np.ndarray:
     """Decode frames offset, offset+stride, ... (num_frames of them) as RGB uint8 [T,H,W,3], upright.
 
-    Frame numbers are in decode order; decoding stops as soon as enough frames are read.
+    Frame numbers are in decode order, or with `fps` those of the video resampled to fps (see
+    `on_screen`); decoding stops as soon as enough frames are read.
     Raises ValueError naming the file for mixed frame sizes, VideoTooShort for too few frames.
     """
     from models.video_io import TooFewFrames, read_frames
@@ -27,35 +47,118 @@ def read_video(path: str | Path, num_frames: int, stride: int = 1, offset: int =
                          f"(got {num_frames}, {stride}, {offset})")
     indices = list(range(offset, offset + num_frames * stride, stride))
     try:
-        frames, _ = read_frames(path, indices)
+        if fps is None:
+            return read_frames(path, indices)[0]
+        frames = _read_at_fps(path, indices, fps)
     except TooFewFrames as err:
         readable = sum(i < err.available for i in indices)
-        raise VideoTooShort(f"{path}: needs {num_frames} frames at offset {offset}, stride {stride}, "
-                            f"but only {readable} could be read (video too short)") from None
-    except (ValueError, OSError) as err:  # PyAV's decode errors are ValueErrors or OSErrors ("[Errno ...] ...")
+    except (ValueError, OSError) as err:
         raise ValueError(f"{path}: {_reason(err)}") from None
-    return frames
+    else:
+        if len(frames) == num_frames:
+            return np.stack(frames)
+        readable = len(frames)
+    at = f" at {fps:g} fps" if fps is not None else ""
+    raise VideoTooShort(f"{path}: needs {num_frames} frames{at} at offset {offset}, stride {stride}, "
+                        f"but only {readable} could be read (video too short)")
 
 
 def read_whole_video(path: str | Path) -> np.ndarray:
     """Every frame as RGB uint8 [T,H,W,3], upright; ValueError naming the file if it has none or cannot be read."""
     from models.video_io import read_frames
 
-    try:
+    with _naming(path):
         frames, _ = read_frames(path)
-    except (ValueError, OSError) as err:
-        raise ValueError(f"{path}: {_reason(err)}") from None
     if not len(frames):
         raise ValueError(f"{path}: no frames")
     return frames
+
+
+def read_whole_video_and_head(path: str | Path, head: int, fps: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Every frame (as read_whole_video) and the first `head` frames of the video resampled to `fps`
+    (None: as decoded; fewer where the video is shorter), from one decoding."""
+    from models.video_io import VideoReader
+
+    if fps is None:
+        video = read_whole_video(path)
+        return video, video[:head]
+    frames, timing = [], []
+    with _naming(path), VideoReader(path) as reader:
+        for time, duration, (i, frame) in _timed(reader.frames()):
+            frames.append(reader.rgb(frame, i))
+            timing.append((time, duration, i))
+        picks = on_screen(timing, fps, range(head))
+    if not frames:
+        raise ValueError(f"{path}: no frames")
+    video = np.stack(frames)
+    return video, video[picks]
+
+
+def on_screen(timed: Iterable[tuple[Fraction, Fraction | None, T]], fps: float, wanted: Sequence[int]) -> list[T]:
+    """The items of frames `wanted` (increasing) of a video resampled in time to `fps`.
+
+    `timed` gives each decoded frame's (presentation time, duration or None, item) in order. Output
+    frame k is the frame on screen at start + k/fps (start: the first frame's time), i.e. the latest
+    frame whose time is at most that, within TIMESTAMP_SLACK (1 ms); a video ends when its last frame
+    does (its duration, else the gap before it), so fewer items come back for frames past the end.
+    Reads `timed` only until the last wanted frame is known: a clip's decoding stops there."""
+    rate = Fraction(fps).limit_denominator(1001)  # exact: 30 -> 15 fps must take frame 2k, not 2k - 1
+    targets = iter(wanted)
+    k = next(targets, None)
+    picked: list[T] = []
+    start = last = None
+    for time, duration, item in timed:
+        start = time if start is None else start
+        while k is not None and time > start + k / rate + TIMESTAMP_SLACK:
+            picked.append(last[2])  # this frame comes after output frame k: the one before is on screen
+            k = next(targets, None)
+        if k is None:
+            return picked
+        gap = time - last[0] if last is not None else None
+        last = (time, duration or gap, item)
+    if last is None:
+        return picked
+    time, duration, item = last
+    if duration is None:
+        raise ValueError("one frame with no duration: unknown frame rate, cannot resample it")
+    while k is not None and start + k / rate + TIMESTAMP_SLACK < time + duration:
+        picked.append(item)
+        k = next(targets, None)
+    return picked
+
+
+def _read_at_fps(path: str | Path, indices: list[int], fps: float) -> list[np.ndarray]:
+    from models.video_io import VideoReader
+
+    with VideoReader(path) as reader:
+        picked = on_screen(_timed(reader.frames()), fps, indices)
+        converted: dict[int, np.ndarray] = {}  # a frame on screen for several output frames (fps above the video's)
+        for i, frame in picked:
+            if i not in converted:
+                converted[i] = reader.rgb(frame, i)
+        return [converted[i] for i, _ in picked]
+
+
+def _timed(frames: Iterable) -> Iterator[tuple[Fraction, Fraction | None, tuple[int, object]]]:
+    """(time, duration or None, (index, frame)) of decoded PyAV frames; a ValueError for a frame with no time."""
+    from models.video_io import frame_time
+
+    for i, frame in enumerate(frames):
+        time = frame_time(frame)
+        if time is None:
+            raise ValueError(f"frame {i} has no timestamp: the video cannot be resampled to a frame rate")
+        duration = getattr(frame, "duration", None)
+        yield time, (duration * Fraction(frame.time_base) if duration else None), (i, frame)
 
 
 def _reason(err: Exception) -> str:
     return getattr(err, "strerror", None) or str(err)
 
 
-def count_frames(path: str | Path, decode: bool = True) -> int | None:
-    """Frame count from the container if it knows it, else by decoding (decode=False: None)."""
+def count_frames(path: str | Path, decode: bool = True, fps: float | None = None) -> int | None:
+    """Frame count from the container if it knows it, else by decoding (decode=False: None).
+    With fps: the frames of the video resampled to fps (see on_screen), from its duration (the
+    container's, else its packets' times: `decode` reads them)."""
     import av
 
     from data_prep.probe import main_video_stream
@@ -65,11 +168,39 @@ def count_frames(path: str | Path, decode: bool = True) -> int | None:
             stream = main_video_stream(container)
             if stream is None:
                 raise ValueError("no video stream")
-            if stream.frames:
+            if fps is not None:
+                duration = _duration(container, stream)
+            elif stream.frames:
                 return int(stream.frames)
-            return sum(1 for _ in container.decode(stream)) if decode else None
+            else:
+                return sum(1 for _ in container.decode(stream)) if decode else None
     except (ValueError, OSError) as err:
         raise ValueError(f"{path}: not a readable video ({_reason(err)})") from None
+    if duration is None and decode:
+        duration = _probed_duration(path)
+    if duration is None:
+        return None
+    return max(0, math.ceil((duration - TIMESTAMP_SLACK) * Fraction(fps).limit_denominator(1001)))
+
+
+def _duration(container, stream) -> Fraction | None:
+    """Seconds, from the stream's header, else the container's (mkv and webm keep only that)."""
+    if stream.duration and stream.time_base:
+        return stream.duration * Fraction(stream.time_base)
+    if container.duration:
+        return Fraction(container.duration, 1_000_000)  # AV_TIME_BASE
+    return None
+
+
+def _probed_duration(path: str | Path) -> Fraction:
+    """From the packets' times (no decoding): the last frame's plus the gap before it."""
+    from data_prep.probe import probe
+
+    try:
+        seconds = probe(Path(path)).duration_s
+    except (ValueError, OSError) as err:
+        raise ValueError(f"{path}: not a readable video ({_reason(err)})") from None
+    return Fraction(seconds).limit_denominator(1_000_000)
 
 
 def write_png(path: str | Path, image: np.ndarray) -> Path:

@@ -25,15 +25,17 @@ def _videos(folder, count, seed, frames=20, size=32):
 
 @pytest.fixture
 def decodes(monkeypatch):
-    """How often each file was decoded (the real read_clip, counted)."""
+    """How often each file was decoded (the real readers of a clip, or of a whole video and its clip, counted)."""
     counts: Counter = Counter()
-    real_read = compute.read_clip
 
-    def counted(path, spec, index=0):
-        counts[str(path)] += 1
-        return real_read(path, spec, index)
+    def counting(read):
+        def counted(path, spec, index=0):
+            counts[str(path)] += 1
+            return read(path, spec, index)
+        return counted
 
-    monkeypatch.setattr(compute, "read_clip", counted)
+    for name in ("read_clip", "read_whole_and_head"):
+        monkeypatch.setattr(compute, name, counting(getattr(compute, name)))
     return counts
 
 

@@ -85,3 +85,88 @@ def test_the_same_frames_make_the_same_mp4(tmp_path):
     files = {hashlib.sha256(write_mp4(frames, tmp_path / f"{i}.mp4", fps=20).read_bytes()).hexdigest()
              for i in range(4)}
     assert len(files) == 1
+
+
+def _ramp_at(folder, fps: float, step: int = 1, container: str = "mp4"):
+    """Frame k is grey level 8 k * step (frame number k * step of the 30-frame ramp), at `fps`."""
+    import subprocess
+
+    from data_prep.ffmpeg_bin import ffmpeg_exe
+
+    frames = np.repeat(np.arange(0, 240, 8 * step, dtype=np.uint8)[:, None, None, None], 3, axis=3)
+    path = write_mp4(np.broadcast_to(frames, (len(frames), 32, 32, 3)), folder / f"ramp{fps:g}.mp4", fps=fps, crf=0)
+    if container == "mp4":
+        return path
+    # matroska keeps times in milliseconds (frame 2 at 67 ms, after 1/15 s): the same frames, remuxed
+    other = path.with_suffix(f".{container}")
+    subprocess.run([ffmpeg_exe(), "-v", "error", "-i", str(path), "-c", "copy", str(other)], check=True)
+    return other
+
+
+@pytest.mark.parametrize("container", ["mp4", "mkv"])
+def test_a_clip_at_a_frame_rate_takes_the_frame_on_screen_at_each_time(tmp_path, container):
+    """30 fps read at 15 fps: frames 0, 2, 4, ...; at 10 fps: 0, 3, 6, ...; fps None: as decoded. Offset
+    and stride count resampled frames."""
+    thirty = _ramp_at(tmp_path, 30, container=container)
+    assert levels(read_clip(thirty, ClipSpec(length=15, fps=15))).tolist() == list(range(0, 30, 2))
+    assert levels(read_clip(thirty, ClipSpec(length=10, fps=10))).tolist() == list(range(0, 30, 3))
+    assert levels(read_clip(thirty, ClipSpec(length=7, fps=7))).tolist() == [0, 4, 8, 12, 17, 21, 25]  # 30 k / 7
+    assert levels(read_clip(thirty, ClipSpec(length=16))).tolist() == list(range(16))
+    assert levels(read_video(thirty, 5, 2, 3, fps=15)).tolist() == [6, 10, 14, 18, 22]
+    # above the video's rate a frame stays on screen for several output frames
+    assert levels(read_video(thirty, 6, fps=60)).tolist() == [0, 0, 1, 1, 2, 2]
+
+
+def test_a_video_made_at_the_clip_rate_matches_one_resampled_to_it(tmp_path):
+    fifteen = _ramp_at(tmp_path, 15, step=2)  # the same motion, every 2nd frame at half the rate
+    thirty = _ramp_at(tmp_path, 30)
+    spec = ClipSpec(length=15, fps=15)
+    assert levels(read_clip(fifteen, spec)).tolist() == levels(read_clip(thirty, spec)).tolist() == list(range(0, 30, 2))
+    assert levels(read_clip(thirty, ClipSpec(length=15))).tolist() == list(range(15))  # native: not the same
+
+
+def test_a_random_offset_at_a_frame_rate_is_drawn_over_the_resampled_frames(tmp_path):
+    """30 frames at 30 fps are 10 at 10 fps: a 9-frame clip starts at resampled frame 0 or 1 (frame 0 or 3);
+    a clip longer than the 10 is too short, said before decoding."""
+    from eval.video_io import count_frames
+
+    thirty = _ramp_at(tmp_path, 30)
+    assert count_frames(thirty, fps=10) == count_frames(thirty, decode=False, fps=10) == 10
+    assert count_frames(thirty, fps=15) == 15 and count_frames(thirty) == 30
+    starts = set()
+    for seed in range(8):
+        clip = levels(read_clip(thirty, ClipSpec(length=9, random_offset=True, seed=seed, fps=10))).tolist()
+        assert clip == list(range(clip[0], clip[0] + 27, 3))
+        starts.add(clip[0])
+    assert starts == {0, 3}
+    with pytest.raises(VideoTooShort, match=r"ramp30.mp4: 10 frames at 10 fps, shorter than one clip \(11 frames"):
+        read_clip(thirty, ClipSpec(length=11, random_offset=True, fps=10))
+    with pytest.raises(VideoTooShort, match=r"ramp30.mp4: needs 16 frames at 15 fps at offset 0, stride 1, but only "
+                                            r"15 could be read"):
+        read_video(thirty, 16, fps=15)
+
+
+def test_resampling_reads_no_further_than_the_clip_and_needs_timestamps(tmp_path):
+    """on_screen stops taking frames once the clip's last one is known (so decoding stops there); a raw
+    H.264 stream has no frame times: an error naming the file."""
+    import subprocess
+    from fractions import Fraction
+
+    from data_prep.ffmpeg_bin import ffmpeg_exe
+    from eval.video_io import on_screen
+
+    taken = []
+
+    def frames():  # an hour at 30 fps
+        for i in range(30 * 3600):
+            taken.append(i)
+            yield Fraction(i, 30), Fraction(1, 30), i
+
+    assert on_screen(frames(), 15, range(16)) == list(range(0, 32, 2))
+    assert len(taken) == 32  # output frame 15 (1 s) is frame 30: frame 31, the first after it, says so
+    raw = tmp_path / "ramp.h264"
+    lossy = write_mp4(np.zeros((4, 32, 32, 3), dtype=np.uint8), tmp_path / "lossy.mp4", fps=30)
+    subprocess.run([ffmpeg_exe(), "-v", "error", "-i", str(lossy), "-c", "copy", "-f", "h264", str(raw)], check=True)
+    assert read_video(raw, 4).shape == (4, 32, 32, 3)  # as decoded: no times needed
+    with pytest.raises(ValueError, match=r"ramp.h264: frame 0 has no timestamp"):
+        read_video(raw, 4, fps=15)
