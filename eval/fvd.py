@@ -37,12 +37,14 @@ class FVDResult:
     detector: str
     detector_sha256: str
     smoke: bool
+    clip_fps: float | None = None  # the clips' frame rate (videos resampled to it); None: as decoded
 
     def __str__(self) -> str:
         interval = f" [{self.low:.4g}, {self.high:.4g}]" if self.low is not None else ""
         smoke = " (smoke)" if self.smoke else ""
+        at = f" at {self.clip_fps:g} fps" if self.clip_fps is not None else ""
         return (f"fvd: {self.value:.4g}{interval}{smoke}  "
-                f"(N={self.num_real}+{self.num_fake}, {self.clip_length} frames, stride {self.clip_stride})")
+                f"(N={self.num_real}+{self.num_fake}, {self.clip_length} frames{at}, stride {self.clip_stride})")
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -60,11 +62,12 @@ class FrechetVideoDistance(ShapedEmptyStates, Metric):
     full_state_update = False
 
     def __init__(self, detector: I3DDetector | None = None, feature_dim: int = 400, unbiased: bool = False,
-                 keep_features: bool = True, clip_stride: int = 1, **kwargs):
+                 keep_features: bool = True, clip_stride: int = 1, clip_fps: float | None = None, **kwargs):
         super().__init__(**kwargs)
         self.detector = detector
         self.feature_dim = detector.feature_dim if detector is not None else feature_dim
         self.unbiased, self.keep_features, self.clip_stride = unbiased, keep_features, clip_stride
+        self.clip_fps = clip_fps  # (described with the result, as the stride is)
         # clip length T of every update: states, so reset() clears them and processes and merges
         # compare them (min == max)
         self.add_state("length_min", torch.tensor(float("inf"), dtype=torch.float64), dist_reduce_fx="min")
@@ -179,4 +182,5 @@ class FrechetVideoDistance(ShapedEmptyStates, Metric):
                 low, high = ci.low, ci.high
         info = self.detector.describe() if self.detector is not None else {"detector_name": "features", "detector_sha256": "n/a"}
         return FVDResult(value, low, high, level if low is not None else None, n_real, n_fake, clip_length,
-                         self.clip_stride, self.unbiased, info["detector_name"], info["detector_sha256"], self.smoke)
+                         self.clip_stride, self.unbiased, info["detector_name"], info["detector_sha256"], self.smoke,
+                         self.clip_fps)

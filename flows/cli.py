@@ -49,6 +49,14 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+def positive_float(text: str) -> float:
+    """An argparse type for finite numbers > 0."""
+    value = non_negative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
 def with_notes(err: BaseException) -> str:
     """The error's message and its notes (what was kept where), one per line."""
     return "\n".join([str(err), *getattr(err, "__notes__", [])]).strip()

@@ -31,7 +31,7 @@ import numpy as np
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE as NO_CACHE
 
-from flows.cli import (device_name, non_negative_float, non_negative_int, positive_int, with_notes,
+from flows.cli import (device_name, non_negative_float, non_negative_int, positive_float, positive_int, with_notes,
                        writable_folder)
 from flows.registry import add_registry_options, chain_from_registry, describe
 from flows.tracking import default_tracking_uri, end_orphaned_runs, experiment_id, process_tags
@@ -269,10 +269,11 @@ def score_task(metrics: list[str], real: VideoSet | None, fake: VideoSet, prompt
                clip_length: int, clip_stride: int, seed: int, device: str, batch_size: int, *,
                i3d_weights: str | None = None, i3d_sha256: str | None = None, clip_model: str | None = None,
                c3d_weights: str | None = None, c3d_sha256: str | None = None, num_resamples: int = 100,
-               unbiased: bool = False) -> tuple[dict, list, dict]:
+               unbiased: bool = False, fps: float | None = None) -> tuple[dict, list, dict]:
     """-> ({metric: result}, the first 16 fake clips for the pictures, {"c3d_sha256": ...}).
     The fake videos are decoded once for every metric; the real ones (FVD) with one random
-    offset per video, as StyleGAN-V does, the fake ones from their first frame."""
+    offset per video, as StyleGAN-V does, the fake ones from their first frame; with `fps`, the
+    clips of both come from the videos resampled to it (CLIPSIM still scores every fake frame)."""
     from eval.compute import ClipSpec, score_files
 
     fvd = clipsim = inception = None
@@ -283,7 +284,7 @@ def score_task(metrics: list[str], real: VideoSet | None, fake: VideoSet, prompt
 
         detector = load_i3d(i3d_weights, sha256=i3d_sha256, device=device, batch_size=batch_size,
                             amp_dtype=None, channels_last=device.startswith("cuda"))
-        fvd = FrechetVideoDistance(detector, unbiased=unbiased, clip_stride=clip_stride).to(device)
+        fvd = FrechetVideoDistance(detector, unbiased=unbiased, clip_stride=clip_stride, clip_fps=fps).to(device)
     if "clipsim" in metrics:
         from eval.clipsim import CLIPSIM
 
@@ -295,8 +296,8 @@ def score_task(metrics: list[str], real: VideoSet | None, fake: VideoSet, prompt
         c3d, smoke, extra["c3d_sha256"] = load_c3d(c3d_weights, c3d_sha256, device=device, seed=seed)
         inception = VideoInceptionScore(c3d, smoke, splits=UCF101Settings.is_splits).to(device)
     clips: list = []
-    score_files(fake.paths, ClipSpec(clip_length, clip_stride), fvd=fvd, real=real.paths if real else (),
-                real_spec=ClipSpec(clip_length, clip_stride, random_offset=True, seed=seed), clipsim=clipsim,
+    score_files(fake.paths, ClipSpec(clip_length, clip_stride, fps=fps), fvd=fvd, real=real.paths if real else (),
+                real_spec=ClipSpec(clip_length, clip_stride, random_offset=True, seed=seed, fps=fps), clipsim=clipsim,
                 prompts=prompts, inception=inception, batch_size=batch_size, keep_clips=clips)
     results = {}
     if fvd is not None:
@@ -443,20 +444,22 @@ def check_inputs(args: argparse.Namespace) -> None:
         raise ValueError("fvd needs --real SRC (a dataset NAME[@VERSION], a folder or runs:/<id>)")
     if {"fvd", "is"} & set(metrics):
         for videos in local:
-            check_clip_lengths(videos.take(args.num_videos, args.seed), args.clip_length, args.clip_stride)
+            check_clip_lengths(videos.take(args.num_videos, args.seed), args.clip_length, args.clip_stride,
+                               args.fps)
 
 
-def check_clip_lengths(videos: VideoSet, length: int, stride: int) -> None:
+def check_clip_lengths(videos: VideoSet, length: int, stride: int, fps: float | None = None) -> None:
     """A video too short for one clip, named before any decoding (where its container says how
-    long it is; the others are found as they are read)."""
+    long it is; the others are found as they are read). With fps, in frames of the video resampled to it."""
     from eval.video_io import count_frames
 
     span = (length - 1) * stride + 1
+    at, option = (f" at {fps:g} fps", f", --fps {fps:g}") if fps is not None else ("", "")
     for path in videos.paths:
-        frames = count_frames(path, decode=False)
+        frames = count_frames(path, decode=False, fps=fps)
         if frames is not None and frames < span:
-            raise ValueError(f"{path}: {frames} frames, shorter than one clip (--clip-length {length}, "
-                             f"--clip-stride {stride}: {span} frames)")
+            raise ValueError(f"{path}: {frames} frames{at}, shorter than one clip (--clip-length {length}, "
+                             f"--clip-stride {stride}{option}: {span} frames)")
 
 
 # -- the flow -------------------------------------------------------------------------
@@ -464,8 +467,8 @@ def check_clip_lengths(videos: VideoSet, length: int, stride: int) -> None:
 def evaluate(real: str | None = None, fake: str | None = None, prompts: str | None = None,
              metrics: str | list[str] | None = None, num_videos: int | None = None, i3d_weights: str | None = None,
              i3d_sha256: str | None = None, clip_model: str | None = None, data_root: str = "mav-data",
-             tracking_uri: str | None = None, clip_length: int = 16, clip_stride: int = 1, seed: int = 0,
-             device: str = "auto", num_resamples: int = 100, unbiased: bool = False, batch_size: int = 16,
+             tracking_uri: str | None = None, clip_length: int = 16, clip_stride: int = 1, fps: float | None = None,
+             seed: int = 0, device: str = "auto", num_resamples: int = 100, unbiased: bool = False, batch_size: int = 16,
              sampler: Callable | None = None, checkpoints=None, registry: str | None = None, model_prefix: str = "mav",
              sample_dir: str | None = None,
              sample_steps: int | None = None, guidance: float | None = None, experiment: str = "evaluate",
@@ -476,6 +479,7 @@ def evaluate(real: str | None = None, fake: str | None = None, prompts: str | No
     `<model_prefix>-<stage>` at the alias `registry`) against `real`; or run a
     `protocol` (ucf101: protocol_root, split_file; msrvtt: captions, video_root), which gives the
     prompts, the real videos and the metrics (fvd + is; clipsim [+ fvd]) and N (2048; all captions).
+    `fps`: FVD and IS clips come from the videos resampled to it (None: each at its own rate).
     Returns {"results": {metric: dict}, "lines": [...], "prompts": {file: prompt}, "run_id": ...}."""
     import torch
 
@@ -526,7 +530,7 @@ def evaluate(real: str | None = None, fake: str | None = None, prompts: str | No
 
         params = {"metrics": ",".join(metrics), "fake_source": fake_set.source, "fake_kind": fake_set.kind,
                   "num_fake": len(fake_set.paths), "clip_length": clip_length, "clip_stride": clip_stride,
-                  "seed": seed, "device": device}
+                  "clip_fps": "native" if fps is None else fps, "seed": seed, "device": device}
         if proto:
             params |= {"protocol": proto.name} | proto.params
         if sampled:
@@ -553,7 +557,7 @@ def evaluate(real: str | None = None, fake: str | None = None, prompts: str | No
         results, clips, extra = score_task(metrics, real_set, fake_set, fake_set.prompts, clip_length, clip_stride,
                                            seed, device, batch_size, i3d_weights=i3d_weights, i3d_sha256=i3d_sha256,
                                            clip_model=clip_model, c3d_weights=c3d_weights, c3d_sha256=c3d_sha256,
-                                           num_resamples=num_resamples, unbiased=unbiased)
+                                           num_resamples=num_resamples, unbiased=unbiased, fps=fps)
         if "fvd" in results:
             r = results["fvd"]
             params |= {"real_source": real_set.source, "real_version": real_set.version, "num_real": r.num_real,
@@ -618,6 +622,10 @@ def register(subparsers) -> None:
     p.add_argument("--tracking-uri", default=None, help="MLflow URI (default $MLFLOW_TRACKING_URI or ./mlflow.db)")
     p.add_argument("--clip-length", type=positive_int, default=16)
     p.add_argument("--clip-stride", type=positive_int, default=1)
+    p.add_argument("--fps", type=positive_float, default=None,
+                   help="resample every video in time to this rate before its clip is taken (sampled videos are "
+                        "at the sampling fps x the interpolation skip, real ones at their own rate); "
+                        "default: frames as decoded, as the reference implementations")
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--device", type=device_name, default="auto")
     p.add_argument("--bootstrap", type=non_negative_int, default=100, help="bootstrap resamples for the FVD interval (0: none)")
@@ -644,7 +652,8 @@ def _run(args: argparse.Namespace) -> int:
         out = evaluate(real=args.real, fake=args.fake, prompts=args.prompts, metrics=args.metrics,
                        num_videos=args.num_videos, i3d_weights=args.i3d_weights, i3d_sha256=args.i3d_sha256,
                        clip_model=args.clip_model, data_root=args.data_root, tracking_uri=args.tracking_uri,
-                       clip_length=args.clip_length, clip_stride=args.clip_stride, seed=args.seed, device=args.device,
+                       clip_length=args.clip_length, clip_stride=args.clip_stride, fps=args.fps, seed=args.seed,
+                       device=args.device,
                        num_resamples=args.bootstrap, unbiased=args.unbiased, batch_size=args.batch_size,
                        experiment=args.experiment, checkpoints=checkpoints, registry=args.registry,
                        model_prefix=args.model_prefix, sample_steps=args.sample_steps,

@@ -268,7 +268,8 @@ def pipeline(config: str = DEFAULT_CONFIG, dataset: str | None = None, data_root
         scores = evaluate(real=f"{dataset}@{version}", fake=str(sample_dir), prompts=str(sample_dir / "prompts.json"),
                           metrics=metrics_wanted, num_videos=ev.num_videos, i3d_weights=ev.i3d_weights,
                           i3d_sha256=ev.i3d_sha256, clip_model=ev.clip_model, data_root=data_root,
-                          tracking_uri=tracking_uri, clip_length=ev.clip_length, num_resamples=ev.num_resamples,
+                          tracking_uri=tracking_uri, clip_length=ev.clip_length, fps=ev.fps,
+                          num_resamples=ev.num_resamples,
                           experiment=cfg.experiment, parent_run_id=parent.info.run_id, run_name="evaluate")
         metrics = scores["metrics"]  # the names the evaluate run logged, on the parent run too
         mlflow.log_metrics(metrics)

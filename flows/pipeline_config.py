@@ -35,6 +35,7 @@ class EvaluateSettings(Strict):
     metrics: list[str] = ["fvd", "clipsim"]
     num_videos: int | None = Field(None, ge=1)  # None: every real clip and every sample (N may differ)
     clip_length: int = Field(16, ge=1)
+    fps: float | None = Field(None, gt=0)  # FVD clips of the videos resampled to it; None: each at its own rate
     i3d_weights: str | None = None  # without: FVD in smoke mode (random I3D), said in every value
     i3d_sha256: str | None = None
     clip_model: str | None = None  # hub id or folder; None: evaluate's default

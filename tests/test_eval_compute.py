@@ -124,3 +124,36 @@ def test_decoding_runs_a_bounded_number_of_clips_ahead(tmp_path, decodes):
     next(clips)
     clips.close()  # an early stop leaves the rest undecoded
     assert sum(decodes.values()) <= 3
+
+
+def test_at_a_frame_rate_clipsim_scores_every_frame_and_fvd_the_resampled_clip(tmp_path, decodes):
+    """With ClipSpec.fps and CLIPSIM, a fake video is still decoded once: CLIPSIM gets all its frames,
+    FVD and the pictures the clip of it resampled to fps (the same FVD as without CLIPSIM, where the
+    clip is read on its own); one too short at that rate is named with it."""
+    from eval.sheets import GRID_TILE
+    from eval.video_io import VideoTooShort
+
+    (tmp_path / "fake").mkdir()
+    ramp = np.arange(0, 256, 8, dtype=np.uint8)  # 32 frames, frame k at grey level 8 k
+    fake = [write_mp4(np.broadcast_to(levels[:, None, None, None], (32, 32, 32, 3)), tmp_path / "fake" / f"{i}.mp4",
+                      fps=30, crf=0) for i, levels in enumerate((ramp, ramp[::-1]))]
+    real = _videos(tmp_path / "real", 2, seed=0, frames=24)  # 3 s at 8 fps
+    prompts = ["a grey ramp", "a ramp down"]
+    clip = FrozenCLIP.load(build_tiny_clip(tmp_path / "clip"))
+    spec = ClipSpec(10, fps=15)
+    fvd, clipsim, _ = _metrics(clip)
+    kept: list = []
+    score_files(fake, spec, fvd=fvd, real=real, real_spec=spec, clipsim=clipsim, prompts=prompts, keep_clips=kept)
+    assert decodes == Counter({str(p): 1 for p in real + fake})
+    shown = kept[0].reshape(10, -1).float().mean(1) / 8
+    assert kept[0].shape == (10, GRID_TILE, GRID_TILE, 3) and shown.round().int().tolist() == list(range(0, 20, 2))
+
+    reference = CLIPSIM(clip)
+    reference.update([torch.from_numpy(read_frames(p)[0]) for p in fake], prompts)  # all 32 frames
+    assert clipsim.result(num_resamples=0).value == pytest.approx(reference.result(num_resamples=0).value, abs=1e-6)
+    alone = FrechetVideoDistance(load_i3d(None, batch_size=4))
+    score_files(fake, spec, fvd=alone, real=real, real_spec=spec)
+    assert fvd.result(num_resamples=0).value == pytest.approx(alone.result(num_resamples=0).value, rel=1e-6)
+    with pytest.raises(VideoTooShort, match=r"0.mp4: 16 frames at 15 fps, shorter than one clip \(20 frames"):
+        score_files(fake, ClipSpec(20, fps=15), fvd=FrechetVideoDistance(load_i3d(None, batch_size=4)), real=real,
+                    clipsim=CLIPSIM(clip), prompts=prompts)

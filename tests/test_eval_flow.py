@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -224,3 +225,73 @@ def test_log_task_nests_under_an_active_parent_run(tmp_path):
     assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
     assert run.data.metrics == {"fvd": 12.5, "fvd_low": 10.0, "fvd_high": 15.0}  # real: no smoke_ prefix
     assert run.info.status == "FINISHED"
+
+
+def _moving_stripes(folder, fps: float, step: int, frames: int, count: int = 3):
+    """Videos of stripes moving at their own speed; frame k shows time k * step / 30 s, at `fps`
+    (step 1 at 30 fps and step 2 at 15 fps: the same motion)."""
+    import numpy as np
+
+    from models.video_io import write_mp4
+
+    folder.mkdir()
+    x = np.arange(32)[None, None, :, None]
+    t = (np.arange(frames) * step)[:, None, None, None]
+    for i in range(count):
+        grey = 128 + 100 * np.sin(2 * np.pi * (x + (i + 1) * t) / 16) + 0 * np.arange(32)[None, :, None, None]
+        write_mp4(np.repeat(grey, 3, axis=3).astype(np.uint8), folder / f"v{i}.mp4", fps=fps, crf=0)
+    return folder
+
+
+def test_fps_puts_real_and_fake_clips_on_one_time_scale(prefect_server, tmp_path, capsys):
+    """Real videos at 30 fps, fakes of the same motion at 15 fps: at --fps 15 their clips are the same
+    frames and FVD is far smaller than comparing frames as decoded (twice the motion per frame in the
+    fakes); the rate is logged with the clip settings."""
+    import mlflow
+
+    from flows.cli import main
+
+    real = _moving_stripes(tmp_path / "real", 30, step=1, frames=20)
+    fake = _moving_stripes(tmp_path / "fake", 15, step=2, frames=10)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    values = {}
+    for fps in ([], ["--fps", "15"]):
+        rc = main(["evaluate", "--real", str(real), "--fake", str(fake), "--metrics", "fvd", "--tracking-uri", uri,
+                   "--clip-length", "10", "--bootstrap", "0", "--device", "cpu", *fps])
+        assert rc == 0
+        values[bool(fps)] = float(capsys.readouterr().out.strip().splitlines()[-1].split()[1])
+    assert values[True] < values[False] / 100
+    client = mlflow.MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("evaluate").experiment_id], order_by=["start_time"])
+    assert [(r.data.params["clip_fps"], r.data.params["clip_length"]) for r in runs] == [("native", "10"),
+                                                                                         ("15.0", "10")]
+    results = json.loads(Path(mlflow.artifacts.download_artifacts(run_id=runs[1].info.run_id, tracking_uri=uri,
+                                                                  artifact_path="eval/results.json")).read_text())
+    assert results["fvd"]["clip_fps"] == 15.0
+
+
+def test_a_video_too_short_at_the_fps_is_named_before_decoding(tmp_path):
+    """20 frames at 30 fps hold a 16-frame clip as decoded, but only 10 frames at 15 fps."""
+    from flows.cli import build_parser
+    from flows.evaluate import check_inputs
+
+    videos = _moving_stripes(tmp_path / "v", 30, step=1, frames=20, count=2)
+    options = ["evaluate", "--real", str(videos), "--fake", str(videos), "--metrics", "fvd", "--clip-length", "16"]
+    check_inputs(build_parser("evaluate").parse_args(options))
+    with pytest.raises(ValueError, match=r"v0.mp4: 10 frames at 15 fps, shorter than one clip \(--clip-length 16, "
+                                         r"--clip-stride 1, --fps 15: 16 frames\)"):
+        check_inputs(build_parser("evaluate").parse_args([*options, "--fps", "15"]))
+    with pytest.raises(SystemExit):  # a usage error
+        build_parser("evaluate").parse_args([*options, "--fps", "0"])
+
+
+def test_the_pipeline_config_takes_an_evaluation_fps(tmp_path):
+    from flows.pipeline_config import REPO, load_pipeline_config
+
+    assert load_pipeline_config(REPO / "configs" / "tiny" / "pipeline.yaml").evaluate.fps is None
+    config = tmp_path / "pipeline.yaml"
+    config.write_text("evaluate: {fps: 20}\n")
+    assert load_pipeline_config(config).evaluate.fps == 20
+    config.write_text("evaluate: {fps: 0}\n")
+    with pytest.raises(ValueError, match=r"evaluate.fps"):
+        load_pipeline_config(config)

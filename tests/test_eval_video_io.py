@@ -121,7 +121,8 @@ def test_a_video_made_at_the_clip_rate_matches_one_resampled_to_it(tmp_path):
     fifteen = _ramp_at(tmp_path, 15, step=2)  # the same motion, every 2nd frame at half the rate
     thirty = _ramp_at(tmp_path, 30)
     spec = ClipSpec(length=15, fps=15)
-    assert levels(read_clip(fifteen, spec)).tolist() == levels(read_clip(thirty, spec)).tolist() == list(range(0, 30, 2))
+    assert levels(read_clip(fifteen, spec)).tolist() == levels(read_clip(thirty, spec)).tolist() \
+        == list(range(0, 30, 2))
     assert levels(read_clip(thirty, ClipSpec(length=15))).tolist() == list(range(15))  # native: not the same
 
 
