@@ -102,7 +102,7 @@ def on_screen(timed: Iterable[tuple[Fraction, Fraction | None, T]], fps: float, 
     frame whose time is at most that, within TIMESTAMP_SLACK (1 ms); a video ends when its last frame
     does (its duration, else the gap before it), so fewer items come back for frames past the end.
     Reads `timed` only until the last wanted frame is known: a clip's decoding stops there."""
-    rate = Fraction(fps).limit_denominator(1001)  # exact: 30 -> 15 fps must take frame 2k, not 2k - 1
+    rate = _exact(fps)
     targets = iter(wanted)
     k = next(targets, None)
     picked: list[T] = []
@@ -180,7 +180,12 @@ def count_frames(path: str | Path, decode: bool = True, fps: float | None = None
         duration = _probed_duration(path)
     if duration is None:
         return None
-    return max(0, math.ceil((duration - TIMESTAMP_SLACK) * Fraction(fps).limit_denominator(1001)))
+    return max(0, math.ceil((duration - TIMESTAMP_SLACK) * _exact(fps)))
+
+
+def _exact(fps: float) -> Fraction:
+    """The rate as a fraction (29.97 -> 2997/100): 30 -> 15 fps must take frame 2k, not 2k - 1 by a rounding."""
+    return Fraction(fps).limit_denominator(1001)
 
 
 def _duration(container, stream) -> Fraction | None:
