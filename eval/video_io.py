@@ -158,7 +158,8 @@ def _reason(err: Exception) -> str:
 def count_frames(path: str | Path, decode: bool = True, fps: float | None = None) -> int | None:
     """Frame count from the container if it knows it, else by decoding (decode=False: None).
     With fps: the frames of the video resampled to fps (see on_screen), from its duration (the
-    container's, else its packets' times: `decode` reads them)."""
+    stream's, else its packets' times: `decode` reads them; decode=False falls back to the container's
+    duration, which can only be longer: it runs from time 0 to the end of the longest stream)."""
     import av
 
     from data_prep.probe import main_video_stream
@@ -169,14 +170,16 @@ def count_frames(path: str | Path, decode: bool = True, fps: float | None = None
             if stream is None:
                 raise ValueError("no video stream")
             if fps is not None:
-                duration = _duration(container, stream)
+                duration = _duration(container, stream, whole_container=not decode)
+                if duration is None and decode:
+                    duration = _packets_duration(container, stream)
             elif stream.frames:
                 return int(stream.frames)
             else:
                 return sum(1 for _ in container.decode(stream)) if decode else None
     except (ValueError, OSError) as err:
         raise ValueError(f"{path}: not a readable video ({_reason(err)})") from None
-    if duration is None and decode:
+    if duration is None and decode:  # packets without times (raw H.264): the parser's frames at the stream's rate
         duration = _probed_duration(path)
     if duration is None:
         return None
@@ -188,13 +191,29 @@ def _exact(fps: float) -> Fraction:
     return Fraction(fps).limit_denominator(1001)
 
 
-def _duration(container, stream) -> Fraction | None:
-    """Seconds, from the stream's header, else the container's (mkv and webm keep only that)."""
+def _duration(container, stream, whole_container: bool = False) -> Fraction | None:
+    """Seconds, from the stream's header, else (whole_container) the container's (mkv and webm keep only
+    that: from time 0, not the video's first frame, to the end of the longest stream, audio included)."""
     if stream.duration and stream.time_base:
         return stream.duration * Fraction(stream.time_base)
-    if container.duration:
+    if whole_container and container.duration:
         return Fraction(container.duration, 1_000_000)  # AV_TIME_BASE
     return None
+
+
+def _packets_duration(container, stream) -> Fraction | None:
+    """Seconds from the first frame's time to the end of the last (its duration, else the gap before
+    it), as on_screen counts them, from the packets' times (no decoding); None without times."""
+    stamps = sorted((packet.pts, packet.duration or 0) for packet in container.demux(stream)
+                    if packet.pts is not None and packet.size and not packet.is_discard)
+    if not stamps:
+        return None
+    last, duration = stamps[-1]
+    if not duration and len(stamps) > 1:
+        duration = last - stamps[-2][0]
+    if not duration:
+        return None
+    return (last + duration - stamps[0][0]) * Fraction(stream.time_base)
 
 
 def _probed_duration(path: str | Path) -> Fraction:

@@ -4,7 +4,7 @@ import pytest
 
 from eval.compute import ClipSpec, read_clip
 from eval.video_io import VideoTooShort, list_videos, read_video
-from models.video_io import write_mp4
+from models.video_io import write_gif, write_mp4
 
 
 @pytest.fixture
@@ -171,3 +171,50 @@ def test_resampling_reads_no_further_than_the_clip_and_needs_timestamps(tmp_path
     assert read_video(raw, 4).shape == (4, 32, 32, 3)  # as decoded: no times needed
     with pytest.raises(ValueError, match=r"ramp.h264: frame 0 has no timestamp"):
         read_video(raw, 4, fps=15)
+
+
+def _remux(source, target, *args):
+    import subprocess
+
+    from data_prep.ffmpeg_bin import ffmpeg_exe
+
+    subprocess.run([ffmpeg_exe(), "-v", "error", "-i", str(source), *args, str(target)], check=True)
+    return target
+
+
+def test_count_frames_at_a_rate_is_what_read_video_delivers(tmp_path):
+    """The too-short check and the random offsets count resampled frames before decoding: the count must
+    be the number of frames read_video then gives, in every container. Matroska keeps only the
+    container's duration, which runs from time 0 to the end of the longest stream: a video starting at
+    0.7 s, or beside 3 s of audio, is not that long (1 s of frames counted as 3.7 s)."""
+    from eval.video_io import count_frames
+
+    sources = [_ramp_at(tmp_path, 30), _ramp_at(tmp_path, 30000 / 1001)]
+    videos = [*sources, write_gif(np.broadcast_to(np.arange(0, 128, 8, dtype=np.uint8)[:, None, None, None],
+                                                  (16, 32, 32, 3)), tmp_path / "sampled.gif", fps=20)]
+    for i, source in enumerate(sources):
+        videos.append(_remux(source, tmp_path / f"{i}.mkv", "-c", "copy"))
+        audio = ["-f", "lavfi", "-i", "sine=duration=3"]
+        videos.append(_remux(source, tmp_path / f"{i} audio.mkv", *audio, "-c:v", "copy", "-c:a", "aac"))
+        videos.append(_remux(source, tmp_path / f"{i} late.webm", *audio, "-c:v", "libvpx-vp9", "-lossless", "1",
+                             "-c:a", "libopus", "-output_ts_offset", "0.7"))
+    for video in videos:
+        for fps in (8, 15, 24, 29.97, 60):
+            count = count_frames(video, fps=fps)
+            assert len(read_video(video, count, fps=fps)) == count, (video.name, fps)
+            with pytest.raises(VideoTooShort, match=f"only {count} could be read"):
+                read_video(video, count + 1, fps=fps)
+
+
+def test_a_random_offset_in_a_matroska_video_with_audio_stays_in_its_frames(tmp_path):
+    """30 frames at 30 fps beside 3 s of audio are 10 frames at 10 fps: a 9-frame clip starts at
+    resampled frame 0 or 1, both drawn (counted as 31 frames, nearly every draw fell past the end and
+    back to offset 0)."""
+    thirty = _ramp_at(tmp_path, 30)
+    video = _remux(thirty, tmp_path / "with audio.mkv", "-f", "lavfi", "-i", "sine=duration=3", "-c:v", "copy",
+                   "-c:a", "aac")
+    starts = {levels(read_clip(video, ClipSpec(length=9, random_offset=True, seed=seed, fps=10)))[0]
+              for seed in range(8)}
+    assert starts == {0, 3}
+    with pytest.raises(VideoTooShort, match=r"with audio.mkv: 10 frames at 10 fps, shorter than one clip"):
+        read_clip(video, ClipSpec(length=11, random_offset=True, fps=10))
