@@ -156,7 +156,9 @@ def _reason(err: Exception) -> str:
 
 
 def count_frames(path: str | Path, decode: bool = True, fps: float | None = None) -> int | None:
-    """Frame count from the container if it knows it, else by decoding (decode=False: None).
+    """Frame count from the container if it knows it, else by decoding (decode=False: None); an MP4 whose
+    edit list hides frames (a stream-copy trim) lists them too: its shown packets are counted (decode=False:
+    the container's count, which can only be larger).
     With fps: the frames of the video resampled to fps (see on_screen), from its duration (the
     stream's, else its packets' times: `decode` reads them; decode=False falls back to the container's
     duration, which can only be longer: it runs from time 0 to the end of the longest stream)."""
@@ -174,7 +176,8 @@ def count_frames(path: str | Path, decode: bool = True, fps: float | None = None
                 if duration is None and decode:
                     duration = _packets_duration(container, stream)
             elif stream.frames:
-                return int(stream.frames)
+                shown = _shown_packets(container, stream) if decode else None
+                return int(stream.frames) if shown is None else shown
             else:
                 return sum(1 for _ in container.decode(stream)) if decode else None
     except (ValueError, OSError) as err:
@@ -199,6 +202,17 @@ def _duration(container, stream, whole_container: bool = False) -> Fraction | No
     if whole_container and container.duration:
         return Fraction(container.duration, 1_000_000)  # AV_TIME_BASE
     return None
+
+
+def _shown_packets(container, stream) -> int | None:
+    """None where the first packet is shown (the container's count holds), else the packets that are: an
+    edit list hides the first ones, which the index lists but decoding never gives (frames 0-11 of a
+    30-frame video cut at 0.4 s by stream copy)."""
+    packets = container.demux(stream)
+    first = next(packets, None)
+    if first is None or not first.is_discard:
+        return None
+    return sum(1 for packet in packets if packet.size and not packet.is_discard)
 
 
 def _packets_duration(container, stream) -> Fraction | None:

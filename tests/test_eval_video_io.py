@@ -173,12 +173,12 @@ def test_resampling_reads_no_further_than_the_clip_and_needs_timestamps(tmp_path
         read_video(raw, 4, fps=15)
 
 
-def _remux(source, target, *args):
+def _remux(source, target, *args, before=()):
     import subprocess
 
     from data_prep.ffmpeg_bin import ffmpeg_exe
 
-    subprocess.run([ffmpeg_exe(), "-v", "error", "-i", str(source), *args, str(target)], check=True)
+    subprocess.run([ffmpeg_exe(), "-v", "error", *before, "-i", str(source), *args, str(target)], check=True)
     return target
 
 
@@ -218,3 +218,18 @@ def test_a_random_offset_in_a_matroska_video_with_audio_stays_in_its_frames(tmp_
     assert starts == {0, 3}
     with pytest.raises(VideoTooShort, match=r"with audio.mkv: 10 frames at 10 fps, shorter than one clip"):
         read_clip(video, ClipSpec(length=11, random_offset=True, fps=10))
+
+
+def test_an_mp4_trimmed_by_stream_copy_counts_the_frames_it_shows(tmp_path, ramp):
+    """Cut at 1.2 s by stream copy, the 30-frame ramp (10 fps) keeps 20 frames from the keyframe before
+    the cut, and an edit list hides the first 2: decoding gives 18. Counted as 20, a random 9-frame
+    window could fall past the end (offsets 10, 11) and back to offset 0, and a 20-frame clip passed the
+    count, to fail only once decoded."""
+    from eval.video_io import count_frames, read_whole_video
+
+    cut = _remux(ramp, tmp_path / "cut.mp4", "-c", "copy", before=["-ss", "1.2"])
+    assert count_frames(cut) == len(read_whole_video(cut)) == 18
+    starts = {levels(read_clip(cut, ClipSpec(length=9, random_offset=True, seed=seed)))[0] for seed in range(12)}
+    assert len(starts) > 1 and all(12 <= start <= 12 + 18 - 9 for start in starts)  # ramp levels 12..29 shown
+    with pytest.raises(VideoTooShort, match=r"cut.mp4: 18 frames, shorter than one clip \(20 frames"):
+        read_clip(cut, ClipSpec(length=20, random_offset=True))
