@@ -555,6 +555,10 @@ def evaluate(real: str | None = None, fake: str | None = None, prompts: str | No
             real_set = real_set.take(num_videos, seed)
         if "clipsim" in metrics:
             fake_set.require_prompts("clipsim")
+        if {"fvd", "is"} & set(metrics):  # MLflow runs' videos, sampled ones, the pipeline's: not checked before
+            for videos in (real_set, fake_set):
+                if videos is not None:
+                    check_clip_lengths(videos, clip_length, clip_stride, fps)
         results, clips, extra = score_task(metrics, real_set, fake_set, fake_set.prompts, clip_length, clip_stride,
                                            seed, device, batch_size, i3d_weights=i3d_weights, i3d_sha256=i3d_sha256,
                                            clip_model=clip_model, c3d_weights=c3d_weights, c3d_sha256=c3d_sha256,

@@ -295,3 +295,22 @@ def test_the_pipeline_config_takes_an_evaluation_fps(tmp_path):
     config.write_text("evaluate: {fps: 0}\n")
     with pytest.raises(ValueError, match=r"evaluate.fps"):
         load_pipeline_config(config)
+
+
+def test_a_short_video_of_an_mlflow_run_is_named_before_decoding(tmp_path):
+    """`--fake runs:/<id>` is fetched in the flow, after check_inputs: its videos were only found too
+    short once every real video had been decoded and scored (score_files' error: "... (16 frames,
+    stride 1)"); the flow checks them first, with the options' names (check_clip_lengths' error)."""
+    import mlflow
+
+    from flows.evaluate import evaluate
+
+    real = _moving_stripes(tmp_path / "real", 30, step=1, frames=40, count=2)
+    fake = _moving_stripes(tmp_path / "fake", 30, step=1, frames=20, count=2)  # 10 frames at 15 fps
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    run = client.create_run(client.create_experiment("samples"))
+    client.log_artifacts(run.info.run_id, str(fake), "samples")
+    with pytest.raises(ValueError, match=r"v0.mp4: 10 frames at 15 fps, shorter than one clip \(--clip-length 16"):
+        evaluate.fn(real=str(real), fake=f"runs:/{run.info.run_id}", metrics="fvd", tracking_uri=uri, fps=15,
+                    device="cpu")
