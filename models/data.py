@@ -538,3 +538,11 @@ class StageDataModule(L.LightningDataModule):
         self.train_set.total_steps = self.curriculum_steps or self.config.trainer.max_steps
         return DataLoader(self.train_set, batch_size=data.batch_size, num_workers=data.num_workers,
                           persistent_workers=data.num_workers > 0, pin_memory=torch.cuda.is_available())
+
+    # in every checkpoint: a checkpoint's recorded config holds the trainer.max_steps of the last (resumed)
+    # leg, so a second resume after one that raised it would re-time the curriculum
+    def state_dict(self) -> dict:
+        return {"curriculum_steps": self.curriculum_steps or self.config.trainer.max_steps}
+
+    def load_state_dict(self, state_dict: dict) -> None:  # (Lightning restores it before train_dataloader)
+        self.curriculum_steps = state_dict.get("curriculum_steps") or self.curriculum_steps

@@ -577,7 +577,8 @@ def test_resumed_training_is_the_uninterrupted_training(data_root, tmp_path, sta
 
 def test_a_resume_with_a_longer_trainer_max_steps_keeps_the_fps_curriculum_as_it_started(data_root, tmp_path):
     """The curriculum runs over the run length the run started with: raising trainer.max_steps for a
-    resume trains on past it (at its end distribution) instead of re-timing the steps to come."""
+    resume trains on past it (at its end distribution) instead of re-timing the steps to come; also
+    at a second resume, whose checkpoint's recorded config holds the raised trainer.max_steps."""
     cfg = tiny("decoder", freeze_spatial=False, **{"data.fps_beta": [8.0, 1.0], "data.fps_beta_end": [1.0, 8.0],
                                                    "data.batch_size": 3, "trainer.max_steps": 6})
 
@@ -588,6 +589,7 @@ def test_a_resume_with_a_longer_trainer_max_steps_keeps_the_fps_curriculum_as_it
     straight = train("straight", cfg, 5)
     train("resumed", cfg, 2)
     longer = cfg.model_copy(update={"trainer": cfg.trainer.model_copy(update={"max_steps": 60})})
+    train("resumed", longer, 3, resume=True)
     resumed = train("resumed", longer, 5, resume=True)
     a, b = read_checkpoint(straight.checkpoint), read_checkpoint(resumed.checkpoint)
     for name, value in a["state_dict"].items():
