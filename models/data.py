@@ -357,6 +357,21 @@ class ImageTextShards(ShardStream):
         counts = [sum("txt" in exts and any(e in exts for e in self.image_exts) for exts in shard_keys(s).values())
                   for s in shards]
         super().__init__(shards, counts, buffer)
+        if sampler.min_side and not self._one_large_enough():  # else the first batch raises, mid-training
+            raise DataError(f"data.image_path: no captioned image in the shards {shards} is at least "
+                            f"data.size={sampler.min_side} px on its short side; give larger images or lower data.size")
+
+    def _one_large_enough(self) -> bool:
+        """Whether any captioned image is at least data.size (the tar headers do not say: read until one is)."""
+        import webdataset as wds
+
+        with warnings.catch_warnings():  # keep() warns of the small ones: training will
+            warnings.simplefilter("ignore")
+            samples = wds.WebDataset(self.shards, shardshuffle=False, nodesplitter=None, workersplitter=None,
+                                     empty_check=False)
+            found = any(self.keep(sample) for sample in samples)
+        self.small = 0
+        return found
 
     def keep(self, sample: dict) -> bool:  # an empty caption counts as none
         import io
