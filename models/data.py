@@ -207,6 +207,7 @@ class ShardStream(SampleStream):
     samples. `counts`: how many samples each shard gives (`keep`); shards giving none are skipped."""
 
     what = "samples"
+    exact_counts = True  # whether `counts` are what `keep` keeps (else no reader takes whole shards)
 
     def __init__(self, shards: list[str], counts: list[int], buffer: int):
         self.shards = [shard for shard, n in zip(shards, counts) if n]
@@ -221,7 +222,7 @@ class ShardStream(SampleStream):
     def items(self, part: int, parts: int):
         import webdataset as wds
 
-        groups = balanced_groups(self.counts, parts)
+        groups = balanced_groups(self.counts, parts) if self.exact_counts else None
         if groups is not None:
             own = [self.shards[i] for i in groups[part]]
             samples = self._passes(own, shuffle_seed=stream_seed(self.seed, part))
@@ -354,6 +355,9 @@ class ImageTextShards(ShardStream):
         self.sampler = sampler
         if sampler.min_side:
             self.what = f"captioned images (<key>.jpg + <key>.txt) of at least data.size={sampler.min_side} px"
+            # the tar headers count the images too small to keep as well: a reader given whole shards could
+            # get none it keeps (and stop the run), or few (and repeat them)
+            self.exact_counts = False
         counts = [sum("txt" in exts and any(e in exts for e in self.image_exts) for exts in shard_keys(s).values())
                   for s in shards]
         super().__init__(shards, counts, buffer)

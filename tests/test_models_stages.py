@@ -420,6 +420,36 @@ def test_unet_stages_skip_images_smaller_than_their_size_as_they_skip_such_clips
         assert len(first_batch("prior", tmp_path / source, 5)["caption"]) == 5
 
 
+def test_a_reader_whose_shards_hold_only_small_images_reads_the_others(tmp_path):
+    """A shard of large images beside one of images below data.size: the tar headers count both alike,
+    so each of two readers took one whole shard, and the one with the small images stopped the run
+    ("no captioned images ... of at least data.size") though half the data fits. Each reader gets its
+    share of the large images instead, none twice."""
+    import tarfile
+
+    import numpy as np
+    from PIL import Image
+
+    big = _image_text_pairs(tmp_path / "big", 4)  # 48 x 32
+    (tmp_path / "small").mkdir()
+    for i in range(4):
+        Image.fromarray(np.zeros((31, 48, 3), np.uint8)).save(tmp_path / "small" / f"small{i}.png")
+        (tmp_path / "small" / f"small{i}.txt").write_text(f"small picture {i}")
+    (tmp_path / "shards").mkdir()
+    for name in ("big", "small"):
+        with tarfile.open(tmp_path / "shards" / f"{name}.tar", "w") as tar:
+            for file in sorted((tmp_path / name).iterdir()):
+                tar.add(file, arcname=file.name)
+    cfg = tiny("sr_high", **{"data.source": "images", "data.image_path": str(tmp_path / "shards"), "data.size": 32,
+                             "data.lowres_size": 16, "data.shuffle_buffer": 0})
+    stream = StageDataModule(cfg).check().train_set
+    seen = []
+    for rank in (0, 1):  # two readers (DDP ranks), a pass of the 4 large images between them
+        stream.rank, stream.world = rank, 2
+        seen += [sample["caption"] for sample, _ in zip(iter(stream), range(2))]
+    assert sorted(seen) == big
+
+
 def test_a_prior_on_uncaptioned_clips_falls_back_to_source_names_only_where_configured(tmp_path):
     """tiny (the demo): a warning, and each clip captioned with its source's name; base/large
     (caption_fallback: error): a data error that says what to give instead."""
