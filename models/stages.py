@@ -414,8 +414,8 @@ NET_SETTINGS = ("diffusion.prediction", "diffusion.schedule", "diffusion.timeste
 # a resumed run continues with its optimizer, schedule and data stream as saved: these cannot change
 # midway (the stream's position and randomness follow from the batch size and the seed)
 RUN_SETTINGS = NET_SETTINGS + ("freeze_spatial", "trainer.lr", "trainer.weight_decay", "trainer.warmup_steps",
-                               "trainer.accumulate_grad_batches", "trainer.ema_decay", "data.batch_size",
-                               "trainer.seed", "data.lowres_noise_max")
+                               "trainer.accumulate_grad_batches", "trainer.ema_decay", "trainer.ema_warmup",
+                               "data.batch_size", "trainer.seed", "data.lowres_noise_max")
 
 
 def init_from_checkpoint(module: DiffusionStage, path: str | Path) -> DiffusionStage:

@@ -721,6 +721,9 @@ def test_bad_input_fails_before_training(data_root, tmp_path, chain):
     with pytest.raises(CheckpointError, match=r"config changed \(data.batch_size: checkpoint 4, config 2"):
         train_stage("decoder", tiny("decoder", **{"data.batch_size": 2}), data_root=data_root, dataset="shapes",
                     out_dir=resumable, resume=True)  # the data stream would skip the wrong number of samples
+    with pytest.raises(CheckpointError, match=r"config changed \(trainer.ema_warmup: checkpoint True, config False"):
+        train_stage("decoder", tiny("decoder", **{"trainer.ema_warmup": False}), data_root=data_root,
+                    dataset="shapes", out_dir=resumable, resume=True)  # the average's schedule would change midway
     with pytest.raises(ValueError, match="unet.groups: 5 groups do not divide a layer's 16 channels"):
         run("decoder", tiny("decoder", freeze_spatial=False, **{"unet.groups": 5}))
     if not torch.cuda.is_available():
