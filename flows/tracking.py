@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -67,8 +68,24 @@ def start_run(tags: dict | None = None, **kwargs):
         try:
             yield run
         except KeyboardInterrupt:
-            mlflow.end_run("KILLED")  # the `with` then leaves the ended run alone
+            end_killed(run.info.run_id)
             raise
+
+
+def end_killed(run_id: str) -> None:
+    """End the active run KILLED (the `with` around it then leaves it alone). Where the store refuses
+    (a SQLite write lock held past MLflow's 20 s wait was seen once on a Ctrl-C), the run is left
+    RUNNING for the next run of its experiment to end as KILLED (its process is gone), in one line,
+    and the Ctrl-C goes on stopping the command instead of an MLflow error and exit 1 taking its place."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlflow.end_run("KILLED")
+    except MlflowException as err:
+        reason = (str(err).strip().splitlines() or ["no reason given"])[-1]
+        print(f"MLflow run {run_id} is left RUNNING ({reason}); the next run of its experiment ends it as KILLED",
+              file=sys.stderr)
 
 
 # -- runs of killed processes ----------------------------------------------------------

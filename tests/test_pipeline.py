@@ -429,3 +429,25 @@ def test_only_runs_of_processes_known_to_be_gone_are_ended(tmp_path):
     assert sorted(end_orphaned_runs(uri, "orphans")) == ["gone", "reused pid"]
     status = {r.info.run_name: r.info.status for r in client.search_runs([exp])}
     assert status == {name: "KILLED" if name in ("gone", "reused pid") else "RUNNING" for name in cases}
+
+
+def test_a_store_that_refuses_the_killed_status_does_not_replace_the_ctrl_c(tmp_path, capsys):
+    """Ctrl-C, and the store refuses to end the run (seen once: a SQLite write lock held past MLflow's
+    20 s wait; here: the run was deleted meanwhile, which MLflow refuses at once): the KeyboardInterrupt
+    goes on (the command exits 130), not the MLflow error (exit 1 with its traceback), and one line says
+    what was left; the parent run still ends KILLED."""
+    import mlflow
+
+    from flows.tracking import experiment_id, start_run, use_experiment
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    experiment_id(uri, "refused")
+    use_experiment(uri, "refused")
+    with pytest.raises(KeyboardInterrupt):
+        with start_run(run_name="parent") as parent:
+            with start_run(run_name="stopped", nested=True) as run:
+                MlflowClient(uri).delete_run(run.info.run_id)
+                raise KeyboardInterrupt
+    assert mlflow.active_run() is None
+    assert f"MLflow run {run.info.run_id} is left RUNNING (" in capsys.readouterr().err
+    assert MlflowClient(uri).get_run(parent.info.run_id).info.status == "KILLED"
