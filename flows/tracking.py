@@ -67,9 +67,32 @@ def start_run(tags: dict | None = None, **kwargs):
     with mlflow.start_run(tags=(tags or {}) | process_tags(), **kwargs) as run:
         try:
             yield run
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as interrupt:
+            release_interrupted_frames(interrupt)
             end_killed(run.info.run_id)
             raise
+
+
+def release_interrupted_frames(interrupt: BaseException) -> None:
+    """Free what the code that a Ctrl-C stopped still holds through the interrupt's traceback (the
+    locals of its finished frames), before the store is written again. A Ctrl-C landing in a query of
+    MLflow's SQLite store (its SELECT run, its rows not fetched: Lightning logging train/loss in the main
+    thread) makes SQLAlchemy close that connection without closing the cursor; SQLite keeps a closed
+    connection open while a statement of it is alive, and the cursor, a local of those frames, kept its
+    read lock on the file: every write (ending the runs KILLED, the system-metrics threads) then waited
+    MLflow's 20 s and failed with 'database is locked'. The traceback still prints (it needs no locals)."""
+    import gc
+    import traceback
+
+    seen, pending = set(), [interrupt]
+    while pending:  # the interrupt and what it was raised from or during (Lightning: exit(1) during it)
+        err = pending.pop()
+        if err is None or id(err) in seen:
+            continue
+        seen.add(id(err))
+        traceback.clear_frames(err.__traceback__)  # (frames still running are left as they are)
+        pending += [err.__cause__, err.__context__]
+    gc.collect()  # the cursor may also sit in a reference cycle
 
 
 def end_killed(run_id: str) -> None:

@@ -451,3 +451,43 @@ def test_a_store_that_refuses_the_killed_status_does_not_replace_the_ctrl_c(tmp_
     assert mlflow.active_run() is None
     assert f"MLflow run {run.info.run_id} is left RUNNING (" in capsys.readouterr().err
     assert MlflowClient(uri).get_run(parent.info.run_id).info.status == "KILLED"
+
+
+def test_a_ctrl_c_inside_an_mlflow_query_still_ends_the_runs_killed(tmp_path):
+    """A Ctrl-C that lands while MLflow's SQLite store reads (SQLAlchemy has run a SELECT, its rows not yet
+    fetched) makes SQLAlchemy close that connection, but the cursor, kept by the interrupt's traceback,
+    holds SQLite's shared lock on the file until it is freed: ending the runs KILLED then waited MLflow's
+    20 s and failed ('database is locked', the runs left RUNNING). Seen in the Ctrl-C pipeline test when
+    the interrupt came as Lightning logged train/loss. A real SIGINT, sent when the store's SELECT of the
+    run has executed."""
+    import mlflow
+    import sqlalchemy
+    from sqlalchemy import event
+
+    from flows.tracking import experiment_id, start_run, use_experiment
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    experiment_id(uri, "interrupted")
+    use_experiment(uri, "interrupted")
+    armed = []
+
+    def interrupt(conn, cursor, statement, parameters, context, executemany):
+        if armed and statement.lstrip().upper().startswith("SELECT") and "runs" in statement:
+            armed.clear()
+            os.kill(os.getpid(), signal.SIGINT)  # Python raises it here, at the next instruction
+
+    event.listen(sqlalchemy.engine.Engine, "after_cursor_execute", interrupt)
+    try:
+        started = time.monotonic()
+        with pytest.raises(KeyboardInterrupt):
+            with start_run(run_name="parent") as parent:
+                with start_run(run_name="stopped", nested=True) as run:
+                    armed.append(True)
+                    mlflow.log_metric("loss", 1.0, step=1)  # reads the run first (log_batch)
+        assert not armed, "the interrupt was never sent"
+    finally:
+        event.remove(sqlalchemy.engine.Engine, "after_cursor_execute", interrupt)
+    client = MlflowClient(uri)
+    assert client.get_run(run.info.run_id).info.status == "KILLED"
+    assert client.get_run(parent.info.run_id).info.status == "KILLED"
+    assert time.monotonic() - started < 15  # not after MLflow's 20 s wait for the lock
