@@ -34,7 +34,8 @@ from prefect.cache_policies import NONE as NO_CACHE
 from flows.cli import (device_name, non_negative_float, non_negative_int, positive_float, positive_int, with_notes,
                        writable_folder)
 from flows.registry import add_registry_options, chain_from_registry, describe
-from flows.tracking import default_tracking_uri, end_orphaned_runs, experiment_id, process_tags
+from flows.tracking import (default_tracking_uri, end_orphaned_runs, experiment_id, process_tags,
+                            release_interrupted_frames)
 from eval import METRICS, metric_list
 from eval.protocols import PROTOCOLS, check_protocol_inputs, load_protocol, protocol_metrics
 from eval.video_io import VIDEO_EXTENSIONS, list_videos, write_png
@@ -381,6 +382,8 @@ def log_task(results: dict, params: dict, clips: list, tracking_uri: str, experi
                 write_png(Path(tmp) / "contact_sheet.png", contact_sheet(clips))
                 client.log_artifacts(run_id, tmp, "eval")
     except BaseException as err:
+        if isinstance(err, KeyboardInterrupt):  # one landing in a store query holds its lock until freed
+            release_interrupted_frames(err)
         client.set_terminated(run_id, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
         raise
     client.set_terminated(run_id, "FINISHED")

@@ -314,3 +314,45 @@ def test_a_short_video_of_an_mlflow_run_is_named_before_decoding(tmp_path):
     with pytest.raises(ValueError, match=r"v0.mp4: 10 frames at 15 fps, shorter than one clip \(--clip-length 16"):
         evaluate.fn(real=str(real), fake=f"runs:/{run.info.run_id}", metrics="fvd", tracking_uri=uri, fps=15,
                     device="cpu")
+
+
+def test_a_ctrl_c_inside_an_mlflow_query_still_ends_the_evaluate_run_killed(tmp_path):
+    """As for the pipeline's runs (test_pipeline): a Ctrl-C landing in a query of the SQLite store while
+    the evaluation logs left a closed connection's cursor, kept by the interrupt's traceback, holding the
+    file's lock, and ending the run KILLED failed after MLflow's 20 s wait ('database is locked'). A real
+    SIGINT, sent when the store's first SELECT of the runs table after the run was created has executed."""
+    import os
+    import signal
+    import time
+
+    import sqlalchemy
+    from mlflow import MlflowClient
+    from sqlalchemy import event
+
+    from eval.fvd import FVDResult
+    from flows.evaluate import log_task
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    r = FVDResult(12.5, 10.0, 15.0, 0.95, 4, 4, 16, 1, False, "i3d.pt", "abc", False)
+    state = []
+
+    def interrupt(conn, cursor, statement, parameters, context, executemany):
+        text = " ".join(statement.split()).upper()
+        if text.startswith("INSERT INTO RUNS"):
+            state.append("created")
+        elif state == ["created"] and text.startswith("SELECT") and " FROM RUNS" in text:
+            state.append("sent")
+            os.kill(os.getpid(), signal.SIGINT)  # Python raises it here, at the next instruction
+
+    event.listen(sqlalchemy.engine.Engine, "after_cursor_execute", interrupt)
+    try:
+        started = time.monotonic()
+        with pytest.raises(KeyboardInterrupt):
+            log_task.fn({"fvd": r}, {"clip_length": 16}, [], uri, "evaluate", "a-parent", "evaluate")
+        assert state == ["created", "sent"], "the interrupt was never sent"
+    finally:
+        event.remove(sqlalchemy.engine.Engine, "after_cursor_execute", interrupt)
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("evaluate").experiment_id])
+    assert run.info.status == "KILLED"
+    assert time.monotonic() - started < 15  # not after MLflow's 20 s wait for the lock
