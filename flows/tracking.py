@@ -96,8 +96,8 @@ def release_interrupted_frames(interrupt: BaseException) -> None:
 
 
 def end_killed(run_id: str) -> None:
-    """End the active run KILLED (the `with` around it then leaves it alone). Where the store refuses
-    (a SQLite write lock held past MLflow's 20 s wait was seen once on a Ctrl-C), the run is left
+    """End the active run KILLED (the `with` around it then leaves it alone). Where the store still
+    refuses (another process holding its lock past MLflow's 20 s wait, the run deleted), the run is left
     RUNNING for the next run of its experiment to end as KILLED (its process is gone), in one line,
     and the Ctrl-C goes on stopping the command instead of an MLflow error and exit 1 taking its place."""
     import mlflow
