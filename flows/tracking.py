@@ -97,16 +97,19 @@ def release_interrupted_frames(interrupt: BaseException) -> None:
 
 def end_killed(run_id: str) -> None:
     """End the active run KILLED (the `with` around it then leaves it alone). Where the store still
-    refuses (another process holding its lock past MLflow's 20 s wait, the run deleted), the run is left
-    RUNNING for the next run of its experiment to end as KILLED (its process is gone), in one line,
-    and the Ctrl-C goes on stopping the command instead of an MLflow error and exit 1 taking its place."""
+    refuses (another process holding its lock past MLflow's 20 s wait, or this one before
+    release_interrupted_frames; the run deleted), the run is left RUNNING for the next run of its
+    experiment to end as KILLED (its process is gone), in one line, and the Ctrl-C goes on stopping
+    the command instead of an MLflow error and exit 1 taking its place."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
     try:
         mlflow.end_run("KILLED")
     except MlflowException as err:
-        reason = (str(err).strip().splitlines() or ["no reason given"])[-1]
+        # SQLAlchemy's message runs over lines (its SQL, parameters, a docs link): the DB-API error's line
+        lines = str(err).strip().splitlines() or ["no reason given"]
+        reason = next((line for line in lines if "Error) " in line), lines[0])
         print(f"MLflow run {run_id} is left RUNNING ({reason}); the next run of its experiment ends it as KILLED",
               file=sys.stderr)
 
