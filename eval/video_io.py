@@ -156,7 +156,8 @@ def _reason(err: Exception) -> str:
 
 
 def count_frames(path: str | Path, decode: bool = True, fps: float | None = None) -> int | None:
-    """Frame count from the container if it knows it, else by decoding (decode=False: None); an MP4 whose
+    """Frame count from the container if it knows it, else from its packets, without decoding them
+    (decode=False: None: the file is not read past its header); an MP4 whose
     edit list hides frames (a stream-copy trim) lists them too: its shown packets are counted (decode=False:
     the container's count, which can only be larger).
     With fps: the frames of the video resampled to fps (see on_screen), from its duration (the
@@ -178,8 +179,8 @@ def count_frames(path: str | Path, decode: bool = True, fps: float | None = None
             elif stream.frames:
                 shown = _shown_packets(container, stream) if decode else None
                 return int(stream.frames) if shown is None else shown
-            else:
-                return sum(1 for _ in container.decode(stream)) if decode else None
+            else:  # (mkv and webm keep no count: decoding every frame to count them doubled a clip's cost)
+                return _shown_count(container.demux(stream)) if decode else None
     except (ValueError, OSError) as err:
         raise ValueError(f"{path}: not a readable video ({_reason(err)})") from None
     if duration is None and decode:  # packets without times (raw H.264): the parser's frames at the stream's rate
@@ -212,6 +213,12 @@ def _shown_packets(container, stream) -> int | None:
     first = next(packets, None)
     if first is None or not first.is_discard:
         return None
+    return _shown_count(packets)
+
+
+def _shown_count(packets) -> int:
+    """The frames that decoding gives: one per packet with data that is not discarded (the flush
+    packets at the end have none)."""
     return sum(1 for packet in packets if packet.size and not packet.is_discard)
 
 
