@@ -61,6 +61,10 @@ class DataConfig(Strict):
     # or whichever exists ("auto"); the prior may also read image-text pairs ("images": image_path)
     source: Literal["auto", "shards", "clips", "images"] = "auto"
     image_path: str | None = None  # folder of <name>.jpg + <name>.txt, or a WebDataset .tar / folder of .tar
+    # U-Net stages skip images below data.size, which tar headers cannot tell apart, so every reader
+    # streams every image-text shard; true says each shard's images are all at least data.size (e.g.
+    # img2dataset --min_image_size), and readers take whole shards: I/O stays flat in the readers
+    image_shards_presized: bool = False
     size: int = Field(64, gt=0)  # output side in pixels (SR: the high-res side)
     lowres_size: int | None = Field(None, gt=0)  # SR input side
     frames: int = Field(16, gt=0)  # clip window (video mode)

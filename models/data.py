@@ -351,13 +351,15 @@ class ImageTextShards(ShardStream):
 
     small = 0  # images skipped for their size, by this reader
 
-    def __init__(self, shards: list[str], sampler: ImageSampler, buffer: int):
+    def __init__(self, shards: list[str], sampler: ImageSampler, buffer: int, presized: bool = False):
         self.sampler = sampler
         if sampler.min_side:
             self.what = f"captioned images (<key>.jpg + <key>.txt) of at least data.size={sampler.min_side} px"
             # the tar headers count the images too small to keep as well: a reader given whole shards could
-            # get none it keeps (and stop the run), or few (and repeat them)
-            self.exact_counts = False
+            # get none it keeps (and stop the run), or few (and repeat them), unless the user says none is
+            self.exact_counts = presized
+            if presized:
+                self.what += " (data.image_shards_presized: true says each shard holds only such images)"
         counts = [sum("txt" in exts and any(e in exts for e in self.image_exts) for exts in shard_keys(s).values())
                   for s in shards]
         super().__init__(shards, counts, buffer)
@@ -498,7 +500,8 @@ class StageDataModule(L.LightningDataModule):
         if shards:
             if any(shard.suffix != ".tar" for shard in shards):
                 raise DataError(f"data.image_path: {path} is neither a folder nor a .tar shard")
-            return ImageTextShards([str(shard) for shard in shards], ImageSampler(self.config), data.shuffle_buffer)
+            return ImageTextShards([str(shard) for shard in shards], ImageSampler(self.config), data.shuffle_buffer,
+                                   presized=data.image_shards_presized)
         if not pairs:
             raise DataError(f"data.image_path: no captioned images (<name>.jpg + <name>.txt) in {path}")
         sampler = ImageSampler(self.config)

@@ -440,14 +440,24 @@ def test_a_reader_whose_shards_hold_only_small_images_reads_the_others(tmp_path)
         with tarfile.open(tmp_path / "shards" / f"{name}.tar", "w") as tar:
             for file in sorted((tmp_path / name).iterdir()):
                 tar.add(file, arcname=file.name)
-    cfg = tiny("sr_high", **{"data.source": "images", "data.image_path": str(tmp_path / "shards"), "data.size": 32,
-                             "data.lowres_size": 16, "data.shuffle_buffer": 0})
-    stream = StageDataModule(cfg).check().train_set
+    settings = {"data.source": "images", "data.image_path": str(tmp_path / "shards"), "data.size": 32,
+                "data.lowres_size": 16, "data.shuffle_buffer": 0}
+    stream = StageDataModule(tiny("sr_high", **settings)).check().train_set
     seen = []
     for rank in (0, 1):  # two readers (DDP ranks), a pass of the 4 large images between them
         stream.rank, stream.world = rank, 2
         seen += [sample["caption"] for sample, _ in zip(iter(stream), range(2))]
     assert sorted(seen) == big
+
+    # shards said to be presized: each reader reads its own whole shard (I/O flat in the readers), so
+    # the first reads a whole pass of the large images alone, and the second, given small ones, says why
+    stream = StageDataModule(tiny("sr_high", **settings, **{"data.image_shards_presized": True})).check().train_set
+    stream.rank, stream.world = 0, 2
+    assert sorted(sample["caption"] for sample, _ in zip(iter(stream), range(4))) == big
+    stream.rank = 1
+    with pytest.warns(UserWarning, match="skipping images smaller"), \
+            pytest.raises(DataError, match=r"no captioned images .* \(data.image_shards_presized: true says"):
+        next(iter(stream))
 
 
 def test_a_prior_on_uncaptioned_clips_falls_back_to_source_names_only_where_configured(tmp_path):
