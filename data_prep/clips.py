@@ -41,6 +41,16 @@ def scaled_size(width: int, height: int, short_side: int) -> tuple[int, int]:
     return max(2, round(width * scale / 2) * 2), max(2, round(height * scale / 2) * 2)
 
 
+def frame_change(frame: np.ndarray, previous: np.ndarray | None, width: int, height: int) -> float:
+    """Mean absolute luma difference (0-255) from the previous I420 frame: a clip's mean of it is its
+    `motion`: 0 for a still image, on the sample videos 0.2 (a fixed camera, a hand moving a bottle)
+    to 10 (a cyclist filmed from a moving car). (cv2.norm: 5 us at 256 px, no temporary array.)"""
+    if previous is None:
+        return 0.0
+    pixels = width * height
+    return cv2.norm(frame[:pixels], previous[:pixels], cv2.NORM_L1) / pixels
+
+
 def detection_frame(frame: np.ndarray, width: int, height: int, detect_width: int) -> np.ndarray:
     """A half-size BGR frame from I420: luma subsampled 2x to match the chroma planes."""
     flat = frame.reshape(-1)
@@ -180,6 +190,8 @@ def cut_source(
                 "fps": float(out_fps), "num_frames": writer.count,
                 "width": width, "height": height,
                 "clip_path": f"clips/{clip_id}.mp4",
+                # between the clip's own frames (the first one's change crosses the cut or split)
+                "motion": float(np.mean(changes[clip_start + 1:end])) if end - clip_start > 1 else 0.0,
             })
         writer = None
 
@@ -210,6 +222,8 @@ def cut_source(
             trim_set.update(range(c - trim, c + trim))
 
     pending: deque[tuple[int, np.ndarray]] = deque()
+    changes: list[float] = []  # per decoded frame: frame_change from the one before
+    previous = None
     frame_bytes = width * height * 3 // 2
     with tempfile.TemporaryFile() as stderr:
         command = decode_command(path, width, height, square, interlaced=probe.interlaced,
@@ -222,6 +236,8 @@ def cut_source(
                 if len(data) < frame_bytes:
                     break
                 frame = np.frombuffer(data, np.uint8)
+                changes.append(frame_change(frame, previous, width, height))
+                previous = frame
                 add_cuts(detector.push(index, detection_frame(frame, width, height, scfg.detect_width)))
                 pending.append((index, frame))
                 if len(pending) > delay:

@@ -26,6 +26,9 @@ MANIFEST_COLUMNS = [
     "clip_id", "source", "source_sha256", "start_frame", "end_frame", "start_s", "end_s",
     "fps", "num_frames", "width", "height", "clip_path", "caption",
 ]
+# measurements of a clip's frames, so functions of its id: not hashed into the version id (versions
+# written before a measurement have none, and a rerun that changes no clip makes no new version)
+MEASURE_COLUMNS = ["motion"]
 FAILURE_COLUMNS = ["source", "stage", "reason"]
 
 
@@ -232,7 +235,7 @@ def commit_version(ds_dir: Path, new_rows: list[dict], failures: list[dict], con
         parent_shards = json.loads((ds_dir / "versions" / parent / "dataset.json").read_text())["shards"]
     else:
         parent_manifest, parent_shards = empty_manifest(), []
-    current = pd.DataFrame(new_rows, columns=MANIFEST_COLUMNS) if new_rows else empty_manifest()
+    current = pd.DataFrame(new_rows, columns=MANIFEST_COLUMNS + MEASURE_COLUMNS) if new_rows else empty_manifest()
     source_bytes = source_bytes or {}
     overwritten = pd.Series([source_bytes.get(source, sha) != sha for source, sha in
                              zip(parent_manifest["source"], parent_manifest["source_sha256"])],

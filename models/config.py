@@ -68,6 +68,9 @@ class DataConfig(Strict):
     size: int = Field(64, gt=0)  # output side in pixels (SR: the high-res side)
     lowres_size: int | None = Field(None, gt=0)  # SR input side
     frames: int = Field(16, gt=0)  # clip window (video mode)
+    # video mode: skip clips whose manifest `motion` (mean absolute luma change per frame, 0-255) is
+    # below this: still shots (slides, a photo behind music) teach the temporal layers nothing
+    min_motion: float = Field(0.0, ge=0)
     fps_range: tuple[float, float] = (1.0, 30.0)
     # target fps = lo + (hi - lo) * Beta(a, b); a > b favours high fps (small strides, little motion)
     fps_beta: tuple[float, float] = (2.0, 1.0)

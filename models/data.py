@@ -470,6 +470,8 @@ class StageDataModule(L.LightningDataModule):
         manifest = self._drop(manifest, short_side < data.size, f"smaller than data.size={data.size} px",
                               f"largest short side: {int(short_side.max())} px); ingest it with clips.short_side "
                               f">= {data.size} or lower data.size")
+        if cfg.video and data.min_motion:
+            manifest = self._moving(manifest, data.min_motion)
         if cfg.stage == "prior":
             manifest = self._captioned(manifest)
         rows = manifest.to_dict("records")
@@ -529,6 +531,18 @@ class StageDataModule(L.LightningDataModule):
         if unfit.any():
             warnings.warn(f"skipping {int(unfit.sum())} clips {what}")
         return manifest[~unfit]
+
+    def _moving(self, manifest: pd.DataFrame, least: float) -> pd.DataFrame:
+        """The clips that move at least `least`; clips ingested before motion was measured are kept."""
+        motion = manifest["motion"] if "motion" in manifest else pd.Series(float("nan"), index=manifest.index)
+        if motion.isna().all():
+            raise DataError(f"data.min_motion: dataset {self.dataset_name!r} was ingested before clips had a "
+                            "motion score; ingest its sources into a new dataset, or set data.min_motion: 0")
+        if motion.isna().any():
+            warnings.warn(f"data.min_motion: {int(motion.isna().sum())} clips ingested before clips had a motion "
+                          "score are kept unfiltered")
+        return self._drop(manifest, motion < least, f"moving less than data.min_motion={least:g}",
+                          f"most: {motion.max():.2f}); lower data.min_motion")
 
     def _captioned(self, manifest: pd.DataFrame) -> pd.DataFrame:
         captioned = manifest[manifest["caption"].fillna("").str.strip() != ""]

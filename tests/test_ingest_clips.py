@@ -253,6 +253,16 @@ def test_short_shots_between_long_ones_are_dropped_not_merged_into_a_clip(tmp_pa
     assert [(c["start_frame"], c["end_frame"]) for c in result.clips] == [(0, 60), (68, 128), (140, 200)]
 
 
+def test_a_still_shot_measures_no_motion_and_a_moving_one_some(tmp_path):
+    """Each clip's `motion` (mean luma change per frame) tells a still shot (colour bars) from a moving
+    one (testsrc2's sweeping pattern), neither counting the change across the cut between them."""
+    source = _concat_shots(tmp_path / "still-then-moving.mp4", [("smptebars", 50), ("testsrc2", 50)])
+    still, moving = run(source, tmp_path).clips
+    assert still["motion"] < 0.5 < 2 < moving["motion"], (still, moving)
+    cut = run(source, tmp_path, IngestConfig.model_validate({"scenes": {"max_scene_s": 1.0}})).clips
+    assert [c["motion"] < 0.5 for c in cut] == [True, True, False, False]  # split pieces measured alone too
+
+
 def test_a_fade_between_two_shots_leaves_both_as_clips(tmp_path):
     """A fade through black (frames 60-75) gives several cuts close together. Reported, they cut the
     fade into pieces under min_scene_s, which are dropped: the shots on either side stay clips."""

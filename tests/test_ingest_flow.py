@@ -117,6 +117,7 @@ def test_rerun_is_idempotent_and_a_new_video_is_processed_alone(prefect_server, 
     ids = set(table["clip_id"])
     assert members == {f"{i}.mp4" for i in ids} | {f"{i}.json" for i in ids}
     assert set(table["shard"]) == set(info["shards"])  # which shard holds each clip, without reading the tars
+    assert table["motion"].notna().all() and (table["motion"] > 0).all()  # measured in the cutting pass
 
     # one source cut again with other clip settings: its new clips replace its old ones in the next version
     smaller = tmp_path / "smaller.yaml"

@@ -460,6 +460,36 @@ def test_a_reader_whose_shards_hold_only_small_images_reads_the_others(tmp_path)
         next(iter(stream))
 
 
+def test_min_motion_trains_video_stages_on_the_clips_that_move(tmp_path):
+    """An ingested still shot (colour bars) beside a moving one: data.min_motion keeps the moving clip
+    for the video decoder, the image decoder keeps both, and a dataset without motion scores (written
+    before the ingest measured them) is a data error, not a silently unfiltered run."""
+    from data_prep.config import IngestConfig
+    from data_prep.dataset import commit_version
+    from data_prep.ingest import process_source
+    from data_prep.sources import SourceRef
+    from tests.test_ingest_clips import _concat_shots
+
+    source = _concat_shots(tmp_path / "still-then-moving.mp4", [("smptebars", 50), ("testsrc2", 50)])
+    ds = tmp_path / "root" / "datasets" / "shots"
+    outcome = process_source(SourceRef(str(source), "file"), tmp_path / "root", ds, IngestConfig())
+    commit_version(ds, outcome.clips, [], {}, 8)
+
+    def train_set(stage_config, dataset="shots"):
+        return StageDataModule(stage_config, tmp_path / "root", dataset).check().train_set
+
+    moving = tiny("decoder", **{"data.min_motion": 1.0})
+    with pytest.warns(UserWarning, match="skipping 1 clips moving less than data.min_motion=1"):
+        kept = train_set(moving).rows.values()
+    assert [row["start_frame"] for row in kept] == [50]
+    assert len(train_set(tiny("decoder", mode="image", **{"data.min_motion": 1.0})).rows) == 2
+    with pytest.raises(DataError, match=r"every clip of 'shots' is moving less than .*=50 \(most: 2\.\d\d\)"):
+        train_set(tiny("decoder", **{"data.min_motion": 50.0}))
+    write_synthetic_dataset(tmp_path / "root", "old", num_clips=2, frames=8, size=32)
+    with pytest.raises(DataError, match="'old' was ingested before clips had a motion score"):
+        train_set(moving, "old")
+
+
 def test_a_prior_on_uncaptioned_clips_falls_back_to_source_names_only_where_configured(tmp_path):
     """tiny (the demo): a warning, and each clip captioned with its source's name; base/large
     (caption_fallback: error): a data error that says what to give instead."""
