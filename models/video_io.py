@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import signal
 import subprocess
 from fractions import Fraction
 from pathlib import Path
@@ -14,6 +15,11 @@ import torch
 from data_prep.atomic import replacing
 from data_prep.ffmpeg_bin import ffmpeg_exe
 from data_prep.probe import main_video_stream
+
+
+class VideoWriteError(OSError):
+    """ffmpeg could not write a video (a full disk, a file size limit): an OSError, as a failed write
+    of any other file is, so callers that report write errors report this one too."""
 
 
 class TooFewFrames(ValueError):
@@ -130,5 +136,18 @@ def _ffmpeg_from_frames(frames: np.ndarray, path: str | Path, fps: float, output
                    "-i", "pipe:", *output_args, str(temp)]
         done = subprocess.run(command, input=np.ascontiguousarray(frames).tobytes(), capture_output=True)
         if done.returncode != 0:
-            raise RuntimeError(f"writing {path}: ffmpeg: {done.stderr.decode(errors='replace').strip()[-500:]}")
+            raise VideoWriteError(f"writing {path}: ffmpeg failed: {_ffmpeg_failure(done)}")
     return path
+
+
+def _ffmpeg_failure(done: subprocess.CompletedProcess) -> str:
+    """What ffmpeg said, else how it ended (a signal leaves stderr empty: SIGXFSZ at a file size limit)."""
+    said = done.stderr.decode(errors="replace").strip()[-500:]
+    if said:
+        return said
+    if done.returncode < 0:
+        try:
+            return f"killed by {signal.Signals(-done.returncode).name}"
+        except ValueError:
+            return f"killed by signal {-done.returncode}"
+    return f"exit status {done.returncode}"

@@ -931,6 +931,29 @@ def test_mav_sample_writes_what_it_says_and_is_seeded(chain, tmp_path, capsys):
     assert np.abs(alone.astype(int) - first).max() <= 1 < np.abs(other.astype(int) - first).max()
 
 
+def test_mav_sample_that_cannot_write_its_video_says_so_in_one_line(chain, tmp_path, capsys):
+    """A full disk while ffmpeg writes (here a file size limit: the kernel stops ffmpeg as a full disk
+    would) is the one-line write error of `mav sample`, exit 1, and leaves no file; it was a
+    RuntimeError and a traceback."""
+    import resource
+
+    from flows.cli import main
+
+    out = tmp_path / "out"
+    args = ["sample", "--prior", str(chain["prior"].checkpoint), "--decoder", str(chain["decoder"].checkpoint),
+            "--steps", "1", "--device", "cpu", "--prompt", "a red circle", "--out", str(out / "video.mp4")]
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (256, limits[1]))  # inherited by ffmpeg; far below a 16-frame mp4
+    try:
+        code = main(args)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and err[-1].startswith(f"error: writing the video under {out / 'video.mp4'}: ")
+    assert "ffmpeg failed: killed by SIGXFSZ" in err[-1]
+    assert list(out.iterdir()) == []  # neither the video nor ffmpeg's temp file
+
+
 def test_checkpoints_recorded_before_a_config_rule_still_load_for_sampling(chain, tmp_path):
     """Training now refuses an interpolation skip the net never trained on and attention levels the
     U-Net lacks; checkpoints that recorded such configs (and Lightning's precision aliases, device
