@@ -76,6 +76,9 @@ class Diffusion:
     @torch.no_grad()
     def sample(self, denoise: Denoiser, noise: torch.Tensor, steps: int = 25, sampler: str = "ddim") -> torch.Tensor:
         """Run the reverse process from `noise` (fixes the randomness: same noise, same result)."""
+        if steps > self.timesteps:  # DPM-Solver++ would repeat timesteps and divide by zero: NaN, no error
+            raise ValueError(f"{steps} sampling steps: the schedule has {self.timesteps} timesteps, "
+                             f"so at most {self.timesteps} steps")
         scheduler = self.sampler(sampler)
         scheduler.set_timesteps(steps, device=noise.device)
         x = noise * scheduler.init_noise_sigma

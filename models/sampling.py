@@ -165,6 +165,15 @@ def lowres_level(net: DiffusionStage, level: float | None) -> float:
     return level
 
 
+def check_steps(net: DiffusionStage, steps: int | None) -> None:
+    """`steps` (None: the config's sample_steps) must not exceed the net's diffusion timesteps."""
+    d = net.config.diffusion
+    if (steps or d.sample_steps) > d.timesteps:
+        given = f"steps {steps}" if steps else f"diffusion.sample_steps {d.sample_steps} of its config"
+        raise ValueError(f"{given}: the {net.config.stage} checkpoint's schedule has {d.timesteps} timesteps, "
+                         f"so it samples in at most {d.timesteps} steps")
+
+
 def _lowres_noise(net: DiffusionStage, shape, generators: list[torch.Generator]) -> torch.Tensor | None:
     """The noise for the low-res input's augmentation (None where the net was trained without it)."""
     return per_video_noise(shape, generators, net.device) if net.config.data.lowres_noise_max else None
@@ -206,6 +215,8 @@ def generate(chain: dict[str, DiffusionStage], prompts: list[str], *, steps: int
     for stage in ("sr_low", "sr_high"):  # before minutes of sampling the stages before them
         if stage in chain:
             lowres_level(chain[stage], lowres_noise)
+    for net in chain.values():
+        check_steps(net, steps)
     generators = seeded(seed, len(prompts))
     prior, decoder = chain["prior"], chain["decoder"]
     device = decoder.device

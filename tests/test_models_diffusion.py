@@ -65,6 +65,17 @@ def test_unknown_sampler_and_prediction_are_errors():
         Diffusion().sampler("euler")
 
 
+@pytest.mark.parametrize("sampler", ["ddim", "dpm++"])
+def test_more_steps_than_timesteps_is_an_error_not_a_nan_sample(sampler):
+    """DPM-Solver++ asked for more steps than the schedule's timesteps repeated a timestep and returned
+    NaN (a black video) without a word; DDIM's error came from diffusers. As many steps as timesteps works."""
+    d = Diffusion(timesteps=100, prediction="v")
+    denoise = gaussian_denoiser(d, 0.5, 0.25)
+    assert torch.isfinite(d.sample(denoise, torch.randn(2, 3, 2, 2), 100, sampler)).all()
+    with pytest.raises(ValueError, match="101 sampling steps: the schedule has 100 timesteps, so at most 100 steps"):
+        d.sample(denoise, torch.randn(2, 3, 2, 2), 101, sampler)
+
+
 def gaussian_denoiser(d: Diffusion, mean: float, std: float, bf16: bool = False):
     """The exact denoiser for data ~ N(mean, std^2) per pixel, in `d`'s prediction (optionally
     rounded to bf16, as a network under autocast returns it)."""

@@ -1178,6 +1178,22 @@ def test_sampling_refuses_a_lowres_noise_the_sr_stages_never_trained_on_before_s
     assert not sampled
 
 
+def test_sampling_refuses_more_steps_than_a_stages_timesteps_before_sampling(chain):
+    """--steps (or a config's sample_steps) above a stage's 1000 timesteps: an error naming the stage,
+    before any stage samples (the DPM-Solver++ stages returned NaN: a black video)."""
+    from models.sampling import generate, load_chain
+
+    loaded = load_chain({s: chain[s].checkpoint for s in ("prior", "decoder")})
+    with pytest.raises(ValueError, match="steps 1001: the prior checkpoint's schedule has 1000 timesteps, so it "
+                                         "samples in at most 1000 steps"):
+        generate(loaded, ["a red ball"], steps=1001)
+    loaded["decoder"].config.diffusion.sample_steps = 1200  # as a config may say: nothing refuses it at training
+    with pytest.raises(ValueError, match="diffusion.sample_steps 1200 of its config: the decoder checkpoint's "
+                                         "schedule has 1000 timesteps"):
+        generate(loaded, ["a red ball"])
+    assert generate(loaded, ["a red ball"], steps=1)[0].isfinite().all()  # --steps overrides it
+
+
 def test_sr_high_noises_every_frames_input_alike_at_the_sampling_level(chain):
     from models.sampling import seeded, super_resolve_frames
 
