@@ -85,7 +85,9 @@ def find_checkpoints(folder: Path | None, explicit: dict[str, Path | None]) -> d
             found[stage] = explicit[stage]
         elif folder:
             for candidate in (folder / f"{stage}.ckpt", folder / stage / "checkpoints" / "last.ckpt"):
-                if candidate.exists():
+                # a link whose checkpoint is gone is kept, for loading to name: skipped, it silently
+                # left its stage out of the chain
+                if candidate.exists() or candidate.is_symlink():
                     found[stage] = candidate
                     break
     return found

@@ -351,7 +351,8 @@ def build_stage(config: StageConfig | dict) -> DiffusionStage:
 def read_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"checkpoint not found: {path}")
+        gone = f" (a link to {path.readlink()}, which does not exist)" if path.is_symlink() else ""
+        raise CheckpointError(f"checkpoint not found: {path}{gone}")
     if path.is_dir():
         raise CheckpointError(f"{path}: a folder, not a checkpoint (e.g. its checkpoints/last.ckpt)")
     if not zipfile.is_zipfile(path):  # what torch.save writes; else torch's message is about mmap

@@ -954,6 +954,28 @@ def test_mav_sample_that_cannot_write_its_video_says_so_in_one_line(chain, tmp_p
     assert list(out.iterdir()) == []  # neither the video nor ffmpeg's temp file
 
 
+def test_mav_sample_names_a_link_in_checkpoints_whose_checkpoint_is_gone(chain, tmp_path, capsys):
+    """--checkpoints DIR of links (as the pipeline's mav-runs/checkpoints) where a stage's run was
+    deleted: the dangling link is an error naming it; it was skipped, so an optional stage was
+    silently left out of the chain (a smaller video) and a required one was said to be missing."""
+    from flows.cli import main
+
+    links = tmp_path / "links"
+    links.mkdir()
+    for stage in ("prior", "decoder", "interpolation"):
+        (links / f"{stage}.ckpt").symlink_to(chain[stage].checkpoint)
+    gone = tmp_path / "deleted-run" / "last.ckpt"
+    args = ["sample", "--checkpoints", str(links), "--steps", "1", "--device", "cpu", "--prompt", "a red circle",
+            "--out", str(tmp_path / "video.mp4")]
+    for stage in ("interpolation", "prior"):
+        (links / f"{stage}.ckpt").unlink()
+        (links / f"{stage}.ckpt").symlink_to(gone)
+        assert main(args) == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == \
+            f"error: checkpoint not found: {links / f'{stage}.ckpt'} (a link to {gone}, which does not exist)"
+    assert not (tmp_path / "video.mp4").exists()
+
+
 def test_checkpoints_recorded_before_a_config_rule_still_load_for_sampling(chain, tmp_path):
     """Training now refuses an interpolation skip the net never trained on and attention levels the
     U-Net lacks; checkpoints that recorded such configs (and Lightning's precision aliases, device
