@@ -202,6 +202,9 @@ class StageConfig(Strict):
         if not recorded and self.stage != "prior" and any(level >= levels for level in self.unet.attn_levels):
             raise ValueError(f"unet.attn_levels: levels are 0 to {levels - 1} (one per unet.channel_mults), "
                              f"got {self.unet.attn_levels}")
+        if not recorded and self.diffusion.sample_steps > self.diffusion.timesteps:  # (DPM-Solver++: NaN samples)
+            raise ValueError(f"diffusion.sample_steps: the schedule has diffusion.timesteps = "
+                             f"{self.diffusion.timesteps}, so at most that many, got {self.diffusion.sample_steps}")
         if not recorded and self.stage == "interpolation" and self.sampling.skip > max(2, self.data.max_skip):
             raise ValueError(f"sampling.skip: the net trains on skips 2 to data.max_skip = {self.data.max_skip}, "
                              f"got {self.sampling.skip}")

@@ -89,6 +89,7 @@ def test_overrides_and_missing_file(tmp_path):
     ({"sampling.frames": 0}, "sampling.frames"),
     ({"sampling.fps": -3}, "sampling.fps"),
     ({"diffusion.guidance": float("nan")}, "diffusion.guidance: Input should be a finite number"),
+    ({"diffusion.sample_steps": 1001}, r"diffusion.sample_steps: .*timesteps = 1000, so at most that many, got 1001"),
     ({"trainer.lr": float("inf")}, "trainer.lr"),
     ({"trainer.devices": 0}, r"trainer.devices: Value error, a count >= 1, -1 \(all\), a list of GPU ids, \"0,1\" or "
                              r"auto, got 0$"),  # one message, not one per member of the type's union

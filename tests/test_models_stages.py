@@ -1209,7 +1209,7 @@ def test_sampling_refuses_more_steps_than_a_stages_timesteps_before_sampling(cha
     with pytest.raises(ValueError, match="steps 1001: the prior checkpoint's schedule has 1000 timesteps, so it "
                                          "samples in at most 1000 steps"):
         generate(loaded, ["a red ball"], steps=1001)
-    loaded["decoder"].config.diffusion.sample_steps = 1200  # as a config may say: nothing refuses it at training
+    loaded["decoder"].config.diffusion.sample_steps = 1200  # as a checkpoint trained before configs refused it records it
     with pytest.raises(ValueError, match="diffusion.sample_steps 1200 of its config: the decoder checkpoint's "
                                          "schedule has 1000 timesteps"):
         generate(loaded, ["a red ball"])
