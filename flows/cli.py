@@ -22,8 +22,9 @@ COMMAND_MODULES = {"ingest": "flows.ingest", "train": "flows.train", "sample": "
 FLOW_COMMANDS = {"ingest", "evaluate", "pipeline"}
 
 
-def at_least(low: int):
-    """An argparse type for whole numbers >= low: anything else is a usage error naming the option."""
+def at_least(low: int, below: int | None = None):
+    """An argparse type for whole numbers >= low (and < below): anything else is a usage error naming
+    the option."""
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -31,11 +32,15 @@ def at_least(low: int):
             raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
         if value < low:
             raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        if below is not None and value >= below:
+            raise argparse.ArgumentTypeError(f"must be below {below}, got {value}")
         return value
     return parse
 
 
 positive_int, non_negative_int = at_least(1), at_least(0)
+# torch generators take 64-bit seeds, and video i gets seed + i (a negative seed wrapped to a large one)
+seed_int = at_least(0, 2**63)
 
 
 def non_negative_float(text: str) -> float:

@@ -6,7 +6,7 @@ import os
 import sys
 from pathlib import Path
 
-from flows.cli import device_name, non_negative_float, positive_int
+from flows.cli import device_name, non_negative_float, positive_int, seed_int
 from flows.registry import add_registry_options, chain_from_registry, checkpoints_from_registry, describe
 from flows.tracking import default_tracking_uri
 
@@ -43,7 +43,7 @@ def register(subparsers) -> None:
                                  "models:/NAME/VERSION)")
     sample.add_argument("--steps", type=positive_int)
     sample.add_argument("--guidance", type=non_negative_float)
-    sample.add_argument("--seed", type=int, default=0,
+    sample.add_argument("--seed", type=seed_int, default=0,
                         help="the first video's seed; the i-th prompt's video gets seed + i, and alone with that "
                              "seed comes out the same")
     sample.add_argument("--lowres-noise", type=float, metavar="LEVEL",

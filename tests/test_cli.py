@@ -382,6 +382,10 @@ def test_sample_checks_where_it_writes_before_sampling(tmp_path, capsys):
         assert main([*base, *options]) == 2, options
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: --out ") and err.endswith(message), err
-    with pytest.raises(SystemExit) as exit_:
-        main([*base, "--guidance", "nan"])
-    assert exit_.value.code == 2 and "must be a finite number >= 0, got nan" in capsys.readouterr().err
+    for option, value, message in [("--guidance", "nan", "must be a finite number >= 0, got nan"),
+                                   ("--seed", str(2**64), f"must be below {2**63}, got {2**64}"),  # torch overflowed
+                                   ("--seed", "-1", "must be at least 0, got -1")]:  # wrapped to 2**64 - 1
+        with pytest.raises(SystemExit) as exit_:
+            main([*base, option, value])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and f"argument {option}: {message}" in err, err
