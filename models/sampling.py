@@ -285,7 +285,10 @@ def sampling_settings(checkpoints: dict[str, str | Path], steps: int | None, gui
     def identity(path):
         stat = Path(path).stat()
         return {"path": str(Path(path).resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-    return {"checkpoints": {stage: identity(path) for stage, path in checkpoints.items() if path},
+    used = {stage: path for stage, path in checkpoints.items() if path}
+    if not {"sr_low", "sr_high"} & set(used):  # no stage read it: recorded, it told equal runs apart
+        lowres_noise = None
+    return {"checkpoints": {stage: identity(path) for stage, path in used.items()},
             "steps": steps, "guidance": guidance, "lowres_noise": lowres_noise}
 
 

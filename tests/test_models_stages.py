@@ -1200,6 +1200,20 @@ def test_sampling_refuses_a_lowres_noise_the_sr_stages_never_trained_on_before_s
     assert not sampled
 
 
+def test_samples_record_the_lowres_noise_only_where_a_stage_reads_it(tmp_path):
+    """A chain without SR stages ignores --lowres-noise: recorded anyway, two such runs of the same
+    checkpoints and steps read as different settings, and `mav evaluate` refused their videos."""
+    from models.sampling import sampling_settings
+
+    paths = {stage: tmp_path / f"{stage}.ckpt" for stage in ("prior", "decoder", "sr_low")}
+    for path in paths.values():
+        path.write_bytes(b"weights")
+    short = {stage: paths[stage] for stage in ("prior", "decoder")}
+    assert sampling_settings(short, 2, None, 0.3) == sampling_settings(short, 2, None, None)
+    assert sampling_settings(paths, 2, None, 0.3) != sampling_settings(paths, 2, None, None)
+    assert sampling_settings(paths, 2, None, 0.3)["lowres_noise"] == 0.3
+
+
 def test_sampling_refuses_more_steps_than_a_stages_timesteps_before_sampling(chain):
     """--steps (or a config's sample_steps) above a stage's 1000 timesteps: an error naming the stage,
     before any stage samples (the DPM-Solver++ stages returned NaN: a black video)."""
