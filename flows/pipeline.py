@@ -169,6 +169,20 @@ def _latest_finished_run(tracking_uri: str, experiment: str, config_digest: str,
     return runs[0] if runs else None
 
 
+def clips_since(manifest, trained, data_root: Path, dataset: str) -> int:
+    """The version's clips that the trained run's version lacks. Not the difference of the counts:
+    sources cut again (other clip settings, a URL's new bytes) replace as many clips as they bring."""
+    from data_prep.dataset import load_manifest
+
+    if trained is None:
+        return len(manifest)
+    try:
+        before = load_manifest(data_root, dataset, trained.data.tags["mav.dataset_version"])
+    except (KeyError, ValueError):  # that version is gone (or the run is untagged): the counts alone
+        return len(manifest) - int(trained.data.params.get("num_clips", 0))
+    return int((~manifest["clip_id"].isin(set(before["clip_id"]))).sum())
+
+
 @flow(name="pipeline", log_prints=True)
 def pipeline(config: str = DEFAULT_CONFIG, dataset: str | None = None, data_root: str | None = None,
              version: str | None = None, new_clips: int | None = None, min_new_clips: int | None = None,
@@ -205,7 +219,7 @@ def pipeline(config: str = DEFAULT_CONFIG, dataset: str | None = None, data_root
     config_digest = pipeline_digest(cfg, code)
     if new_clips is not None:  # an event: count from the last trained version, so small versions add up
         trained = _latest_finished_run(tracking_uri, cfg.experiment, config_digest, dataset=dataset)
-        pending = len(manifest) - (int(trained.data.params.get("num_clips", 0)) if trained else 0)
+        pending = clips_since(manifest, trained, Path(data_root), dataset)
         if pending < threshold:
             print(f"{pending} clips since the last trained version of {dataset} (this version added {new_clips}) "
                   f"< min_new_clips {threshold}: not retraining")

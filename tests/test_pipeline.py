@@ -300,6 +300,32 @@ def test_small_dataset_versions_add_up_to_the_retraining_threshold(prefect_serve
     assert result == {"skipped": "below threshold", "new_clips": 1, "since_trained": 4}  # 4 untrained clips
 
 
+def test_clips_cut_again_count_toward_the_retraining_threshold(prefect_server, tmp_path):
+    """A version whose sources were cut again (other clip settings, or a URL's bytes changed) holds as
+    many clips as the trained one, all of them new: the count difference said 0 and it never retrained."""
+    from data_prep.synthetic import write_synthetic_dataset
+    from flows.pipeline import code_digest, pipeline_digest
+    from flows.pipeline_config import load_pipeline_config
+    from flows.tracking import experiment_id
+
+    root = tmp_path / "data"
+    write_synthetic_dataset(root, "clips", num_clips=4, frames=12, size=32)
+    trained_version = (root / "datasets" / "clips" / "latest").read_text().strip()
+    write_synthetic_dataset(root, "clips", num_clips=4, frames=12, size=16)  # the same sources, cut again
+    version = (root / "datasets" / "clips" / "latest").read_text().strip()
+    config = write_config(tmp_path, tmp_path / "unused", min_new_clips=5)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    digest = pipeline_digest(load_pipeline_config(config), code_digest())
+    run = client.create_run(experiment_id(uri, "mav-test"), tags={
+        "mav.kind": "pipeline", "mav.dataset": "clips", "mav.dataset_version": trained_version,
+        "mav.config_digest": digest})
+    client.log_param(run.info.run_id, "num_clips", 4)
+    client.set_terminated(run.info.run_id)
+    result = pipeline(config=str(config), version=version, new_clips=4)
+    assert result == {"skipped": "below threshold", "new_clips": 4, "since_trained": 4}  # was 4 - 4 = 0
+
+
 def test_config_sources_keep_urls_and_find_relative_paths_in_the_repository(tmp_path, monkeypatch):
     from flows.pipeline import ingest_sources
 
