@@ -89,6 +89,7 @@ def load_pipeline_config(path: str | Path) -> PipelineConfig:
     names = [s.name for s in config.steps]
     if len(set(names)) != len(names):
         raise ValueError(f"pipeline config {path}: step names repeat")
+    stage_configs = {}
     for step in config.steps:
         where = f"pipeline config {path}: step {step.name}"
         if step.init_from and step.init_from not in names[: names.index(step.name)]:
@@ -101,4 +102,23 @@ def load_pipeline_config(path: str | Path) -> PipelineConfig:
             raise ValueError(f"{where}: {err}") from None
         if stage_config.stage != step.stage:
             raise ValueError(f"{where}: {step.config} is a {stage_config.stage!r} config, the step is {step.stage!r}")
+        if step.init_from:
+            check_init(where, step, stage_configs[step.init_from], stage_config)
+        stage_configs[step.name] = stage_config
     return config
+
+
+def check_init(where: str, step: TrainStep, source, stage_config) -> None:
+    """The rules the step's start from the init step's checkpoint applies (models.stages), checked on
+    their configs now: else the step failed as it started, after every earlier step had trained."""
+    from models.stages import INIT_FROM, NET_SETTINGS, STAGE_CLASSES, _setting
+
+    if source.stage not in INIT_FROM[step.stage]:
+        raise ValueError(f"{where}: init_from {step.init_from!r} is a {source.stage!r} step; a {step.stage!r} step "
+                         f"starts from {sorted(INIT_FROM[step.stage])} only")
+    keys = NET_SETTINGS + (("clip",) if STAGE_CLASSES[step.stage].uses_clip else ())
+    before, now = source.model_dump(mode="json"), stage_config.model_dump(mode="json")
+    differing = [f"{key}: {step.init_from} {_setting(before, key)!r}, {step.name} {_setting(now, key)!r}"
+                 for key in keys if _setting(before, key) != _setting(now, key)]
+    if differing:
+        raise ValueError(f"{where}: init_from {step.init_from!r} trained other weights ({'; '.join(differing)})")

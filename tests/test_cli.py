@@ -300,6 +300,35 @@ def test_pipeline_metrics_are_named_like_evaluates(tmp_path):
         load_pipeline_config(config)
 
 
+def test_an_init_step_whose_weights_cannot_start_the_step_is_named_before_anything_runs(tmp_path):
+    """init_from an earlier step of a stage that cannot start this one, or trained for other network
+    settings or another CLIP: the step failed when it started, after the ingest and every earlier step."""
+    from flows.pipeline_config import load_pipeline_config
+
+    tiny = REPO / "configs" / "tiny"
+    decoder_image = f"{{name: decoder_image, stage: decoder, config: {tiny / 'decoder.yaml'}, overrides: {{mode: image}}}}"
+    cases = {
+        f"{{name: prior, stage: prior, config: {tiny / 'prior.yaml'}}}\n"
+        f"  - {{name: sr_high, stage: sr_high, config: {tiny / 'sr_high.yaml'}, init_from: prior}}":
+            r"step sr_high: init_from 'prior' is a 'prior' step; a 'sr_high' step starts from \['sr_high', 'sr_low'\]",
+        f"{decoder_image}\n  - {{name: decoder, stage: decoder, config: {tiny / 'decoder.yaml'}, "
+        "init_from: decoder_image, overrides: {diffusion.prediction: epsilon}}":
+            r"step decoder: init_from 'decoder_image' trained other weights \(diffusion.prediction: "
+            r"decoder_image 'v', decoder 'epsilon'\)",
+        f"{decoder_image}\n  - {{name: interpolation, stage: interpolation, config: {tiny / 'interpolation.yaml'}, "
+        f"init_from: decoder_image, overrides: {{clip: {tmp_path}}}}}":
+            r"step interpolation: init_from 'decoder_image' trained other weights \(clip: decoder_image 'tiny'",
+    }
+    config = tmp_path / "pipeline.yaml"
+    for steps, message in cases.items():
+        config.write_text(f"steps:\n  - {steps}\n")
+        with pytest.raises(ValueError, match=message):
+            load_pipeline_config(config)
+    config.write_text(f"steps:\n  - {decoder_image}\n  - {{name: interpolation, stage: interpolation, "
+                      f"config: {tiny / 'interpolation.yaml'}, init_from: decoder_image}}\n")
+    assert load_pipeline_config(config).steps[1].init_from == "decoder_image"  # a decoder starts an interpolation
+
+
 def test_bad_evaluate_input_is_one_line_and_exit_2(prefect_server, tmp_path, capsys):
     import json
     import re
