@@ -291,7 +291,8 @@ def pipeline(config: str = DEFAULT_CONFIG, dataset: str | None = None, data_root
         moved = []
         if fvd_key:
             moved = move_champion(MlflowClient(tracking_uri), trained, fvd_key, metrics[fvd_key],
-                                   cfg.registry.alias, cfg.registry.model_prefix, log)
+                                   cfg.registry.alias, cfg.registry.model_prefix, log,
+                                   fvd_settings(scores["results"]["fvd"], dataset, ev.num_videos))
         run_id = parent.info.run_id
 
     store = tracking_uri.removeprefix("sqlite:///")
@@ -308,6 +309,16 @@ def pipeline(config: str = DEFAULT_CONFIG, dataset: str | None = None, data_root
     print(f"MLflow UI: mlflow ui --backend-store-uri {tracking_uri}   (then open http://127.0.0.1:5000)"
           if store != tracking_uri else f"MLflow: {tracking_uri}")
     return summary
+
+
+def fvd_settings(result: dict, dataset: str, num_videos: int | None) -> str:
+    """What an FVD value depends on besides the models: only values of the same settings are compared
+    for the champion. The real set's version is left out (a retrained chain is scored against the
+    version it trained on), so is the real clip count it gives when num_videos is unset."""
+    fps = "native" if result["clip_fps"] is None else f"{result['clip_fps']:g}"
+    return (f"real {dataset}, N {num_videos or 'all'}+{result['num_fake']}, {result['clip_length']} frames at {fps} "
+            f"fps, stride {result['clip_stride']}, {'unbiased' if result['unbiased'] else 'biased'}, "
+            f"detector {result['detector_sha256'][:16]}")
 
 
 def link_chain(chain: dict[str, str], folder: Path) -> None:

@@ -39,21 +39,25 @@ def register_checkpoint(client, run_id: str, source: str, name: str, step_name: 
     return client.create_model_version(name, source, run_id=run_id, tags=tags).version
 
 
-def move_champion(client, trained: list[dict], metric: str, value: float, alias: str, prefix: str, log) -> list[str]:
+def move_champion(client, trained: list[dict], metric: str, value: float, alias: str, prefix: str, log,
+                  settings: str) -> list[str]:
     """Tag each of this run's model versions with the best `metric` of any sampling chain it was
     part of (a version reused from an earlier run keeps its better score: a worse chain around it
-    says nothing against it), and point `alias` at those whose best beats the champion's."""
+    says nothing against it), and point `alias` at those whose best beats the champion's. Scores
+    are compared only under the same evaluation `settings` (an FVD of 16 real clips, or at another
+    clip length or fps, is another number than one of 2048): a champion scored under others stays."""
     moved = []
     for item in trained:
         name = registered_name(item["step"], prefix)
         version = item["model_version"]
-        best_here = min(value, float(client.get_model_version(name, version).tags.get(f"mav.{metric}", "inf")))
+        own = score(client.get_model_version(name, version).tags, metric, settings)
+        best_here = value if own is None else min(value, own)
         client.set_model_version_tag(name, version, f"mav.{metric}", str(best_here))
+        client.set_model_version_tag(name, version, f"mav.{metric}_settings", settings)
         try:
             champion = client.get_model_version_by_alias(name, alias)
-            best = float(champion.tags.get(f"mav.{metric}", "inf"))
         except Exception:
-            champion, best = None, float("inf")
+            champion = None
         if champion is not None and champion.version == version:
             continue
         real = f"mav.{metric.removeprefix('smoke_')}"
@@ -62,12 +66,28 @@ def move_champion(client, trained: list[dict], metric: str, value: float, alias:
             # a smoke-scored champion: its smoke tag is not read above)
             log.info("%s: a %s does not displace a champion scored with %s", name, metric, real.removeprefix("mav."))
             continue
+        best = float("inf")  # no champion, or one without this metric
+        if champion is not None and f"mav.{metric}" in champion.tags:
+            best = score(champion.tags, metric, settings)
+            if best is None:
+                log.info("%s: the %s v%s was scored under other evaluation settings (%s; this run: %s); alias "
+                         "stays", name, alias, champion.version, champion.tags.get(f"mav.{metric}_settings"), settings)
+                continue
         if best_here < best:
             client.set_registered_model_alias(name, alias, version)
             moved.append(f"{name} v{version}")
         else:
             log.info("%s: %s %.4g does not beat the champion's %.4g; alias stays", name, metric, best_here, best)
     return moved
+
+
+def score(tags: dict, metric: str, settings: str) -> float | None:
+    """A version's recorded `metric` if it was scored under these settings (or before they were
+    recorded), else None."""
+    value = tags.get(f"mav.{metric}")
+    if value is None or tags.get(f"mav.{metric}_settings", settings) != settings:
+        return None
+    return float(value)
 
 
 MODEL_URI = re.compile(r"models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))")

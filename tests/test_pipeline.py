@@ -83,6 +83,8 @@ def test_pipeline_end_to_end_then_cached_rerun(prefect_server, tmp_path, video_d
     for step in ("prior", "decoder", "sr_high"):
         champion = client.get_model_version_by_alias(registered_name(step), "champion")
         assert champion.run_id in {r.info.run_id for r in children}
+        assert champion.tags["mav.smoke_fvd_settings"] == ("real clips, N 4+2, 9 frames at native fps, stride 1, "
+                                                           "biased, detector random")
 
     # the chain of this run, where `mav sample --checkpoints` looks: each stage's last step
     from flows.train import find_checkpoints
@@ -376,7 +378,7 @@ def test_champion_follows_each_versions_best_chain_under_the_configured_prefix(t
         return {"step": step, "model_version": register_checkpoint(client, run.info.run_id, source, name, step, "key")}
 
     def _move(client, items, metric, fvd):
-        return move_champion(client, items, metric, fvd, "champion", "team", logging.getLogger("test"))
+        return move_champion(client, items, metric, fvd, "champion", "team", logging.getLogger("test"), "same")
 
     def move(items, fvd):
         return _move(client, items, "fvd", fvd)
@@ -398,6 +400,47 @@ def test_champion_follows_each_versions_best_chain_under_the_configured_prefix(t
     assert str(client.get_model_version_by_alias("team-prior", "champion").version) == "2"
     client.set_registered_model_alias("team-prior", "champion", prior_3["model_version"])  # smoke-scored champion
     assert move([prior_2], 1e6) == ["team-prior v2"]
+
+
+def test_champion_moves_only_on_an_fvd_of_the_same_evaluation_settings(tmp_path):
+    """An FVD of other settings (real clips drawn, clip length, fps, detector) is another number: a
+    chain scored on 8 real clips displaced a champion scored on 2048 whenever its value was lower."""
+    import logging
+
+    from flows.pipeline import fvd_settings
+    from flows.registry import move_champion, register_checkpoint
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("settings")
+
+    def new_version():
+        run = client.create_run(experiment)
+        client.set_terminated(run.info.run_id)
+        source = f"{run.info.artifact_uri}/x.ckpt"
+        return {"step": "prior", "model_version": register_checkpoint(client, run.info.run_id, source, "mav-prior",
+                                                                      "prior", "key")}
+
+    def move(items, fvd, settings):
+        return move_champion(client, items, "fvd", fvd, "champion", "mav", logging.getLogger("test"), settings)
+
+    def champion():
+        return str(client.get_model_version_by_alias("mav-prior", "champion").version)
+
+    result = {"num_fake": 4, "clip_length": 16, "clip_fps": None, "clip_stride": 1, "unbiased": False,
+              "detector_sha256": "ab" * 32}
+    full, quick = fvd_settings(result, "clips", 2048), fvd_settings(result, "clips", 8)
+    at_20 = fvd_settings(result | {"clip_fps": 20.0}, "clips", 2048)
+    assert len({full, quick, at_20, fvd_settings(result | {"clip_length": 8}, "clips", 2048),
+                fvd_settings(result | {"detector_sha256": "cd" * 32}, "clips", 2048)}) == 5
+    first = new_version()
+    assert move([first], 300.0, full) == ["mav-prior v1"]
+    for settings in (quick, at_20):  # lower, but not comparable
+        assert move([new_version()], 100.0, settings) == [] and champion() == "1"
+    assert move([first], 400.0, at_20) == []  # the champion scored again under these settings
+    tags = client.get_model_version("mav-prior", "1").tags
+    assert (tags["mav.fvd"], tags["mav.fvd_settings"]) == ("400.0", at_20)
+    assert move([new_version()], 350.0, at_20) == ["mav-prior v4"]  # now comparable, and better
 
 
 def test_a_stage_run_stays_running_until_its_checkpoint_is_registered(tmp_path):
