@@ -416,8 +416,10 @@ def check_places(cfg: PipelineConfig, data_root: str | None, ingests: bool, eval
         if missing:
             raise ValueError(f"sources: no such file or folder: {', '.join(missing)}")
     clips = []  # (stage or None for the evaluation, CLIP name, the setting that names it)
+    last = {}  # stage -> (step name, its config): the chain the pipeline samples from
     for step in cfg.steps:
         stage_config = load_config(repo_path(step.config), step.overrides)  # (loaded and checked once already)
+        last[step.stage] = (step.name, stage_config)
         data = stage_config.data
         if data.source == "images" and data.image_path and not Path(data.image_path).expanduser().exists():
             raise ValueError(f"step {step.name}: data.image_path {data.image_path}: no such file or folder")
@@ -444,6 +446,26 @@ def check_places(cfg: PipelineConfig, data_root: str | None, ingests: bool, eval
             check_clip(name)
         except CLIPLoadError as err:
             raise ValueError(f"{where}: {err}") from None
+    if evaluates:
+        check_chain(last)
+
+
+def check_chain(last: dict) -> None:
+    """What sampling asks of the last step of each stage (models.sampling.load_chain), checked before
+    the steps train: else the pipeline failed at its samples, after all the training."""
+    missing = [stage for stage in ("prior", "decoder") if stage not in last]
+    if missing:
+        raise ValueError(f"steps: the pipeline samples from a prior and a decoder step; there is no "
+                         f"{' or '.join(missing)} step")
+    name, decoder = last["decoder"]
+    if not decoder.video:
+        raise ValueError(f"step {name}: the last decoder step, which samples, is image-mode: add a video-mode "
+                         f"decoder step after it (init_from: {name})")
+    clips = {step: config.clip for stage, (step, config) in last.items() if stage in ("prior", "decoder", "interpolation")}
+    if len(set(clips.values())) > 1:
+        raise ValueError(f"steps {', '.join(clips)}: trained with different CLIP models "
+                         f"({', '.join(f'{step} {clip!r}' for step, clip in clips.items())}); the prior's embeddings "
+                         "only mean something to stages trained with its CLIP")
 
 
 def _run(args: argparse.Namespace) -> int:

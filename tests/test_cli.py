@@ -216,7 +216,11 @@ def test_bad_ingest_and_pipeline_input_is_one_line_and_exit_2(prefect_server, tm
         err = capsys.readouterr().err.strip()
         assert re.search(message, err) and len(err.splitlines()) == 1, err
     # a version that is not there, and --force without one: before the flow (which logs a trace)
-    (tmp_path / "pipeline.yaml").write_text(f"sources: [{samples}]\ndata_root: {tmp_path / 'd'}\n")
+    import yaml
+
+    chain = yaml.safe_load((REPO / "configs" / "tiny" / "pipeline.yaml").read_text())["steps"]  # a chain that samples
+    (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump({"sources": [str(samples)], "data_root": str(tmp_path / "d"),
+                                                            "steps": chain}))
     for options, message in ((["--version", "deadbeef"], "dataset 'samples' has no version 'deadbeef'"),
                              (["--force"], r"--force goes with --version V")):
         assert main(["pipeline", "--config", str(tmp_path / "pipeline.yaml"), *options]) == 2
@@ -327,6 +331,37 @@ def test_an_init_step_whose_weights_cannot_start_the_step_is_named_before_anythi
     config.write_text(f"steps:\n  - {decoder_image}\n  - {{name: interpolation, stage: interpolation, "
                       f"config: {tiny / 'interpolation.yaml'}, init_from: decoder_image}}\n")
     assert load_pipeline_config(config).steps[1].init_from == "decoder_image"  # a decoder starts an interpolation
+
+
+def test_a_chain_that_cannot_sample_is_named_before_anything_runs(tmp_path):
+    """The pipeline samples from the last step of each stage: without a prior or a decoder step, with an
+    image-mode last decoder, or with stages of different CLIPs, it failed at sampling, after all the training."""
+    from flows.pipeline import check_places
+    from flows.pipeline_config import load_pipeline_config
+    from models.clip import tiny_clip_path
+
+    tiny = REPO / "configs" / "tiny"
+    prior = f"{{name: prior, stage: prior, config: {tiny / 'prior.yaml'}}}"
+    image = f"{{name: decoder_image, stage: decoder, config: {tiny / 'decoder.yaml'}, overrides: {{mode: image}}}}"
+    video = f"{{name: decoder, stage: decoder, config: {tiny / 'decoder.yaml'}, init_from: decoder_image}}"
+    other_clip = str(tiny_clip_path())  # the same weights under another name: load_chain's rule compares names
+    cases = {
+        (image, video): r"^steps: the pipeline samples from a prior and a decoder step; there is no prior step",
+        (prior,): r"^steps: the pipeline samples from a prior and a decoder step; there is no decoder step",
+        (prior, image): r"^step decoder_image: the last decoder step, which samples, is image-mode",
+        (prior.replace("}", f", overrides: {{clip: {other_clip}}}}}"), image, video):
+            r"^steps prior, decoder: trained with different CLIP models \(prior '\S+tiny-clip', decoder 'tiny'\)",
+    }
+    config = tmp_path / "pipeline.yaml"
+    places = f"data_root: {tmp_path / 'data'}\nwork_dir: {tmp_path / 'work'}\nevaluate: {{clip_model: tiny}}\n"
+    for steps, message in cases.items():
+        config.write_text(places + "steps:\n" + "".join(f"  - {step}\n" for step in steps))
+        cfg = load_pipeline_config(config)
+        with pytest.raises(ValueError, match=message):
+            check_places(cfg, None, ingests=False)
+        check_places(cfg, None, ingests=False, evaluates=False)  # the train flow samples nothing
+    config.write_text(places + "steps:\n" + "".join(f"  - {step}\n" for step in (prior, image, video)))
+    check_places(load_pipeline_config(config), None, ingests=False)
 
 
 def test_bad_evaluate_input_is_one_line_and_exit_2(prefect_server, tmp_path, capsys):
