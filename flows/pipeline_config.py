@@ -1,6 +1,7 @@
 """Typed settings of the end-to-end pipeline (configs/<size>/pipeline.yaml)."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -10,6 +11,7 @@ from eval import metric_list
 from models.config import STAGES, load_config
 
 REPO = Path(__file__).resolve().parent.parent
+STEP_NAME = re.compile(r"\w[\w.\- ]*")  # what MLflow takes in metric names, tag keys and model names
 
 
 class Strict(BaseModel):
@@ -92,6 +94,9 @@ def load_pipeline_config(path: str | Path) -> PipelineConfig:
     stage_configs = {}
     for step in config.steps:
         where = f"pipeline config {path}: step {step.name}"
+        if not STEP_NAME.fullmatch(step.name):  # it names a folder, an MLflow metric, tag and registered model
+            raise ValueError(f"{where}: a step name holds letters, digits, _ - . and spaces, and starts with a "
+                             "letter or digit")
         if step.init_from and step.init_from not in names[: names.index(step.name)]:
             raise ValueError(f"{where}: init_from {step.init_from!r} is not an earlier step")
         if step.stage not in STAGES:

@@ -333,6 +333,20 @@ def test_an_init_step_whose_weights_cannot_start_the_step_is_named_before_anythi
     assert load_pipeline_config(config).steps[1].init_from == "decoder_image"  # a decoder starts an interpolation
 
 
+def test_a_step_name_that_mlflow_refuses_is_named_when_the_config_loads(tmp_path):
+    """A step's name names its registered model (no / or :) and its MLflow metric and tag (letters,
+    digits, _ - . and spaces): others failed the step at its registration, after it had trained."""
+    from flows.pipeline_config import load_pipeline_config
+
+    config = tmp_path / "pipeline.yaml"
+    for name in ("decoder/video", "sr:low", "prior@2", "..", "a,b"):
+        config.write_text(f"steps:\n  - {{name: '{name}', stage: prior, config: configs/tiny/prior.yaml}}\n")
+        with pytest.raises(ValueError, match=rf"step {re.escape(name)}: a step name holds letters, digits"):
+            load_pipeline_config(config)
+    config.write_text("steps:\n  - {name: prior v2.1-b, stage: prior, config: configs/tiny/prior.yaml}\n")
+    assert load_pipeline_config(config).steps[0].name == "prior v2.1-b"
+
+
 def test_a_chain_that_cannot_sample_is_named_before_anything_runs(tmp_path):
     """The pipeline samples from the last step of each stage: without a prior or a decoder step, with an
     image-mode last decoder, or with stages of different CLIPs, it failed at sampling, after all the training."""
