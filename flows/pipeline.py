@@ -42,16 +42,38 @@ def code_digest() -> str:
 
 def pipeline_digest(cfg: PipelineConfig, code: str) -> str:
     """What a finished run of a dataset version depends on: the pipeline config, the stage configs
-    it names (their files' text) and the models' code, as each step's cache key does."""
+    it names (their files' text), their image-text pairs and the models' code, as each step's cache key does."""
     stage_configs = [Path(repo_path(step.config)).read_text() for step in cfg.steps]
-    payload = json.dumps([cfg.model_dump(mode="json"), stage_configs, code], sort_keys=True)
+    images = [image_pairs_digest(step) for step in cfg.steps]
+    payload = json.dumps([cfg.model_dump(mode="json"), stage_configs, code]
+                         + ([images] if any(images) else []), sort_keys=True)  # (digests of runs before: kept)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 def step_key(step: TrainStep, version: str, init_key: str | None, code: str, where: str) -> str:
     payload = {"step": step.model_dump(), "config": Path(repo_path(step.config)).read_text(), "dataset_version": version,
                "init": init_key, "code": code, "where": where}
+    if images := image_pairs_digest(step):  # (keys of steps on video: as before, still cached)
+        payload["images"] = images
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def image_pairs_digest(step: TrainStep) -> str | None:
+    """The image-text pairs a step on `data.source: images` reads, as the names, sizes and modification
+    times of the files under data.image_path: pairs added or replaced retrain it, as a new dataset
+    version does the steps on video. None for a step on video."""
+    from models.config import load_config
+
+    data = load_config(repo_path(step.config), step.overrides).data
+    if data.source != "images" or not data.image_path:
+        return None
+    root = Path(data.image_path).expanduser()
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    digest = hashlib.sha256()
+    for path in files:
+        stat = path.stat()
+        digest.update(f"{path.relative_to(root.parent)}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
 
 
 def _flatten(prefix: str, value, out: dict) -> dict:

@@ -275,6 +275,34 @@ def test_pipeline_runs_are_told_apart_by_their_stage_configs_and_code(tmp_path):
     assert len(keys) == 5
 
 
+def test_image_text_pairs_added_to_a_steps_folder_retrain_it(tmp_path):
+    """A step on image-text pairs (data.image_path) reads what is in the folder when it trains: pairs
+    added or replaced there were a cache hit (same config, dataset version, code), the step not retrained."""
+    from flows.pipeline import pipeline_digest, step_key
+    from flows.pipeline_config import load_pipeline_config
+
+    pairs = tmp_path / "pairs"
+    pairs.mkdir()
+    (pairs / "a.jpg").write_bytes(b"jpeg")
+    (pairs / "a.txt").write_text("a cat")
+    config = tmp_path / "pipeline.yaml"
+    config.write_text("steps:\n  - {name: prior, stage: prior, config: configs/tiny/prior.yaml, "
+                      f"overrides: {{data.source: images, data.image_path: {pairs}}}}}\n")
+    cfg = load_pipeline_config(config)
+
+    def keys():
+        return step_key(cfg.steps[0], "v1", None, "code", "here"), pipeline_digest(cfg, "code")
+
+    before = keys()
+    assert keys() == before
+    (pairs / "b.jpg").write_bytes(b"jpeg")
+    (pairs / "b.txt").write_text("a dog")
+    added = keys()
+    assert added[0] != before[0] and added[1] != before[1]
+    (pairs / "b.txt").write_text("a small dog")  # a caption edited
+    assert keys()[0] != added[0]
+
+
 def test_a_deleted_mlflow_experiment_is_named_with_the_way_back(tmp_path):
     from mlflow import MlflowClient
 
