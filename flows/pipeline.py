@@ -25,7 +25,7 @@ from data_prep.atomic import replacing
 from flows.cli import writable_folder
 from flows.ingest import ingest
 from flows.pipeline_config import PipelineConfig, TrainStep, load_pipeline_config, repo_path
-from flows.registry import move_champion, register_checkpoint, registered_name
+from flows.registry import model_version, move_champion, register_checkpoint, registered_name
 from flows.tracking import default_tracking_uri, end_orphaned_runs, start_run, store_identity, use_experiment
 
 REPO = Path(__file__).resolve().parent.parent
@@ -381,6 +381,8 @@ def train(config: str = DEFAULT_CONFIG, steps: list[str] | None = None, dataset:
 def _train_steps(cfg: PipelineConfig, dataset: str, data_root: str, version: str, tracking_uri: str,
                  parent_run_id: str, code: str) -> list[dict]:
     """Train the config's steps in order, each a cached task keyed by its inputs and its init step's key."""
+    from mlflow import MlflowClient
+
     work, keys, checkpoints, results = Path(cfg.work_dir).resolve(), {}, {}, []
     # where results are recorded: a step trained for another folder, store or registry name is not reused
     where = f"{work}|{store_identity(tracking_uri, cfg.experiment)}|{cfg.registry.model_prefix}"
@@ -390,10 +392,14 @@ def _train_steps(cfg: PipelineConfig, dataset: str, data_root: str, version: str
         out_dir = work / "stages" / step.name / key
         # a deleted checkpoint invalidates the cached result; a left-over one is resumed from
         has_checkpoint = (out_dir / "checkpoints" / "last.ckpt").exists()
-        result = train_stage_task.with_options(refresh_cache=not has_checkpoint)(
-            step.name, step.stage, repo_path(step.config), step.overrides, data_root, dataset, version,
-            checkpoints.get(step.init_from), str(out_dir), tracking_uri, cfg.experiment, parent_run_id, key,
-            registered_name(step.name, cfg.registry.model_prefix))
+        name = registered_name(step.name, cfg.registry.model_prefix)
+        args = (step.name, step.stage, repo_path(step.config), step.overrides, data_root, dataset, version,
+                checkpoints.get(step.init_from), str(out_dir), tracking_uri, cfg.experiment, parent_run_id, key, name)
+        result = train_stage_task.with_options(refresh_cache=not has_checkpoint)(*args)
+        if model_version(MlflowClient(tracking_uri), f"models:/{name}/{result['model_version']}") is None:
+            # a cached result whose version was deleted from the registry: run again, it takes the
+            # finished checkpoint (no training) and registers it anew
+            result = train_stage_task.with_options(refresh_cache=True)(*args)
         checkpoints[step.name] = result["checkpoint"]
         results.append(result)
     return results

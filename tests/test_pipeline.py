@@ -328,6 +328,24 @@ def test_clips_cut_again_count_toward_the_retraining_threshold(prefect_server, t
     assert result == {"skipped": "below threshold", "new_clips": 4, "since_trained": 4}  # was 4 - 4 = 0
 
 
+def test_a_cached_step_whose_model_version_was_deleted_is_registered_again(prefect_server, tmp_path):
+    """A version deleted in the registry (MLflow UI, cleaning up) while its step stays cached: the cached
+    result named it, and the pipeline failed at its end, moving the champion, on every run after."""
+    from data_prep.synthetic import write_synthetic_dataset
+
+    write_synthetic_dataset(tmp_path / "data", "clips", num_clips=4, frames=12, size=32)
+    config = write_config(tmp_path, tmp_path / "unused")
+    first = train(config=str(config), steps=["prior"])
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client.delete_model_version("mav-prior", "1")
+    again = train(config=str(config), steps=["prior"])
+    assert again["checkpoints"] == first["checkpoints"]  # not trained again
+    (version,) = client.search_model_versions("name = 'mav-prior'")
+    assert str(version.version) == "2" and version.tags["mav.sha256"]
+    (run,) = runs_of(client, "mav-test", f"attributes.run_id = '{version.run_id}'")
+    assert "final_train_loss" not in run.data.metrics  # registered from the checkpoint, no step trained
+
+
 def test_config_sources_keep_urls_and_find_relative_paths_in_the_repository(tmp_path, monkeypatch):
     from flows.pipeline import ingest_sources
 
