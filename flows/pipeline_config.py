@@ -27,7 +27,8 @@ class TrainStep(Strict):
 
 
 class SampleSettings(Strict):
-    prompts: list[str] = ["a bunny in a meadow", "bottles on a table", "a person signing a word", "clouds over a field"]
+    prompts: list[str] = Field(["a bunny in a meadow", "bottles on a table", "a person signing a word",
+                                "clouds over a field"], min_length=1)  # none: nothing to evaluate, after the training
     steps: int | None = Field(None, ge=1)  # None: each stage config's sample_steps
     guidance: float | None = Field(None, ge=0)
     seed: int = 0

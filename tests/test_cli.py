@@ -375,6 +375,16 @@ def test_a_step_name_that_mlflow_refuses_is_named_when_the_config_loads(tmp_path
     assert load_pipeline_config(config).steps[0].name == "prior v2.1-b"
 
 
+def test_a_pipeline_without_prompts_is_named_when_the_config_loads(tmp_path):
+    """No prompt, no sample: with CLIPSIM alone the run trained every step, then failed after it."""
+    from flows.pipeline_config import load_pipeline_config
+
+    config = tmp_path / "pipeline.yaml"
+    config.write_text("sample: {prompts: []}\nevaluate: {metrics: [clipsim]}\n")
+    with pytest.raises(ValueError, match=r"pipeline config \S+: sample.prompts: List should have at least 1 item"):
+        load_pipeline_config(config)
+
+
 def test_a_chain_that_cannot_sample_is_named_before_anything_runs(tmp_path):
     """The pipeline samples from the last step of each stage: without a prior or a decoder step, with an
     image-mode last decoder, or with stages of different CLIPs, it failed at sampling, after all the training."""
