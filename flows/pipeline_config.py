@@ -117,14 +117,7 @@ def load_pipeline_config(path: str | Path) -> PipelineConfig:
 def check_init(where: str, step: TrainStep, source, stage_config) -> None:
     """The rules the step's start from the init step's checkpoint applies (models.stages), checked on
     their configs now: else the step failed as it started, after every earlier step had trained."""
-    from models.stages import INIT_FROM, NET_SETTINGS, STAGE_CLASSES, _setting
+    from models.stages import init_problem
 
-    if source.stage not in INIT_FROM[step.stage]:
-        raise ValueError(f"{where}: init_from {step.init_from!r} is a {source.stage!r} step; a {step.stage!r} step "
-                         f"starts from {sorted(INIT_FROM[step.stage])} only")
-    keys = NET_SETTINGS + (("clip",) if STAGE_CLASSES[step.stage].uses_clip else ())
-    before, now = source.model_dump(mode="json"), stage_config.model_dump(mode="json")
-    differing = [f"{key}: {step.init_from} {_setting(before, key)!r}, {step.name} {_setting(now, key)!r}"
-                 for key in keys if _setting(before, key) != _setting(now, key)]
-    if differing:
-        raise ValueError(f"{where}: init_from {step.init_from!r} trained other weights ({'; '.join(differing)})")
+    if problem := init_problem(source.model_dump(mode="json"), stage_config, "step", (step.init_from, step.name)):
+        raise ValueError(f"{where}: init_from {step.init_from!r}: {problem}")

@@ -397,14 +397,15 @@ def _setting(config: dict, dotted: str):
     return config
 
 
-def _differing(recorded: dict, config: StageConfig, keys: tuple[str, ...]) -> list[str]:
+def _differing(recorded: dict, config: StageConfig, keys: tuple[str, ...],
+               names: tuple[str, str] = ("checkpoint", "config")) -> list[str]:
     """'key: checkpoint X, config Y' for each setting that differs between a checkpoint and a config."""
     current = config.model_dump(mode="json")
     try:  # a setting added since the checkpoint was saved has its default there too
         recorded = parse_config(recorded, recorded=True).model_dump(mode="json")
     except ValueError:
         pass
-    return [f"{key}: checkpoint {_setting(recorded, key)!r}, config {_setting(current, key)!r}"
+    return [f"{key}: {names[0]} {_setting(recorded, key)!r}, {names[1]} {_setting(current, key)!r}"
             for key in keys if _setting(recorded, key) != _setting(current, key)]
 
 
@@ -419,16 +420,24 @@ RUN_SETTINGS = NET_SETTINGS + ("freeze_spatial", "trainer.lr", "trainer.weight_d
                                "data.batch_size", "trainer.seed", "data.lowres_noise_max")
 
 
+def init_problem(source: dict, config: StageConfig, kind: str = "checkpoint",
+                 names: tuple[str, str] = ("checkpoint", "config")) -> str | None:
+    """Why weights trained under the recorded config `source` cannot start a stage of `config`, or
+    None (checked as training starts, and by the pipeline on its steps' configs before any runs)."""
+    src, stage = source["stage"], config.stage
+    if src not in INIT_FROM[stage]:
+        return f"a {src!r} {kind}; stage {stage!r} can start from {sorted(INIT_FROM[stage])} {kind}s only"
+    keys = NET_SETTINGS + (("clip",) if STAGE_CLASSES[stage].uses_clip else ())
+    if differing := _differing(source, config, keys, names):
+        return f"trained for other settings ({'; '.join(differing)})"
+    return None
+
+
 def init_from_checkpoint(module: DiffusionStage, path: str | Path) -> DiffusionStage:
     ckpt = read_checkpoint(path)
-    src = ckpt["hyper_parameters"]["stage"]
-    stage = module.config.stage
-    if src not in INIT_FROM[stage]:
-        raise CheckpointError(f"{path} is a {src!r} checkpoint; stage {stage!r} can start from "
-                              f"{sorted(INIT_FROM[stage])} checkpoints only")
-    keys = NET_SETTINGS + (("clip",) if module.uses_clip else ())
-    if differing := _differing(ckpt["hyper_parameters"]["config"], module.config, keys):
-        raise CheckpointError(f"{path}: its weights were trained for other settings ({'; '.join(differing)})")
+    if problem := init_problem({**ckpt["hyper_parameters"]["config"], "stage": ckpt["hyper_parameters"]["stage"]},
+                               module.config):
+        raise CheckpointError(f"{path}: {problem}")
     module.net.load_state_dict(fit_state(module, net_state(ckpt), str(path)), strict=False)
     return module
 

@@ -342,14 +342,14 @@ def test_an_init_step_whose_weights_cannot_start_the_step_is_named_before_anythi
     cases = {
         f"{{name: prior, stage: prior, config: {tiny / 'prior.yaml'}}}\n"
         f"  - {{name: sr_high, stage: sr_high, config: {tiny / 'sr_high.yaml'}, init_from: prior}}":
-            r"step sr_high: init_from 'prior' is a 'prior' step; a 'sr_high' step starts from \['sr_high', 'sr_low'\]",
+            r"step sr_high: init_from 'prior': a 'prior' step; stage 'sr_high' can start from \['sr_high', 'sr_low'\] steps",
         f"{decoder_image}\n  - {{name: decoder, stage: decoder, config: {tiny / 'decoder.yaml'}, "
         "init_from: decoder_image, overrides: {diffusion.prediction: epsilon}}":
-            r"step decoder: init_from 'decoder_image' trained other weights \(diffusion.prediction: "
+            r"step decoder: init_from 'decoder_image': trained for other settings \(diffusion.prediction: "
             r"decoder_image 'v', decoder 'epsilon'\)",
         f"{decoder_image}\n  - {{name: interpolation, stage: interpolation, config: {tiny / 'interpolation.yaml'}, "
         f"init_from: decoder_image, overrides: {{clip: {tmp_path}}}}}":
-            r"step interpolation: init_from 'decoder_image' trained other weights \(clip: decoder_image 'tiny'",
+            r"step interpolation: init_from 'decoder_image': trained for other settings \(clip: decoder_image 'tiny'",
     }
     config = tmp_path / "pipeline.yaml"
     for steps, message in cases.items():
