@@ -475,12 +475,18 @@ def check_places(cfg: PipelineConfig, data_root: str | None, ingests: bool, eval
         except CLIPLoadError as err:
             raise ValueError(f"{where}: {err}") from None
     if evaluates:
-        check_chain(last)
+        check_chain(last, cfg.registry.model_prefix)
 
 
-def check_chain(last: dict) -> None:
+def check_chain(last: dict, prefix: str) -> None:
     """What sampling asks of the last step of each stage (models.sampling.load_chain), checked before
     the steps train: else the pipeline failed at its samples, after all the training."""
+    for stage, (name, _) in last.items():
+        model, wanted = registered_name(name, prefix), registered_name(stage, prefix)
+        if model != wanted:  # (the pipeline itself samples from its own run's chain, whatever the names)
+            warnings.warn(f"step {name}: the last {stage} step is registered as {model}, and `mav sample "
+                          f"--registry` looks for {wanted}: name the step {stage!r} to sample the champion chain "
+                          "from the registry", stacklevel=2)
     missing = [stage for stage in ("prior", "decoder") if stage not in last]
     if missing:
         raise ValueError(f"steps: the pipeline samples from a prior and a decoder step; there is no "

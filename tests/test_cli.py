@@ -388,6 +388,8 @@ def test_a_pipeline_without_prompts_is_named_when_the_config_loads(tmp_path):
 def test_a_chain_that_cannot_sample_is_named_before_anything_runs(tmp_path):
     """The pipeline samples from the last step of each stage: without a prior or a decoder step, with an
     image-mode last decoder, or with stages of different CLIPs, it failed at sampling, after all the training."""
+    import warnings
+
     from flows.pipeline import check_places
     from flows.pipeline_config import load_pipeline_config
     from models.clip import tiny_clip_path
@@ -413,7 +415,15 @@ def test_a_chain_that_cannot_sample_is_named_before_anything_runs(tmp_path):
             check_places(cfg, None, ingests=False)
         check_places(cfg, None, ingests=False, evaluates=False)  # the train flow samples nothing
     config.write_text(places + "steps:\n" + "".join(f"  - {step}\n" for step in (prior, image, video)))
-    check_places(load_pipeline_config(config), None, ingests=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_places(load_pipeline_config(config), None, ingests=False)
+    # `mav sample --registry champion` finds each stage's model by the stage's name
+    config.write_text(places + "steps:\n" + "".join(f"  - {step}\n" for step in (
+        prior, image, video.replace("name: decoder,", "name: decoder_video,"))))
+    with pytest.warns(UserWarning, match="step decoder_video: the last decoder step is registered as mav-decoder-video, "
+                                         "and `mav sample --registry` looks for mav-decoder"):
+        check_places(load_pipeline_config(config), None, ingests=False)
 
 
 def test_bad_evaluate_input_is_one_line_and_exit_2(prefect_server, tmp_path, capsys):
