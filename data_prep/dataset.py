@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import tarfile
 import time
@@ -36,9 +37,13 @@ class DatasetError(ValueError, LookupError):
     """A dataset or version that is not there (a bad input, so the commands report it as one)."""
 
 
+# a folder name, an MLflow tag value in filter strings and a Prefect event resource: nothing to quote
+DATASET_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
+
+
 def dataset_dir(data_root: Path, name: str) -> Path:
-    if not name or "/" in name or name.startswith("."):
-        raise DatasetError(f"dataset name {name!r}: use letters, digits, '-', '_' and '.'")
+    if not DATASET_NAME.fullmatch(name or ""):
+        raise DatasetError(f"dataset name {name!r}: use letters, digits, '-', '_' and '.' (not first)")
     return Path(data_root) / "datasets" / name
 
 

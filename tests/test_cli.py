@@ -187,6 +187,7 @@ def test_bad_ingest_and_pipeline_input_is_one_line_and_exit_2(prefect_server, tm
         (["--config", str(tmp_path / "list.yaml")], "list.yaml: expected a mapping of settings, got list"),
         (["--config", str(tmp_path / "broken.yaml")], "broken.yaml: not valid YAML"),
         (["--dataset", "a/b"], "dataset name 'a/b'"),
+        (["--dataset", "bob's clips"], "dataset name \"bob's clips\": use letters, digits"),  # broke MLflow filters
         (["--data-root", str(tmp_path / "a-file" / "root")], r"--data-root \S+: cannot be created \(Not a directory\)"),
     ]
     for options, message in cases:
