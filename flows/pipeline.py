@@ -51,9 +51,12 @@ def pipeline_digest(cfg: PipelineConfig, code: str) -> str:
 
 
 def step_key(step: TrainStep, version: str, init_key: str | None, code: str, where: str) -> str:
-    payload = {"step": step.model_dump(), "config": Path(repo_path(step.config)).read_text(), "dataset_version": version,
-               "init": init_key, "code": code, "where": where}
-    if images := image_pairs_digest(step):  # (keys of steps on video: as before, still cached)
+    images = image_pairs_digest(step)
+    # a step on image-text pairs never reads the video dataset: a new version of it is no reason to
+    # retrain (the base prior, 86M parameters, was retrained for every one)
+    payload = {"step": step.model_dump(), "config": Path(repo_path(step.config)).read_text(),
+               "dataset_version": None if images else version, "init": init_key, "code": code, "where": where}
+    if images:  # (keys of steps on video: as before, still cached)
         payload["images"] = images
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 

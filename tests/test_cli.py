@@ -278,7 +278,8 @@ def test_pipeline_runs_are_told_apart_by_their_stage_configs_and_code(tmp_path):
 
 def test_image_text_pairs_added_to_a_steps_folder_retrain_it(tmp_path):
     """A step on image-text pairs (data.image_path) reads what is in the folder when it trains: pairs
-    added or replaced there were a cache hit (same config, dataset version, code), the step not retrained."""
+    added or replaced there were a cache hit (same config, dataset version, code), the step not retrained;
+    a new version of the video dataset retrained it."""
     from flows.pipeline import pipeline_digest, step_key
     from flows.pipeline_config import load_pipeline_config
 
@@ -302,6 +303,10 @@ def test_image_text_pairs_added_to_a_steps_folder_retrain_it(tmp_path):
     assert added[0] != before[0] and added[1] != before[1]
     (pairs / "b.txt").write_text("a small dog")  # a caption edited
     assert keys()[0] != added[0]
+    # and only them: a new version of the video dataset, which the step never reads, retrained it
+    assert step_key(cfg.steps[0], "v2", None, "code", "here") == keys()[0]
+    video_step = cfg.steps[0].model_copy(update={"overrides": {}})
+    assert step_key(video_step, "v2", None, "code", "here") != step_key(video_step, "v1", None, "code", "here")
 
 
 def test_a_deleted_mlflow_experiment_is_named_with_the_way_back(tmp_path):
