@@ -189,8 +189,7 @@ def test_killed_training_resumes_from_its_last_checkpoint(prefect_server, tmp_pa
     """SIGKILL: the worker dies mid-training. Ctrl-C (SIGINT to the terminal's process group): the
     command says where training stopped and exits 130, its MLflow runs end KILLED, not FAILED."""
     config = write_config(tmp_path, video_dir)
-    raw = yaml.safe_load(config.read_text())
-    raw["steps"] = raw["steps"][:1]
+    raw = yaml.safe_load(config.read_text())  # the whole chain (the pipeline samples), stopped in its first step
     raw["steps"][0]["overrides"] = {"trainer.max_steps": 200, "trainer.checkpoint_every": 5, "trainer.warmup_steps": 1}
     config.write_text(yaml.safe_dump(raw))
     env = {**os.environ, "PREFECT_API_URL": prefect_server}
