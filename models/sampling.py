@@ -57,6 +57,12 @@ def load_chain(checkpoints: dict[str, str | Path], device: str | torch.device = 
         warnings.warn(f"the sr_low checkpoint ({checkpoints['sr_low']}) is an image-mode one: it super-resolves "
                       "frame by frame, without temporal layers (expect flicker); the inflated (mode: video) "
                       "one is SR^t_l", stacklevel=2)
+    decoded = chain["decoder"].config.data.size
+    if "interpolation" in chain and chain["interpolation"].config.data.size != decoded:
+        # it runs at whatever size the decoder makes (convolutions), not at the size it learned
+        warnings.warn(f"the interpolation checkpoint ({checkpoints['interpolation']}) trained on "
+                      f"{chain['interpolation'].config.data.size} px frames and the decoder makes {decoded} px ones: "
+                      "it interpolates at the decoder's size; train both at one data.size", stacklevel=2)
     # the prior's output is a CLIP image embedding: the stages it feeds must read the same CLIP's space
     clips = {stage: chain[stage].config.clip for stage in ("prior", "decoder", "interpolation") if stage in chain}
     if len(set(clips.values())) > 1:

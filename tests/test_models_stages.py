@@ -1001,7 +1001,11 @@ def test_checkpoints_recorded_before_a_config_rule_still_load_for_sampling(chain
         load_stage(old, "interpolation")
 
 
-def test_the_chain_refuses_image_mode_and_mixed_clip_checkpoints(chain, tmp_path):
+def test_the_chain_refuses_or_warns_of_checkpoints_that_do_not_fit_together(chain, tmp_path):
+    """An image decoder or stages of different CLIPs: errors; an image-mode sr_low or an interpolation
+    net trained at another size than the decoder's: warnings (they run, worse)."""
+    import warnings
+
     from models.sampling import load_chain
 
     ckpts = {s: chain[s].checkpoint for s in ("prior", "decoder")}
@@ -1017,6 +1021,15 @@ def test_the_chain_refuses_image_mode_and_mixed_clip_checkpoints(chain, tmp_path
     torch.save(other, tmp_path / "decoder.ckpt")
     with pytest.raises(ValueError, match="different CLIP models"):
         load_chain({**ckpts, "decoder": tmp_path / "decoder.ckpt"})
+    larger = torch.load(chain["interpolation"].checkpoint, map_location="cpu", weights_only=False)
+    larger["hyper_parameters"]["config"]["data"]["size"] = 32  # the same weights, said to be trained at 32 px
+    torch.save(larger, tmp_path / "interpolation.ckpt")
+    with pytest.warns(UserWarning, match=r"interpolation checkpoint \(\S+\) trained on 32 px frames and the decoder "
+                                         "makes 16 px ones"):
+        load_chain({**ckpts, "interpolation": tmp_path / "interpolation.ckpt"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_chain({**ckpts, "interpolation": chain["interpolation"].checkpoint})
 
 
 def test_interpolation_of_very_short_decoder_outputs(chain):
