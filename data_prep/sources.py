@@ -99,7 +99,12 @@ def expand_sources(items: list[str], video_extensions: list[str], data_root: Pat
     for item in items:
         ref = _ref_for(item)
         path = Path(ref.source)
-        if ref.kind == "file" and path.is_dir():
+        try:
+            is_dir = ref.kind == "file" and path.is_dir()
+        except OSError as err:  # a name too long, a folder on the way we may not enter: the rest go on
+            refs.append(SourceRef(ref.source, "unreadable", reason=f"cannot be read: {err.strerror or err}"))
+            continue
+        if is_dir:
             if root is not None and path.resolve().is_relative_to(root):
                 refs.append(SourceRef(ref.source, "unreadable", reason=f"folder is inside the data root {root}"))
                 continue

@@ -104,6 +104,19 @@ def test_unreadable_url_lists_are_failed_sources_and_the_rest_go_on(tmp_path):
     assert "utf-8" in outcomes[1].reason
 
 
+def test_a_source_whose_name_cannot_be_looked_up_is_a_failed_source_and_the_rest_go_on(tmp_path):
+    """The OS refuses to stat it (a name over 255 bytes here; a folder on the way that may not be
+    entered likewise): one failed source naming it, not an OSError that stops the whole ingest."""
+    from data_prep.ingest import process_source
+
+    (tmp_path / "ok.mp4").write_bytes(b"x")
+    long_name = str(tmp_path / ("v" * 300 + ".mp4"))
+    refs = expand_sources([long_name, str(tmp_path / "ok.mp4")], EXT)
+    assert [(r.source, r.kind) for r in refs] == [(long_name, "unreadable"), (str(tmp_path / "ok.mp4"), "file")]
+    outcome = process_source(refs[0], tmp_path / "root", tmp_path / "root" / "datasets" / "d", load_ingest_config(None))
+    assert (outcome.status, outcome.stage, outcome.reason) == ("failed", "download", "cannot be read: File name too long")
+
+
 def test_other_schemes_are_marked_unsupported():
     (ref,) = expand_sources(["ftp://example/x.mp4"], EXT)
     assert ref.kind == "unsupported"
