@@ -45,9 +45,18 @@ def _ref_for(text: str, base: Path | None = None) -> SourceRef:
 
 
 def url_column(names: list[str]) -> int | None:
-    """The index of the column of URLs among a header's names, if one is named so."""
+    """The index of the column of URLs among a header's names, if one is named so: by name, `url`
+    first, then a name ending in url, then link, source, path (in a list headed `source,url` the
+    source column names where each video came from), in header order among equals."""
     names = [name.strip().lower() for name in names]
-    return next((i for i, name in enumerate(names) if name in URL_COLUMNS or name.endswith("url")), None)
+
+    def rank(name: str) -> int | None:
+        if name.endswith("url"):
+            return 0 if name == "url" else 1
+        return 1 + URL_COLUMNS.index(name) if name in URL_COLUMNS else None
+
+    ranked = [(rank(name), i) for i, name in enumerate(names) if rank(name) is not None]
+    return min(ranked)[1] if ranked else None
 
 
 def read_url_list(path: Path) -> list[str]:

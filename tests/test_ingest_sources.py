@@ -54,6 +54,16 @@ def test_url_list_headers_are_found_however_written_and_never_taken_for_sources(
     assert [r.source for r in refs] == [f"http://h/{c}.mp4" for c in "abcdefg"]
 
 
+def test_a_column_named_url_wins_over_other_known_names_before_it(tmp_path):
+    """A list that says where each video came from (`source`) or where it was saved (`path`)
+    before its `url` column: the URLs are ingested, not the labels (which all became one missing file)."""
+    (tmp_path / "labels.csv").write_text("source,url\nwebvid,http://h/a.mp4\nwebvid,http://h/b.mp4\n")
+    (tmp_path / "saved.tsv").write_text("path\tlink\tcontentUrl\nv/c.mp4\thttp://h/page\thttp://h/c.mp4\n")
+    pd.DataFrame({"source": ["webvid"], "url": ["http://h/d.mp4"]}).to_parquet(tmp_path / "labels.parquet")
+    refs = expand_sources([str(tmp_path / n) for n in ("labels.csv", "saved.tsv", "labels.parquet")], EXT)
+    assert [(r.source, r.kind) for r in refs] == [(f"http://h/{c}.mp4", "url") for c in "abcd"]
+
+
 def test_a_name_with_a_colon_is_a_path_not_a_url_scheme(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "list.txt").write_text("v.1:x.mp4\n")
