@@ -83,10 +83,25 @@ def read_url_list(path: Path) -> list[str]:
 
         table = pq.read_table(path)
         column = url_column(table.column_names)
+        if column is None:  # as in a csv without a known name: the column of URLs
+            column = _column_of_urls(table)
         if column is None:
-            raise SourceError(f"no url column (looked for {', '.join(URL_COLUMNS)} or a name ending in url)")
+            raise SourceError(f"no url column (looked for {', '.join(URL_COLUMNS)}, a name ending in url "
+                              "or a column of URLs)")
         return [str(v) for v in table.column(column).to_pylist() if v]
     raise SourceError("not a URL list (expected .txt, .csv, .tsv or .parquet)")
+
+
+def _column_of_urls(table) -> int | None:
+    """The first text column of a parquet table with a value holding '://'."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    for i, column in enumerate(table.columns):
+        if (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)) \
+                and pc.any(pc.match_substring(column, "://")).as_py():
+            return i
+    return None
 
 
 def _videos_under(folder: Path, extensions: set[str], data_root: Path | None):

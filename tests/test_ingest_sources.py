@@ -64,6 +64,14 @@ def test_a_column_named_url_wins_over_other_known_names_before_it(tmp_path):
     assert [(r.source, r.kind) for r in refs] == [(f"http://h/{c}.mp4", "url") for c in "abcd"]
 
 
+def test_a_parquet_list_without_a_known_column_name_takes_its_column_of_urls(tmp_path):
+    """As a csv does (README: "without one, the column of URLs"); it was refused as having no url column."""
+    pd.DataFrame({"id": [1, 2], "caption": ["a cat", None], "video": ["http://h/a.mp4", "http://h/b.mp4"]}).to_parquet(
+        tmp_path / "list.parquet")
+    refs = expand_sources([str(tmp_path / "list.parquet")], EXT)
+    assert [(r.source, r.kind) for r in refs] == [("http://h/a.mp4", "url"), ("http://h/b.mp4", "url")]
+
+
 def test_a_name_with_a_colon_is_a_path_not_a_url_scheme(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "list.txt").write_text("v.1:x.mp4\n")
