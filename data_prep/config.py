@@ -12,12 +12,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 class DownloadConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    connect_timeout_s: float = 10.0
-    read_timeout_s: float = 30.0  # a server silent this long counts as stalled
-    retries: int = 3
-    backoff_s: float = 0.5  # doubles after each failed try
-    max_bytes: int = 2 * 1024**3
-    max_redirects: int = 5
+    # bounds: requests refuses a timeout of 0, and below 0 retries no try is made at all
+    connect_timeout_s: float = Field(10.0, gt=0)
+    read_timeout_s: float = Field(30.0, gt=0)  # a server silent this long counts as stalled
+    retries: int = Field(3, ge=0)
+    backoff_s: float = Field(0.5, ge=0)  # doubles after each failed try
+    max_bytes: int = Field(2 * 1024**3, gt=0)
+    max_redirects: int = Field(5, ge=0)
 
 
 class SceneConfig(BaseModel):
@@ -26,7 +27,7 @@ class SceneConfig(BaseModel):
     # AdaptiveDetector added false cuts in the fade-in (bench/ingest.py prints both).
     detector: Literal["content", "adaptive", "histogram", "hash"] = "content"
     threshold: float | None = None  # None: the detector's own default
-    detect_width: int = 256  # PySceneDetect's own auto-downscale target
+    detect_width: int = Field(256, ge=2)  # PySceneDetect's own auto-downscale target
     # The detector's own minimum shot length, in frames. Above 0, PySceneDetect merges or suppresses a
     # cut that comes sooner than this after the last one, and a clip then holds several shots (15 joined
     # shots of 8, 60 and 12 frames into one clip). 0 reports every cut; min_scene_s then drops the pieces
@@ -34,14 +35,14 @@ class SceneConfig(BaseModel):
     detector_min_frames: int = Field(0, ge=0)
     min_scene_s: float = 1.0
     max_scene_s: float = 10.0  # longer scenes are split into pieces of this length
-    trim_frames: int = 0  # frames dropped on each side of a cut
+    trim_frames: int = Field(0, ge=0)  # frames dropped on each side of a cut
 
 
 class ClipConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    short_side: int = 256
+    short_side: int = Field(256, ge=2)  # below 2, every clip came out 2x2 pixels
     crop: Literal["center_square", "none"] = "center_square"
-    fps: float | None = None  # None keeps the source's frame rate
+    fps: float | None = Field(None, gt=0)  # None keeps the source's frame rate
     # ultrafast at crf 25 matches veryfast at crf 22 in PSNR on our corpus with 2.3x less encode CPU
     # and 2x faster decoding in training, for 1.7-2.7x the bytes (bench/RESULTS.md); for smaller
     # files at the same quality use preset: veryfast, crf: 22
@@ -59,7 +60,7 @@ class IngestConfig(BaseModel):
     scenes: SceneConfig = Field(default_factory=SceneConfig)
     clips: ClipConfig = Field(default_factory=ClipConfig)
     video_extensions: list[str] = list(VIDEO_EXTENSIONS)
-    shard_max_clips: int = 256
+    shard_max_clips: int = Field(256, ge=1)  # 0 failed the commit, after every source was cut
     workers: int = Field(2, ge=1)  # sources processed at once
 
     def clip_settings_hash(self) -> str:

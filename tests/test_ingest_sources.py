@@ -148,6 +148,19 @@ def test_config_errors_name_the_key(tmp_path):
     assert "scenes.detector" in str(err.value) and "clips.short_sid" in str(err.value)
 
 
+def test_config_values_that_cannot_work_are_errors_when_it_loads(tmp_path):
+    """shard_max_clips: 0 failed the commit after every source was cut, short_side: 0 made 2x2
+    clips, a negative fps failed every encode, retries: -1 made no try: each one line at load."""
+    bad = tmp_path / "ingest.yaml"
+    bad.write_text("shard_max_clips: 0\nclips:\n  short_side: 0\n  fps: -5\nscenes:\n  trim_frames: -1\n"
+                   "download:\n  retries: -1\n  connect_timeout_s: 0\n")
+    with pytest.raises(ConfigError) as err:
+        load_ingest_config(bad)
+    for key in ("shard_max_clips", "clips.short_side", "clips.fps", "scenes.trim_frames", "download.retries",
+                "download.connect_timeout_s"):
+        assert f"{key}: " in str(err.value)
+
+
 def test_file_urls_are_percent_decoded(tmp_path):
     (ref,) = expand_sources([f"file://{tmp_path}/my%20clip%231.mp4"], EXT)
     assert ref.kind == "file" and ref.source == str(tmp_path / "my clip#1.mp4")
