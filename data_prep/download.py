@@ -49,7 +49,11 @@ def _open(session: requests.Session, url: str, offset: int, cfg: DownloadConfig,
           validator: str | None = None) -> requests.Response:
     """GET with manual redirects so that every hop is checked to be http(s). A resume sends
     If-Range with the validator of the partial bytes: a server whose file changed sends it whole."""
-    headers = {"Range": f"bytes={offset}-"} if offset else {}
+    # the file's own bytes: requests asks for gzip by default, and a server that gzips videos counts
+    # Content-Length and Range in encoded bytes while the body arrives decoded (a resume spliced the file)
+    headers = {"Accept-Encoding": "identity"}
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
     if offset and validator:
         headers["If-Range"] = validator
     for _ in range(cfg.max_redirects + 1):

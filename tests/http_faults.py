@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 class FaultServer:
     """routes: path -> (kind, payload). Kinds: ok, ok_no_range, slow, 404, stall, cut, cut_once, wrong_range,
-    cut_once_then_wrong_range, cut_once_then_416, redirect, html, big."""
+    cut_once_then_wrong_range, cut_once_then_416, gzip_cut_once, redirect, html, big."""
 
     def __init__(self, routes: dict[str, tuple[str, object]]):
         self.routes = routes
@@ -128,6 +128,25 @@ class FaultServer:
             self._send(h, b"", 416, {"Content-Range": f"bytes */{len(data)}", "Content-Length": "0"})
         else:
             self._ok(h, data)
+
+    def _gzip_cut_once(self, h, data: bytes):
+        """Gzip-encoded wherever the client accepts it (a server with gzip on for every type), Content-Length
+        and Range counting the encoded bytes; the first response is cut short. Else as _cut_once."""
+        import gzip
+
+        if "gzip" not in h.headers.get("Accept-Encoding", ""):
+            self._cut_once(h, data)
+            return
+        encoded = gzip.compress(data, mtime=0)
+        if self.hits[h.path] == 1:
+            self._send(h, encoded[: len(encoded) // 3], 200, {"Content-Length": str(len(encoded)),
+                                                               "Content-Encoding": "gzip", "ETag": self._etag(data)})
+            h.close_connection = True
+            return
+        start = int(h.headers.get("Range", "bytes=0-")[6:].split("-")[0])
+        self._send(h, encoded[start:], 206 if start else 200, {
+            "Content-Length": str(len(encoded) - start), "Content-Encoding": "gzip", "ETag": self._etag(data),
+            "Content-Range": f"bytes {start}-{len(encoded) - 1}/{len(encoded)}"})
 
     def _redirect(self, h, target: str):
         self._send(h, b"", 302, {"Location": target, "Content-Length": "0"})
