@@ -33,6 +33,12 @@ def _ref_for(text: str, base: Path | None = None) -> SourceRef:
     except ValueError as err:  # e.g. "http://[::1": the other sources go on
         return SourceRef(text, "unreadable", reason=f"not a valid URL ({err})")
     if parsed.scheme in ("http", "https"):
+        try:
+            parsed.port  # (a property: raises for a port out of range or not a number)
+        except ValueError as err:
+            return SourceRef(text, "unreadable", reason=f"not a valid URL ({err})")
+        if not parsed.hostname:  # "http://", "http:///a.mp4": requests' InvalidURL, read as a bug of ours
+            return SourceRef(text, "unreadable", reason="not a valid URL (no host)")
         return SourceRef(text, "url")
     if parsed.scheme == "file":  # file:///a/my%20clip.mp4 names "/a/my clip.mp4"
         return SourceRef(str(Path(unquote(parsed.path)).absolute()), "file")

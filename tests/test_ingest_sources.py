@@ -110,10 +110,15 @@ def test_unreadable_url_lists_are_failed_sources_and_the_rest_go_on(tmp_path):
     pd.DataFrame({"x": [1]}).to_parquet(tmp_path / "bad.parquet")
     (tmp_path / "latin1.txt").write_bytes("http://example.org/caf\xe9.mp4\n".encode("latin-1"))
     (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really")
-    (tmp_path / "good.txt").write_text("http://example.org/a.mp4\nhttp://[::1/b.mp4\n")
+    # (without a host or with a bad port, requests raised InvalidURL, reported as an unexpected error)
+    (tmp_path / "good.txt").write_text("http://example.org/a.mp4\nhttp://[::1/b.mp4\nhttp://\nhttp:///c.mp4\n"
+                                       "http://example.org:99999/d.mp4\n")
     refs = expand_sources([str(tmp_path / n) for n in ("bad.parquet", "latin1.txt", "broken.parquet", "good.txt")], EXT)
-    assert [r.kind for r in refs] == ["unreadable", "unreadable", "unreadable", "url", "unreadable"]
-    assert refs[-1].source == "http://[::1/b.mp4" and refs[-1].reason == "not a valid URL (Invalid IPv6 URL)"
+    assert [r.kind for r in refs] == ["unreadable"] * 3 + ["url"] + ["unreadable"] * 4
+    assert [(r.source, r.reason) for r in refs[4:]] == [
+        ("http://[::1/b.mp4", "not a valid URL (Invalid IPv6 URL)"), ("http://", "not a valid URL (no host)"),
+        ("http:///c.mp4", "not a valid URL (no host)"),
+        ("http://example.org:99999/d.mp4", "not a valid URL (Port out of range 0-65535)")]
     cfg = load_ingest_config(None)
     outcomes = [process_source(ref, tmp_path / "root", tmp_path / "root" / "datasets" / "d", cfg) for ref in refs[:3]]
     assert all(o.status == "failed" and o.stage == "download" for o in outcomes)
