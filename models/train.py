@@ -169,7 +169,9 @@ def train_stage(stage: str, config: StageConfig | dict | str | Path, *, data_roo
     try:
         trainer = build_trainer(cfg, out_dir, logger=logger, callbacks=callbacks, max_steps=max_steps,
                                 strategy=strategy)
-    except MisconfigurationException as err:  # e.g. gpu on a machine without one, fsdp on a CPU
+    # e.g. gpu on a machine without one, fsdp on a CPU (MisconfigurationException); GPU ids on a CPU
+    # (TypeError); a precision whose package is missing, transformer-engine (ModuleNotFoundError)
+    except (MisconfigurationException, TypeError, ValueError, ImportError) as err:
         tc = cfg.trainer
         raise ConfigError(f"trainer: accelerator {tc.accelerator}, devices {tc.devices}, num_nodes {tc.num_nodes}, "
                           f"strategy {tc.strategy}, precision {tc.precision}: {err}") from None

@@ -778,6 +778,23 @@ def test_bad_input_fails_before_training(data_root, tmp_path, chain):
     assert not (tmp_path / "bad" / "checkpoints").exists()
 
 
+def test_trainer_settings_lightning_refuses_are_config_errors_naming_them(data_root, tmp_path):
+    """README: an accelerator, device count or precision Lightning refuses stops `mav train` with an
+    error naming the key. GPU ids on the CPU accelerator (Lightning's TypeError) and a precision whose
+    package is missing (ModuleNotFoundError) came out as a traceback instead."""
+    import importlib.util
+    import re
+
+    cases = [({"trainer.accelerator": "cpu", "trainer.devices": [0]}, "devices [0]")]
+    if importlib.util.find_spec("transformer_engine") is None:
+        cases.append(({"trainer.precision": "transformer-engine"}, "precision transformer-engine"))
+    for overrides, named in cases:
+        cfg = tiny("decoder", freeze_spatial=False, mode="image", **overrides)
+        with pytest.raises(ConfigError, match=rf"^trainer: accelerator .*{re.escape(named)}"):
+            train_stage("decoder", cfg, data_root=data_root, dataset="shapes", out_dir=tmp_path / "run")
+        assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_several_samples_name_their_prompts_for_evaluation(chain, tmp_path):
     """prompts.json beside the videos ({file: prompt}, what `mav evaluate --fake` reads) and
     samples.json (prompt, seed: seed + i, what sampled it); a later run into the same folder
