@@ -346,6 +346,8 @@ def test_a_ctrl_c_inside_an_mlflow_query_still_ends_the_evaluate_run_killed(tmp_
             os.kill(os.getpid(), signal.SIGINT)  # Python raises it here, at the next instruction
 
     event.listen(sqlalchemy.engine.Engine, "after_cursor_execute", interrupt)
+    # as in a terminal: a shell's background job (`make test &`) starts with SIGINT ignored
+    ignored = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with pytest.raises(KeyboardInterrupt):
             log_task.fn({"fvd": r}, {"clip_length": 16}, [], uri, "evaluate", "a-parent", "evaluate")
@@ -354,6 +356,7 @@ def test_a_ctrl_c_inside_an_mlflow_query_still_ends_the_evaluate_run_killed(tmp_
         assert time.monotonic() - sent_at[0] < 15  # not after MLflow's 20 s wait for the lock
     finally:
         event.remove(sqlalchemy.engine.Engine, "after_cursor_execute", interrupt)
+        signal.signal(signal.SIGINT, ignored)
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("evaluate").experiment_id])
     assert run.info.status == "KILLED"

@@ -564,6 +564,8 @@ def test_a_ctrl_c_inside_an_mlflow_query_still_ends_the_runs_killed(tmp_path):
             os.kill(os.getpid(), signal.SIGINT)  # Python raises it here, at the next instruction
 
     event.listen(sqlalchemy.engine.Engine, "after_cursor_execute", interrupt)
+    # as in a terminal: a shell's background job (`make test &`) starts with SIGINT ignored
+    ignored = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with pytest.raises(KeyboardInterrupt):
             with start_run(run_name="parent") as parent:
@@ -574,6 +576,7 @@ def test_a_ctrl_c_inside_an_mlflow_query_still_ends_the_runs_killed(tmp_path):
         assert time.monotonic() - sent_at[0] < 15  # not after MLflow's 20 s wait for the lock
     finally:
         event.remove(sqlalchemy.engine.Engine, "after_cursor_execute", interrupt)
+        signal.signal(signal.SIGINT, ignored)
     client = MlflowClient(uri)
     assert client.get_run(run.info.run_id).info.status == "KILLED"
     assert client.get_run(parent.info.run_id).info.status == "KILLED"
