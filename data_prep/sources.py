@@ -57,6 +57,8 @@ def url_column(names: list[str]) -> int | None:
     names = [name.strip().lower() for name in names]
 
     def rank(name: str) -> int | None:
+        if "://" in name:  # a URL in a list without a header (one ending in "url" was taken for a name)
+            return None
         if name.endswith("url"):
             return 0 if name == "url" else 1
         return 1 + URL_COLUMNS.index(name) if name in URL_COLUMNS else None

@@ -72,6 +72,14 @@ def test_a_parquet_list_without_a_known_column_name_takes_its_column_of_urls(tmp
     assert [(r.source, r.kind) for r in refs] == [("http://h/a.mp4", "url"), ("http://h/b.mp4", "url")]
 
 
+def test_a_csv_without_a_header_keeps_a_first_url_that_ends_in_url(tmp_path):
+    """A header is known by a name ending in "url": the first URL of a list without one, ending so, was
+    taken for its header and dropped."""
+    (tmp_path / "list.csv").write_text("http://h/a.mp4?src=myurl,x\nhttp://h/b.mp4,y\n")
+    refs = expand_sources([str(tmp_path / "list.csv")], EXT)
+    assert [r.source for r in refs] == ["http://h/a.mp4?src=myurl", "http://h/b.mp4"]
+
+
 def test_a_name_with_a_colon_is_a_path_not_a_url_scheme(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "list.txt").write_text("v.1:x.mp4\n")
