@@ -321,42 +321,22 @@ def test_a_ctrl_c_inside_an_mlflow_query_still_ends_the_evaluate_run_killed(tmp_
     the evaluation logs left a closed connection's cursor, kept by the interrupt's traceback, holding the
     file's lock, and ending the run KILLED failed after MLflow's 20 s wait ('database is locked'). A real
     SIGINT, sent when the store's first SELECT of the runs table after the run was created has executed."""
-    import os
-    import signal
     import time
 
-    import sqlalchemy
     from mlflow import MlflowClient
-    from sqlalchemy import event
 
     from eval.fvd import FVDResult
     from flows.evaluate import log_task
+    from tests.interrupts import CtrlCInRunsQuery
 
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     r = FVDResult(12.5, 10.0, 15.0, 0.95, 4, 4, 16, 1, False, "i3d.pt", "abc", False)
-    state, sent_at = [], []
-
-    def interrupt(conn, cursor, statement, parameters, context, executemany):
-        text = " ".join(statement.split()).upper()
-        if text.startswith("INSERT INTO RUNS"):
-            state.append("created")
-        elif state == ["created"] and text.startswith("SELECT") and " FROM RUNS" in text:
-            state.append("sent")
-            sent_at.append(time.monotonic())
-            os.kill(os.getpid(), signal.SIGINT)  # Python raises it here, at the next instruction
-
-    event.listen(sqlalchemy.engine.Engine, "after_cursor_execute", interrupt)
-    # as in a terminal: a shell's background job (`make test &`) starts with SIGINT ignored
-    ignored = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
+    with CtrlCInRunsQuery(arm_on_insert=True) as ctrl_c:
         with pytest.raises(KeyboardInterrupt):
             log_task.fn({"fvd": r}, {"clip_length": 16}, [], uri, "evaluate", "a-parent", "evaluate")
-        assert state == ["created", "sent"], "the interrupt was never sent"
+        assert ctrl_c.sent_at is not None, "the interrupt was never sent"
         # from the interrupt (not from the store's creation, which a loaded machine makes slow)
-        assert time.monotonic() - sent_at[0] < 15  # not after MLflow's 20 s wait for the lock
-    finally:
-        event.remove(sqlalchemy.engine.Engine, "after_cursor_execute", interrupt)
-        signal.signal(signal.SIGINT, ignored)
+        assert time.monotonic() - ctrl_c.sent_at < 15  # not after MLflow's 20 s wait for the lock
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("evaluate").experiment_id])
     assert run.info.status == "KILLED"

@@ -547,36 +547,21 @@ def test_a_ctrl_c_inside_an_mlflow_query_still_ends_the_runs_killed(tmp_path):
     the interrupt came as Lightning logged train/loss. A real SIGINT, sent when the store's SELECT of the
     run has executed."""
     import mlflow
-    import sqlalchemy
-    from sqlalchemy import event
 
     from flows.tracking import experiment_id, start_run, use_experiment
+    from tests.interrupts import CtrlCInRunsQuery
 
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     experiment_id(uri, "interrupted")
     use_experiment(uri, "interrupted")
-    armed, sent_at = [], []
-
-    def interrupt(conn, cursor, statement, parameters, context, executemany):
-        if armed and statement.lstrip().upper().startswith("SELECT") and "runs" in statement:
-            armed.clear()
-            sent_at.append(time.monotonic())
-            os.kill(os.getpid(), signal.SIGINT)  # Python raises it here, at the next instruction
-
-    event.listen(sqlalchemy.engine.Engine, "after_cursor_execute", interrupt)
-    # as in a terminal: a shell's background job (`make test &`) starts with SIGINT ignored
-    ignored = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
+    with CtrlCInRunsQuery() as ctrl_c:
         with pytest.raises(KeyboardInterrupt):
             with start_run(run_name="parent") as parent:
                 with start_run(run_name="stopped", nested=True) as run:
-                    armed.append(True)
+                    ctrl_c.arm()
                     mlflow.log_metric("loss", 1.0, step=1)  # reads the run first (log_batch)
-        assert not armed, "the interrupt was never sent"
-        assert time.monotonic() - sent_at[0] < 15  # not after MLflow's 20 s wait for the lock
-    finally:
-        event.remove(sqlalchemy.engine.Engine, "after_cursor_execute", interrupt)
-        signal.signal(signal.SIGINT, ignored)
+        assert ctrl_c.sent_at is not None, "the interrupt was never sent"
+        assert time.monotonic() - ctrl_c.sent_at < 15  # not after MLflow's 20 s wait for the lock
     client = MlflowClient(uri)
     assert client.get_run(run.info.run_id).info.status == "KILLED"
     assert client.get_run(parent.info.run_id).info.status == "KILLED"
