@@ -54,10 +54,7 @@ def move_champion(client, trained: list[dict], metric: str, value: float, alias:
         best_here = value if own is None else min(value, own)
         client.set_model_version_tag(name, version, f"mav.{metric}", str(best_here))
         client.set_model_version_tag(name, version, f"mav.{metric}_settings", settings)
-        try:
-            champion = client.get_model_version_by_alias(name, alias)
-        except Exception:
-            champion = None
+        champion = aliased(client, name, alias)
         if champion is not None and champion.version == version:
             continue
         real = f"mav.{metric.removeprefix('smoke_')}"
@@ -79,6 +76,20 @@ def move_champion(client, trained: list[dict], metric: str, value: float, alias:
         else:
             log.info("%s: %s %.4g does not beat the champion's %.4g; alias stays", name, metric, best_here, best)
     return moved
+
+
+def aliased(client, name: str, alias: str):
+    """The version `alias` points at, None if the model has no such alias. Any other store error is
+    raised: read as "no champion", it would hand the alias to whatever this run trained."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException as err:
+        # (an alias the model lacks is INVALID_PARAMETER_VALUE, a model the store lacks RESOURCE_DOES_NOT_EXIST)
+        if err.error_code in ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST"):
+            return None
+        raise
 
 
 def score(tags: dict, metric: str, settings: str) -> float | None:

@@ -460,6 +460,36 @@ def test_champion_moves_only_on_an_fvd_of_the_same_evaluation_settings(tmp_path)
     assert move([new_version()], 350.0, at_20) == ["mav-prior v4"]  # now comparable, and better
 
 
+def test_a_store_error_on_the_champion_lookup_is_raised_not_read_as_no_champion(tmp_path):
+    """Only "this model has no such alias" means no champion: a store that fails the lookup (down,
+    locked) used to hand the alias to whatever the run trained, however bad its FVD."""
+    import logging
+
+    from mlflow.exceptions import MlflowException
+
+    from flows.registry import move_champion, register_checkpoint
+
+    class FailingLookup(MlflowClient):  # a real store, whose alias lookup alone fails
+        def get_model_version_by_alias(self, name, alias):
+            raise MlflowException("database is locked", error_code="TEMPORARILY_UNAVAILABLE")
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run = client.create_run(client.create_experiment("lookup"))
+    client.set_terminated(run.info.run_id)
+
+    def move(store, fvd):
+        version = register_checkpoint(client, run.info.run_id, f"{run.info.artifact_uri}/x.ckpt", "mav-prior",
+                                      "prior", "key")
+        return move_champion(store, [{"step": "prior", "model_version": version}], "fvd", fvd, "champion", "mav",
+                             logging.getLogger("test"), "same")
+
+    assert move(client, 100.0) == ["mav-prior v1"]  # no alias yet: the first version is champion
+    with pytest.raises(MlflowException, match="database is locked"):
+        move(FailingLookup(uri), 900.0)
+    assert str(client.get_model_version_by_alias("mav-prior", "champion").version) == "1"
+
+
 def test_a_stage_run_stays_running_until_its_checkpoint_is_registered(tmp_path):
     """Lightning ends its logger's run as fit returns; the stage's run must stay RUNNING until the
     flow has logged and registered the checkpoint (a kill in between leaves it RUNNING, which the
