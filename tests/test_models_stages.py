@@ -1425,7 +1425,8 @@ def test_compiled_training_writes_plain_checkpoints(data_root, tmp_path):
 
     record = RecordCompiled()
     graphs = counters["stats"]["unique_graphs"]
-    cfg = tiny("decoder", mode="image", **{"trainer.compile": True})
+    # one resolution level: fewer distinct block shapes to compile (inductor's C++ build, ~5 s each cold)
+    cfg = tiny("decoder", mode="image", **{"trainer.compile": True, "unet.channel_mults": [1], "unet.attn_levels": [0]})
     result = train_stage("decoder", cfg, data_root=data_root, dataset="shapes", out_dir=tmp_path, max_steps=2,
                          callbacks=[record])
     assert record.compiled and result.global_step == 2 and math.isfinite(result.train_loss)
