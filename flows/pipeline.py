@@ -466,11 +466,11 @@ def check_places(cfg: PipelineConfig, data_root: str | None, ingests: bool, eval
     # a CLIP hub id that is neither cached nor reachable (an offline GPU host) failed the first stage
     # after the ingest, or the evaluation after all the training; a config read now, weights later
     from models.clip import CLIPLoadError, check_clip
-    from models.stages import STAGE_CLASSES
+    from models.compat import CLIP_STAGES
 
     checked = set()
     for stage, name, where in clips:
-        if name in checked or (stage and not STAGE_CLASSES[stage].uses_clip):  # (the SR stages load none)
+        if name in checked or (stage and stage not in CLIP_STAGES):
             continue
         checked.add(name)
         try:

@@ -115,9 +115,9 @@ def load_pipeline_config(path: str | Path) -> PipelineConfig:
 
 
 def check_init(where: str, step: TrainStep, source, stage_config) -> None:
-    """The rules the step's start from the init step's checkpoint applies (models.stages), checked on
+    """The rules the step's start from the init step's checkpoint applies (models.compat), checked on
     their configs now: else the step failed as it started, after every earlier step had trained."""
-    from models.stages import init_problem
+    from models.compat import init_problem
 
     if problem := init_problem(source.model_dump(mode="json"), stage_config, "step", (step.init_from, step.name)):
         raise ValueError(f"{where}: init_from {step.init_from!r}: {problem}")

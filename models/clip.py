@@ -170,10 +170,10 @@ def check_clip(name_or_path: str | Path) -> None:
     folder or hub id without a CLIP config, a hub id neither in the local Hugging Face cache nor
     reachable (offline, e.g. a GPU host). Reads the config only (a hub id's is fetched into the
     cache), no weights: for checks before hours of work that end by loading it."""
-    from transformers import CLIPConfig
-
     if str(name_or_path) == "tiny":
         return
+    from transformers import CLIPConfig
+
     src = _existing_or_hub_id(name_or_path)
     folder = Path(src).expanduser()
     if folder.is_dir():  # (transformers reads a folder without a config.json as a default config)

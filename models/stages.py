@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from models.config import StageConfig, as_config, parse_config
+from models.compat import RUN_SETTINGS, differing, init_problem, with_clip
 from models.data import clip_frames, stream_seed
 from models.diffusion import Diffusion, guided, one_each, per_video_noise
 from models.inflate import misfits, widen_input
@@ -68,8 +69,6 @@ def sharded(trainer: L.Trainer) -> bool:
 
 
 class DiffusionStage(L.LightningModule):
-    uses_clip = True
-
     def __init__(self, config: StageConfig | dict):
         super().__init__()
         self.config = as_config(config)
@@ -292,7 +291,6 @@ class SuperResStage(DiffusionStage):
     training noises the low-res input to a random level of the diffusion schedule and tells the net
     which, so it learns to repair what the stage before it got wrong rather than trusting its
     input as a clean downsample; sampling noises it to `sampling.lowres_noise`."""
-    uses_clip = False
 
     def build_net(self):
         return UNet(in_channels=6, out_channels=3, cond_dim=0, temporal=self.config.video,
@@ -337,9 +335,6 @@ def _per_frame(fn, x):
 
 STAGE_CLASSES = {"prior": PriorStage, "decoder": DecoderStage, "interpolation": InterpolationStage,
                  "sr_low": SuperResStage, "sr_high": SuperResStage}
-# which checkpoints a stage may start from (--init)
-INIT_FROM = {"prior": {"prior"}, "decoder": {"decoder"}, "interpolation": {"decoder", "interpolation"},
-             "sr_low": {"sr_low"}, "sr_high": {"sr_high", "sr_low"}}
 
 
 def build_stage(config: StageConfig | dict) -> DiffusionStage:
@@ -391,48 +386,6 @@ def fit_state(module: DiffusionStage, state: dict, source: str) -> dict:
     return state
 
 
-def _setting(config: dict, dotted: str):
-    for part in dotted.split("."):
-        config = config.get(part) if isinstance(config, dict) else None
-    return config
-
-
-def _differing(recorded: dict, config: StageConfig, keys: tuple[str, ...],
-               names: tuple[str, str] = ("checkpoint", "config")) -> list[str]:
-    """'key: checkpoint X, config Y' for each setting that differs between a checkpoint and a config."""
-    current = config.model_dump(mode="json")
-    try:  # a setting added since the checkpoint was saved has its default there too
-        recorded = parse_config(recorded, recorded=True).model_dump(mode="json")
-    except ValueError:
-        pass
-    return [f"{key}: {names[0]} {_setting(recorded, key)!r}, {names[1]} {_setting(current, key)!r}"
-            for key in keys if _setting(recorded, key) != _setting(current, key)]
-
-
-# what the weights compute depends on these, beyond their shapes (a v-prediction net read as an
-# epsilon one, heads 4 x 4 read as 2 x 8, another CLIP's embedding space)
-NET_SETTINGS = ("diffusion.prediction", "diffusion.schedule", "diffusion.timesteps", "unet.groups", "unet.heads",
-                "unet.dim_head")
-# a resumed run continues with its optimizer, schedule and data stream as saved: these cannot change
-# midway (the stream's position and randomness follow from the batch size and the seed)
-RUN_SETTINGS = NET_SETTINGS + ("freeze_spatial", "trainer.lr", "trainer.weight_decay", "trainer.warmup_steps",
-                               "trainer.accumulate_grad_batches", "trainer.ema_decay", "trainer.ema_warmup",
-                               "data.batch_size", "trainer.seed", "data.lowres_noise_max")
-
-
-def init_problem(source: dict, config: StageConfig, kind: str = "checkpoint",
-                 names: tuple[str, str] = ("checkpoint", "config")) -> str | None:
-    """Why weights trained under the recorded config `source` cannot start a stage of `config`, or
-    None (checked as training starts, and by the pipeline on its steps' configs before any runs)."""
-    src, stage = source["stage"], config.stage
-    if src not in INIT_FROM[stage]:
-        return f"a {src!r} {kind}; stage {stage!r} can start from {sorted(INIT_FROM[stage])} {kind}s only"
-    keys = NET_SETTINGS + (("clip",) if STAGE_CLASSES[stage].uses_clip else ())
-    if differing := _differing(source, config, keys, names):
-        return f"trained for other settings ({'; '.join(differing)})"
-    return None
-
-
 def init_from_checkpoint(module: DiffusionStage, path: str | Path) -> DiffusionStage:
     ckpt = read_checkpoint(path)
     if problem := init_problem({**ckpt["hyper_parameters"]["config"], "stage": ckpt["hyper_parameters"]["stage"]},
@@ -450,9 +403,9 @@ def check_resume(module: DiffusionStage, path: str | Path) -> tuple[int, int]:
     if hp["stage"] != module.config.stage or hp["config"].get("mode") != module.config.mode:
         raise CheckpointError(f"{path} is a {hp['stage']!r} ({hp['config'].get('mode')}) checkpoint, "
                               f"cannot resume {module.config.stage!r} ({module.config.mode})")
-    if differing := _differing(hp["config"], module.config, RUN_SETTINGS + (("clip",) if module.uses_clip else ())):
+    if found := differing(hp["config"], module.config, with_clip(RUN_SETTINGS, module.config.stage)):
         raise CheckpointError(f"{path}: --resume continues the run as it was saved, but the config changed "
-                              f"({'; '.join(differing)}); restore these settings, or start a new run with --init")
+                              f"({'; '.join(found)}); restore these settings, or start a new run with --init")
     state = net_state(ckpt)
     own = module.net.state_dict()
     if set(state) != set(own) or any(own[k].shape != v.shape for k, v in state.items()):

@@ -377,6 +377,20 @@ def test_a_clip_that_cannot_load_stops_the_pipeline_before_anything_runs(tmp_pat
     check_places(config, None, ingests=True, evaluates=False)  # no CLIPSIM: its CLIP is not needed
 
 
+def test_checking_a_pipeline_config_imports_no_training_stack(tmp_path, video_dir):
+    """A run that trains nothing (an event below the threshold, a version already done, a config
+    error) checks its config and stops: importing Lightning for that cost ~8 s per run on 2 cores."""
+    config = write_config(tmp_path, video_dir)
+    script = ("import sys\n"
+              "from flows.pipeline import check_places\n"
+              "from flows.pipeline_config import load_pipeline_config\n"
+              f"check_places(load_pipeline_config({str(config)!r}), None, ingests=True)\n"
+              "print(sorted(m for m in ('lightning', 'transformers', 'diffusers') if m in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
 def test_champion_follows_each_versions_best_chain_under_the_configured_prefix(tmp_path):
     """A version reused by a later, worse chain keeps its score: a worse new version cannot beat it."""
     import logging
