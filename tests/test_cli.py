@@ -100,9 +100,9 @@ def test_pipeline_exits_when_its_flow_is_done(tmp_path, video_dir):
     Prefect's log and event workers drain to the server at exit; with the server stopped
     before that (when it still stopped in main's `finally`), one demo run sat ~95 s
     after its flow had finished, while they retried. It is a race: other runs exited at once."""
-    from test_pipeline import write_config
+    from test_pipeline import SAMPLES_ONLY, chain_steps, write_config
 
-    config = write_config(tmp_path, video_dir)
+    config = write_config(tmp_path, video_dir, steps=chain_steps(*SAMPLES_ONLY))
     env = user_env(tmp_path / "prefect-home")
     process = subprocess.Popen([sys.executable, "-m", "flows.cli", "pipeline", "--config", str(config)], env=env,
                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

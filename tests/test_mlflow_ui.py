@@ -153,9 +153,9 @@ def test_ui_over_a_real_pipeline_store(prefect_server, tmp_path, video_dir):
 
     from flows.pipeline import pipeline
     from tests.servers import mlflow_server
-    from tests.test_pipeline import write_config
+    from tests.test_pipeline import SAMPLES_ONLY, chain_steps, write_config
 
-    summary = pipeline(config=str(write_config(tmp_path, video_dir)))
+    summary = pipeline(config=str(write_config(tmp_path, video_dir, steps=chain_steps(*SAMPLES_ONLY))))
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     run = MlflowClient(store).get_run(summary["run_id"])
     with mlflow_server(tmp_path / "server", backend_store_uri=store) as server:
