@@ -72,6 +72,21 @@ def test_gif_keeps_the_colours_of_the_video(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["ramp.gif"]  # no temporary left
 
 
+@pytest.mark.parametrize("fps", [20, 30, 37.5, 7])
+def test_a_gif_plays_for_as_long_as_its_frames_at_any_rate(tmp_path, fps):
+    """GIF frame delays are whole centiseconds: at 30 fps (3.33 cs) a delay rounded alike for every
+    frame plays 10 % fast. The delays must alternate (3, 3, 4) so that the whole lasts T / fps."""
+    from models.video_io import write_gif
+
+    data = write_gif(np.zeros((60, 8, 8, 3), np.uint8), tmp_path / "v.gif", fps=fps).read_bytes()
+    delays, at = [], data.find(b"\x21\xf9\x04")  # each frame's graphic control extension
+    while at >= 0:
+        delays.append(int.from_bytes(data[at + 4 : at + 6], "little"))
+        at = data.find(b"\x21\xf9\x04", at + 6)
+    assert len(delays) == 60 and min(delays) >= 2  # (browsers play delays of 0 or 1 cs at 10 cs)
+    assert sum(delays) / 100 == pytest.approx(60 / fps, abs=0.01)
+
+
 def test_the_same_frames_make_the_same_mp4(tmp_path):
     """Sampled videos are compared across runs (the registry's chain against the links' one): PyAV's
     libx264 encoder wrote other bytes for the same frames from call to call (4 calls, 4 files); the
