@@ -27,6 +27,7 @@ from flows.ingest import ingest
 from flows.pipeline_config import PipelineConfig, TrainStep, load_pipeline_config, repo_path
 from flows.registry import model_version, move_champion, register_checkpoint, registered_name
 from flows.tracking import default_tracking_uri, end_orphaned_runs, start_run, store_identity, use_experiment
+from models.compat import CLIP_STAGES
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = "configs/tiny/pipeline.yaml"
@@ -466,7 +467,6 @@ def check_places(cfg: PipelineConfig, data_root: str | None, ingests: bool, eval
     # a CLIP hub id that is neither cached nor reachable (an offline GPU host) failed the first stage
     # after the ingest, or the evaluation after all the training; a config read now, weights later
     from models.clip import CLIPLoadError, check_clip
-    from models.compat import CLIP_STAGES
 
     checked = set()
     for stage, name, where in clips:
@@ -498,7 +498,7 @@ def check_chain(last: dict, prefix: str) -> None:
     if not decoder.video:
         raise ValueError(f"step {name}: the last decoder step, which samples, is image-mode: add a video-mode "
                          f"decoder step after it (init_from: {name})")
-    clips = {step: config.clip for stage, (step, config) in last.items() if stage in ("prior", "decoder", "interpolation")}
+    clips = {step: config.clip for stage, (step, config) in last.items() if stage in CLIP_STAGES}
     if len(set(clips.values())) > 1:
         raise ValueError(f"steps {', '.join(clips)}: trained with different CLIP models "
                          f"({', '.join(f'{step} {clip!r}' for step, clip in clips.items())}); the prior's embeddings "

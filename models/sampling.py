@@ -25,6 +25,7 @@ import torch
 from einops import rearrange, repeat
 
 from data_prep.atomic import atomic_write_json
+from models.compat import CLIP_STAGES
 from models.diffusion import one_each, per_video_noise
 from models.stages import DiffusionStage, InterpolationStage, load_stage
 from models.video_io import write_gif, write_mp4
@@ -64,7 +65,7 @@ def load_chain(checkpoints: dict[str, str | Path], device: str | torch.device = 
                       f"{chain['interpolation'].config.data.size} px frames and the decoder makes {decoded} px ones: "
                       "it interpolates at the decoder's size; train both at one data.size", stacklevel=2)
     # the prior's output is a CLIP image embedding: the stages it feeds must read the same CLIP's space
-    clips = {stage: chain[stage].config.clip for stage in ("prior", "decoder", "interpolation") if stage in chain}
+    clips = {stage: chain[stage].config.clip for stage in CLIP_STAGES if stage in chain}
     if len(set(clips.values())) > 1:
         raise ValueError(f"the checkpoints were trained with different CLIP models ({clips}); the prior's "
                          "embeddings only mean something to stages trained with its CLIP")

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from models.config import StageConfig, as_config, parse_config
 from models.compat import RUN_SETTINGS, differing, init_problem, with_clip
+from models.config import StageConfig, as_config, parse_config
 from models.data import clip_frames, stream_seed
 from models.diffusion import Diffusion, guided, one_each, per_video_noise
 from models.inflate import misfits, widen_input
