@@ -16,6 +16,7 @@ import shutil
 import tarfile
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,20 +49,26 @@ def dataset_dir(data_root: Path, name: str) -> Path:
 
 
 @contextlib.contextmanager
-def file_lock(path: Path):
-    """An exclusive lock on `path` (created if missing); other holders, in any process, wait."""
+def file_lock(path: Path, on_wait: Callable[[], None] | None = None):
+    """An exclusive lock on `path` (created if missing); other holders, in any process, wait.
+    `on_wait` is called once before waiting, if another holds it (to say why nothing happens)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait is not None:
+                on_wait()
+            fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def locked(directory: Path):
+def locked(directory: Path, on_wait: Callable[[], None] | None = None):
     """One ingest at a time per dataset (other processes wait)."""
-    return file_lock(directory / ".lock")
+    return file_lock(directory / ".lock", on_wait)
 
 
 def same_file(fd: int, path: Path) -> bool:

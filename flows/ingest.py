@@ -66,7 +66,7 @@ def ingest(sources: list[str], data_root: str = "mav-data", dataset: str = "defa
     ds_dir = dataset_dir(root, dataset)
     refs = expand_sources(sources, cfg.video_extensions, root)
     logger.info("ingest %d sources into %s", len(refs), ds_dir)
-    with locked(ds_dir):
+    with locked(ds_dir, lambda: logger.info("another ingest into %s is running: waiting for it", ds_dir)):
         remove_stale_temporaries(ds_dir)
         frames_bar = tqdm(desc="frames", unit="frame", disable=not progress or None, position=1)
         lock = threading.Lock()

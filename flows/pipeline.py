@@ -132,7 +132,10 @@ def train_stage_task(step_name: str, stage: str, config_path: str, overrides: di
     quiet_library_chatter()
     # one trainer per step folder: a second pipeline on the same work_dir waits here, then takes the
     # checkpoint the first one finished (AlreadyTrained) instead of writing the same last.ckpt at once
-    with file_lock(Path(out_dir) / ".lock"):
+    def say_waiting():  # (print: the task may run outside a flow, as its .fn)
+        print(f"step {step_name}: another run is training it ({out_dir}): waiting for it")
+
+    with file_lock(Path(out_dir) / ".lock", say_waiting):
         config = load_config(config_path, overrides)
         last = Path(out_dir) / "checkpoints" / "last.ckpt"
         resume = last.exists()

@@ -361,6 +361,30 @@ def test_killed_ingest_reruns_to_the_same_dataset(prefect_server, tmp_path, samp
     assert leftovers == []
 
 
+def test_a_lock_held_by_another_is_waited_for_and_the_wait_is_said_once(tmp_path):
+    """The dataset lock (and a pipeline step's): a second holder says once that it waits (else a run
+    queued behind another ingest or training sat silent), and gets the lock when the first lets go."""
+    import threading
+
+    from data_prep.dataset import file_lock
+
+    path, said, order = tmp_path / ".lock", [], []
+
+    def second():
+        with file_lock(path, lambda: said.append("waiting")):
+            order.append("second")
+
+    with file_lock(path, lambda: said.append("the first waited")):
+        waiter = threading.Thread(target=second)
+        waiter.start()
+        deadline = time.monotonic() + 10
+        while not said and time.monotonic() < deadline:
+            time.sleep(0.01)
+        order.append("first")
+    waiter.join(10)
+    assert said == ["waiting"] and order == ["first", "second"]
+
+
 def test_two_ingests_into_one_dataset_at_once_lose_no_clips(prefect_server, tmp_path, samples):
     """Two processes ingest different videos into one dataset at the same time: the dataset lock
     makes one version build on the other's, so the latest version holds both sets of clips."""

@@ -239,7 +239,7 @@ def test_killed_training_resumes_from_its_last_checkpoint(prefect_server, tmp_pa
 
 
 @pytest.mark.slow
-def test_two_pipelines_on_one_work_dir_train_a_step_once(prefect_server, tmp_path, video_dir):
+def test_two_pipelines_on_one_work_dir_train_a_step_once(prefect_server, tmp_path, video_dir, caplog):
     """A second run of a step that another process is training waits for it (the step folder's
     lock) and takes its checkpoint: it trains nothing (without the lock it resumed from the
     first one's checkpoint and both wrote the same last.ckpt at once)."""
@@ -263,6 +263,7 @@ def test_two_pipelines_on_one_work_dir_train_a_step_once(prefect_server, tmp_pat
     second = train(config=str(config))  # while the first trains
     _, err = first.communicate(timeout=240)
     assert first.returncode == 0, err[-3000:]
+    assert "step prior: another run is training it" in caplog.text  # it waited, and said so
 
     (last,) = list(checkpoints.glob("*/checkpoints/last.ckpt"))
     assert Path(second["checkpoints"]["prior"]) == last
