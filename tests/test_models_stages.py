@@ -1362,7 +1362,7 @@ def test_ddp_on_two_nodes_launched_like_a_cluster(data_root, tmp_path):
 
 
 @pytest.mark.slow
-def test_fsdp_trains_as_ddp_does_and_resumes_across_strategies_and_nodes(data_root, tmp_path):
+def test_fsdp_trains_as_ddp_does_and_resumes_across_strategies_and_nodes(data_root, chain, tmp_path):
     """trainer.strategy fsdp: torch's FSDP shards the video decoder over two CPU processes (gloo);
     the GPU test repeats this on CUDA. Same data, same float32 maths as DDP, so the weights must
     agree: the gradient clipping (a tiny limit, so it clips every step) needs the norm over both
@@ -1371,8 +1371,7 @@ def test_fsdp_trains_as_ddp_does_and_resumes_across_strategies_and_nodes(data_ro
     on. Then each resumes from the other's checkpoint, FSDP over two 'nodes' of one process each."""
     # inflated from a trained image decoder: from scratch, the zero-initialised (and frozen) output
     # conv would keep every gradient but its own at zero
-    image = train_stage("decoder", tiny("decoder", mode="image"), data_root=data_root, dataset="shapes",
-                        out_dir=tmp_path / "image", max_steps=2)
+    image = chain["decoder_image"]
     # weight decay: FSDP's optimizer sees flat shards, so which parameters decay is decided before
     settings = ["--set", "mode=video", "trainer.grad_clip=0.001", "trainer.ema_decay=0.5",
                 "unet.grad_checkpoint=true", "trainer.weight_decay=0.5"]
