@@ -118,17 +118,25 @@ def build_trainer(cfg: StageConfig, out_dir: Path, *, logger=None, callbacks=Non
     cbs: list[Callback] = [checkpoint, *(callbacks or [])]
     if tc.ema_decay > 0:
         cbs.append(ShardedEMA(tc.ema_decay, warmup=tc.ema_warmup))
-    strategy = strategy or _strategy(tc.strategy, precision)
-    # a Strategy object that brings its own CheckpointIO keeps it (Lightning refuses two)
-    plugins = [] if getattr(strategy, "_checkpoint_io", None) else [AtomicCheckpointIO()]
-    return L.Trainer(
-        max_steps=max_steps or tc.max_steps, accelerator=tc.accelerator, devices=tc.devices, num_nodes=tc.num_nodes,
-        strategy=strategy, precision=precision, gradient_clip_val=tc.grad_clip or None,
-        accumulate_grad_batches=tc.accumulate_grad_batches, log_every_n_steps=tc.log_every, callbacks=cbs,
-        plugins=plugins, benchmark=cuda,  # cuDNN picks its convolution algorithms (fixed shapes each step)
-        logger=logger if logger is not None else CSVLogger(out_dir, name="logs"), default_root_dir=out_dir,
-        enable_model_summary=False, enable_progress_bar=False, limit_val_batches=0, num_sanity_val_steps=0,
-    )
+    logger = logger if logger is not None else CSVLogger(out_dir, name="logs")
+    # only what reads the trainer settings is in the try: a bug of ours in the callbacks stays a bug.
+    # Lightning refuses e.g. gpu on a machine without one, fsdp on a CPU (MisconfigurationException),
+    # GPU ids on a CPU (TypeError), a precision whose package is missing (transformer-engine: ImportError)
+    try:
+        strategy = strategy or _strategy(tc.strategy, precision)
+        # a Strategy object that brings its own CheckpointIO keeps it (Lightning refuses two)
+        plugins = [] if getattr(strategy, "_checkpoint_io", None) else [AtomicCheckpointIO()]
+        return L.Trainer(
+            max_steps=max_steps or tc.max_steps, accelerator=tc.accelerator, devices=tc.devices,
+            num_nodes=tc.num_nodes, strategy=strategy, precision=precision, gradient_clip_val=tc.grad_clip or None,
+            accumulate_grad_batches=tc.accumulate_grad_batches, log_every_n_steps=tc.log_every, callbacks=cbs,
+            plugins=plugins, benchmark=cuda,  # cuDNN picks its convolution algorithms (fixed shapes each step)
+            logger=logger, default_root_dir=out_dir,
+            enable_model_summary=False, enable_progress_bar=False, limit_val_batches=0, num_sanity_val_steps=0,
+        )
+    except (MisconfigurationException, TypeError, ValueError, ImportError) as err:
+        raise ConfigError(f"trainer: accelerator {tc.accelerator}, devices {tc.devices}, num_nodes {tc.num_nodes}, "
+                          f"strategy {tc.strategy}, precision {tc.precision}: {err}") from None
 
 
 def train_stage(stage: str, config: StageConfig | dict | str | Path, *, data_root: str | Path | None = None,
@@ -166,15 +174,7 @@ def train_stage(stage: str, config: StageConfig | dict | str | Path, *, data_roo
     elif init:
         init_from_checkpoint(module, init)
 
-    try:
-        trainer = build_trainer(cfg, out_dir, logger=logger, callbacks=callbacks, max_steps=max_steps,
-                                strategy=strategy)
-    # e.g. gpu on a machine without one, fsdp on a CPU (MisconfigurationException); GPU ids on a CPU
-    # (TypeError); a precision whose package is missing, transformer-engine (ModuleNotFoundError)
-    except (MisconfigurationException, TypeError, ValueError, ImportError) as err:
-        tc = cfg.trainer
-        raise ConfigError(f"trainer: accelerator {tc.accelerator}, devices {tc.devices}, num_nodes {tc.num_nodes}, "
-                          f"strategy {tc.strategy}, precision {tc.precision}: {err}") from None
+    trainer = build_trainer(cfg, out_dir, logger=logger, callbacks=callbacks, max_steps=max_steps, strategy=strategy)
     on_ctrl_c = signal.getsignal(signal.SIGINT)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if resume else None)
