@@ -43,8 +43,9 @@ def scaled_size(width: int, height: int, short_side: int) -> tuple[int, int]:
 
 def frame_change(frame: np.ndarray, previous: np.ndarray | None, width: int, height: int) -> float:
     """Mean absolute luma difference (0-255) from the previous I420 frame: a clip's mean of it is its
-    `motion`: 0 for a still image, on the sample videos 0.2 (a fixed camera, a hand moving a bottle)
-    to 2.5 (data/samples at 256 px), 10 on the shared corpus' bikes.mp4 (a cyclist filmed from a moving car). (cv2.norm: 5 us at 256 px, no temporary array.)"""
+    `motion`: 0 for a still image, 0.2 (a fixed camera, a hand moving a bottle) to 2.5 on data/samples
+    at 256 px, 10 on the shared corpus' bikes.mp4 (a cyclist filmed from a moving car). (cv2.norm: 5 us
+    at 256 px, no temporary array.)"""
     if previous is None:
         return 0.0
     pixels = width * height

@@ -63,7 +63,7 @@ def url_column(names: list[str]) -> int | None:
             return 0 if name == "url" else 1
         return 1 + URL_COLUMNS.index(name) if name in URL_COLUMNS else None
 
-    ranked = [(rank(name), i) for i, name in enumerate(names) if rank(name) is not None]
+    ranked = [(r, i) for i, name in enumerate(names) if (r := rank(name)) is not None]
     return min(ranked)[1] if ranked else None
 
 
