@@ -469,7 +469,7 @@ def check_places(cfg: PipelineConfig, data_root: str | None, ingests: bool, eval
     writable_folder(cfg.work_dir, "work_dir")
     # a CLIP hub id that is neither cached nor reachable (an offline GPU host) failed the first stage
     # after the ingest, or the evaluation after all the training; a config read now, weights later
-    from models.clip import CLIPLoadError, check_clip
+    from models.clip_source import CLIPLoadError, check_clip
 
     checked = set()
     for stage, name, where in clips:

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from models.clip_source import CLIPLoadError, cannot_load, existing_or_hub_id
+
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -148,44 +150,6 @@ def _image_processor_class():
     return cls
 
 
-class CLIPLoadError(ValueError):
-    """A CLIP name or folder that does not load (a bad input: the commands report it in one line)."""
-
-
-def _existing_or_hub_id(name_or_path: str | Path) -> str:
-    src = str(name_or_path)
-    if (src.startswith(("/", ".", "~")) or src.count("/") > 1) and not Path(src).expanduser().exists():
-        raise CLIPLoadError(f"CLIP {src!r}: no such folder")  # a path, not a hub id (namespace/name)
-    return src
-
-
-def _cannot_load(src: str, err: BaseException) -> CLIPLoadError:
-    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return CLIPLoadError(f"CLIP {src!r} cannot be loaded ({reason}); give a folder holding a CLIP "
-                         "(config, weights, tokenizer), a hub id that is cached or reachable, or tiny")
-
-
-def check_clip(name_or_path: str | Path) -> None:
-    """Raise CLIPLoadError where FrozenCLIP.load(name_or_path) surely fails: a missing folder, a
-    folder or hub id without a CLIP config, a hub id neither in the local Hugging Face cache nor
-    reachable (offline, e.g. a GPU host). Reads the config only (a hub id's is fetched into the
-    cache), no weights: for checks before hours of work that end by loading it."""
-    if str(name_or_path) == "tiny":
-        return
-    from transformers import CLIPConfig
-
-    src = _existing_or_hub_id(name_or_path)
-    folder = Path(src).expanduser()
-    if folder.is_dir():  # (transformers reads a folder without a config.json as a default config)
-        if not (folder / "config.json").is_file():
-            raise _cannot_load(src, FileNotFoundError(f"no config.json in {folder}"))
-        return
-    try:
-        CLIPConfig.from_pretrained(src)
-    except (OSError, ValueError) as err:
-        raise _cannot_load(src, err) from None
-
-
 class FrozenCLIP(nn.Module):
     """CLIP text and image towers, frozen, in eval mode; embeddings are L2-normalised."""
 
@@ -206,12 +170,12 @@ class FrozenCLIP(nn.Module):
         """`local_only`: a hub id only from the local cache, never the network."""
         from transformers import CLIPModel, CLIPTokenizer
 
-        src = _existing_or_hub_id(name_or_path)
+        src = existing_or_hub_id(name_or_path)
         try:
             model = CLIPModel.from_pretrained(src, local_files_only=local_only)
             tokenizer = CLIPTokenizer.from_pretrained(src, local_files_only=local_only)
         except (OSError, ValueError) as err:  # not a folder, not a hub id, offline without a cached copy
-            raise _cannot_load(src, err) from None
+            raise cannot_load(src, err) from None
         mean, std = OPENAI_MEAN, OPENAI_STD
         try:  # the processor config carries the normalisation the model was trained with
             proc = _image_processor_class().from_pretrained(src, local_files_only=local_only)

@@ -388,13 +388,14 @@ def test_a_clip_that_cannot_load_stops_the_pipeline_before_anything_runs(tmp_pat
 
 def test_checking_a_pipeline_config_imports_no_training_stack(tmp_path, video_dir):
     """A run that trains nothing (an event below the threshold, a version already done, a config
-    error) checks its config and stops: importing Lightning for that cost ~8 s per run on 2 cores."""
+    error) checks its config and stops: importing Lightning for that cost ~8 s per run on 2 cores,
+    torch ~1.7 s."""
     config = write_config(tmp_path, video_dir)
     script = ("import sys\n"
               "from flows.pipeline import check_places\n"
               "from flows.pipeline_config import load_pipeline_config\n"
               f"check_places(load_pipeline_config({str(config)!r}), None, ingests=True)\n"
-              "print(sorted(m for m in ('lightning', 'transformers', 'diffusers') if m in sys.modules))\n")
+              "print(sorted(m for m in ('torch', 'lightning', 'transformers', 'diffusers') if m in sys.modules))\n")
     done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "[]"
