@@ -4,9 +4,10 @@ ffmpeg (a separate process, so it runs beside Python on another core) decodes,
 rotates to the display orientation, crops the centre square (unless crop: none) and
 scales to the training size; we read raw I420 frames from its pipe (half the bytes of
 RGB, and no colour conversion before the H.264 encoder), feed a half-size BGR copy to
-the cut detector, and route the frames into one encoder process per clip. Frames
-wait in a short delay line so that cuts the detector reports a few frames late
-(and trims around cuts) still land on exact frame boundaries.
+the cut detector and a 16x16 copy of the luma to the dissolve detector, and route
+the frames into one encoder process per clip. Frames wait in a delay line so that
+cuts the detectors report late (a dissolve once it has ended), and trims around
+them, still land on exact frame boundaries.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from data_prep.config import ClipConfig, IngestConfig
 from data_prep.dataset import clip_id_for
 from data_prep.ffmpeg_bin import ffmpeg_exe
 from data_prep.probe import Probe
-from data_prep.scenes import CutDetector
+from data_prep.scenes import CutDetector, DissolveDetector, dissolve_frame
 
 
 class DecodeError(RuntimeError):
@@ -163,7 +164,8 @@ def cut_source(
     times = probe.frame_times_s
 
     detector = CutDetector(scfg, probe.fps)
-    delay = detector.lag + trim + 1
+    dissolves = DissolveDetector(probe.fps) if scfg.dissolves else None
+    delay = max(detector.lag, dissolves.lag if dissolves else 0) + trim + 1
     settings = cfg.clip_settings_hash()
     result = CutResult(cuts=[], clips_dir=clips_dir)
     clips_dir.mkdir(parents=True, exist_ok=True)
@@ -222,6 +224,11 @@ def cut_source(
         for c in cuts:
             trim_set.update(range(c - trim, c + trim))
 
+    def add_dissolves(spans: list[tuple[int, int]]) -> None:
+        for first, last in spans:  # its frames are in no clip: each holds both shots
+            cut_set.add((first + last + 1) // 2)
+            trim_set.update(range(first - trim, last + 1 + trim))
+
     pending: deque[tuple[int, np.ndarray]] = deque()
     changes: list[float] = []  # per decoded frame: frame_change from the one before
     previous = None
@@ -240,6 +247,8 @@ def cut_source(
                 changes.append(frame_change(frame, previous, width, height))
                 previous = frame
                 add_cuts(detector.push(index, detection_frame(frame, width, height, scfg.detect_width)))
+                if dissolves:
+                    add_dissolves(dissolves.push(index, dissolve_frame(frame[:width * height].reshape(height, width))))
                 pending.append((index, frame))
                 if len(pending) > delay:
                     emit(*pending.popleft())
@@ -254,6 +263,8 @@ def cut_source(
                 detail = message[-1] if message else f"ffmpeg exit code {code}"
                 raise DecodeError(f"decode failed after {index} frames: {detail}")
             add_cuts(detector.finish())
+            if dissolves:
+                add_dissolves(dissolves.finish())
             while pending:
                 emit(*pending.popleft())
             close(index)

@@ -36,6 +36,9 @@ class SceneConfig(BaseModel):
     min_scene_s: float = 1.0
     max_scene_s: float = 10.0  # longer scenes are split into pieces of this length
     trim_frames: int = Field(0, ge=0)  # frames dropped on each side of a cut
+    # Cross-fades between two shots (no detector above sees them): their frames are dropped, and the
+    # shots on either side are clips of their own (data_prep.scenes.DissolveDetector).
+    dissolves: bool = True
 
 
 class ClipConfig(BaseModel):

@@ -1,5 +1,6 @@
 """Scene cuts and clips on real, labelled videos (no orchestration: data_prep alone)."""
 import json
+import math
 import re
 import subprocess
 from pathlib import Path
@@ -275,6 +276,75 @@ def test_a_fade_between_two_shots_leaves_both_as_clips(tmp_path):
     (first, second) = [(c["start_frame"], c["end_frame"]) for c in result.clips]
     assert first[0] == 0 and first[1] >= 60  # the whole first shot, up to the fade
     assert second[1] == 135 and second[0] <= 75  # the whole second shot, from the fade's end
+
+
+def _cross_fade(path: Path, bunny: Path, first_s: float, second_s: float, frames: int) -> Path:
+    """2.5 s of the bunny from first_s, then 2.5 s from second_s, at 24 fps, the second shot fading
+    in over `frames` frames from frame 38 (1.6 s)."""
+    shot = "scale=192:144,setsar=1,fps=24,format=yuv420p"
+    return _encode(path, "-ss", str(first_s), "-t", "2.5", "-i", str(bunny), "-ss", str(second_s), "-t", "2.5",
+                   "-i", str(bunny), "-filter_complex", f"[0:v]{shot}[a];[1:v]{shot}[b];"
+                   f"[a][b]xfade=transition=fade:duration={frames / 24}:offset=1.6,format=yuv420p[v]",
+                   "-map", "[v]")
+
+
+@pytest.mark.parametrize("frames", [4, 12, 24])
+def test_a_cross_fade_between_two_shots_is_in_neither_clip(tmp_path, samples, frames):
+    """A dissolve over `frames` frames from 38.4: PySceneDetect's detector finds no cut in one of 12
+    or 24 frames, and one in the middle of one of 4, so without the dissolve detector a clip held
+    frames blending both shots. Now no clip holds a frame with 15 to 85 % of each shot, and the
+    shots on either side are clips, less at most a few frames beside the dissolve."""
+    source = _cross_fade(tmp_path / "dissolve.mp4", samples / "big_buck_bunny_0_30.webm", 5, 12, frames)
+    total = round((1.6 + 2.5) * 24)  # (xfade: the second input starts at the offset)
+    # xfade's fade: frame i holds (i - 38.4) / frames of the second shot
+    blended = (math.ceil(38.4 + 0.15 * frames), math.floor(38.4 + 0.85 * frames))
+
+    def holding_blends(clips):
+        return [c for c in clips if c["start_frame"] <= blended[1] and c["end_frame"] - 1 >= blended[0]]
+
+    clips = run(source, tmp_path).clips
+    assert not holding_blends(clips), (clips, blended)
+    (first, second) = [(c["start_frame"], c["end_frame"]) for c in clips]
+    assert first[0] == 0 and first[1] >= 36 and second[0] <= 38 + frames + 2 and second[1] == total, clips
+    off = IngestConfig.model_validate({"scenes": {"dissolves": False}})
+    assert holding_blends(run(source, tmp_path / "off", off).clips)
+
+
+def test_a_title_fading_in_over_a_shot_is_no_dissolve(labelled_runs):
+    """big_buck_bunny_0_30's title fades in over its last shot (frames 590-630): a blend too, but of
+    one shot, changing a third of the picture. The shot stays one clip, and no cut is found there
+    (test_every_labelled_cut_is_detected_within_one_frame counts all the cuts)."""
+    truth, result = labelled_runs["big_buck_bunny_0_30.webm"]
+    last_shot = [c for c in result.clips if c["start_frame"] >= truth["cut_frames"][-1]]
+    assert last_shot and last_shot[0]["start_frame"] == truth["cut_frames"][-1], last_shot
+    assert not [c for c in last_shot if 560 < c["end_frame"] < 680], last_shot
+
+
+def _dissolve_spans(frames: list[np.ndarray]) -> list[tuple[int, int]]:
+    from data_prep.scenes import DissolveDetector, dissolve_frame
+
+    detector = DissolveDetector(fps=25)
+    spans = [span for i, frame in enumerate(frames) for span in detector.push(i, dissolve_frame(frame))]
+    return spans + detector.finish()
+
+
+def test_only_a_blend_of_two_shots_is_a_dissolve():
+    """Blends that are one shot are not dissolves: a fade from black, a change of exposure, a title
+    over part of the picture. A blend of two textures is, and its span is the frames that hold 5 to
+    95 % of each (frames 30 to 49 blend over 20 frames: 31 to 48)."""
+    rng = np.random.default_rng(0)
+    first, second = (rng.uniform(30, 220, (16, 16)).repeat(16, 0).repeat(16, 1) for _ in range(2))
+
+    def blend(a, b, start=30, length=20, total=100):
+        shares = np.clip((np.arange(total) - start + 1) / (length + 1), 0, 1)
+        return [np.clip((1 - w) * a + w * b, 0, 255).astype(np.uint8) for w in shares]
+
+    assert _dissolve_spans(blend(first, second)) == [(31, 48)]
+    assert _dissolve_spans(blend(np.zeros_like(first), second)) == []  # from black
+    assert _dissolve_spans(blend(first, first * 0.5 + 100)) == []  # exposure: brightness and contrast
+    titled = first.copy()
+    titled[:80] = 255 - titled[:80]  # a third of the picture
+    assert _dissolve_spans(blend(first, titled)) == []
 
 
 def test_a_clip_is_renamed_into_place_whole_and_flushed(tmp_path):
