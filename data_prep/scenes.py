@@ -87,7 +87,9 @@ class DissolveDetector:
         self.scales, self.kmax = scales, max(scales)
         self.min_change, self.max_residual = min_change, max_residual
         self.max_similarity, self.min_changed, self.min_texture = max_similarity, min_changed, min_texture
-        self.max_frames = math.ceil(max_seconds * fps) + 2 * self.kmax  # a longer span is a slow change
+        # a longer span is a slow change; frames wait this long in cut_source's delay line, so the rate is
+        # capped (a container stating 1000 fps would hold 2000 frames in memory)
+        self.max_frames = math.ceil(max_seconds * min(fps, 120.0)) + 2 * self.kmax
         self.frames: deque[tuple[np.ndarray, np.ndarray]] = deque(maxlen=self.lag)  # back to a span's first
         self.index = -1
         self.span: list[int] | None = None  # [first, last] frame of the open run of candidates
