@@ -34,7 +34,7 @@ from prefect.cache_policies import NONE as NO_CACHE
 from flows.cli import (device_name, non_negative_float, non_negative_int, positive_float, positive_int, with_notes,
                        writable_folder)
 from flows.registry import add_registry_options, chain_from_registry, describe
-from flows.tracking import (default_tracking_uri, end_orphaned_runs, experiment_id, process_tags,
+from flows.tracking import (default_tracking_uri, end_orphaned_runs, experiment_id, heartbeat, process_tags,
                             release_interrupted_frames)
 from eval import METRICS, metric_list
 from eval.protocols import PROTOCOLS, check_protocol_inputs, load_protocol, protocol_metrics
@@ -360,27 +360,28 @@ def log_task(results: dict, params: dict, clips: list, tracking_uri: str, experi
     run = client.create_run(exp_id, run_name=run_name, tags=tags)
     run_id = run.info.run_id
     try:
-        now = int(time.time() * 1000)
-        metrics = [Metric(key, value, now, 0) for key, value in metric_values(results).items()]
-        client.log_batch(run_id, metrics=metrics,
-                         params=[Param(k, str(v if v is not None else "none")) for k, v in params.items()])
-        client.log_dict(run_id, {k: r.as_dict() for k, r in results.items()}, "eval/results.json")
-        if prompts:
-            client.log_dict(run_id, prompts, "eval/prompts.json")
-        if samples:
-            for path in samples.paths:
-                client.log_artifact(run_id, str(path), "samples")
-            client.log_dict(run_id, {p.name: q for p, q in zip(samples.paths, samples.prompts)},
-                            "samples/prompts.json")
-            if (Path(samples.source) / "samples.json").is_file():  # each video's seed and settings
-                client.log_artifact(run_id, str(Path(samples.source) / "samples.json"), "samples")
-        if clips:
-            with tempfile.TemporaryDirectory() as tmp:
-                grid = video_grid(clips)
-                write_mp4(grid, Path(tmp) / "grid.mp4", fps=8)
-                write_gif(grid, Path(tmp) / "grid.gif", fps=8)
-                write_png(Path(tmp) / "contact_sheet.png", contact_sheet(clips))
-                client.log_artifacts(run_id, tmp, "eval")
+        with heartbeat(tracking_uri, run_id):  # uploading the samples to a remote store takes a while
+            now = int(time.time() * 1000)
+            metrics = [Metric(key, value, now, 0) for key, value in metric_values(results).items()]
+            client.log_batch(run_id, metrics=metrics,
+                             params=[Param(k, str(v if v is not None else "none")) for k, v in params.items()])
+            client.log_dict(run_id, {k: r.as_dict() for k, r in results.items()}, "eval/results.json")
+            if prompts:
+                client.log_dict(run_id, prompts, "eval/prompts.json")
+            if samples:
+                for path in samples.paths:
+                    client.log_artifact(run_id, str(path), "samples")
+                client.log_dict(run_id, {p.name: q for p, q in zip(samples.paths, samples.prompts)},
+                                "samples/prompts.json")
+                if (Path(samples.source) / "samples.json").is_file():  # each video's seed and settings
+                    client.log_artifact(run_id, str(Path(samples.source) / "samples.json"), "samples")
+            if clips:
+                with tempfile.TemporaryDirectory() as tmp:
+                    grid = video_grid(clips)
+                    write_mp4(grid, Path(tmp) / "grid.mp4", fps=8)
+                    write_gif(grid, Path(tmp) / "grid.gif", fps=8)
+                    write_png(Path(tmp) / "contact_sheet.png", contact_sheet(clips))
+                    client.log_artifacts(run_id, tmp, "eval")
     except BaseException as err:
         if isinstance(err, KeyboardInterrupt):  # one landing in a store query holds its lock until freed
             release_interrupted_frames(err)

@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -61,12 +63,13 @@ def use_experiment(tracking_uri: str, name: str) -> None:
 def start_run(tags: dict | None = None, **kwargs):
     """mlflow.start_run, except that a run stopped by Ctrl-C ends KILLED (MLflow's own marks it
     FAILED, as for an error, so the UI could not tell the two apart), and that the run names the
-    process that runs it (process_tags)."""
+    process that runs it (process_tags) and beats while it runs (heartbeat)."""
     import mlflow
 
     with mlflow.start_run(tags=(tags or {}) | process_tags(), **kwargs) as run:
         try:
-            yield run
+            with heartbeat(mlflow.get_tracking_uri(), run.info.run_id):
+                yield run
         except KeyboardInterrupt as interrupt:
             release_interrupted_frames(interrupt)
             end_killed(run.info.run_id)
@@ -115,10 +118,41 @@ def end_killed(run_id: str) -> None:
 
 
 # -- runs of killed processes ----------------------------------------------------------
-# A SIGKILL (or an out-of-memory kill) ends no MLflow run: it stays RUNNING for good. Each run
-# names its process; a later one ends the runs whose process is gone. A process is its pid and
-# start time within one kernel boot and PID namespace (pids are reused, and a container with
-# the host's name has pids of its own); runs of other machines or namespaces are left alone.
+# A SIGKILL (or an out-of-memory kill, a machine that died) ends no MLflow run: it stays RUNNING
+# for good. Each run names its process; a later one ends the runs whose process is gone. A process
+# is its pid and start time within one kernel boot and PID namespace (pids are reused, and a
+# container with the host's name has pids of its own). Runs of other machines, namespaces or boots
+# cannot be checked so: their process stamps `mav.heartbeat` (its clock's epoch seconds) every
+# HEARTBEAT_S, and a run silent for STALE_AFTER_S is gone (clocks of the machines that share a store
+# may differ by up to the difference of the two).
+HEARTBEAT_S = 60.0
+STALE_AFTER_S = 15 * 60.0
+
+
+@contextmanager
+def heartbeat(tracking_uri: str, run_id: str):
+    """Stamp the run's `mav.heartbeat` tag every HEARTBEAT_S while the block runs."""
+    from mlflow import MlflowClient
+
+    stop = threading.Event()
+
+    def beat() -> None:
+        client = MlflowClient(tracking_uri)
+        while not stop.wait(HEARTBEAT_S):
+            try:
+                client.set_tag(run_id, "mav.heartbeat", f"{time.time():.0f}")
+            except Exception:  # a store down or locked for a while: the next beat tries again
+                pass
+
+    thread = threading.Thread(target=beat, name=f"mav-heartbeat-{run_id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:  # not waited for long: a beat in a store query that a Ctrl-C left locked waits 20 s
+        stop.set()
+        thread.join(timeout=1.0)
+
+
 def _pid_space() -> str:
     try:
         boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
@@ -134,25 +168,31 @@ def _started(pid: int) -> str:
 
 
 def process_tags() -> dict:
-    return {"mav.host": socket.gethostname(), "mav.process": f"{_pid_space()}|{os.getpid()}|{_started(os.getpid())}"}
+    process = f"{_pid_space()}|{os.getpid()}|{_started(os.getpid())}"
+    return {"mav.host": socket.gethostname(), "mav.process": process, "mav.heartbeat": f"{time.time():.0f}"}
 
 
-def _gone(tags: dict) -> bool:
-    """Is the process that the tags name known to be gone? (Unknown or another machine's: no.)"""
+def _gone(tags: dict) -> str | None:
+    """Why the process that the tags name is known to be gone; None where it may be running."""
     import psutil
 
     named = tags.get("mav.process", "").split("|")
-    if len(named) != 3 or tags.get("mav.host") != socket.gethostname():  # untagged (older), or not here
-        return False
-    space, pid, start = named
-    if space != _pid_space() or not pid.isdigit():
-        return False
+    if len(named) == 3 and tags.get("mav.host") == socket.gethostname() and named[0] == _pid_space():
+        pid, start = named[1:]
+        if not pid.isdigit():
+            return None
+        try:
+            return None if _started(int(pid)) == start else f"process {pid} is gone"
+        except psutil.NoSuchProcess:
+            return f"process {pid} is gone"
+        except psutil.Error:  # e.g. access denied: it exists
+            return None
     try:
-        return _started(int(pid)) != start
-    except psutil.NoSuchProcess:
-        return True
-    except psutil.Error:  # e.g. access denied: it exists
-        return False
+        silent = time.time() - float(tags.get("mav.heartbeat", ""))
+    except ValueError:  # untagged (older runs), or malformed
+        return None
+    host = tags.get("mav.host", "another machine")
+    return f"no heartbeat from {host} for {silent / 60:.0f} min" if silent > STALE_AFTER_S else None
 
 
 def end_orphaned_runs(tracking_uri: str, experiment: str, say=print) -> list[str]:
@@ -164,11 +204,12 @@ def end_orphaned_runs(tracking_uri: str, experiment: str, say=print) -> list[str
     if exp is None:
         return []
     running = client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'", max_results=1000)
-    ended = []
+    ended = {}
     for run in running:
-        if _gone(run.data.tags):
+        if reason := _gone(run.data.tags):
             client.set_terminated(run.info.run_id, "KILLED")
-            ended.append(run.info.run_name)
+            ended[run.info.run_name] = reason
     if ended:
-        say(f"MLflow runs of a killed process, still marked running, ended as KILLED: {', '.join(ended)}")
-    return ended
+        say("MLflow runs still marked running whose process is gone, ended as KILLED: "
+            + ", ".join(f"{name} ({reason})" for name, reason in ended.items()))
+    return list(ended)

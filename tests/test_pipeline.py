@@ -4,6 +4,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -542,10 +543,11 @@ def test_checkpoint_links_follow_the_latest_chain(tmp_path):
     assert {p.name: p.resolve().name for p in folder.iterdir()} == {"prior.ckpt": "c.ckpt"}
 
 
-def test_only_runs_of_processes_known_to_be_gone_are_ended(tmp_path):
-    """A run whose process (pid and start time, on this machine) is gone ends KILLED; this process's
-    own runs, runs of other hosts or PID namespaces, untagged (older) runs and malformed tags stay."""
-    from flows.tracking import end_orphaned_runs, experiment_id, process_tags
+def test_only_runs_of_processes_known_to_be_gone_are_ended(tmp_path, capsys):
+    """A run whose process (pid and start time, on this machine) is gone ends KILLED, as does a run of
+    another host or PID namespace silent for over STALE_AFTER_S (its heartbeat); this process's own
+    runs, other hosts' runs that beat, untagged (older) runs and malformed tags stay."""
+    from flows.tracking import STALE_AFTER_S, end_orphaned_runs, experiment_id, process_tags
 
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     client = MlflowClient(uri)
@@ -555,20 +557,51 @@ def test_only_runs_of_processes_known_to_be_gone_are_ended(tmp_path):
     gone = child.communicate()[0].strip()
     mine = process_tags()
     space, pid, start = mine["mav.process"].split("|")
+    silent = f"{time.time() - STALE_AFTER_S - 120:.0f}"
     cases = {
         "gone": {**mine, "mav.process": gone},
         "mine": mine,
+        "mine, silent": {**mine, "mav.heartbeat": silent},  # a living process here: its pid says so
         "reused pid": {**mine, "mav.process": f"{space}|{pid}|{float(start) - 5:.2f}"},
         "other host": {**mine, "mav.host": "elsewhere", "mav.process": gone},
+        "other host, silent": {**mine, "mav.host": "elsewhere", "mav.process": gone, "mav.heartbeat": silent},
         "other namespace": {**mine, "mav.process": f"another boot|{gone.split('|', 1)[1]}"},
+        "other namespace, silent": {**mine, "mav.process": f"another boot|{gone.split('|', 1)[1]}",
+                                    "mav.heartbeat": silent},
         "untagged": {},
-        "malformed": {**mine, "mav.process": "abc"},
+        "malformed": {**mine, "mav.process": "abc", "mav.heartbeat": "soon"},
     }
     for name, tags in cases.items():
         client.create_run(exp, run_name=name, tags=tags)
-    assert sorted(end_orphaned_runs(uri, "orphans")) == ["gone", "reused pid"]
+    ended = ["gone", "other host, silent", "other namespace, silent", "reused pid"]
+    assert sorted(end_orphaned_runs(uri, "orphans")) == ended
     status = {r.info.run_name: r.info.status for r in client.search_runs([exp])}
-    assert status == {name: "KILLED" if name in ("gone", "reused pid") else "RUNNING" for name in cases}
+    assert status == {name: "KILLED" if name in ended else "RUNNING" for name in cases}
+    said = capsys.readouterr().out
+    assert "other host, silent (no heartbeat from elsewhere for 17 min)" in said, said
+    assert f"gone (process {gone.split('|')[1]} is gone)" in said, said
+
+
+def test_a_run_beats_while_it_runs_and_stops_when_it_ends(tmp_path, monkeypatch):
+    """start_run stamps `mav.heartbeat` every HEARTBEAT_S (here 0.05 s) until the run ends: a run
+    of another machine that is still running is never taken for a dead one."""
+    import mlflow
+
+    from flows import tracking
+
+    monkeypatch.setattr(tracking, "HEARTBEAT_S", 0.05)
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    tracking.experiment_id(uri, "beats")
+    tracking.use_experiment(uri, "beats")
+    client = MlflowClient(uri)
+    with tracking.start_run(run_name="beating") as run:
+        client.set_tag(run.info.run_id, "mav.heartbeat", "0")  # as if silent since 1970
+        deadline = time.time() + 30
+        while client.get_run(run.info.run_id).data.tags["mav.heartbeat"] == "0" and time.time() < deadline:
+            time.sleep(0.05)
+        assert abs(float(client.get_run(run.info.run_id).data.tags["mav.heartbeat"]) - time.time()) < 30
+    assert mlflow.active_run() is None
+    assert not [t for t in threading.enumerate() if t.name.startswith("mav-heartbeat")]
 
 
 def test_a_store_that_refuses_the_killed_status_does_not_replace_the_ctrl_c(tmp_path, capsys):
