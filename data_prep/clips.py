@@ -27,7 +27,7 @@ import numpy as np
 from data_prep.atomic import durable_replace, fsync_path
 from data_prep.config import ClipConfig, IngestConfig
 from data_prep.dataset import clip_id_for
-from data_prep.ffmpeg_bin import ffmpeg_exe
+from data_prep.ffmpeg_bin import ffmpeg_exe, writes_frame_stats
 from data_prep.probe import Probe
 from data_prep.scenes import CutDetector, DissolveDetector, dissolve_frame
 
@@ -73,10 +73,12 @@ CLIP_COLOUR = {"color_range": "tv", "colorspace": "smpte170m"}
 
 
 def decode_command(path: Path, width: int, height: int, square: bool = False, threads: int = 1,
-                   interlaced: bool = False, anamorphic: bool = False, stream_index: int | None = None) -> list[str]:
+                   interlaced: bool = False, anamorphic: bool = False, stream_index: int | None = None,
+                   times: Path | None = None) -> list[str]:
     """Decode, deinterlace (if `interlaced`), rotate (ffmpeg's autorotate), make pixels square
     (if `anamorphic`), optionally crop the centre square (fewer pixels through the scaler and the
-    pipe), scale to width x height and convert to the clips' colour (CLIP_COLOUR); pipe raw I420."""
+    pipe), scale to width x height and convert to the clips' colour (CLIP_COLOUR); pipe raw I420.
+    With `times`, ffmpeg writes there each frame's time in seconds, a line per frame (DecodedTimes)."""
     stream = ffmpeg.input(str(path), threads=threads)["v:0" if stream_index is None else str(stream_index)]
     if interlaced:  # one frame per frame, from both fields; progressive frames pass through
         stream = stream.filter("bwdif", mode="send_frame", deint="interlaced")
@@ -86,7 +88,8 @@ def decode_command(path: Path, width: int, height: int, square: bool = False, th
         stream = stream.filter("crop", "min(iw,ih)", "min(iw,ih)")
     # in_range / in_color_matrix come from the frames (yuvj* formats and colour tags)
     stream = stream.filter("scale", width, height, flags="bilinear", out_range="tv", out_color_matrix="bt601")
-    out = stream.output("pipe:", format="rawvideo", pix_fmt="yuv420p", fps_mode="passthrough")
+    stats = {"stats_enc_pre": str(times), "stats_enc_pre_fmt": "{t}"} if times else {}
+    out = stream.output("pipe:", format="rawvideo", pix_fmt="yuv420p", fps_mode="passthrough", **stats)
     return out.global_args("-v", "error", "-nostdin").compile(cmd=ffmpeg_exe())
 
 
@@ -135,6 +138,39 @@ def _as_fraction(fps: float):
     return Fraction(fps).limit_denominator(1001 * 1000 if fps % 1 else 1)
 
 
+class DecodedTimes:
+    """The time of each frame that ffmpeg decodes, from first frame: a corrupt stretch of a source
+    loses frames in the decoder (not in the probe's list of packets), so the probe's times of
+    every later frame were late, and a clip over the stretch jumped forward in time unseen.
+    ffmpeg writes each frame's line (and flushes it) before the frame's bytes reach the pipe, so
+    a frame read has its time; where a line is missing, get() says None."""
+
+    def __init__(self, path: Path):
+        self.path, self.handle, self.pending, self.times = path, None, "", []
+
+    def get(self, i: int) -> float | None:
+        if i >= len(self.times):
+            self._read()
+        return self.times[i] - self.times[0] if i < len(self.times) else None
+
+    def _read(self) -> None:
+        if self.handle is None:
+            if not self.path.exists():
+                return
+            self.handle = self.path.open()
+        lines = (self.pending + self.handle.read()).split("\n")
+        self.pending = lines.pop()  # a line not yet whole
+        for line in lines:
+            try:
+                self.times.append(float(line))
+            except ValueError:  # a frame without a time ("N/A"): later frames would be misnumbered
+                self.times.append(self.times[-1] if self.times else 0.0)
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.close()
+
+
 @dataclass
 class CutResult:
     cuts: list[int]  # frames where the detector saw a new shot start (before length filtering)
@@ -171,7 +207,17 @@ def cut_source(
     clips_dir.mkdir(parents=True, exist_ok=True)
 
     def time_of(i: int) -> float:
+        decoded_time = decoded.get(i) if decoded else None
+        if decoded_time is not None:
+            return decoded_time
         return times[i] if i < len(times) else i / probe.fps
+
+    gaps: set[int] = set()  # frames after frames lost in the decoder
+
+    def end_time(end: int) -> float:  # of the frame before `end`
+        if end >= index:
+            return probe.duration_s
+        return time_of(end - 1) + 1.0 / probe.fps if end in gaps else time_of(end)
 
     writer: ClipWriter | None = None
     clip_start = 0
@@ -189,7 +235,7 @@ def cut_source(
             durable_replace(temp, clips_dir / f"{clip_id}.mp4")
             result.clips.append({
                 "clip_id": clip_id, "start_frame": clip_start, "end_frame": end,
-                "start_s": time_of(clip_start), "end_s": time_of(end) if end < len(times) else probe.duration_s,
+                "start_s": time_of(clip_start), "end_s": end_time(end),
                 "fps": float(out_fps), "num_frames": writer.count,
                 "width": width, "height": height,
                 "clip_path": f"clips/{clip_id}.mp4",
@@ -233,9 +279,13 @@ def cut_source(
     changes: list[float] = []  # per decoded frame: frame_change from the one before
     previous = None
     frame_bytes = width * height * 3 // 2
-    with tempfile.TemporaryFile() as stderr:
+    decoded: DecodedTimes | None = None
+    with tempfile.TemporaryFile() as stderr, tempfile.TemporaryDirectory() as scratch:
+        if writes_frame_stats():
+            decoded = DecodedTimes(Path(scratch) / "times.txt")
         command = decode_command(path, width, height, square, interlaced=probe.interlaced,
-                                 anamorphic=abs(probe.pixel_aspect - 1) > 1e-3, stream_index=probe.stream_index)
+                                 anamorphic=abs(probe.pixel_aspect - 1) > 1e-3, stream_index=probe.stream_index,
+                                 times=decoded.path if decoded else None)
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr)
         index = 0
         try:
@@ -244,6 +294,10 @@ def cut_source(
                 if len(data) < frame_bytes:
                     break
                 frame = np.frombuffer(data, np.uint8)
+                if decoded and index and not probe.variable_fps and \
+                        (decoded.get(index) or 0.0) - (decoded.get(index - 1) or 0.0) > 1.5 / probe.fps:
+                    gaps.add(index)  # frames lost in the decoder (a corrupt stretch): a clip would jump here
+                    add_cuts([index])
                 changes.append(frame_change(frame, previous, width, height))
                 previous = frame
                 add_cuts(detector.push(index, detection_frame(frame, width, height, scfg.detect_width)))
@@ -279,6 +333,9 @@ def cut_source(
             for row in result.clips:  # nothing half-done is left behind under a final name
                 (clips_dir / row["clip_path"].split("/", 1)[1]).unlink(missing_ok=True)
             raise
+        finally:
+            if decoded:
+                decoded.close()
     if on_frames:
         on_frames(index % 32)
     result.frames_decoded = index

@@ -17,3 +17,16 @@ def ffmpeg_exe() -> str:
     import imageio_ffmpeg
 
     return imageio_ffmpeg.get_ffmpeg_exe()
+
+
+@functools.cache
+def writes_frame_stats() -> bool:
+    """Does this ffmpeg write per-frame stats (-stats_enc_pre, FFmpeg 6.1 and later)?"""
+    import subprocess
+
+    try:
+        options = subprocess.run([ffmpeg_exe(), "-hide_banner", "-h", "full"], capture_output=True, text=True,
+                                 timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return "-stats_enc_pre_fmt" in options

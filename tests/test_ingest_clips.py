@@ -207,6 +207,22 @@ def test_frames_an_edit_list_hides_are_not_counted(tmp_path):
     assert info.num_frames == pytest.approx(25, abs=1) and info.duration_s == pytest.approx(1.0, abs=0.05)
 
 
+def test_frames_a_corrupt_stretch_loses_in_the_decoder_shift_no_time_and_split_the_clip(tmp_path):
+    """Frames 50-59 of 100 (25 fps, MJPEG) are garbled in the file, not removed: the probe lists all
+    100 packets, and the decoder drops those 10 frames. Clip times come from the decoder's own frame
+    times: the probe's had every frame after the stretch 0.4 s early. And a cut at the stretch: a clip
+    over it jumped 0.4 s forward in its middle."""
+    garbled = tmp_path / "garbled.mkv"  # (intra-only: the other frames decode as they were)
+    subprocess.run([ffmpeg_exe(), "-v", "error", "-f", "lavfi", "-i", "testsrc2=size=192x144:rate=25:duration=4",
+                    "-c:v", "mjpeg", "-q:v", "5", "-bsf:v", "noise=amount='if(between(n,50,59),1,0)'", str(garbled)],
+                   check=True)
+    assert probe(garbled).num_frames == 100
+    result = run(garbled, tmp_path)
+    assert result.frames_decoded == 90 and 50 in result.cuts, result
+    assert [(c["start_frame"], c["end_frame"], c["start_s"], c["end_s"]) for c in result.clips] == \
+        [(0, 50, 0.0, pytest.approx(2.0)), (50, 90, pytest.approx(2.4), pytest.approx(4.0))]
+
+
 def test_interlaced_sources_are_deinterlaced(tmp_path):
     source = _encode(tmp_path / "interlaced.mp4", "-f", "lavfi", "-i", "testsrc2=size=320x240:rate=50:duration=2",
                      "-vf", "tinterlace=interleave_top,setfield=tff", "-flags", "+ildct+ilme", "-x264-params", "tff=1")
