@@ -141,7 +141,7 @@ def _as_fraction(fps: float):
 class DecodedTimes:
     """The time of each frame that ffmpeg decodes, from first frame: a corrupt stretch of a source
     loses frames in the decoder (not in the probe's list of packets), so the probe's times of
-    every later frame were late, and a clip over the stretch jumped forward in time unseen.
+    every later frame were early, and a clip over the stretch jumped forward in time unseen.
     ffmpeg writes each frame's line (and flushes it) before the frame's bytes reach the pipe, so
     a frame read has its time; where a line is missing, get() says None."""
 
@@ -152,6 +152,11 @@ class DecodedTimes:
         if i >= len(self.times):
             self._read()
         return self.times[i] - self.times[0] if i < len(self.times) else None
+
+    def lost_before(self, i: int, fps: float) -> bool:
+        """Were frames lost before frame i (over 1.5 frame intervals after the one before)?"""
+        now, before = self.get(i), self.get(i - 1) if i else None
+        return now is not None and before is not None and now - before > 1.5 / fps
 
     def _read(self) -> None:
         if self.handle is None:
@@ -294,9 +299,8 @@ def cut_source(
                 if len(data) < frame_bytes:
                     break
                 frame = np.frombuffer(data, np.uint8)
-                if decoded and index and not probe.variable_fps and \
-                        (decoded.get(index) or 0.0) - (decoded.get(index - 1) or 0.0) > 1.5 / probe.fps:
-                    gaps.add(index)  # frames lost in the decoder (a corrupt stretch): a clip would jump here
+                if decoded and not probe.variable_fps and decoded.lost_before(index, probe.fps):
+                    gaps.add(index)  # a corrupt stretch: a clip would jump forward here
                     add_cuts([index])
                 changes.append(frame_change(frame, previous, width, height))
                 previous = frame
