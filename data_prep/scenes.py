@@ -77,8 +77,9 @@ class DissolveDetector:
     scale k; overlapping windows of candidates make one span. A span is a dissolve if its first and
     last frames are two shots: both textured (a fade from black is a blend too), unlike each other
     in their pattern of light (a change of exposure), and unlike nearly everywhere (`min_changed`: a
-    title fading in over a shot changes a third of the picture). Camera motion breaks the blend, so
-    a dissolve between two moving shots can be missed (bench/RESULTS.md).
+    title fading in over a shot changes a third of the picture). Its frames are those holding some
+    of both shots (BLENDED). Camera motion breaks the blend, so a dissolve between two moving shots
+    can be missed (bench/RESULTS.md).
     """
 
     def __init__(self, fps: float, scales=(2, 4, 8), min_change: float = 12.0, max_residual: float = 0.2,

@@ -123,8 +123,8 @@ def end_killed(run_id: str) -> None:
 # is its pid and start time within one kernel boot and PID namespace (pids are reused, and a
 # container with the host's name has pids of its own). Runs of other machines, namespaces or boots
 # cannot be checked so: their process stamps `mav.heartbeat` (its clock's epoch seconds) every
-# HEARTBEAT_S, and a run silent for STALE_AFTER_S is gone (clocks of the machines that share a store
-# may differ by up to the difference of the two).
+# HEARTBEAT_S, and a run silent for STALE_AFTER_S is gone (so the clocks of machines that share a
+# store may differ by up to STALE_AFTER_S - HEARTBEAT_S).
 HEARTBEAT_S = 60.0
 STALE_AFTER_S = 15 * 60.0
 
