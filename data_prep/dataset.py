@@ -80,15 +80,24 @@ def same_file(fd: int, path: Path) -> bool:
     return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
 
 
+class LockBusy(Exception):
+    """Another holds the lock, and the caller asked not to wait for it."""
+
+
 @contextlib.contextmanager
-def passing_lock(path: Path):
+def passing_lock(path: Path, wait: bool = True):
     """An exclusive lock like `file_lock` on a file that exists only while it is held, so that
     locks taken once per source leave no file behind: the holder removes it before letting go,
-    and a waiter that then finds its file gone opens the path again."""
+    and a waiter that then finds its file gone opens the path again. Without `wait`, LockBusy
+    where another holds it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise LockBusy(path) from None
         if same_file(fd, path):
             break
         os.close(fd)
@@ -99,11 +108,11 @@ def passing_lock(path: Path):
         os.close(fd)
 
 
-def source_lock(ds_dir: Path, source_sha: str, settings_hash: str):
+def source_lock(ds_dir: Path, source_sha: str, settings_hash: str, wait: bool = True):
     """One worker at a time on the same bytes under the same settings (two paths or a path and a
     URL holding them, in one run): the one that waited finds the other's record instead of cutting
     the same clip files at once (and deleting them if its own cut fails)."""
-    return passing_lock(ds_dir / ".locks" / f"{source_sha}-{settings_hash}.lock")
+    return passing_lock(ds_dir / ".locks" / f"{source_sha}-{settings_hash}.lock", wait)
 
 
 def remove_stale_temporaries(directory: Path, older_than_s: float = 0.0) -> int:

@@ -11,7 +11,7 @@ from typing import Callable
 
 from data_prep.clips import DecodeError, cut_source
 from data_prep.config import IngestConfig
-from data_prep.dataset import read_source_record, source_lock, write_source_record
+from data_prep.dataset import LockBusy, read_source_record, source_lock, write_source_record
 from data_prep.download import DownloadError, PageURLError, download, download_page, sha256_file
 from data_prep.probe import ProbeError, probe
 from data_prep.sources import SourceRef
@@ -20,7 +20,8 @@ from data_prep.sources import SourceRef
 @dataclass
 class SourceOutcome:
     source: str
-    status: str  # "new", "unchanged", "failed" or "duplicate" (the same bytes as another source: `reason`)
+    status: str  # "new", "unchanged", "failed" or "duplicate" (the same bytes as another source: `reason`);
+    # "busy" (not waited for: another worker is cutting the same bytes, `fetched` holds them) until done
     source_sha256: str = ""
     stage: str = ""  # where it failed
     reason: str = ""
@@ -28,6 +29,7 @@ class SourceOutcome:
     cuts: list[int] = field(default_factory=list)
     probe: dict = field(default_factory=dict)
     rejected: bool = False  # failed for good under these settings (recorded): its earlier clips leave
+    fetched: Path | None = None  # where a busy source's bytes are, for process_source to take up again
 
     def failure_row(self) -> dict:
         return {"source": self.source, "stage": self.stage, "reason": self.reason}
@@ -61,15 +63,20 @@ REJECTION_RULES = 2
 
 
 def process_source(ref: SourceRef, data_root: Path, ds_dir: Path, cfg: IngestConfig,
-                   on_frames: Callable[[int], None] | None = None) -> SourceOutcome:
+                   on_frames: Callable[[int], None] | None = None, wait: bool = True,
+                   fetched: tuple[Path, str] | None = None) -> SourceOutcome:
+    """`wait`: for another worker cutting the same bytes, else the outcome is "busy" at once (a
+    worker slot is not held waiting); `fetched`: a busy outcome's bytes (path, sha256), taken up."""
     settings = cfg.clip_settings_hash()
     try:
-        path, digest = fetch(ref, data_root, cfg)
+        path, digest = fetched or fetch(ref, data_root, cfg)
     except Exception as err:  # DownloadError, OSError, or what nobody foresaw: tried again next time
         return SourceOutcome(ref.source, "failed", stage="download", reason=_reason(err))
     try:  # the same bytes at another path or URL of this run wait here, then find this one's record
-        with source_lock(ds_dir, digest, settings):
+        with source_lock(ds_dir, digest, settings, wait):
             return _process_bytes(ref, path, digest, settings, ds_dir, cfg, on_frames)
+    except LockBusy:
+        return SourceOutcome(ref.source, "busy", digest, fetched=path)
     except OSError as err:  # the lock file cannot be made (a read-only or full disk): tried again
         return SourceOutcome(ref.source, "failed", digest, stage="record", reason=_reason(err))
 

@@ -25,9 +25,10 @@ DATASET_EVENT = "mav.dataset.updated"
 
 
 @task(name="process-source", cache_policy=NO_CACHE, task_run_name="process {ref.source}")
-def process_source_task(ref: SourceRef, data_root: str, ds_dir: str, config: dict, on_frames=None) -> SourceOutcome:
+def process_source_task(ref: SourceRef, data_root: str, ds_dir: str, config: dict, on_frames=None,
+                        wait: bool = True, fetched: tuple[Path, str] | None = None) -> SourceOutcome:
     cfg = IngestConfig.model_validate(config)
-    return process_source(ref, Path(data_root), Path(ds_dir), cfg, on_frames=on_frames)
+    return process_source(ref, Path(data_root), Path(ds_dir), cfg, on_frames=on_frames, wait=wait, fetched=fetched)
 
 
 def _artifact_key(name: str) -> str:
@@ -81,17 +82,30 @@ def ingest(sources: list[str], data_root: str = "mav-data", dataset: str = "defa
         # runs an ffmpeg decoder and encoders, so at most `workers` are submitted at once
         slots = threading.BoundedSemaphore(workers)
 
-        def finished(_future) -> None:
+        def finished(future) -> None:
             slots.release()
+            if future.state.is_completed() and future.result().status == "busy":
+                return  # counted when it is done again
             with lock:
                 sources_bar.update(1)
 
-        futures = []
-        for ref in refs:
-            slots.acquire()
-            futures.append(process_source_task.submit(ref, str(root), str(ds_dir), cfg.model_dump(), callback))
-            futures[-1].add_done_callback(finished)
-        outcomes: list[SourceOutcome] = merge_same_bytes([future.result() for future in futures])
+        def process_all(jobs: list[tuple[SourceRef, tuple | None]], wait: bool) -> list[SourceOutcome]:
+            futures = []
+            for ref, fetched in jobs:  # (fetched: a busy source's bytes)
+                slots.acquire()
+                futures.append(process_source_task.submit(ref, str(root), str(ds_dir), cfg.model_dump(), callback,
+                                                          wait, fetched))
+                futures[-1].add_done_callback(finished)
+            return [future.result() for future in futures]
+
+        # a source whose bytes another worker is cutting (a duplicate) is done again after the rest,
+        # instead of holding a worker slot while it waits
+        outcomes = process_all([(ref, None) for ref in refs], wait=False)
+        busy = [i for i, o in enumerate(outcomes) if o.status == "busy"]
+        again = process_all([(refs[i], (outcomes[i].fetched, outcomes[i].source_sha256)) for i in busy], wait=True)
+        for i, outcome in zip(busy, again):
+            outcomes[i] = outcome
+        outcomes = merge_same_bytes(outcomes)
         sources_bar.close()
         frames_bar.close()
         new_rows = [row for o in outcomes if o.status != "failed" for row in o.clips]

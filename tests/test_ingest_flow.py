@@ -249,7 +249,9 @@ def test_the_same_bytes_at_two_paths_and_a_url_are_one_source(prefect_server, tm
     with FaultServer({"/copy.mkv": ("ok", (samples / "asl_book.mkv").read_bytes())}) as srv:
         sources = [f"{srv.base}/copy.mkv", str(videos)]
         first = ingest(sources=sources, data_root=str(tmp_path / "root"), dataset="d", workers=2)
+        downloads = srv.hits["/copy.mkv"]  # a source that found its bytes busy is taken up again as fetched
         again = ingest(sources=sources[::-1], data_root=str(tmp_path / "root"), dataset="d", workers=2)
+    assert downloads == 1
     assert first["sources"] == {"new": 1, "unchanged": 0, "duplicate": 2, "failed": 0}
     said = f"same bytes as {videos / 'a.mkv'}"
     assert {d["source"]: d["reason"] for d in first["duplicates"]} == {f"{srv.base}/copy.mkv": said,
@@ -260,6 +262,26 @@ def test_the_same_bytes_at_two_paths_and_a_url_are_one_source(prefect_server, tm
     assert sorted(p.stem for p in (tmp_path / "root/datasets/d/clips").iterdir()) == sorted(manifest["clip_id"])
     assert not again["created"] and again["version"] == first["version"]
     assert again["sources"] == {"new": 0, "unchanged": 1, "duplicate": 2, "failed": 0}
+
+
+def test_a_source_whose_bytes_another_worker_is_cutting_does_not_wait_in_its_slot(tmp_path, samples):
+    """A duplicate waited on the lock of its bytes and held one of the ingest's worker slots the
+    while: without `wait` it comes back "busy" at once, with its fetched bytes, and is done after
+    the rest (the flow's second pass), as fetched: here it cuts them, as the holder left no record."""
+    from data_prep.config import IngestConfig
+    from data_prep.dataset import source_lock
+    from data_prep.download import sha256_file
+    from data_prep.ingest import process_source
+    from data_prep.sources import SourceRef
+
+    video, ds_dir, cfg = tmp_path / "a.mkv", tmp_path / "root" / "datasets" / "d", IngestConfig()
+    shutil.copy(samples / "asl_book.mkv", video)
+    ref, digest = SourceRef(str(video), "file"), sha256_file(video)
+    with source_lock(ds_dir, digest, cfg.clip_settings_hash()):  # another worker's
+        busy = process_source(ref, tmp_path / "root", ds_dir, cfg, wait=False)
+    assert (busy.status, busy.source_sha256, busy.fetched, busy.clips) == ("busy", digest, video, [])
+    done = process_source(ref, tmp_path / "root", ds_dir, cfg, fetched=(busy.fetched, busy.source_sha256))
+    assert done.status == "new" and done.clips
 
 
 def _free_loopback_port() -> int:
