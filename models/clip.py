@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from models.clip_source import CLIPLoadError, cannot_load, existing_or_hub_id
+from models.clip_source import cannot_load, existing_or_hub_id
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)

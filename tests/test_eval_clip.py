@@ -57,7 +57,8 @@ def test_preprocessing_matches_clips_image_processor(tmp_path):
 
 
 def test_a_clip_that_does_not_load_is_one_clear_error(tmp_path):
-    from models.clip import CLIPLoadError, FrozenCLIP
+    from models.clip import FrozenCLIP
+    from models.clip_source import CLIPLoadError
 
     with pytest.raises(CLIPLoadError, match=r"CLIP '\S+/nowhere': no such folder"):
         FrozenCLIP.load(tmp_path / "nowhere")
