@@ -67,9 +67,19 @@ class IngestConfig(BaseModel):
     workers: int = Field(2, ge=1)  # sources processed at once
 
     def clip_settings_hash(self) -> str:
-        """What a clip's bytes depend on; part of every clip id."""
-        payload = json.dumps({"scenes": self.scenes.model_dump(), "clips": self.clips.model_dump()}, sort_keys=True)
+        """What a clip's bytes depend on; part of every clip id. A setting added later is left out
+        at the value that cuts as before it existed (SETTINGS_ADDED_LATER), so a dataset cut before
+        keeps its clips under it: with the new default it is cut again."""
+        settings = {"scenes": self.scenes.model_dump(), "clips": self.clips.model_dump()}
+        for (group, name), before in SETTINGS_ADDED_LATER.items():
+            if settings[group][name] == before:
+                del settings[group][name]
+        payload = json.dumps(settings, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+# (group, name) -> the value that cuts as before the setting existed
+SETTINGS_ADDED_LATER = {("scenes", "dissolves"): False}
 
 
 class ConfigError(ValueError):
