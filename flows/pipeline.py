@@ -130,12 +130,11 @@ def train_stage_task(step_name: str, stage: str, config_path: str, overrides: di
     from models.train import AlreadyTrained, TrainResult, train_stage
 
     quiet_library_chatter()
-    def say_waiting():  # (print: the task may run outside a flow, as its .fn)
-        print(f"step {step_name}: another run is training it ({out_dir}): waiting for it")
-
     # one trainer per step folder: a second pipeline on the same work_dir waits here, then takes the
     # checkpoint the first one finished (AlreadyTrained) instead of writing the same last.ckpt at once
-    with file_lock(Path(out_dir) / ".lock", say_waiting):
+    # (print, not a run logger: the task may run outside a flow, as its .fn)
+    with file_lock(Path(out_dir) / ".lock",
+                   lambda: print(f"step {step_name}: another run is training it ({out_dir}): waiting for it")):
         config = load_config(config_path, overrides)
         last = Path(out_dir) / "checkpoints" / "last.ckpt"
         resume = last.exists()
