@@ -82,10 +82,8 @@ def ingest(sources: list[str], data_root: str = "mav-data", dataset: str = "defa
         # runs an ffmpeg decoder and encoders, so at most `workers` are submitted at once
         slots = threading.BoundedSemaphore(workers)
 
-        def finished(future) -> None:
+        def finished(_future) -> None:  # (asking a future its state here calls the API: mav's exit then hung)
             slots.release()
-            if future.state.is_completed() and future.result().status == "busy":
-                return  # counted when it is done again
             with lock:
                 sources_bar.update(1)
 
@@ -102,6 +100,7 @@ def ingest(sources: list[str], data_root: str = "mav-data", dataset: str = "defa
         # instead of holding a worker slot while it waits
         outcomes = process_all([(ref, None) for ref in refs], wait=False)
         busy = [i for i, o in enumerate(outcomes) if o.status == "busy"]
+        sources_bar.total += len(busy)  # each counted again when it is done
         again = process_all([(refs[i], (outcomes[i].fetched, outcomes[i].source_sha256)) for i in busy], wait=True)
         for i, outcome in zip(busy, again):
             outcomes[i] = outcome
