@@ -104,8 +104,8 @@ class ClipWriter:
         rate = _as_fraction(fps)
         raw = ffmpeg.input("pipe:", format="rawvideo", pix_fmt="yuv420p", s=f"{width}x{height}",
                            framerate=f"{rate.numerator}/{rate.denominator}")
-        out = raw.output(str(self.path), vcodec="libx264", preset=cfg.preset, crf=cfg.crf, pix_fmt="yuv420p",
-                         threads=1, an=None, movflags="+faststart", f="mp4", **CLIP_COLOUR)
+        out = raw.output(str(self.path), vcodec="libx264", preset=cfg.preset, crf=cfg.crf, g=cfg.keyframe_every,
+                         pix_fmt="yuv420p", threads=1, an=None, movflags="+faststart", f="mp4", **CLIP_COLOUR)
         command = out.global_args("-v", "error", "-nostdin", "-y").compile(cmd=ffmpeg_exe())
         self.stderr = tempfile.TemporaryFile()
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stderr=self.stderr)

@@ -6,7 +6,7 @@ shards (streamed, shuffled per shard and in a buffer) or the manifest's clip fil
 that a resumed run continues (`SampleStream`). PyAV decodes in the DataLoader's worker
 processes. Each sample is a random window: `frames` frames at a random stride that
 realises a target fps drawn from a Beta distribution over `fps_range`; the stride fps
-is returned for conditioning.
+is returned for conditioning. A window is decoded from the keyframe before it (read_window).
 Image-mode stages get one random frame per clip. Resize: short side to `size`, then a
 random (or centre) square crop.
 
@@ -31,7 +31,7 @@ from einops import rearrange
 from torch.utils.data import DataLoader, IterableDataset
 
 from models.config import StageConfig
-from models.video_io import read_frames
+from models.video_io import read_window
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 
@@ -79,10 +79,10 @@ def square_crop(video: np.ndarray, rng: random.Random | None) -> np.ndarray:
 def resize(video: np.ndarray, size: int) -> torch.Tensor:
     """uint8 [T,S,S,3] -> float [3,T,size,size] in [-1,1]."""
     frames = np.require(video, requirements=["C", "W"])  # PIL's arrays are read-only (torch warns): copied
-    x = rearrange(torch.from_numpy(frames), "t h w c -> t c h w").float() / 127.5 - 1
-    if x.shape[-1] != size:
-        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False).clamp(-1, 1)
-    return rearrange(x, "t c h w -> c t h w")
+    x = rearrange(torch.from_numpy(frames), "t h w c -> t c h w").float()
+    if x.shape[-1] != size:  # (its weights are positive and sum to 1: scaling after it is the same, on fewer pixels)
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return rearrange((x / 127.5 - 1).clamp(-1, 1), "t c h w -> c t h w")
 
 
 def as_uint8(x: torch.Tensor) -> torch.Tensor:
@@ -105,7 +105,7 @@ class ClipSampler:
         else:
             stride = draw_stride(fps, n, self.frames, self.cfg.fps_range, fps_beta_at(self.cfg, progress), rng)
             idx = window_indices(n, self.frames, stride, rng)
-        video, _ = read_frames(src, idx)
+        video = read_window(src, idx)
         square = square_crop(video, rng if self.cfg.random_crop else None)
         x = resize(square, self.cfg.size)
         sample = {"fps": torch.tensor(fps / stride, dtype=torch.float32), "caption": row.get("caption") or "",

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import math
 import signal
 import subprocess
 from fractions import Fraction
@@ -32,13 +33,16 @@ class VideoReader:
     """A video's main stream (a path or bytes), decoded in order: `frames()` gives PyAV frames, `rgb()`
     turns one into upright RGB (phone videos carry a rotation) and checks it has the earlier frames' size."""
 
-    def __init__(self, src: str | Path | bytes):
+    def __init__(self, src: str | Path | bytes, threads: bool = True):
         self.container = av.open(io.BytesIO(src) if isinstance(src, bytes) else str(src))
         self.stream = main_video_stream(self.container)
         if self.stream is None:
             self.container.close()
             raise ValueError("no video stream")
-        self.stream.thread_type = "AUTO"
+        if threads:
+            self.stream.thread_type = "AUTO"
+        else:  # DataLoader workers decode side by side: a thread pool per clip cost 30-40 % more CPU there
+            self.stream.thread_type, self.stream.thread_count = "NONE", 1
         self.fps = float(self.stream.average_rate or self.stream.guessed_rate or 0) or 25.0
         self._shape: tuple | None = None
 
@@ -50,6 +54,35 @@ class VideoReader:
 
     def frames(self) -> Iterator[av.VideoFrame]:
         return self.container.decode(self.stream)
+
+    def seek_frames(self, indices: list[int]) -> dict[int, np.ndarray] | None:
+        """RGB frames at `indices` (ascending), decoded from the keyframe before the first; None where
+        timestamps do not number the frames (frame i at start + i frame durations)."""
+        stream = self.stream
+        if not (stream.average_rate and stream.time_base and stream.frames and stream.duration) \
+                or stream.start_time is None:
+            return None
+        ticks = 1 / (Fraction(stream.average_rate) * Fraction(stream.time_base))  # of a frame
+        if round(stream.duration / ticks) != stream.frames:  # frames are missing or held longer somewhere
+            return None
+        first, last = indices[0], indices[-1]
+        self.container.seek(stream.start_time + math.floor(first * ticks), stream=stream, backward=True,
+                            any_frame=False)
+        wanted, found, expected = set(indices), {}, None
+        for frame in self.frames():
+            position = None if frame.pts is None else (frame.pts - stream.start_time) / ticks
+            if position is None or abs(position - round(position)) > 0.25:
+                return None
+            i = round(position)
+            # the seek landed at or before the first wanted frame, and each frame follows the last
+            if i > first if expected is None else i != expected:
+                return None
+            expected = i + 1
+            if i in wanted:
+                found[i] = self.rgb(frame, i)
+            if i >= last:
+                break
+        return found if len(found) == len(wanted) else None
 
     def rgb(self, frame: av.VideoFrame, index: int) -> np.ndarray:
         rgb = frame.to_ndarray(format="rgb24")
@@ -63,6 +96,17 @@ class VideoReader:
         return rgb
 
 
+def read_window(src: str | Path | bytes, indices: list[int]) -> np.ndarray:
+    """Frames at `indices` (ascending) of a clip the ingest wrote -> uint8 [T,H,W,3], decoding from the
+    keyframe before the first rather than from the start (a training window is a few frames somewhere in
+    a clip of up to 10 s). Seeking needs frame numbers from timestamps: where the stream does not show a
+    constant rate throughout (its header's frame count and duration, then each decoded frame), the frames
+    come from read_frames, which counts them as decoded. One thread: it runs in a DataLoader worker."""
+    with VideoReader(src, threads=False) as video:
+        frames = video.seek_frames(indices)
+    return np.stack([frames[i] for i in indices]) if frames is not None else read_frames(src, indices, False)[0]
+
+
 def frame_time(frame: av.VideoFrame) -> Fraction | None:
     """A decoded frame's presentation time in seconds, exact (None where it has no timestamp)."""
     if frame.pts is None or frame.time_base is None:
@@ -70,15 +114,17 @@ def frame_time(frame: av.VideoFrame) -> Fraction | None:
     return frame.pts * Fraction(frame.time_base)
 
 
-def read_frames(src: str | Path | bytes, indices: list[int] | None = None) -> tuple[np.ndarray, float]:
+def read_frames(src: str | Path | bytes, indices: list[int] | None = None,
+                threads: bool = True) -> tuple[np.ndarray, float]:
     """Decode frames (all, or those at `indices` in decode order) -> (uint8 [T,H,W,3] upright, fps).
 
     Frames come out in their display orientation (phone videos carry a rotation). Raises
-    ValueError if the file has fewer frames than asked for or changes frame size mid-stream."""
+    ValueError if the file has fewer frames than asked for or changes frame size mid-stream.
+    `threads`: PyAV's decoder threads (off in DataLoader workers, which run side by side)."""
     wanted = None if indices is None else set(indices)
     last = None if indices is None else max(indices, default=-1)
     frames: dict[int, np.ndarray] = {}
-    with VideoReader(src) as video:
+    with VideoReader(src, threads) as video:
         decoded = 0
         for i, frame in enumerate(video.frames()):
             decoded = i + 1

@@ -248,3 +248,45 @@ def test_an_mp4_trimmed_by_stream_copy_counts_the_frames_it_shows(tmp_path, ramp
     assert len(starts) > 1 and all(12 <= start <= 12 + 18 - 9 for start in starts)  # ramp levels 12..29 shown
     with pytest.raises(VideoTooShort, match=r"cut.mp4: 18 frames, shorter than one clip \(20 frames"):
         read_clip(cut, ClipSpec(length=20, random_offset=True))
+
+
+def test_a_window_read_from_its_keyframe_is_the_window_read_from_the_start(tmp_path, samples):
+    """Training reads a window of an ingest clip from the keyframe before it (read_window). Frame
+    numbers then come from timestamps, so they must be the decoder's count: the same frames as a read
+    from the start, for windows anywhere in the clip, at bottle-detection's 179/6 fps."""
+    import random
+
+    import av
+
+    from data_prep.clips import cut_source
+    from data_prep.config import IngestConfig
+    from data_prep.probe import probe
+    from models.video_io import VideoReader, read_frames, read_window
+
+    source = samples / "bottle-detection.mp4"
+    clips = cut_source(source, probe(source), "0" * 64, tmp_path, IngestConfig()).clips
+    assert len(clips) >= 3 and {c["num_frames"] for c in clips} != {300}
+    rng = random.Random(0)
+    for clip in clips:
+        path, n = tmp_path / clip["clip_path"].split("/", 1)[1], clip["num_frames"]
+        with av.open(str(path)) as container:
+            keyframes = [i for i, frame in enumerate(container.decode(video=0)) if frame.key_frame]
+        assert np.diff([*keyframes, n]).max() <= 32  # clips.keyframe_every
+        windows = [[0], [n - 1], list(range(n - 16, n)), list(range(0, n, 19))]
+        windows += [sorted(rng.sample(range(n), 16)) for _ in range(6)]
+        for window in windows:
+            with VideoReader(path, threads=False) as video:
+                assert video.seek_frames(window) is not None, window  # read by seeking, not the fallback
+            assert np.array_equal(read_window(path, window), read_frames(path, window)[0]), window
+
+
+def test_a_video_whose_timestamps_skip_is_read_from_the_start(tmp_path, ramp):
+    """Frames 20-29 of the ramp shown 10 frame durations late: a timestamp would name frame 30 for
+    the 21st frame decoded. Such a stream is read from the start, as decoded."""
+    from models.video_io import VideoReader, read_window
+
+    late = _remux(ramp, tmp_path / "late.mp4", "-vf", "setpts='(N+10*gte(N,20))/(10*TB)'", "-fps_mode",
+                  "passthrough", "-c:v", "libx264", "-crf", "0")
+    with VideoReader(late, threads=False) as video:
+        assert video.seek_frames([24, 26]) is None
+    assert levels(read_window(late, [24, 26])).tolist() == [24, 26]

@@ -175,16 +175,21 @@ def test_config_values_that_cannot_work_are_errors_when_it_loads(tmp_path):
 
 
 def test_a_dataset_cut_before_a_setting_existed_keeps_its_clips_at_the_old_value():
-    """Settings hashes that the last version before `scenes.dissolves` wrote (8344694: the default
-    settings, and one other): with `dissolves: false`, which cuts as that version did, the hash is
-    the same, so the next ingest keeps those clips; at the new default they are cut again."""
+    """Settings hashes that the last version before `scenes.dissolves` and `clips.keyframe_every`
+    wrote (8344694: the default settings, and one other): with `dissolves: false` and
+    `keyframe_every: 250`, which cut as that version did, the hash is the same, so the next ingest
+    keeps those clips; at either new default they are cut again."""
     from data_prep.config import IngestConfig
 
     before = {"4f148d9181f1bcea": {}, "628724bb86803926": {"scenes": {"trim_frames": 1}, "clips": {"crop": "none"}}}
     for written, settings in before.items():
-        as_before = {**settings, "scenes": {**settings.get("scenes", {}), "dissolves": False}}
-        assert IngestConfig.model_validate(as_before).clip_settings_hash() == written
+        old = {"scenes": {**settings.get("scenes", {}), "dissolves": False},
+               "clips": {**settings.get("clips", {}), "keyframe_every": 250}}
+        assert IngestConfig.model_validate(old).clip_settings_hash() == written
         assert IngestConfig.model_validate(settings).clip_settings_hash() != written
+        for group, name in (("scenes", "dissolves"), ("clips", "keyframe_every")):  # each new default alone
+            one_new = {**old, group: {k: v for k, v in old[group].items() if k != name}}
+            assert IngestConfig.model_validate(one_new).clip_settings_hash() != written, name
 
 
 def test_file_urls_are_percent_decoded(tmp_path):
