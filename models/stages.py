@@ -139,6 +139,7 @@ class DiffusionStage(L.LightningModule):
         # the mean over ranks (each rank sees its own batch), not rank 0's alone
         self.log("train/loss", loss, prog_bar=True, batch_size=x0.shape[0], sync_dist=True)
         self.last_loss = loss.detach()  # a tensor: float() here would wait for the GPU every step
+        self.last_batch_size = x0.shape[0]  # (models.train.TrainingSpeed)
         return loss
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,6 +75,37 @@ class StepCheckpoint(ModelCheckpoint):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
+class TrainingSpeed(Callback):
+    """Logs, every `log_every` steps, `train/samples_per_s` (over all ranks) and `train/data_wait`: the
+    share of the loop's time spent waiting for its next batch. Near 0, data is not what holds training
+    back; well above it, raise data.num_workers. (On a GPU the wait is the host's: queued work may run
+    through part of it.) The first batch is left out: it holds the start-up and any compilation."""
+
+    def __init__(self):
+        self.last_end: float | None = None  # when the previous batch ended
+        self.elapsed = self.waited = 0.0
+        self.samples = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.last_end is not None:
+            self.waited += time.perf_counter() - self.last_end
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        logs = (trainer.global_step % trainer.log_every_n_steps == 0) and self.last_end is not None
+        if logs and trainer.strategy.root_device.type == "cuda":
+            torch.cuda.synchronize()  # the interval's wall time includes the work queued in it
+        now = time.perf_counter()
+        if self.last_end is not None:
+            self.elapsed += now - self.last_end
+            self.samples += pl_module.last_batch_size * trainer.world_size
+        self.last_end = now
+        if logs and self.elapsed > 0:
+            pl_module.log_dict({"train/samples_per_s": self.samples / self.elapsed,
+                                "train/data_wait": self.waited / self.elapsed}, rank_zero_only=True, batch_size=1)
+            self.elapsed = self.waited = 0.0
+            self.samples = 0
+
+
 def fsdp_strategy(cls=None, bf16: bool = False):
     """FSDP with one unit per U-Net block, and inside them a unit per layer that only the video
     model has: frozen spatial weights and trained temporal weights then never share a flat
@@ -115,7 +147,7 @@ def build_trainer(cfg: StageConfig, out_dir: Path, *, logger=None, callbacks=Non
     checkpoint = StepCheckpoint(dirpath=out_dir / "checkpoints", filename="step{step:07d}", auto_insert_metric_name=False,
                                 every_n_train_steps=tc.checkpoint_every, save_last=True, save_top_k=1,
                                 enable_version_counter=False)
-    cbs: list[Callback] = [checkpoint, *(callbacks or [])]
+    cbs: list[Callback] = [checkpoint, TrainingSpeed(), *(callbacks or [])]
     if tc.ema_decay > 0:
         cbs.append(ShardedEMA(tc.ema_decay, warmup=tc.ema_warmup))
     logger = logger if logger is not None else CSVLogger(out_dir, name="logs")
