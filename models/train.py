@@ -85,13 +85,15 @@ class TrainingSpeed(Callback):
         self.last_end: float | None = None  # when the previous batch ended
         self.elapsed = self.waited = 0.0
         self.samples = 0
+        self.logged_step = -1  # (batches of one accumulated step share its number)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if self.last_end is not None:
             self.waited += time.perf_counter() - self.last_end
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        logs = (trainer.global_step % trainer.log_every_n_steps == 0) and self.last_end is not None
+        step = trainer.global_step
+        logs = step % trainer.log_every_n_steps == 0 and step != self.logged_step and self.last_end is not None
         if logs and trainer.strategy.root_device.type == "cuda":
             torch.cuda.synchronize()  # the interval's wall time includes the work queued in it
         now = time.perf_counter()
@@ -102,8 +104,8 @@ class TrainingSpeed(Callback):
         if logs and self.elapsed > 0:
             pl_module.log_dict({"train/samples_per_s": self.samples / self.elapsed,
                                 "train/data_wait": self.waited / self.elapsed}, rank_zero_only=True, batch_size=1)
-            self.elapsed = self.waited = 0.0
-            self.samples = 0
+            self.elapsed, self.waited, self.samples = 0.0, 0.0, 0
+            self.logged_step = step
 
 
 def fsdp_strategy(cls=None, bf16: bool = False):
