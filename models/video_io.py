@@ -59,12 +59,11 @@ class VideoReader:
         """RGB frames at `indices` (ascending), decoded from the keyframe before the first; None where
         timestamps do not number the frames (frame i at start + i frame durations)."""
         stream = self.stream
-        if not (stream.average_rate and stream.time_base and stream.frames and stream.duration) \
-                or stream.start_time is None:
+        # constant rate: the rate that every timestamp fits (ffmpeg's r_frame_rate) is the average one
+        if not (stream.average_rate and stream.time_base) or stream.start_time is None \
+                or stream.guessed_rate != stream.average_rate:
             return None
         ticks = 1 / (Fraction(stream.average_rate) * Fraction(stream.time_base))  # of a frame
-        if round(stream.duration / ticks) != stream.frames:  # frames are missing or held longer somewhere
-            return None
         first, last = indices[0], indices[-1]
         self.container.seek(stream.start_time + math.floor(first * ticks), stream=stream, backward=True,
                             any_frame=False)
@@ -99,9 +98,11 @@ class VideoReader:
 def read_window(src: str | Path | bytes, indices: list[int]) -> np.ndarray:
     """Frames at `indices` (ascending) of a clip the ingest wrote -> uint8 [T,H,W,3], decoding from the
     keyframe before the first rather than from the start (a training window is a few frames somewhere in
-    a clip of up to 10 s). Seeking needs frame numbers from timestamps: where the stream does not show a
-    constant rate throughout (its header's frame count and duration, then each decoded frame), the frames
-    come from read_frames, which counts them as decoded. One thread: it runs in a DataLoader worker."""
+    a clip of up to 10 s). Seeking needs frame numbers from timestamps, so a constant rate, which ingest
+    clips have by construction; where a stream's header or any frame decoded shows otherwise, the frames
+    come from read_frames, which counts them as decoded. (A file whose rate changed and changed back
+    before the window could pass those checks: hence for ingest clips.) One thread: it runs in a
+    DataLoader worker."""
     with VideoReader(src, threads=False) as video:
         frames = video.seek_frames(indices)
     return np.stack([frames[i] for i in indices]) if frames is not None else read_frames(src, indices, False)[0]
