@@ -30,12 +30,15 @@ class ClipSpec:
     offset 0 or (random_offset) one random offset per video, as StyleGAN-V does for real videos.
     fps None: frames as decoded, whatever the video's rate (as the references); fps F: of the video
     resampled in time to F frames a second (eval.video_io.on_screen), so that clips of real and fake
-    videos made at other rates span the same time."""
+    videos made at other rates span the same time. from_keyframe: the videos are ingest clips (a
+    constant rate by construction), so without fps a clip is decoded from the keyframe before it
+    (models.video_io.read_window) rather than from the video's start."""
     length: int = 16
     stride: int = 1
     random_offset: bool = False
     seed: int = 0
     fps: float | None = None
+    from_keyframe: bool = False
 
     def __post_init__(self) -> None:
         if self.fps is not None and not self.fps > 0:
@@ -64,11 +67,12 @@ def read_clip(path: str | Path, spec: ClipSpec | None, index: int = 0) -> np.nda
         # one generator per (seed, video index): the choice does not depend on thread timing
         offset = int(np.random.default_rng([spec.seed, index]).integers(0, total - spec.span + 1))
     try:
-        return read_video(path, spec.length, spec.stride, offset, spec.fps)
+        return read_video(path, spec.length, spec.stride, offset, spec.fps, spec.from_keyframe)
     except VideoTooShort:
         if offset == 0:
             raise
-        return read_video(path, spec.length, spec.stride, 0, spec.fps)  # container over-reported its length
+        # container over-reported its length
+        return read_video(path, spec.length, spec.stride, 0, spec.fps, spec.from_keyframe)
 
 
 def read_whole_and_head(path: str | Path, spec: ClipSpec, index: int = 0) -> tuple[np.ndarray, np.ndarray]:

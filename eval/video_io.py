@@ -33,14 +33,15 @@ def _naming(path: str | Path) -> Iterator[None]:
 
 
 def read_video(path: str | Path, num_frames: int, stride: int = 1, offset: int = 0,
-               fps: float | None = None) -> np.ndarray:
+               fps: float | None = None, from_keyframe: bool = False) -> np.ndarray:
     """Decode frames offset, offset+stride, ... (num_frames of them) as RGB uint8 [T,H,W,3], upright.
 
     Frame numbers are in decode order, or with `fps` those of the video resampled to fps (see
-    `on_screen`); decoding stops as soon as enough frames are read.
+    `on_screen`); decoding stops as soon as enough frames are read. `from_keyframe` (ingest clips,
+    without fps): decoding starts at the keyframe before the first frame (read_window).
     Raises ValueError naming the file for mixed frame sizes, VideoTooShort for too few frames.
     """
-    from models.video_io import TooFewFrames, read_frames
+    from models.video_io import TooFewFrames, read_frames, read_window
 
     if num_frames < 1 or stride < 1 or offset < 0:
         raise ValueError(f"{path}: num_frames and stride must be >= 1 and offset >= 0 "
@@ -48,7 +49,7 @@ def read_video(path: str | Path, num_frames: int, stride: int = 1, offset: int =
     indices = list(range(offset, offset + num_frames * stride, stride))
     try:
         if fps is None:
-            return read_frames(path, indices)[0]
+            return read_window(path, indices) if from_keyframe else read_frames(path, indices)[0]
         frames = _read_at_fps(path, indices, fps)
     except TooFewFrames as err:
         readable = sum(i < err.available for i in indices)

@@ -273,7 +273,8 @@ def score_task(metrics: list[str], real: VideoSet | None, fake: VideoSet, prompt
                unbiased: bool = False, fps: float | None = None) -> tuple[dict, list, dict]:
     """-> ({metric: result}, the first 16 fake clips for the pictures, {"c3d_sha256": ...}).
     The fake videos are decoded once for every metric; the real ones (FVD) with one random
-    offset per video, as StyleGAN-V does, the fake ones from their first frame; with `fps`, the
+    offset per video, as StyleGAN-V does (a dataset's clips from the keyframe before it), the fake
+    ones from their first frame; with `fps`, the
     clips of both come from the videos resampled to it (CLIPSIM still scores every fake frame)."""
     from eval.compute import ClipSpec, score_files
 
@@ -298,7 +299,8 @@ def score_task(metrics: list[str], real: VideoSet | None, fake: VideoSet, prompt
         inception = VideoInceptionScore(c3d, smoke, splits=UCF101Settings.is_splits).to(device)
     clips: list = []
     score_files(fake.paths, ClipSpec(clip_length, clip_stride, fps=fps), fvd=fvd, real=real.paths if real else (),
-                real_spec=ClipSpec(clip_length, clip_stride, random_offset=True, seed=seed, fps=fps), clipsim=clipsim,
+                real_spec=ClipSpec(clip_length, clip_stride, random_offset=True, seed=seed, fps=fps,
+                                   from_keyframe=real is not None and real.kind == "dataset"), clipsim=clipsim,
                 prompts=prompts, inception=inception, batch_size=batch_size, keep_clips=clips)
     results = {}
     if fvd is not None:

@@ -251,9 +251,11 @@ def test_an_mp4_trimmed_by_stream_copy_counts_the_frames_it_shows(tmp_path, ramp
 
 
 def test_a_window_read_from_its_keyframe_is_the_window_read_from_the_start(tmp_path, samples):
-    """Training reads a window of an ingest clip from the keyframe before it (read_window). Frame
-    numbers then come from timestamps, so they must be the decoder's count: the same frames as a read
-    from the start, for windows anywhere in the clip, at bottle-detection's 179/6 fps."""
+    """Training reads a window of an ingest clip from the keyframe before it (read_window), and so
+    does evaluation for a dataset's clips. Frame numbers then come from timestamps, so they must be
+    the decoder's count: the same frames as a read from the start, for windows anywhere in the clip,
+    at bottle-detection's 179/6 fps."""
+    import dataclasses
     import random
 
     import av
@@ -278,6 +280,10 @@ def test_a_window_read_from_its_keyframe_is_the_window_read_from_the_start(tmp_p
             with VideoReader(path, threads=False) as video:
                 assert video.seek_frames(window) is not None, window  # read by seeking, not the fallback
             assert np.array_equal(read_window(path, window), read_frames(path, window)[0]), window
+        for seed in range(4):  # evaluation's real clips of a dataset: the same clips, read from a keyframe
+            spec = ClipSpec(length=16, random_offset=True, seed=seed)
+            seeked = read_clip(path, dataclasses.replace(spec, from_keyframe=True))
+            assert np.array_equal(seeked, read_clip(path, spec)), seed
 
 
 def test_a_video_whose_timestamps_skip_is_read_from_the_start(tmp_path, ramp):
