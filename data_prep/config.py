@@ -53,7 +53,7 @@ class ClipConfig(BaseModel):
     preset: str = "ultrafast"
     # frames from one keyframe to the next: training decodes a window from the keyframe before it, where
     # x264's own 250 meant decoding from the clip's start. On the corpus, 32 (with one decoder thread)
-    # took 2.0x less decoding CPU for an image-mode sample, 1.2x for a 16-frame window, for 8 % more
+    # took 3.3-3.6x less decoding CPU for an image-mode sample, 1.5x for a 16-frame window, for 8 % more
     # bytes (26 % on a still scene; bench/loader.py, bench/RESULTS.md)
     keyframe_every: int = Field(32, ge=1)
 
