@@ -78,8 +78,8 @@ def square_crop(video: np.ndarray, rng: random.Random | None) -> np.ndarray:
 
 def resized(video: np.ndarray, size: int) -> torch.Tensor:
     """uint8 [T,S,S,3] -> uint8 [3,T,size,size], antialiased bilinear. Torch's uint8 kernel (the layout
-    it wants is the frames' own, channels last) took 1 ms for 16 frames from 256 to 64 px where the
-    float one took 15, and is within one grey level of it."""
+    it wants is the frames' own, channels last): 1.5 ms for 16 frames from 256 to 64 px where the float
+    one took 17 (bench/RESULTS.md), and within one grey level of it."""
     frames = np.require(video, requirements=["C", "W"])  # PIL's arrays are read-only (torch warns): copied
     x = rearrange(torch.from_numpy(frames), "t h w c -> t c h w")
     if x.shape[-1] != size:

@@ -101,8 +101,8 @@ def read_window(src: str | Path | bytes, indices: list[int]) -> np.ndarray:
     a clip of up to 10 s). Seeking needs frame numbers from timestamps, so a constant rate, which ingest
     clips have by construction; where a stream's header or any frame decoded shows otherwise, the frames
     come from read_frames, which counts them as decoded. (A file whose rate changed and changed back
-    before the window could pass those checks: hence for ingest clips.) One thread: it runs in a
-    DataLoader worker."""
+    before the window could pass those checks: hence for ingest clips.) One decoder thread: its callers
+    decode many clips side by side (DataLoader workers, evaluation's threads)."""
     with VideoReader(src, threads=False) as video:
         frames = video.seek_frames(indices)
     return np.stack([frames[i] for i in indices]) if frames is not None else read_frames(src, indices, False)[0]
