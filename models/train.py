@@ -48,6 +48,8 @@ class TrainResult:
     best_checkpoint: Path | None
     global_step: int
     train_loss: float
+    samples_per_s: float | None = None  # over the run but its first batch (TrainingSpeed)
+    data_wait: float | None = None
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -83,8 +85,9 @@ class TrainingSpeed(Callback):
 
     def __init__(self):
         self.last_end: float | None = None  # when the previous batch ended
-        self.elapsed = self.waited = 0.0
+        self.elapsed = self.waited = 0.0  # since the first batch ended
         self.samples = 0
+        self.at_log = (0.0, 0.0, 0)  # (elapsed, waited, samples) when it last logged
         self.logged_step = -1  # (batches of one accumulated step share its number)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -101,11 +104,16 @@ class TrainingSpeed(Callback):
             self.elapsed += now - self.last_end
             self.samples += pl_module.last_batch_size * trainer.world_size
         self.last_end = now
-        if logs and self.elapsed > 0:
-            pl_module.log_dict({"train/samples_per_s": self.samples / self.elapsed,
-                                "train/data_wait": self.waited / self.elapsed}, rank_zero_only=True, batch_size=1)
-            self.elapsed, self.waited, self.samples = 0.0, 0.0, 0
-            self.logged_step = step
+        if logs:
+            elapsed, waited, samples = (total - before for total, before in
+                                        zip((self.elapsed, self.waited, self.samples), self.at_log))
+            pl_module.log_dict({"train/samples_per_s": samples / elapsed, "train/data_wait": waited / elapsed},
+                               rank_zero_only=True, batch_size=1)
+            self.at_log, self.logged_step = (self.elapsed, self.waited, self.samples), step
+
+    def run_speed(self) -> tuple[float | None, float | None]:
+        """(samples/s, data wait share) over the whole run but its first batch; None before a second."""
+        return (self.samples / self.elapsed, self.waited / self.elapsed) if self.elapsed > 0 else (None, None)
 
 
 def fsdp_strategy(cls=None, bf16: bool = False):
@@ -221,4 +229,5 @@ def train_stage(stage: str, config: StageConfig | dict | str | Path, *, data_roo
         raise TrainingInterrupted(f"{stage} stopped at step {trainer.global_step}; {saved}") from None
     ckpt_cb = trainer.checkpoint_callback
     best = Path(ckpt_cb.best_model_path) if ckpt_cb and ckpt_cb.best_model_path else None
-    return TrainResult(stage, last, best, trainer.global_step, float(module.last_loss))
+    speed = next(cb for cb in trainer.callbacks if isinstance(cb, TrainingSpeed))
+    return TrainResult(stage, last, best, trainer.global_step, float(module.last_loss), *speed.run_speed())

@@ -595,18 +595,19 @@ def test_loss_decreases(data_root, tmp_path):
 
 
 def test_training_logs_its_speed_and_how_long_it_waited_for_data(data_root, tmp_path):
-    """train/samples_per_s and train/data_wait in the run's metrics: a loader that takes 0.3 s more
-    per batch shows as that wait (the share of each batch's time, times that time, is >= 0.3 s), and
-    the same training without it waits for a smaller share."""
+    """train/samples_per_s and train/data_wait in the run's metrics, and over the whole run (what `mav
+    train` prints): a loader that takes 0.3 s more per batch shows as that wait (the share of each
+    batch's time, times that time, is >= 0.3 s), and the same training without it waits for a
+    smaller share."""
     import time
 
     import pandas as pd
 
-    from models.train import build_trainer
+    from models.train import TrainingSpeed, build_trainer
 
     cfg = tiny("decoder", mode="image", **{"trainer.log_every": 2, "data.num_workers": 0, "trainer.ema_decay": 0})
 
-    def logged(delay: float, out: Path) -> pd.DataFrame:
+    def logged(delay: float, out: Path) -> tuple[pd.DataFrame, tuple]:
         datamodule = StageDataModule(cfg, data_root, "shapes").check()
 
         def batches():
@@ -614,12 +615,16 @@ def test_training_logs_its_speed_and_how_long_it_waited_for_data(data_root, tmp_
                 time.sleep(delay)
                 yield batch
 
-        build_trainer(cfg, out, max_steps=7).fit(build_stage(cfg), train_dataloaders=batches())
+        trainer = build_trainer(cfg, out, max_steps=7)
+        trainer.fit(build_stage(cfg), train_dataloaders=batches())
         metrics = pd.read_csv(out / "logs" / "version_0" / "metrics.csv")
-        return metrics.dropna(subset=["train/data_wait"])
+        run = next(cb for cb in trainer.callbacks if isinstance(cb, TrainingSpeed)).run_speed()
+        return pd.concat([metrics.dropna(subset=["train/data_wait"]),
+                          pd.DataFrame([{"step": "run", "train/samples_per_s": run[0], "train/data_wait": run[1]}])])
 
     slow, fast = logged(0.3, tmp_path / "slow"), logged(0.0, tmp_path / "fast")
-    assert slow["step"].tolist() == fast["step"].tolist() and len(slow) == 3  # after steps 2, 4, 6 (log_every 2)
+    # logged after steps 2, 4 and 6 (the CSV counts from 0), then the whole run's
+    assert slow["step"].tolist() == fast["step"].tolist() == [1, 3, 5, "run"]
     seconds_per_batch = cfg.data.batch_size / slow["train/samples_per_s"]
     assert (slow["train/data_wait"] * seconds_per_batch >= 0.29).all() and (slow["train/data_wait"] < 1).all()
     assert (fast["train/data_wait"] < slow["train/data_wait"] - 0.1).all(), (fast, slow)
