@@ -154,14 +154,17 @@ def train_stage_task(step_name: str, stage: str, config_path: str, overrides: di
             except AlreadyTrained as done:  # trained to the end by a run that then failed, or by another pipeline
                 result = TrainResult(stage, done.checkpoint, None, done.step, float("nan"))
             loss = result.train_loss if math.isfinite(result.train_loss) else None  # None: no step trained
+            speed = {"samples_per_s": result.samples_per_s, "data_wait": result.data_wait}  # over the run
             mlflow.log_metrics({"global_step": result.global_step}
-                               | ({"final_train_loss": loss} if loss is not None else {}))
+                               | ({"final_train_loss": loss} if loss is not None else {})
+                               | {name: value for name, value in speed.items() if value is not None})
             mlflow.log_artifact(str(result.checkpoint), artifact_path="checkpoints")
             source = f"{run.info.artifact_uri}/checkpoints/{result.checkpoint.name}"
             version_number = register_checkpoint(MlflowClient(tracking_uri), run.info.run_id, source, model_name,
                                                  step_name, cache_key, sha256_file(result.checkpoint))
         return {"step": step_name, "stage": stage, "checkpoint": str(result.checkpoint), "run_id": run.info.run_id,
-                "global_step": result.global_step, "train_loss": loss, "cache_key": cache_key,
+                "global_step": result.global_step, "train_loss": loss, "samples_per_s": result.samples_per_s,
+                "cache_key": cache_key,
                 "model_version": version_number, "parent_run_id": parent_run_id}
 
 
@@ -283,6 +286,8 @@ def pipeline(config: str = DEFAULT_CONFIG, dataset: str | None = None, data_root
                   + (f" (unchanged: reused run {result['run_id']})" if cached else ""))
             if loss is not None:
                 mlflow.log_metric(f"{result['step']}_train_loss", loss)
+            if result.get("samples_per_s") is not None:  # (none in a result from before it was recorded)
+                mlflow.log_metric(f"{result['step']}_samples_per_s", result["samples_per_s"])
             mlflow.set_tag(f"mav.step.{result['step']}.run", result["run_id"])
         checkpoints = {result["step"]: result["checkpoint"] for result in trained}
 

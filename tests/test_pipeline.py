@@ -77,6 +77,10 @@ def test_pipeline_end_to_end_then_cached_rerun(prefect_server, tmp_path, video_d
     decoder_run = next(r for r in children if r.info.run_name == "decoder")
     assert decoder_run.data.params["config.freeze_spatial"] == "True"
     assert len(client.get_metric_history(decoder_run.info.run_id, "train/loss")) == 4  # every step
+    for run in children:  # each stage's speed over its run, and in the parent for comparing pipeline runs
+        if run.info.run_name != "evaluate":
+            assert run.data.metrics["samples_per_s"] > 0 and 0 <= run.data.metrics["data_wait"] < 1, run.info.run_name
+            assert parent.data.metrics[f"{run.info.run_name}_samples_per_s"] == run.data.metrics["samples_per_s"]
     assert parent.info.artifact_uri.startswith((tmp_path / "mlartifacts").as_uri())
     artifacts = {a.path for a in client.list_artifacts(first["run_id"], "samples")}
     assert {"samples/sample-0000.mp4", "samples/sample-0000.gif", "samples/prompts.json",
