@@ -41,7 +41,7 @@ class VideoReader:
             raise ValueError("no video stream")
         if threads:
             self.stream.thread_type = "AUTO"
-        else:  # DataLoader workers decode side by side: a thread pool per clip cost 30-40 % more CPU there
+        else:  # DataLoader workers decode side by side: a thread pool per clip cost 20-40 % more CPU there
             self.stream.thread_type, self.stream.thread_count = "NONE", 1
         self.fps = float(self.stream.average_rate or self.stream.guessed_rate or 0) or 25.0
         self._shape: tuple | None = None
