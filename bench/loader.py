@@ -26,31 +26,28 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-import models.data  # noqa: E402
-import models.video_io  # noqa: E402
 from data_prep.clips import cut_source  # noqa: E402
-from data_prep.config import IngestConfig  # noqa: E402
+from data_prep.config import VIDEO_EXTENSIONS, IngestConfig  # noqa: E402
 from data_prep.probe import probe  # noqa: E402
 from models.config import load_config  # noqa: E402
-
-VIDEO_SUFFIXES = {".mp4", ".mkv", ".webm"}
-
+from models.data import ClipSampler  # noqa: E402
+from models.video_io import read_frames, read_window  # noqa: E402
 
 def cut_corpus(videos: Path, out: Path, keyframe_every: int) -> list[dict]:
     cfg = IngestConfig.model_validate({"clips": {"keyframe_every": keyframe_every}})
     rows = []
-    for n, video in enumerate(sorted(p for p in videos.iterdir() if p.suffix in VIDEO_SUFFIXES)):
+    for n, video in enumerate(sorted(p for p in videos.iterdir() if p.suffix.lower() in VIDEO_EXTENSIONS)):
         result = cut_source(video, probe(video), f"{n:064d}", out, cfg)
         rows += [{**row, "path": out / row["clip_path"].split("/", 1)[1]} for row in result.clips]
     return rows
 
 
 def from_the_start(src, indices: list[int]):
-    return models.video_io.read_frames(src, indices)[0]
+    return read_frames(src, indices)[0]
 
 
 def cpu_per_sample(sampler, rows: list[dict], samples: int, repeats: int, reader) -> tuple[float, float]:
-    """(CPU s per sample, of which decoding), the fastest of `repeats`; ClipSampler reads through `reader`."""
+    """(CPU s per sample, of which decoding), the fastest of `repeats`; the sampler reads through `reader`."""
     spent = [0.0]
 
     def timed_reader(src, indices):
@@ -60,18 +57,15 @@ def cpu_per_sample(sampler, rows: list[dict], samples: int, repeats: int, reader
         finally:
             spent[0] += time.process_time() - start
 
-    models.data.read_window = timed_reader
+    sampler.read = timed_reader
     best = (float("inf"), 0.0)
-    try:
-        for _ in range(repeats):
-            rng, spent[0] = random.Random(0), 0.0
-            start = time.process_time()
-            for i in range(samples):
-                row = rows[i % len(rows)]
-                sampler(row["path"], row, rng)
-            best = min(best, ((time.process_time() - start) / samples, spent[0] / samples))
-    finally:
-        models.data.read_window = models.video_io.read_window
+    for _ in range(repeats):
+        rng, spent[0] = random.Random(0), 0.0
+        start = time.process_time()
+        for i in range(samples):
+            row = rows[i % len(rows)]
+            sampler(row["path"], row, rng)
+        best = min(best, ((time.process_time() - start) / samples, spent[0] / samples))
     return best
 
 
@@ -93,10 +87,8 @@ def main() -> None:
               f"(+{100 * (size['32'] / size['250'] - 1):.0f} %)")
         ratios = {}
         for mode in ("video", "image"):
-            sampler = models.data.ClipSampler(load_config(REPO / "configs" / "base" / "decoder.yaml",
-                                                          {"mode": mode}))
-            ours_s, ours_decode = cpu_per_sample(sampler, ours, args.samples, args.repeats,
-                                                 models.video_io.read_window)
+            sampler = ClipSampler(load_config(REPO / "configs" / "base" / "decoder.yaml", {"mode": mode}))
+            ours_s, ours_decode = cpu_per_sample(sampler, ours, args.samples, args.repeats, read_window)
             before_s, before_decode = cpu_per_sample(sampler, before, args.samples, args.repeats, from_the_start)
             ratios[mode] = before_s / ours_s
             print(f"decoder {mode:5s} sample, CPU ms (of which decoding) | from the start {1000 * before_s:5.1f} "

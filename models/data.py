@@ -100,6 +100,7 @@ class ClipSampler:
         self.frames = config.data.frames if config.video else 1
         self.captions = config.stage == "prior"
         self.clip_size = config.data.clip_size if config.stage in CLIP_CONDITIONED else None
+        self.read = read_window  # (src, frame indices) -> uint8 [T,H,W,3]
 
     def __call__(self, src, row: dict, rng: random.Random, progress: float = 0.0) -> dict:
         n, fps = int(row["num_frames"]), float(row["fps"])
@@ -108,7 +109,7 @@ class ClipSampler:
         else:
             stride = draw_stride(fps, n, self.frames, self.cfg.fps_range, fps_beta_at(self.cfg, progress), rng)
             idx = window_indices(n, self.frames, stride, rng)
-        video = read_window(src, idx)
+        video = self.read(src, idx)
         square = square_crop(video, rng if self.cfg.random_crop else None)
         x = resize(square, self.cfg.size)
         sample = {"fps": torch.tensor(fps / stride, dtype=torch.float32), "caption": row.get("caption") or "",

@@ -105,7 +105,7 @@ def read_window(src: str | Path | bytes, indices: list[int]) -> np.ndarray:
     decode many clips side by side (DataLoader workers, evaluation's threads)."""
     with VideoReader(src, threads=False) as video:
         frames = video.seek_frames(indices)
-    return np.stack([frames[i] for i in indices]) if frames is not None else read_frames(src, indices, False)[0]
+    return np.stack([frames[i] for i in indices]) if frames is not None else read_frames(src, indices, threads=False)[0]
 
 
 def frame_time(frame: av.VideoFrame) -> Fraction | None:
