@@ -11,6 +11,9 @@ export HF_HUB_OFFLINE := 1
 
 .PHONY: setup demo test test-fast bench clean
 
+# pytest-xdist workers; tests/conftest.py gives each its share of the cores for torch
+TEST_WORKERS ?= 2
+
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
@@ -28,10 +31,10 @@ demo: $(STAMP)
 	$(VENV)/bin/mav pipeline
 
 test: $(STAMP)
-	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q tests
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q -n $(TEST_WORKERS) tests
 
 test-fast: $(STAMP)
-	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q -m "not slow and not server" tests
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q -n $(TEST_WORKERS) -m "not slow and not server" tests
 
 bench: $(STAMP)
 	$(PY) bench/ingest.py
