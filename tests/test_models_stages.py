@@ -631,6 +631,17 @@ def test_training_logs_its_speed_and_how_long_it_waited_for_data(data_root, tmp_
     assert (fast["train/samples_per_s"] > slow["train/samples_per_s"]).all()
 
 
+def test_training_logs_the_learning_rate_of_each_step(data_root, tmp_path):
+    """train/lr: the rate each step trained with, rising linearly over trainer.warmup_steps, then flat."""
+    import pandas as pd
+
+    cfg = tiny("decoder", mode="image", **{"trainer.log_every": 1, "trainer.warmup_steps": 4, "trainer.lr": 1e-3,
+                                           "trainer.ema_decay": 0})
+    train_stage("decoder", cfg, data_root=data_root, dataset="shapes", out_dir=tmp_path, max_steps=6)
+    metrics = pd.read_csv(tmp_path / "logs" / "version_0" / "metrics.csv").dropna(subset=["train/lr"])
+    assert metrics["train/lr"].tolist() == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
+
+
 class RecordStart(Callback):
     def on_train_start(self, trainer, pl_module):
         self.step = trainer.global_step

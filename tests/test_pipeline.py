@@ -77,6 +77,8 @@ def test_pipeline_end_to_end_then_cached_rerun(prefect_server, tmp_path, video_d
     decoder_run = next(r for r in children if r.info.run_name == "decoder")
     assert decoder_run.data.params["config.freeze_spatial"] == "True"
     assert len(client.get_metric_history(decoder_run.info.run_id, "train/loss")) == 4  # every step
+    rates = [m.value for m in client.get_metric_history(decoder_run.info.run_id, "train/lr")]
+    assert rates == pytest.approx([float(decoder_run.data.params["config.trainer.lr"])] * 4)  # warmup_steps 1: no ramp
     for run in children:  # each stage's speed over its run, and in the parent for comparing pipeline runs
         if run.info.run_name != "evaluate":
             assert run.data.metrics["samples_per_s"] > 0 and 0 <= run.data.metrics["data_wait"] < 1, run.info.run_name
