@@ -132,14 +132,14 @@ class DiffusionStage(L.LightningModule):
         # rank draws its own
         torch.manual_seed(stream_seed(self.config.trainer.seed, self.global_rank, self.batches_seen))
         self.batches_seen += 1
+        # the rate this step trains with (every group has the same): the warm-up's ramp beside the loss
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=1, rank_zero_only=True)
 
     def training_step(self, batch, batch_idx):
         x0, cond = self.conditioning(batch)
         loss = self.diffusion.loss(lambda x, t: self.denoise(x, t, cond), x0)
         # the mean over ranks (each rank sees its own batch), not rank 0's alone
         self.log("train/loss", loss, prog_bar=True, batch_size=x0.shape[0], sync_dist=True)
-        # the warm-up's ramp beside the loss (every group has the same rate)
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=1, rank_zero_only=True)
         self.last_loss = loss.detach()  # a tensor: float() here would wait for the GPU every step
         self.last_batch_size = x0.shape[0]  # (models.train.TrainingSpeed)
         return loss
