@@ -33,6 +33,7 @@ from models.config import load_config  # noqa: E402
 from models.data import ClipSampler  # noqa: E402
 from models.video_io import read_frames, read_window  # noqa: E402
 
+
 def cut_corpus(videos: Path, out: Path, keyframe_every: int) -> list[dict]:
     cfg = IngestConfig.model_validate({"clips": {"keyframe_every": keyframe_every}})
     rows = []

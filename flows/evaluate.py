@@ -274,8 +274,8 @@ def score_task(metrics: list[str], real: VideoSet | None, fake: VideoSet, prompt
     """-> ({metric: result}, the first 16 fake clips for the pictures, {"c3d_sha256": ...}).
     The fake videos are decoded once for every metric; the real ones (FVD) with one random
     offset per video, as StyleGAN-V does (a dataset's clips from the keyframe before it), the fake
-    ones from their first frame; with `fps`, the
-    clips of both come from the videos resampled to it (CLIPSIM still scores every fake frame)."""
+    ones from their first frame; with `fps`, the clips of both come from the videos resampled to it
+    (CLIPSIM still scores every fake frame)."""
     from eval.compute import ClipSpec, score_files
 
     fvd = clipsim = inception = None

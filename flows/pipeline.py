@@ -164,8 +164,7 @@ def train_stage_task(step_name: str, stage: str, config_path: str, overrides: di
                                                  step_name, cache_key, sha256_file(result.checkpoint))
         return {"step": step_name, "stage": stage, "checkpoint": str(result.checkpoint), "run_id": run.info.run_id,
                 "global_step": result.global_step, "train_loss": loss, "samples_per_s": result.samples_per_s,
-                "cache_key": cache_key,
-                "model_version": version_number, "parent_run_id": parent_run_id}
+                "cache_key": cache_key, "model_version": version_number, "parent_run_id": parent_run_id}
 
 
 @task(name="sample", cache_policy=NO_CACHE)
