@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# One prepared GPU session (device tool, about 6.5 minutes on an H100; WIDE=1 adds 3.5): the FSDP
-# GPU test, then the base decoder's MFU compiled block by block, channels_last (with a profile);
-# with WIDE=1 also at 192 channels.
+# One prepared GPU session (device tool, about 6.5 minutes on an H100): the FSDP GPU test, the
+# attention and temporal-conv kernels at the base decoder's shapes (bench/kernels.py), the base
+# decoder's step eager with torch's attention choice and without cuDNN attention, then compiled block
+# by block, channels_last (with a profile). PARTS picks some of "fsdp kernels eager compiled";
+# WIDE=1 adds the compiled step at 192 channels (3.5 minutes more).
 # Expects wheels for what the CUDA image lacks in .whl/ (pydantic, pydantic_core,
 # annotated-types, typing-inspection, diffusers, av, webdataset, braceexpand, importlib_metadata,
 # zipp): .whl is git-ignored, so the device call must name it in `carry`. The image's python3 is
@@ -15,6 +17,7 @@
 # Results and their dates: bench/RESULTS.md.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
+PARTS=${PARTS:-fsdp kernels eager compiled}
 mkdir -p "$OUT"
 if ! ls .whl/*.whl >/dev/null 2>&1; then
   echo "no wheels in .whl/: run the device call with carry [\".whl\"]" >&2
@@ -24,24 +27,37 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
   && export PYTHONPATH=/tmp/site
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 MAV_CACHE=/tmp/mav-cache
 # before any device minute goes to a run that cannot start (a wheel for another Python, a new import)
-if ! python3 -c "import tests.test_models_gpu, bench.train_step" 2>"$OUT/imports.txt"; then
+if ! python3 -c "import tests.test_models_gpu, bench.train_step, bench.kernels" 2>"$OUT/imports.txt"; then
   tail -3 "$OUT/imports.txt" >&2
-  echo "the GPU tests or the benchmark do not import here: see $OUT/imports.txt" >&2
+  echo "the GPU tests or the benchmarks do not import here: see $OUT/imports.txt" >&2
   exit 3
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
 python3 -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__)" | tee -a "$OUT/device.txt"
 date -u +%Y-%m-%dT%H:%MZ | tee -a "$OUT/device.txt"
-# the FSDP test only: the compiled channels_last bf16 path passed before and runs again in the bench below
-timeout 170 python3 -m pytest -q -m gpu -k fsdp -p no:cacheprovider -p no:warnings --tb=short tests/test_models_gpu.py \
-  > "$OUT/gpu_tests.txt" 2>&1
-grep -E '^(FAILED|ERROR|E  )|passed|failed' "$OUT/gpu_tests.txt" | tail -15
+part() { [[ " $PARTS " == *" $1 "* ]]; }
+if part fsdp; then  # the compiled channels_last bf16 path runs in the benchmark below
+  timeout 170 python3 -m pytest -q -m gpu -k fsdp -p no:cacheprovider -p no:warnings --tb=short tests/test_models_gpu.py \
+    > "$OUT/gpu_tests.txt" 2>&1
+  grep -E '^(FAILED|ERROR|E  )|passed|failed' "$OUT/gpu_tests.txt" | tail -15
+fi
+if part kernels; then
+  timeout 100 python3 bench/kernels.py 2>&1 | tee "$OUT/kernels.txt"
+fi
 # the whole log in $OUT (a dynamo "falling back to eager" warning matters); the filtered one on screen
 bench() { timeout "$1" python3 bench/train_step.py --size base --device cuda --stages decoder "${@:2}" 2>&1 \
   | tee -a "$OUT/train_step_full.txt" | grep -v -e Warning -e warn -e '^Loading' -e '^Writing' \
   | tee -a "$OUT/train_step.txt"; }
-echo "== compiled block by block, channels_last, batch 16 (+ profile)" | tee -a "$OUT/train_step.txt"
-bench 195 --channels-last --batch-size 16 --compile --profile "$OUT/profile_compiled.txt"
+if part eager; then
+  echo "== eager, channels_last, batch 16, torch's attention choice" | tee -a "$OUT/train_step.txt"
+  bench 60 --channels-last --batch-size 16
+  echo "== eager, channels_last, batch 16, no cuDNN attention" | tee -a "$OUT/train_step.txt"
+  bench 60 --channels-last --batch-size 16 --sdpa flash efficient math
+fi
+if part compiled; then
+  echo "== compiled block by block, channels_last, batch 16 (+ profile)" | tee -a "$OUT/train_step.txt"
+  bench 240 --channels-last --batch-size 16 --compile --profile "$OUT/profile_compiled.txt" ${COMPILED_ARGS:-}
+fi
 # width: at 128 channels the 64x64 level's ResBlocks move more bytes per FLOP than an H100's
 # ridge point (about 300 FLOP/byte in bf16); at 192 they move less (RESULTS.md, next steps)
 if [ "${WIDE:-0}" = 1 ]; then

@@ -17,12 +17,14 @@ import time
 from pathlib import Path
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[1]
 import sys  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
+from bench.kernels import SDPA_BACKENDS  # noqa: E402
 from models.config import STAGES, load_config, parse_overrides  # noqa: E402
 from models.stages import build_stage  # noqa: E402
 
@@ -55,8 +57,6 @@ def model_flops(module, cfg, device) -> float:
     runs as plain matmuls here, since the counter's formula for the fused kernels' backward
     includes their recomputation of the scores (5 matmuls where the model needs 4) and it has
     none for the CPU flash kernel."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     small = cfg.model_copy(deep=True)
     small.data.batch_size = 2
     checkpointing = getattr(module.net, "grad_checkpoint", False)
@@ -146,7 +146,11 @@ def main():
                     help="recompute U-Net blocks in backward (larger batches); default: the config's")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
     ap.add_argument("--profile", metavar="FILE", help="write the top kernels of two steps (last stage) to FILE")
+    ap.add_argument("--sdpa", nargs="+", choices=list(SDPA_BACKENDS),
+                    help="the scaled_dot_product_attention backends torch may choose from (default: all)")
     args = ap.parse_args()
+    if args.sdpa:  # for the whole run: eager steps read the choice at each call, compiled ones when traced
+        sdpa_kernel([SDPA_BACKENDS[name] for name in args.sdpa]).__enter__()
     device = torch.device(args.device)
     peak = None
     if device.type == "cuda":
