@@ -78,8 +78,9 @@ def conv_variants(x, weight, bias, frames):
     return {"conv3d (3,1,1)": conv3d, "conv2d (3,1)": conv2d}
 
 
-def compare(title, variants, inputs, device, repeats, dtype):
-    """Time forward + backward of each variant; check each output against the first."""
+def compare(title, variants, inputs, device, repeats, dtype, flops=None):
+    """Time forward + backward of each variant; check each output against the first. flops: the
+    model FLOPs of one forward + backward, for the rate achieved."""
     print(f"== {title}", flush=True)
     reference, results = None, {}
     for name, fn in variants.items():
@@ -100,7 +101,8 @@ def compare(title, variants, inputs, device, repeats, dtype):
             reference = out
         error = ((out - reference).norm() / reference.norm()).item()
         results[name] = seconds
-        print(f"  {name:18s} {seconds * 1e3:9.2f} ms  (relative difference {error:.1e})", flush=True)
+        rate = f"  {flops / seconds / 1e12:6.1f} TFLOP/s" if flops else ""
+        print(f"  {name:18s} {seconds * 1e3:9.2f} ms{rate}  (relative difference {error:.1e})", flush=True)
     return results
 
 
@@ -124,18 +126,29 @@ def main():
     for side, dim in ((32, 256), (16, 384), (8, 512)):  # the attention levels of the base decoder
         pixels = side * side
         q, k, v = (leaf(clips * pixels, heads, frames, dim_head) for _ in range(3))
+        # forward: two matmuls of 2*n*m*d each; backward: twice that (no recomputation counted)
+        flops = 3 * 4 * clips * pixels * heads * frames * frames * dim_head
         summary[side] = compare(f"temporal attention, {side}x{side}: {clips * pixels} x {heads} heads x "
                                 f"{frames} tokens x {dim_head}", attention_variants(q, k, v), (q, k, v),
-                                device, args.repeats, dtype)
+                                device, args.repeats, dtype, flops)
         q = leaf(clips * frames, heads, pixels, dim_head)
         k, v = (leaf(clips * frames, heads, pixels + 4, dim_head) for _ in range(2))
+        flops = 3 * 4 * clips * frames * heads * pixels * (pixels + 4) * dim_head
         compare(f"spatial attention, {side}x{side}: {clips * frames} x {heads} heads x {pixels} queries x "
-                f"{pixels + 4} keys", attention_variants(q, k, v), (q, k, v), device, args.repeats, dtype)
+                f"{pixels + 4} keys", attention_variants(q, k, v), (q, k, v), device, args.repeats, dtype, flops)
+    for side, dim in ((64, 128), (32, 256), (16, 384), (8, 512)):  # frozen in video mode: input gradients only
+        x = leaf(clips * frames, dim, side, side).detach().to(memory_format=torch.channels_last).requires_grad_()
+        weight = leaf(dim, dim, 3, 3).detach().to(memory_format=torch.channels_last)
+        flops = 2 * 2 * clips * frames * side * side * dim * dim * 9
+        compare(f"frozen spatial 3x3 conv, {side}x{side}, {dim} channels, channels_last",
+                {"conv2d": lambda x=x, weight=weight: F.conv2d(x, weight, padding=1)}, (x,), device, args.repeats,
+                dtype, flops)
     for side, dim in ((64, 128), (32, 256)):
         x = leaf(clips * frames, dim, side, side).detach().to(memory_format=torch.channels_last).requires_grad_()
         weight, bias = leaf(dim, dim, 3), leaf(dim)
+        flops = 3 * 2 * clips * frames * side * side * dim * dim * 3
         compare(f"temporal conv, {side}x{side}, {dim} channels, channels_last", conv_variants(x, weight, bias, frames),
-                (x, weight, bias), device, args.repeats, dtype)
+                (x, weight, bias), device, args.repeats, dtype, flops)
     times = summary[32]
     fastest, slowest = min(times, key=times.get), max(times, key=times.get)
     print(f"temporal attention 32x32: {slowest} / {fastest} = {times[slowest] / times[fastest]:.1f}x")
