@@ -17,15 +17,15 @@ import time
 from pathlib import Path
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import SDPBackend
 from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[1]
 import sys  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
-from bench.kernels import SDPA_BACKENDS  # noqa: E402
 from models.config import STAGES, load_config, parse_overrides  # noqa: E402
+from models.layers import Attention  # noqa: E402
 from models.stages import build_stage  # noqa: E402
 
 # dense bf16 tensor-core FLOP/s by device name; the first key found in the name wins (PCIe and NVL first)
@@ -61,14 +61,20 @@ def model_flops(module, cfg, device) -> float:
     small.data.batch_size = 2
     checkpointing = getattr(module.net, "grad_checkpoint", False)
     module.net.grad_checkpoint = False
+    attentions = [m for m in module.modules() if isinstance(m, Attention)]
+    kernels = [m.kernels for m in attentions]
+    for m in attentions:  # each layer's own choice of kernels would override an outer sdpa_kernel
+        m.kernels = (SDPBackend.MATH,)
     counter = FlopCounterMode(display=False)
-    with counter, sdpa_kernel(SDPBackend.MATH):
+    with counter:
         with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
             x0, cond = module.conditioning(random_batch(small, device))
             loss = module.diffusion.loss(lambda x, t: module.denoise(x, t, cond), x0)
         loss.backward()
     module.zero_grad(set_to_none=True)
     module.net.grad_checkpoint = checkpointing
+    for m, k in zip(attentions, kernels):
+        m.kernels = k
     return counter.get_total_flops() * cfg.data.batch_size / 2
 
 
@@ -146,11 +152,7 @@ def main():
                     help="recompute U-Net blocks in backward (larger batches); default: the config's")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
     ap.add_argument("--profile", metavar="FILE", help="write the top kernels of two steps (last stage) to FILE")
-    ap.add_argument("--sdpa", nargs="+", choices=list(SDPA_BACKENDS),
-                    help="the scaled_dot_product_attention backends torch may choose from (default: all)")
     args = ap.parse_args()
-    if args.sdpa:  # for the whole run: eager steps read the choice at each call, compiled ones when traced
-        sdpa_kernel([SDPA_BACKENDS[name] for name in args.sdpa]).__enter__()
     device = torch.device(args.device)
     peak = None
     if device.type == "cuda":

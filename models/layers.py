@@ -13,6 +13,15 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+# scaled_dot_product_attention's kernels, fastest first, forward + backward at the base decoder's
+# shapes on an H200 (bench/kernels.py; bench/RESULTS.md): over a frame's pixels cuDNN's (1.5x flash at
+# 1024 tokens), over 16 frames the memory-efficient one (2.4x flash). CPUs have flash and math.
+PIXEL_KERNELS = (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                 SDPBackend.MATH)
+FRAME_KERNELS = (SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
+                 SDPBackend.MATH)
 
 
 def sinusoidal_embedding(x: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -104,12 +113,15 @@ class PseudoConv3d(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head attention over token sequences via scaled_dot_product_attention."""
+    """Multi-head attention over token sequences via scaled_dot_product_attention, through the first
+    of `kernels` that takes the inputs."""
 
-    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int | None = None):
+    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int | None = None,
+                 kernels: tuple[SDPBackend, ...] = PIXEL_KERNELS):
         super().__init__()
         inner = heads * dim_head
         self.heads = heads
+        self.kernels = kernels
         self.to_q = nn.Linear(dim, inner, bias=False)
         self.to_kv = nn.Linear(dim, 2 * inner, bias=False)
         # extra context tokens (CLIP image embedding, unCLIP style) join the keys and values
@@ -123,7 +135,8 @@ class Attention(nn.Module):
             kv = torch.cat([kv, self.context_to_kv(context)], dim=1)
         k, v = kv.chunk(2, dim=-1)
         q, k, v = (rearrange(z, "b n (h d) -> b h n d", h=self.heads) for z in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v)
+        with sdpa_kernel(list(self.kernels), set_priority=True):
+            out = F.scaled_dot_product_attention(q, k, v)
         return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
 
 
@@ -149,7 +162,7 @@ class TemporalAttention(nn.Module):
         super().__init__()
         self.dim = dim
         self.norm = LayerNorm(dim)
-        self.attn = Attention(dim, heads, dim_head)
+        self.attn = Attention(dim, heads, dim_head, kernels=FRAME_KERNELS)
         zero_(self.attn.to_out)
 
     def forward(self, x: torch.Tensor, frames: int) -> torch.Tensor:

@@ -5,6 +5,7 @@ here FSDP runs on CUDA with bf16 parameter copies.)
 
 Skipped without a GPU (CI has none); run on a GPU host with `pytest -m gpu`.
 """
+import os
 from pathlib import Path
 
 import lightning as L
@@ -28,6 +29,10 @@ def tiny(stage, **overrides):
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
+    """The clips are written with an ffmpeg binary. A GPU host without one (the device machine) is
+    given a copy written elsewhere: MAV_GPU_TEST_DATA names its root, as bench/gpu_run.sh does."""
+    if os.environ.get("MAV_GPU_TEST_DATA"):
+        return Path(os.environ["MAV_GPU_TEST_DATA"])
     root = tmp_path_factory.mktemp("data")
     write_synthetic_dataset(root, "shapes", num_clips=8, frames=20, size=64, fps=12)
     return root
