@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# One prepared GPU session (device tool, about 6.5 minutes on an H100): the FSDP GPU test, the
+# One prepared GPU session (device tool, about 6 minutes on an H200): the FSDP GPU test, the
 # attention and temporal-conv kernels at the base decoder's shapes (bench/kernels.py), the base
-# decoder's step eager with torch's attention choice and without cuDNN attention, then compiled block
-# by block, channels_last (with a profile). PARTS picks some of "fsdp kernels eager compiled";
-# WIDE=1 adds the compiled step at 192 channels (3.5 minutes more).
+# decoder's training step eager, then compiled block by block (with a profile), both channels_last.
+# PARTS picks some of "fsdp kernels eager compiled"; WIDE=1 adds the compiled step at 192 channels
+# (3.5 minutes more). The FSDP test's clips need an ffmpeg binary, which the device image lacks:
+# write them here first and carry them too (carry [".whl", ".gpu_test_data"]):
+#   .venv/bin/python -c "from pathlib import Path; from data_prep.synthetic import write_synthetic_dataset as w; \
+#     w(Path('.gpu_test_data'), 'shapes', num_clips=8, frames=20, size=64, fps=12)"
 # Expects wheels for what the CUDA image lacks in .whl/ (pydantic, pydantic_core,
 # annotated-types, typing-inspection, diffusers, av, webdataset, braceexpand, importlib_metadata,
 # zipp): .whl is git-ignored, so the device call must name it in `carry`. The image's python3 is
@@ -56,7 +59,7 @@ if part eager; then
 fi
 if part compiled; then
   echo "== compiled block by block, channels_last, batch 16 (+ profile)" | tee -a "$OUT/train_step.txt"
-  bench 240 --channels-last --batch-size 16 --compile --profile "$OUT/profile_compiled.txt" ${COMPILED_ARGS:-}
+  bench 240 --channels-last --batch-size 16 --compile --profile "$OUT/profile_compiled.txt"
 fi
 # width: at 128 channels the 64x64 level's ResBlocks move more bytes per FLOP than an H100's
 # ridge point (about 300 FLOP/byte in bf16); at 192 they move less (RESULTS.md, next steps)

@@ -125,45 +125,20 @@ def bench_stage(size, stage, device, steps, warmup, batch_size=None, compile_net
                 warmup_s=warmup_s)
 
 
-NOT_OUR_FRAMES = ("torch/nn/modules/module.py", "einops/", "torch/autograd/", "torch/_tensor.py")
-
-
-def python_frames(event, limit: int = 5) -> tuple[str, ...]:
-    """The innermost Python lines above a profiled op (none for backward ops: autograd's threads)."""
-    frames = []
-    while event is not None and len(frames) < limit:
-        if ".py(" in event.name and not any(noise in event.name for noise in NOT_OUR_FRAMES):
-            frames.append(event.name)
-        event = event.cpu_parent
-    return tuple(frames)
-
-
 def write_profile(module, opt, batch, device, path: Path):
-    """Two steps by device time, for deciding what to optimise next: by kernel, by op and input
-    shapes, and the copies by the Python lines that launch them (inside compiled code or not)."""
-    from collections import defaultdict
-
+    """Two steps by device time, for deciding what to optimise next: by kernel, then by op and
+    input shapes (which tensors the copies move)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities, record_shapes=True, with_stack=True) as prof:
+    with profile(activities=activities, record_shapes=True) as prof:
         for _ in range(2):
             step(module, opt, batch, device)
         sync(device)
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    copies = defaultdict(lambda: [0.0, 0])  # (op, frames) -> [device or CPU µs, calls]
-    for event in prof.events():
-        if event.name in ("aten::copy_", "aten::cat", "aten::clone"):
-            total = copies[event.name, python_frames(event)]
-            total[0] += event.device_time_total if device.type == "cuda" else event.cpu_time_total
-            total[1] += 1
-    lines = [prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=90),
-             prof.key_averages(group_by_input_shape=True).table(sort_by=key, row_limit=40, max_name_column_width=60,
-                                                                max_shapes_column_width=110)]
-    for (name, frames), (us, calls) in sorted(copies.items(), key=lambda item: -item[1][0])[:15]:
-        lines.append(f"{name}: {us / 1e3:.2f} ms in {calls} calls, from:\n" +
-                     "\n".join(f"    {frame}" for frame in frames or ["(no Python caller: backward)"]))
-    path.write_text("\n\n".join(lines))
+    path.write_text(prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=90) + "\n\n" +
+                    prof.key_averages(group_by_input_shape=True).table(
+                        sort_by=key, row_limit=40, max_name_column_width=60, max_shapes_column_width=110))
 
 
 def main():

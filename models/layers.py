@@ -25,7 +25,8 @@ PIXEL_KERNELS = (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBack
 def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v as two batched matmuls. Over 16 frames faster than every fused
     kernel (3.7x flash, 1.5x the memory-efficient one on an H200), which tile 64 or more queries at
-    a time. einsum, not @: inductor rewrites the @ form back into scaled_dot_product_attention."""
+    a time. einsum, not @: inductor's pattern matcher turns softmax(q @ k^T) @ v back into
+    scaled_dot_product_attention where it matches (it does for a bare function of q, k, v)."""
     scores = torch.einsum("bhnd,bhmd->bhnm", q, k) * q.shape[-1] ** -0.5
     return torch.einsum("bhnm,bhmd->bhnd", scores.softmax(dim=-1).to(v.dtype), v)
 
