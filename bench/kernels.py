@@ -6,7 +6,7 @@ shapes (batch 16 clips of 16 frames at 64x64), timed for every way torch can run
 
 - Temporal attention (16 tokens per pixel, very many sequences) and spatial attention (1024
   pixels + 4 context tokens per frame) through each scaled_dot_product_attention backend, and
-  the temporal one also as plain matmuls.
+  the temporal one also as the model runs it (models.layers.matmul_attention).
 - The temporal convolution as a (3,1,1) Conv3d on channels_last_3d frames (what TemporalConv
   does) and as a (3,1) Conv2d on a [b, c, t, (h w)] view of the same memory.
 Each variant's output is checked against the first one's. The last line is the ratio of the
@@ -15,11 +15,17 @@ slowest to the fastest temporal-attention variant.
 from __future__ import annotations
 
 import argparse
+import sys
+import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from models.layers import matmul_attention  # noqa: E402
 
 SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
                  "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
@@ -27,8 +33,6 @@ SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EF
 
 def timed(fn, device, repeats: int) -> float:
     """Median seconds of fn() (forward + backward), after two warm-up calls."""
-    import time
-
     fn(), fn()
     times = []
     for _ in range(repeats):
@@ -44,12 +48,6 @@ def timed(fn, device, repeats: int) -> float:
             fn()
             times.append(time.perf_counter() - t0)
     return sorted(times)[len(times) // 2]
-
-
-def matmul_attention(q, k, v):
-    """Attention as two batched matmuls: for 16 keys the scores are tiny, no tiling needed."""
-    scores = torch.einsum("bhnd,bhmd->bhnm", q, k) * q.shape[-1] ** -0.5
-    return torch.einsum("bhnm,bhmd->bhnd", scores.softmax(dim=-1), v)
 
 
 def attention_variants(q, k, v):
