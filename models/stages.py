@@ -97,7 +97,7 @@ class DiffusionStage(L.LightningModule):
             self.net.to(memory_format=torch.channels_last)
         if self.config.trainer.compile:  # in place: state_dict keys unchanged
             if isinstance(self.net, UNet):
-                self.net.compile_blocks()
+                self.net.compile_blocks(channels_last=self.config.trainer.channels_last)
             else:  # static shapes: a shape change recompiles instead of switching to symbolic ones
                 self.net.compile(dynamic=False)
 

@@ -210,17 +210,25 @@ class UNet(nn.Module):
             h = rearrange(h, "(b t) c h w -> b c t h w", b=b)
         return h
 
-    def compile_blocks(self) -> None:
+    def compile_blocks(self, channels_last: bool = False) -> None:
         """torch.compile each ResBlock and AttentionBlock (regional compilation), in place. Blocks of
         the same shape share one compiled graph and the graphs are small: the base decoder compiled
         in 147 s on an H100 host, where the whole U-Net as one graph had not finished after 200 s
         (1.5x faster on CPU too). Within a block the same work is fused (norms, SiLU, scale-shift,
-        residuals, layout copies); only fusion across block boundaries is given up."""
+        residuals, layout copies); only fusion across block boundaries is given up.
+
+        channels_last: keep every block's convolutions channels_last. On CUDA inductor does so only
+        where its heuristic expects a gain, and it expects none for a convolution with at least
+        twice as many input channels as outputs, which 9 of the 12 up-path ResBlocks have (the skip
+        concatenation). In the base decoder's compiled step on an H200 the activation copies
+        came 6 per step from each such block (18 at 64x64, 12 at 32x32: 7 % of the step;
+        bench/RESULTS.md). The CPU's inductor always keeps channels_last."""
         blocks = [m for m in self.modules() if isinstance(m, (ResBlock, AttentionBlock))]
         # one cache entry per distinct block shape, over the default 8 per code object
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(blocks))
+        options = {"force_layout_optimization": True} if channels_last else None
         for block in blocks:
-            block.compile(dynamic=False)  # static shapes: a new shape recompiles, no symbolic kernels
+            block.compile(dynamic=False, options=options)  # static shapes: a new shape recompiles
 
     def temporal_parameters(self):
         return [p for n, p in self.named_parameters() if "temporal" in n]

@@ -66,6 +66,33 @@ def test_compiled_temporal_attention_stays_matmuls():
     assert code.count("extern_kernels.bmm") == 6  # 2 forward, 4 backward
 
 
+@pytest.mark.slow
+def test_compiled_channels_last_unet_equals_eager():
+    """compile_blocks(channels_last=True), as trainer.compile + trainer.channels_last train: each
+    block compiled with inductor's channels_last layout forced gives the eager video U-Net's
+    output and gradients."""
+    # one level: fewer distinct block shapes to compile (each ~5 s cold on the CPU), one of them an
+    # up-path ResBlock with twice as many input channels as outputs (the skip concatenation)
+    small = {**TINY, "channel_mults": (1,), "attn_levels": (0,)}
+    torch.manual_seed(0)
+    eager = perturb_(UNet(in_channels=3, cond_dim=16, temporal=True, **small)).to(memory_format=torch.channels_last)
+    compiled = UNet(in_channels=3, cond_dim=16, temporal=True, **small).to(memory_format=torch.channels_last)
+    compiled.load_state_dict(eager.state_dict())
+    compiled.compile_blocks(channels_last=True)
+    x = torch.randn(2, 3, 4, 16, 16)
+    t, emb, fps = torch.tensor([10, 500]), torch.randn(2, 16), torch.tensor([4.0, 8.0])
+    outputs, grads = [], []
+    for net in (eager, compiled):
+        x_ = x.clone().requires_grad_()
+        y = net(x_, t, emb, fps)
+        (grad,) = torch.autograd.grad(y.square().sum(), x_)
+        outputs.append(y.detach())
+        grads.append(grad)
+    assert compiled.down[0][0]._compiled_call_impl is not None
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("temporal", [False, True])
 def test_unet_shapes_for_images_and_videos(temporal):
     net = UNet(in_channels=3, cond_dim=16, temporal=temporal, **TINY)
