@@ -220,9 +220,10 @@ class UNet(nn.Module):
         channels_last: keep every block's convolutions channels_last. On CUDA inductor does so only
         where its heuristic expects a gain, and it expects none for a convolution with at least
         twice as many input channels as outputs, which 9 of the 12 up-path ResBlocks have (the skip
-        concatenation). In the base decoder's compiled step on an H200 the activation copies
-        came 6 per step from each such block (18 at 64x64, 12 at 32x32: 7 % of the step;
-        bench/RESULTS.md). The CPU's inductor always keeps channels_last."""
+        concatenation). The activation copies in the base decoder's compiled step on an H200 (18
+        at 64x64, 12 at 32x32: 7 % of the step) match 6 per step from each such block
+        (bench/RESULTS.md; the forced layout is not yet measured there). The CPU's inductor always
+        keeps channels_last."""
         blocks = [m for m in self.modules() if isinstance(m, (ResBlock, AttentionBlock))]
         # one cache entry per distinct block shape, over the default 8 per code object
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(blocks))
