@@ -9,8 +9,8 @@ shapes (batch 16 clips of 16 frames at 64x64), timed for every way torch can run
   the temporal one also as the model runs it (models.layers.matmul_attention).
 - The temporal convolution as a (3,1,1) Conv3d on channels_last_3d frames (what TemporalConv
   does) and as a (3,1) Conv2d on a [b, c, t, (h w)] view of the same memory.
-Each variant's output is checked against the first one's. The last line is the ratio of the
-slowest to the fastest temporal-attention variant.
+Each variant's output and input gradients are checked against the first one's. The last line
+is the ratio of the slowest to the fastest temporal-attention variant.
 """
 from __future__ import annotations
 
@@ -77,27 +77,31 @@ def conv_variants(x, weight, bias, frames):
 
 
 def compare(title, variants, inputs, device, repeats, dtype, flops=None):
-    """Time forward + backward of each variant; check each output against the first. flops: the
-    model FLOPs of one forward + backward, for the rate achieved."""
+    """Time forward + backward of each variant; check its output and the inputs' gradients against
+    the first variant's. flops: the model FLOPs of one forward + backward, for the rate achieved."""
     print(f"== {title}", flush=True)
-    reference, results = None, {}
+    reference, grad_out, results = None, None, {}
     for name, fn in variants.items():
         def step(fn=fn):
+            nonlocal grad_out
             with torch.autocast(device.type, dtype, enabled=device.type == "cuda"):
                 out = fn()
-            out.backward(torch.ones_like(out))
+            if grad_out is None:  # one random upstream gradient for every variant
+                grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(0)).to(out)
+            out.backward(grad_out)
             return out
         try:
-            out = step().detach().float()
             for t in inputs:
                 t.grad = None
+            out = step().detach().float()
+            checked = torch.cat([out.flatten()] + [t.grad.float().flatten() for t in inputs])
             seconds = timed(step, device, repeats)
         except RuntimeError as err:  # a backend that does not take this shape or dtype
             print(f"  {name:18s} not available: {str(err).splitlines()[0][:100]}", flush=True)
             continue
         if reference is None:
-            reference = out
-        error = ((out - reference).norm() / reference.norm()).item()
+            reference = checked
+        error = ((checked - reference).norm() / reference.norm()).item()
         results[name] = seconds
         rate = f"  {flops / seconds / 1e12:6.1f} TFLOP/s" if flops else ""
         print(f"  {name:18s} {seconds * 1e3:9.2f} ms{rate}  (relative difference {error:.1e})", flush=True)
