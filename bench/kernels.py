@@ -7,6 +7,8 @@ shapes (batch 16 clips of 16 frames at 64x64), timed for every way torch can run
 - Temporal attention (16 tokens per pixel, very many sequences) and spatial attention (1024
   pixels + 4 context tokens per frame) through each scaled_dot_product_attention backend, and
   the temporal one also as the model runs it (models.layers.matmul_attention).
+- The frozen 3x3 convolutions of each level (forward + input gradient: video mode trains only
+  the temporal layers).
 - The temporal convolution as a (3,1,1) Conv3d on channels_last_3d frames (what TemporalConv
   does) and as a (3,1) Conv2d on a [b, c, t, (h w)] view of the same memory.
 Each variant's output and input gradients are checked against the first one's. The last line

@@ -13,6 +13,7 @@ negligible part of each stage's FLOPs.
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from pathlib import Path
 
@@ -107,9 +108,11 @@ def bench_stage(size, stage, device, steps, warmup, batch_size=None, compile_net
     t0 = time.perf_counter()
     for _ in range(steps):
         loss = step(module, opt, batch, device)
-    loss.item()
+    last_loss = loss.item()
     sync(device)
     dt = (time.perf_counter() - t0) / steps
+    if not math.isfinite(last_loss):  # a kernel that computes garbage fast is not a speed-up
+        raise SystemExit(f"{stage}: the training loss is {last_loss} after {warmup + steps} steps")
     print(f"# {stage}: {dt:.3f} s/step, {flops / dt / 1e12:.1f} TFLOP/s", flush=True)
     if profile:
         write_profile(module, opt, batch, device, Path(profile))
