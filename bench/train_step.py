@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import torch
-from torch.nn.attention import SDPBackend
 from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,11 +25,9 @@ import sys  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
 from models.config import STAGES, load_config, parse_overrides  # noqa: E402
-from models.layers import Attention  # noqa: E402
+from models.flops import math_attention, peak_bf16  # noqa: E402
 from models.stages import build_stage  # noqa: E402
 
-# dense bf16 tensor-core FLOP/s by device name; the first key found in the name wins (PCIe and NVL first)
-PEAK_BF16 = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
 def random_batch(cfg, device):
@@ -62,20 +59,14 @@ def model_flops(module, cfg, device) -> float:
     small.data.batch_size = 2
     checkpointing = getattr(module.net, "grad_checkpoint", False)
     module.net.grad_checkpoint = False
-    attentions = [m for m in module.modules() if isinstance(m, Attention) and m.kernels is not None]
-    kernels = [m.kernels for m in attentions]
-    for m in attentions:  # each layer's own choice of kernels would override an outer sdpa_kernel
-        m.kernels = (SDPBackend.MATH,)
     counter = FlopCounterMode(display=False)
-    with counter:
+    with counter, math_attention(module):
         with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
             x0, cond = module.conditioning(random_batch(small, device))
             loss = module.diffusion.loss(lambda x, t: module.denoise(x, t, cond), x0)
         loss.backward()
     module.zero_grad(set_to_none=True)
     module.net.grad_checkpoint = checkpointing
-    for m, k in zip(attentions, kernels):
-        m.kernels = k
     return counter.get_total_flops() * cfg.data.batch_size / 2
 
 
@@ -165,7 +156,7 @@ def main():
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest conv algorithms once
         name = torch.cuda.get_device_name()
-        peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
+        peak = peak_bf16(device)
         print(f"device: {name}, bf16 dense peak: {peak / 1e12 if peak else 'unknown'} TFLOPs")
     print(f"{'stage':22s} {'batch':>5s} {'params M':>9s} {'train M':>8s} {'s/step':>8s} {'samples/s':>10s} "
           f"{'TFLOP/step':>11s} {'TFLOP/s':>8s} {'MFU':>6s} {'mem GiB':>8s} {'warmup s':>8s}")

@@ -154,7 +154,8 @@ def train_stage_task(step_name: str, stage: str, config_path: str, overrides: di
             except AlreadyTrained as done:  # trained to the end by a run that then failed, or by another pipeline
                 result = TrainResult(stage, done.checkpoint, None, done.step, float("nan"))
             loss = result.train_loss if math.isfinite(result.train_loss) else None  # None: no step trained
-            speed = {"samples_per_s": result.samples_per_s, "data_wait": result.data_wait}  # over the run
+            speed = {"samples_per_s": result.samples_per_s, "data_wait": result.data_wait,  # over the run
+                     "tflops": result.tflops, "mfu": result.mfu}
             mlflow.log_metrics({"global_step": result.global_step}
                                | ({"final_train_loss": loss} if loss is not None else {})
                                | {name: value for name, value in speed.items() if value is not None})

@@ -73,8 +73,9 @@ def run_train(args) -> int:
     from lightning.pytorch.utilities import rank_zero_only
 
     if rank_zero_only.rank == 0:  # (every process of a multi-device run gets here, each with its own loss)
-        speed = (f"{result.samples_per_s:.1f} samples/s, waiting for data {100 * result.data_wait:.0f} % of "
-                 "the time, " if result.samples_per_s else "")
+        mfu = f" ({100 * result.mfu:.1f} % MFU)" if result.mfu is not None else ""
+        speed = (f"{result.samples_per_s:.1f} samples/s, {result.tflops:.3g} model TFLOP/s{mfu}, waiting for data "
+                 f"{100 * result.data_wait:.0f} % of the time, " if result.samples_per_s else "")
         print(f"{result.stage}: step {result.global_step}, loss {result.train_loss:.4f}, {speed}"
               f"checkpoint {result.checkpoint}")
     return 0

@@ -32,6 +32,9 @@ from models.layers import TemporalConv
 from models.prior import DiffusionPrior
 from models.unet import UNet
 
+# the prefixes FSDP, activation checkpointing and torch.compile add to parameter names
+WRAPPERS = re.compile(r"(_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod)\.")
+
 _CLIPS: dict[str, object] = {}
 
 
@@ -169,9 +172,7 @@ class DiffusionStage(L.LightningModule):
 
     def configure_optimizers(self):
         tc = self.config.trainer
-        # names without the wrappers' prefixes (FSDP, activation checkpointing, torch.compile)
-        params = [(re.sub(r"(_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod)\.", "", n), p)
-                  for n, p in self.named_parameters() if p.requires_grad]
+        params = [(WRAPPERS.sub("", n), p) for n, p in self.named_parameters() if p.requires_grad]
         groups = [{"params": [p for _, p in params]}]
         if tc.weight_decay > 0:  # on weight matrices and kernels only: not biases, norms, learned positions
             groups = [{"params": [p for n, p in params if n in self._decayed]},

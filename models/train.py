@@ -24,6 +24,7 @@ from data_prep.atomic import replacing
 from models.config import STAGES, ConfigError, StageConfig, as_config
 from models.data import StageDataModule
 from models.ema import ShardedEMA
+from models.flops import meta_like, peak_bf16, train_step_flops
 from models.stages import build_stage, check_resume, init_from_checkpoint, read_checkpoint
 
 
@@ -50,6 +51,8 @@ class TrainResult:
     train_loss: float
     samples_per_s: float | None = None  # over the run but its first batch (TrainingSpeed)
     data_wait: float | None = None
+    tflops: float | None = None  # model TFLOP/s, all ranks together
+    mfu: float | None = None  # per GPU, of its bf16 peak (GPUs in models.flops.PEAK_BF16 only)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -81,7 +84,9 @@ class TrainingSpeed(Callback):
     """Logs, every `log_every` steps, `train/samples_per_s` (over all ranks) and `train/data_wait`: the
     share of the loop's time spent waiting for its next batch. Near 0, data is not what holds training
     back; well above it, raise data.num_workers. (On a GPU the wait is the host's: queued work may run
-    through part of it.) The first batch is left out: it holds the start-up and any compilation."""
+    through part of it.) The first batch is left out: it holds the start-up and any compilation.
+    Also `train/tflops`, the model FLOP/s achieved over all ranks (models.flops: counted once, from the
+    first batch's shapes), and on a GPU whose bf16 peak is known `train/mfu`, that per GPU over the peak."""
 
     def __init__(self):
         self.last_end: float | None = None  # when the previous batch ended
@@ -89,12 +94,28 @@ class TrainingSpeed(Callback):
         self.samples = 0
         self.at_log = (0.0, 0.0, 0)  # (elapsed, waited, samples) when it last logged
         self.logged_step = -1  # (batches of one accumulated step share its number)
+        self.flops_per_sample: float | None = None
+        self.peak: float | None = None  # of all ranks' devices together
+        self.net_inputs: tuple | None = None  # the first batch's net inputs, as meta tensors
+
+    def on_train_start(self, trainer, pl_module):
+        self.peak = peak_bf16(trainer.strategy.root_device)
+        self.peak = self.peak * trainer.world_size if self.peak else None
+
+        def record(net, args, kwargs):  # the shapes only: no reference to the batch is kept
+            self.net_inputs = tuple(meta_like(a) for a in args), {k: meta_like(v) for k, v in kwargs.items()}
+            hook.remove()
+
+        hook = pl_module.net.register_forward_pre_hook(record, with_kwargs=True)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if self.last_end is not None:
             self.waited += time.perf_counter() - self.last_end
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.flops_per_sample is None and self.net_inputs is not None:
+            args, kwargs = self.net_inputs
+            self.flops_per_sample = train_step_flops(pl_module.net, args, kwargs) / args[0].shape[0]
         step = trainer.global_step
         logs = step % trainer.log_every_n_steps == 0 and step != self.logged_step and self.last_end is not None
         if logs and trainer.strategy.root_device.type == "cuda":
@@ -107,13 +128,25 @@ class TrainingSpeed(Callback):
         if logs:
             elapsed, waited, samples = (total - before for total, before in
                                         zip((self.elapsed, self.waited, self.samples), self.at_log))
-            pl_module.log_dict({"train/samples_per_s": samples / elapsed, "train/data_wait": waited / elapsed},
-                               rank_zero_only=True, batch_size=1)
+            pl_module.log_dict({"train/samples_per_s": samples / elapsed, "train/data_wait": waited / elapsed,
+                                **self.compute_rates(samples / elapsed)}, rank_zero_only=True, batch_size=1)
             self.at_log, self.logged_step = (self.elapsed, self.waited, self.samples), step
 
-    def run_speed(self) -> tuple[float | None, float | None]:
-        """(samples/s, data wait share) over the whole run but its first batch; None before a second."""
-        return (self.samples / self.elapsed, self.waited / self.elapsed) if self.elapsed > 0 else (None, None)
+    def compute_rates(self, samples_per_s: float) -> dict[str, float]:
+        """train/tflops and, where the peak is known, train/mfu at this rate of samples."""
+        if self.flops_per_sample is None:
+            return {}
+        achieved = samples_per_s * self.flops_per_sample
+        return {"train/tflops": achieved / 1e12} | ({"train/mfu": achieved / self.peak} if self.peak else {})
+
+    def run_speed(self) -> tuple[float | None, float | None, float | None, float | None]:
+        """(samples/s, data wait share, TFLOP/s, MFU) over the whole run but its first batch; None
+        before a second batch, and MFU None where the peak is not known."""
+        if self.elapsed <= 0:
+            return None, None, None, None
+        rates = self.compute_rates(self.samples / self.elapsed)
+        return self.samples / self.elapsed, self.waited / self.elapsed, rates.get("train/tflops"), \
+            rates.get("train/mfu")
 
 
 def fsdp_strategy(cls=None, bf16: bool = False):

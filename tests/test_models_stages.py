@@ -631,6 +631,49 @@ def test_training_logs_its_speed_and_how_long_it_waited_for_data(data_root, tmp_
     assert (fast["train/samples_per_s"] > slow["train/samples_per_s"]).all()
 
 
+@pytest.mark.parametrize("stage", ["decoder", "prior"])
+def test_training_logs_model_tflops_counted_from_the_real_step(stage, data_root, tmp_path):
+    """train/tflops = samples/s x the model FLOPs of one sample's step. The FLOPs, counted on the meta
+    device from the first batch's shapes, equal a count of a real step's net forward and backward on
+    the CPU (attention as matmuls); the video decoder's frozen spatial layers compute no weight
+    gradients, so it costs less than the same net with every layer trained. No train/mfu on a CPU."""
+    import pandas as pd
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from models.flops import math_attention
+
+    common = {"trainer.log_every": 1, "trainer.ema_decay": 0}
+    init = None
+    if stage == "decoder":  # video mode with frozen spatial layers starts from an image-mode checkpoint
+        init = train_stage(stage, tiny(stage, mode="image", **common), data_root=data_root, dataset="shapes",
+                           out_dir=tmp_path / "image", max_steps=1).checkpoint
+    cfg = tiny(stage, **common)
+    result = train_stage(stage, cfg, data_root=data_root, dataset="shapes", out_dir=tmp_path / "run", init=init,
+                         max_steps=3)
+    metrics = pd.read_csv(tmp_path / "run" / "logs" / "version_0" / "metrics.csv").dropna(
+        subset=["train/samples_per_s"])
+    assert "train/mfu" not in metrics and result.mfu is None
+
+    module = build_stage(cfg).train()  # a step on a batch of the config's shapes, counted for real
+    batch = next(iter(StageDataModule(cfg, data_root, "shapes").check().train_dataloader()))
+    x0, cond = module.conditioning(batch)
+    counter = FlopCounterMode(display=False)
+    with counter, math_attention(module), sdpa_kernel(SDPBackend.MATH):  # (the prior's torch attention)
+        module.diffusion.loss(lambda x, t: module.denoise(x, t, cond), x0).backward()
+    per_sample = counter.get_total_flops() / x0.shape[0]
+    assert per_sample > 0
+    assert metrics["train/tflops"].tolist() == pytest.approx((metrics["train/samples_per_s"] * per_sample / 1e12).tolist())
+    assert result.tflops == pytest.approx(result.samples_per_s * per_sample / 1e12)
+    if stage == "decoder":  # video mode, spatial layers frozen
+        every_layer = FlopCounterMode(display=False)
+        for p in module.parameters():
+            p.requires_grad_(True)
+        with every_layer, math_attention(module):
+            module.diffusion.loss(lambda x, t: module.denoise(x, t, cond), x0).backward()
+        assert per_sample < 0.9 * every_layer.get_total_flops() / x0.shape[0]
+
+
 def test_training_logs_the_learning_rate_of_each_step(data_root, tmp_path):
     """train/lr: the rate each step trained with, rising linearly over trainer.warmup_steps, then flat."""
     import pandas as pd

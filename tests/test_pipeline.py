@@ -79,9 +79,11 @@ def test_pipeline_end_to_end_then_cached_rerun(prefect_server, tmp_path, video_d
     assert len(client.get_metric_history(decoder_run.info.run_id, "train/loss")) == 4  # every step
     rates = [m.value for m in client.get_metric_history(decoder_run.info.run_id, "train/lr")]
     assert rates == pytest.approx([float(decoder_run.data.params["config.trainer.lr"])] * 4)  # warmup_steps 1: no ramp
+    assert len(client.get_metric_history(decoder_run.info.run_id, "train/tflops")) == 3  # each step after the first
     for run in children:  # each stage's speed over its run, and in the parent for comparing pipeline runs
         if run.info.run_name != "evaluate":
             assert run.data.metrics["samples_per_s"] > 0 and 0 <= run.data.metrics["data_wait"] < 1, run.info.run_name
+            assert run.data.metrics["tflops"] > 0 and "mfu" not in run.data.metrics, run.info.run_name  # (a CPU)
             assert parent.data.metrics[f"{run.info.run_name}_samples_per_s"] == run.data.metrics["samples_per_s"]
     assert parent.info.artifact_uri.startswith((tmp_path / "mlartifacts").as_uri())
     artifacts = {a.path for a in client.list_artifacts(first["run_id"], "samples")}

@@ -1,0 +1,68 @@
+"""Model FLOPs of a training step, for achieved TFLOP/s and MFU in the training logs.
+
+Counted once, on a copy of the net on the meta device: no memory, no compute, and no collectives
+under FSDP. Model FLOPs: matmuls and convolutions of the forward and of the backward the trained
+parameters need (frozen layers' weight gradients are not computed, so not counted), attention as
+plain matmuls, nothing that gradient checkpointing recomputes.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+from torch.nn.attention import SDPBackend
+from torch.utils.flop_counter import FlopCounterMode
+
+from models.layers import Attention
+from models.stages import WRAPPERS
+
+# dense bf16 tensor-core FLOP/s by device name; the first key found in the name wins (PCIe and NVL first)
+PEAK_BF16 = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def peak_bf16(device: torch.device) -> float | None:
+    """The dense bf16 peak of a CUDA device, if its name is in PEAK_BF16."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16.items() if key in name), None)
+
+
+@contextlib.contextmanager
+def math_attention(net: nn.Module):
+    """Every fused-attention layer of `net` on the math kernel while in the block: the counter's
+    formula for the fused kernels' backward counts their recomputation of the scores."""
+    changed = [(m, m.kernels) for m in net.modules() if isinstance(m, Attention) and m.kernels is not None]
+    for m, _ in changed:
+        m.kernels = (SDPBackend.MATH,)
+    try:
+        yield
+    finally:
+        for m, kernels in changed:
+            m.kernels = kernels
+
+
+def meta_like(value):
+    """A tensor's shape, dtype and strides on the meta device; anything else as it is."""
+    return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="meta") \
+        if isinstance(value, torch.Tensor) else value
+
+
+def train_step_flops(net: nn.Module, args: tuple, kwargs: dict | None = None) -> float:
+    """FLOPs of net's forward on inputs shaped like `args`/`kwargs` (tensors on any device) and of
+    the backward that net's trained parameters need. `net` needs `kwargs` to be rebuilt (UNet,
+    DiffusionPrior); a copy is built on the meta device with the same parameters trained."""
+    trained = {WRAPPERS.sub("", name) for name, p in net.named_parameters() if p.requires_grad}
+    kwargs_of_net = dict(net.kwargs) | ({"grad_checkpoint": False} if "grad_checkpoint" in net.kwargs else {})
+    with torch.device("meta"):
+        copy = type(net)(**kwargs_of_net)
+    for name, p in copy.named_parameters():
+        p.requires_grad_(name in trained)
+
+    counter = FlopCounterMode(display=False)
+    with counter, math_attention(copy):
+        out = copy(*map(meta_like, args), **{k: meta_like(v) for k, v in (kwargs or {}).items()})
+        if out.requires_grad:
+            out.backward(torch.empty_like(out))
+    return float(counter.get_total_flops())
