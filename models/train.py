@@ -102,7 +102,9 @@ class TrainingSpeed(Callback):
         self.peak = peak_bf16(trainer.strategy.root_device)
         self.peak = self.peak * trainer.world_size if self.peak else None
 
-        def record(net, args, kwargs):  # the shapes only: no reference to the batch is kept
+        # the shapes only: no reference to the batch is kept (a net compiled whole, as the large
+        # prior is, traces this hook once: one graph break on the first step)
+        def record(net, args, kwargs):
             self.net_inputs = tuple(meta_like(a) for a in args), {k: meta_like(v) for k, v in kwargs.items()}
             hook.remove()
 
