@@ -136,7 +136,8 @@ def test_train_command_trains_refuses_a_used_folder_and_resumes(tmp_path, capsys
             str(tmp_path / "data"), "--dataset", "shapes", "--out", str(out)]
     assert main([*base, "--max-steps", "2"]) == 0
     said = capsys.readouterr().out
-    assert "prior: step 2" in said and re.search(r", [\d.]+ samples/s, waiting for data \d+ % of the time, ", said)
+    assert "prior: step 2" in said
+    assert re.search(r", [\d.]+ samples/s, [\d.e+-]+ model TFLOP/s, waiting for data \d+ % of the time, ", said)
     assert main([*base, "--max-steps", "4"]) == 2  # would have hidden the first run's last.ckpt
     assert "last.ckpt is an earlier run's: pass --resume" in capsys.readouterr().err
     assert main([*base, "--max-steps", "4", "--set", "trainer.lr"]) == 2
