@@ -2,8 +2,9 @@
 # One prepared GPU session (device tool, about 6 minutes on an H200): the FSDP GPU test, the
 # attention and temporal-conv kernels at the base decoder's shapes (bench/kernels.py), the base
 # decoder's training step eager, then compiled block by block (with a profile), both channels_last.
-# PARTS picks some of "fsdp kernels eager compiled"; WIDE=1 adds the compiled step at 192 channels
-# (3.5 minutes more). The FSDP test's clips need an ffmpeg binary, which the device image lacks:
+# PARTS picks some of "fsdp kernels eager compiled"; AB=1 adds the compiled step with inductor's own
+# channels_last choice per block (--heuristic-layout, 2.5 minutes more), WIDE=1 the compiled step at
+# 192 channels (3.5 minutes more). The FSDP test's clips need an ffmpeg binary, which the device image lacks:
 # write them here first and carry them too (carry [".whl", ".gpu_test_data"]):
 #   .venv/bin/python -c "from pathlib import Path; from data_prep.synthetic import write_synthetic_dataset as w; \
 #     w(Path('.gpu_test_data'), 'shapes', num_clips=8, frames=20, size=64, fps=12)"
@@ -60,6 +61,10 @@ fi
 if part compiled; then
   echo "== compiled block by block, channels_last, batch 16 (+ profile)" | tee -a "$OUT/train_step.txt"
   bench 240 --channels-last --batch-size 16 --compile --profile "$OUT/profile_compiled.txt"
+fi
+if [ "${AB:-0}" = 1 ]; then
+  echo "== compiled block by block, channels_last, batch 16, inductor's layout heuristic" | tee -a "$OUT/train_step.txt"
+  bench 240 --channels-last --batch-size 16 --compile --heuristic-layout
 fi
 # width: at 128 channels the 64x64 level's ResBlocks move more bytes per FLOP than an H100's
 # ridge point (about 300 FLOP/byte in bf16); at 192 they move less (RESULTS.md, next steps)

@@ -76,7 +76,7 @@ def sync(device):
 
 
 def bench_stage(size, stage, device, steps, warmup, batch_size=None, compile_net=False, channels_last=None,
-                grad_checkpoint=None, profile=None, settings=()):
+                grad_checkpoint=None, profile=None, settings=(), heuristic_layout=False):
     overrides = {"clip": "tiny", "trainer.compile": compile_net, **parse_overrides(settings)}
     if channels_last is not None:
         overrides["trainer.channels_last"] = channels_last
@@ -88,6 +88,8 @@ def bench_stage(size, stage, device, steps, warmup, batch_size=None, compile_net
     module = build_stage(cfg).to(device).train()
     flops = model_flops(module, cfg, device)  # eager, before compiling
     module.configure_model()  # channels_last and compile, as training does
+    if heuristic_layout and compile_net and hasattr(module.net, "compile_blocks"):
+        module.net.compile_blocks(channels_last=False)  # compiling is lazy: these replace the forced-layout ones
     opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-5)
     batch = random_batch(cfg, device)
     t0 = time.perf_counter()
@@ -149,6 +151,9 @@ def main():
                     help="recompute U-Net blocks in backward (larger batches); default: the config's")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
     ap.add_argument("--profile", metavar="FILE", help="write the top kernels of two steps (last stage) to FILE")
+    ap.add_argument("--heuristic-layout", action="store_true",
+                    help="with --compile: inductor's own channels_last choice per block, as before 2026-11-28 "
+                         "(an A/B of the forced layout that training uses)")
     args = ap.parse_args()
     device = torch.device(args.device)
     peak = None
@@ -163,7 +168,7 @@ def main():
     for stage in args.stages:
         profile = args.profile if stage == args.stages[-1] else None
         r = bench_stage(args.size, stage, device, args.steps, args.warmup, args.batch_size, args.compile,
-                        args.channels_last, args.grad_checkpoint, profile, args.set)
+                        args.channels_last, args.grad_checkpoint, profile, args.set, args.heuristic_layout)
         mfu = f"{r['achieved'] / peak:6.1%}" if peak else "   n/a"
         print(f"{r['stage']:22s} {r['batch']:5d} {r['params']:9.1f} {r['trainable']:8.1f} {r['step_s']:8.3f} "
               f"{r['samples_s']:10.2f} {r['tflop_step']:11.3f} {r['achieved'] / 1e12:8.2f} {mfu} {r['mem']:8.1f} "
