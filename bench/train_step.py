@@ -4,11 +4,11 @@
     python bench/train_step.py --size tiny --device cpu
 
 Random batches of each stage's training shape (no data loading), bf16 autocast on
-CUDA, forward + backward + AdamW step. Model FLOPs from torch.utils.flop_counter over
-one step without recomputation (see model_flops), so MFU never counts the forward
-that gradient checkpointing repeats. CLIP is the tiny
-local one (no downloads): its cost and the embedding width (16 vs 512/768) are a
-negligible part of each stage's FLOPs.
+CUDA, forward + backward + AdamW step. Model FLOPs as training logs them (models.flops:
+the net's forward and the backward its trained parameters need, counted on the meta device
+from the first step's shapes, attention as matmuls), so MFU never counts the forward that
+gradient checkpointing repeats. CLIP is the tiny local one (no downloads): its cost and the
+embedding width (16 vs 512/768) are a negligible part of each stage's FLOPs.
 """
 from __future__ import annotations
 
@@ -18,14 +18,13 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[1]
 import sys  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
 from models.config import STAGES, load_config, parse_overrides  # noqa: E402
-from models.flops import math_attention, peak_bf16  # noqa: E402
+from models.flops import StepFlops, peak_bf16  # noqa: E402
 from models.stages import build_stage  # noqa: E402
 
 
@@ -48,28 +47,6 @@ def step(module, opt, batch, device):
     return loss
 
 
-def model_flops(module, cfg, device) -> float:
-    """FLOPs of one training step on the config's batch, without recomputation: counted in eager
-    mode on a batch of 2 with gradient checkpointing off (FLOPs are linear in the batch), so
-    MFU stays model FLOPs utilisation even when checkpointing recomputes the forward; attention
-    runs as plain matmuls here, since the counter's formula for the fused kernels' backward
-    includes their recomputation of the scores (5 matmuls where the model needs 4) and it has
-    none for the CPU flash kernel."""
-    small = cfg.model_copy(deep=True)
-    small.data.batch_size = 2
-    checkpointing = getattr(module.net, "grad_checkpoint", False)
-    module.net.grad_checkpoint = False
-    counter = FlopCounterMode(display=False)
-    with counter, math_attention(module):
-        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-            x0, cond = module.conditioning(random_batch(small, device))
-            loss = module.diffusion.loss(lambda x, t: module.denoise(x, t, cond), x0)
-        loss.backward()
-    module.zero_grad(set_to_none=True)
-    module.net.grad_checkpoint = checkpointing
-    return counter.get_total_flops() * cfg.data.batch_size / 2
-
-
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -86,7 +63,7 @@ def bench_stage(size, stage, device, steps, warmup, batch_size=None, compile_net
         overrides["data.batch_size"] = batch_size
     cfg = load_config(ROOT / "configs" / size / f"{stage}.yaml", overrides)
     module = build_stage(cfg).to(device).train()
-    flops = model_flops(module, cfg, device)  # eager, before compiling
+    step_flops = StepFlops(module.net)  # as training counts them: from the first step's shapes
     module.configure_model()  # channels_last and compile, as training does
     if heuristic_layout and compile_net and hasattr(module.net, "compile_blocks"):
         module.net.compile_blocks(channels_last=False)  # compiling is lazy: these replace the forced-layout ones
@@ -106,6 +83,7 @@ def bench_stage(size, stage, device, steps, warmup, batch_size=None, compile_net
     dt = (time.perf_counter() - t0) / steps
     if not math.isfinite(last_loss):  # a kernel that computes garbage fast is not a speed-up
         raise SystemExit(f"{stage}: the training loss is {last_loss} after {warmup + steps} steps")
+    flops = step_flops.per_sample() * cfg.data.batch_size
     print(f"# {stage}: {dt:.3f} s/step, {flops / dt / 1e12:.1f} TFLOP/s", flush=True)
     if profile:
         write_profile(module, opt, batch, device, Path(profile))

@@ -66,3 +66,27 @@ def train_step_flops(net: nn.Module, args: tuple, kwargs: dict | None = None) ->
         if out.requires_grad:
             out.backward(torch.empty_like(out))
     return float(counter.get_total_flops())
+
+
+class StepFlops:
+    """The model FLOPs per sample of the training step that `net` runs next: records the shapes of
+    net's next forward inputs (as meta tensors: no reference to the batch is kept), then unhooks
+    itself; `per_sample()` counts them once. (A net compiled whole traces the hook once: one graph
+    break on its first call.)"""
+
+    def __init__(self, net: nn.Module):
+        self.net = net
+        self.inputs: tuple[tuple, dict] | None = None
+        self.value: float | None = None
+        self.hook = net.register_forward_pre_hook(self.record, with_kwargs=True)
+
+    def record(self, net, args, kwargs):
+        self.inputs = tuple(meta_like(a) for a in args), {k: meta_like(v) for k, v in kwargs.items()}
+        self.hook.remove()
+
+    def per_sample(self) -> float | None:
+        """None before the net's first forward."""
+        if self.value is None and self.inputs is not None:
+            args, kwargs = self.inputs
+            self.value = train_step_flops(self.net, args, kwargs) / args[0].shape[0]
+        return self.value

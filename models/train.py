@@ -24,7 +24,7 @@ from data_prep.atomic import replacing
 from models.config import STAGES, ConfigError, StageConfig, as_config
 from models.data import StageDataModule
 from models.ema import ShardedEMA
-from models.flops import meta_like, peak_bf16, train_step_flops
+from models.flops import StepFlops, peak_bf16
 from models.stages import build_stage, check_resume, init_from_checkpoint, read_checkpoint
 
 
@@ -94,30 +94,21 @@ class TrainingSpeed(Callback):
         self.samples = 0
         self.at_log = (0.0, 0.0, 0)  # (elapsed, waited, samples) when it last logged
         self.logged_step = -1  # (batches of one accumulated step share its number)
+        self.flops: StepFlops | None = None
         self.flops_per_sample: float | None = None
         self.peak: float | None = None  # of all ranks' devices together
-        self.net_inputs: tuple | None = None  # the first batch's net inputs, as meta tensors
 
     def on_train_start(self, trainer, pl_module):
         self.peak = peak_bf16(trainer.strategy.root_device)
         self.peak = self.peak * trainer.world_size if self.peak else None
-
-        # the shapes only: no reference to the batch is kept (a net compiled whole, as the large
-        # prior is, traces this hook once: one graph break on the first step)
-        def record(net, args, kwargs):
-            self.net_inputs = tuple(meta_like(a) for a in args), {k: meta_like(v) for k, v in kwargs.items()}
-            hook.remove()
-
-        hook = pl_module.net.register_forward_pre_hook(record, with_kwargs=True)
+        self.flops = StepFlops(pl_module.net)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if self.last_end is not None:
             self.waited += time.perf_counter() - self.last_end
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if self.flops_per_sample is None and self.net_inputs is not None:
-            args, kwargs = self.net_inputs
-            self.flops_per_sample = train_step_flops(pl_module.net, args, kwargs) / args[0].shape[0]
+        self.flops_per_sample = self.flops.per_sample()  # counted once, after the first batch
         step = trainer.global_step
         logs = step % trainer.log_every_n_steps == 0 and step != self.logged_step and self.last_end is not None
         if logs and trainer.strategy.root_device.type == "cuda":
