@@ -95,7 +95,6 @@ class TrainingSpeed(Callback):
         self.at_log = (0.0, 0.0, 0)  # (elapsed, waited, samples) when it last logged
         self.logged_step = -1  # (batches of one accumulated step share its number)
         self.flops: StepFlops | None = None
-        self.flops_per_sample: float | None = None
         self.peak: float | None = None  # of all ranks' devices together
 
     def on_train_start(self, trainer, pl_module):
@@ -108,7 +107,7 @@ class TrainingSpeed(Callback):
             self.waited += time.perf_counter() - self.last_end
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.flops_per_sample = self.flops.per_sample()  # counted once, after the first batch
+        self.flops.per_sample()  # counted once, after the first batch: in its time, not in a wait for data
         step = trainer.global_step
         logs = step % trainer.log_every_n_steps == 0 and step != self.logged_step and self.last_end is not None
         if logs and trainer.strategy.root_device.type == "cuda":
@@ -127,9 +126,10 @@ class TrainingSpeed(Callback):
 
     def compute_rates(self, samples_per_s: float) -> dict[str, float]:
         """train/tflops and, where the peak is known, train/mfu at this rate of samples."""
-        if self.flops_per_sample is None:
+        per_sample = self.flops.per_sample() if self.flops else None
+        if per_sample is None:
             return {}
-        achieved = samples_per_s * self.flops_per_sample
+        achieved = samples_per_s * per_sample
         return {"train/tflops": achieved / 1e12} | ({"train/mfu": achieved / self.peak} if self.peak else {})
 
     def run_speed(self) -> tuple[float | None, float | None, float | None, float | None]:
