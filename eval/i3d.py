@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from eval.weights import load_state_dict, resolve_weights
+from eval.weights import is_torchscript, load_state_dict, module_device, resolve_weights
 
 MIN_FRAMES = 9  # temporal stride 8 plus the 2-frame average pool at the end
 INPUT_SIZE = 224
@@ -196,11 +196,7 @@ class I3DDetector(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        for t in self.net.parameters():
-            return t.device
-        for t in self.net.buffers():
-            return t.device
-        return torch.device("cpu")  # a weightless TorchScript module (tests)
+        return module_device(self.net)
 
     def describe(self) -> dict:
         return {"detector": self.kind, "detector_name": self.name, "detector_sha256": self.checksum or "random",
@@ -233,15 +229,6 @@ class I3DDetector(nn.Module):
             return self.net(x).float()
 
 
-def _looks_like_torchscript(path: Path) -> bool:
-    import zipfile
-
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as zf:
-        return any(n.endswith("constants.pkl") or "/code/" in n for n in zf.namelist())
-
-
 def load_i3d(weights: str | Path | None = None, sha256: str | None = None, device: str | torch.device = "cpu",
              seed: int = 0, **detector_kwargs) -> I3DDetector:
     """I3D from a state dict (`i3d_pretrained_400.pt`) or a TorchScript file (`i3d_torchscript.pt`),
@@ -250,7 +237,7 @@ def load_i3d(weights: str | Path | None = None, sha256: str | None = None, devic
         net = InceptionI3d().init_random(seed)
         return I3DDetector(net, "state_dict", f"random-i3d(seed={seed})", None, True, **detector_kwargs).to(device)
     path, digest = resolve_weights(weights, sha256)
-    if _looks_like_torchscript(path):
+    if is_torchscript(path):
         scripted = torch.jit.load(str(path), map_location=device)
         return I3DDetector(TorchScriptI3D(scripted), "torchscript", str(weights), digest, False, **detector_kwargs).to(device)
     state = load_state_dict(path, weights)

@@ -1,12 +1,16 @@
 """Inception Score for video (UCF-101): C3D class probabilities, KL in float64, 10 splits.
 
-C3D is the Tran et al. (2015) network (8 convs, 5 pools, fc6/fc7 4096, fc8 = classes) with
-module names conv1 … conv5b, fc6, fc7, fc8 as in the common PyTorch port, so a state dict
-converted to that layout loads with strict keys. Weights come from a path/URL with sha256
-(eval.weights); there is no download of the UCF-101-finetuned weights here.
-CAVEAT: the TGANv2 protocol's own weights are a Chainer .npz with its own input
-normalisation; converting them to this layout and matching their preprocessing has not
-been validated, so IS from here is not yet comparable with published numbers.
+Two classifiers give the class scores of uint8 video [B,16,H,W,3]:
+
+* `C3D`: the Tran et al. (2015) network (8 convs, 5 pools, fc6/fc7 4096, fc8 = classes) with
+  module names conv1 … conv5b, fc6, fc7, fc8 as in the common PyTorch port, so a state dict
+  converted to that layout loads with strict keys; frames resized to 112x112, 0..255 RGB.
+* `TorchScriptC3D`: StyleGAN-V's `c3d_ucf101.pt`, its TorchScript copy of TGANv2's
+  UCF-101-finetuned C3D (Chainer) with TGANv2's own preprocessing inside: the classifier behind
+  the published UCF-101 IS numbers. It takes uint8 [B,3,16,H,W] and gives probabilities.
+
+Weights come from a path/URL with sha256 (eval.weights); nothing is downloaded here, so neither
+has been checked against published numbers on this machine.
 """
 from __future__ import annotations
 
@@ -20,10 +24,13 @@ from torchmetrics import Metric
 from torchmetrics.utilities.data import dim_zero_cat
 
 from eval.sync import ShapedEmptyStates
-from eval.weights import load_state_dict, resolve_weights
+from eval.weights import is_torchscript, load_state_dict, module_device, resolve_weights
 
 
 class C3D(nn.Module):
+    kind = "state_dict"
+    frame_size = "112x112 bilinear"
+
     def __init__(self, num_classes: int = 101):
         super().__init__()
         conv = lambda i, o: nn.Conv3d(i, o, 3, padding=1)  # noqa: E731
@@ -43,16 +50,51 @@ class C3D(nn.Module):
         x = F.relu(self.fc7(F.relu(self.fc6(x.flatten(1)))))
         return self.fc8(x)
 
+    @property
+    def num_classes(self) -> int:
+        return self.fc8.out_features
 
-def load_c3d(weights=None, sha256=None, num_classes=101, device="cpu", seed=0) -> tuple[C3D, bool, str]:
-    """-> (model, smoke, checksum). No weights: random (smoke)."""
+    def classify(self, videos: torch.Tensor) -> torch.Tensor:
+        """uint8 [B,16,H,W,3] -> logits [B,classes]."""
+        return self(c3d_preprocess(videos))
+
+
+class TorchScriptC3D(nn.Module):
+    """StyleGAN-V's TorchScript C3D (`c3d_ucf101.pt`): uint8 [B,3,16,H,W] in, class probabilities
+    out, as StyleGAN-V's compute_isv calls it; it resizes and normalises itself."""
+
+    kind = "torchscript"
+    frame_size = "the TorchScript's own"
+
+    def __init__(self, scripted: torch.jit.ScriptModule, name: str, num_classes: int = 101):
+        super().__init__()
+        self.scripted, self.name, self.num_classes = scripted.eval(), name, num_classes
+
+    def classify(self, videos: torch.Tensor) -> torch.Tensor:
+        """uint8 [B,16,H,W,3] -> log-probabilities [B,classes] (their softmax is the probabilities)."""
+        probs = self.scripted(rearrange(videos, "b t h w c -> b c t h w").contiguous()).double()
+        if probs.ndim != 2 or probs.shape[1] != self.num_classes:
+            raise ValueError(f"weights {self.name}: gives {tuple(probs.shape)} for {len(videos)} videos, "
+                             f"not [{len(videos)}, {self.num_classes}] class probabilities")
+        if (probs < 0).any() or not torch.allclose(probs.sum(1), probs.new_ones(len(probs)), atol=1e-3):
+            raise ValueError(f"weights {self.name}: its outputs are not class probabilities (negative, or rows "
+                             "not summing to 1); expected StyleGAN-V's c3d_ucf101.pt")
+        return probs.clamp_min(1e-30).log()
+
+
+def load_c3d(weights=None, sha256=None, num_classes=101, device="cpu", seed=0) -> tuple[nn.Module, bool, str]:
+    """C3D from a state dict in the port's layout or StyleGAN-V's TorchScript file, given as a path
+    or URL -> (classifier, smoke, checksum). No weights: random (smoke)."""
     if weights is None:
         with torch.random.fork_rng(devices=[]):  # the same smoke weights for a seed; the caller's RNG untouched
             torch.manual_seed(seed)
             net = C3D(num_classes)
         return net.eval().to(device), True, "random"
-    net = C3D(num_classes)
     path, digest = resolve_weights(weights, sha256)
+    if is_torchscript(path):
+        scripted = torch.jit.load(str(path), map_location=device)
+        return TorchScriptC3D(scripted, str(weights), num_classes).to(device), False, digest
+    net = C3D(num_classes)
     state = load_state_dict(path, weights)
     own = net.state_dict()
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
@@ -64,13 +106,11 @@ def load_c3d(weights=None, sha256=None, num_classes=101, device="cpu", seed=0) -
     return net.eval().to(device), False, digest
 
 
-def c3d_preprocess(videos: torch.Tensor, mean: torch.Tensor | None = None) -> torch.Tensor:
-    """uint8 [B,16,H,W,3] -> [B,3,16,112,112] float in 0..255 minus the per-channel mean."""
+def c3d_preprocess(videos: torch.Tensor) -> torch.Tensor:
+    """uint8 [B,16,H,W,3] -> [B,3,16,112,112] float in 0..255."""
     b = videos.shape[0]
     x = rearrange(videos, "b t h w c -> (b t) c h w").float()
     x = F.interpolate(x, size=(112, 112), mode="bilinear", align_corners=False)
-    if mean is not None:
-        x = x - mean.view(1, 3, 1, 1).to(x)
     return rearrange(x, "(b t) c h w -> b c t h w", b=b)
 
 
@@ -108,20 +148,19 @@ class VideoInceptionScore(ShapedEmptyStates, Metric):
     full_state_update = False
     higher_is_better = True
 
-    def __init__(self, c3d: C3D, smoke: bool, splits: int = 10, mean: torch.Tensor | None = None, **kwargs):
+    def __init__(self, c3d: C3D | TorchScriptC3D, smoke: bool, splits: int = 10, **kwargs):
         super().__init__(**kwargs)
-        self.c3d, self.smoke, self.splits, self.mean = c3d.eval().requires_grad_(False), smoke, splits, mean
+        self.c3d, self.smoke, self.splits = c3d.eval().requires_grad_(False), smoke, splits
         self.add_state("logits", [], dist_reduce_fx="cat")
 
     def empty_state(self, name: str) -> torch.Tensor:
-        return torch.empty(0, self.c3d.fc8.out_features, dtype=torch.float64, device=self.c3d.fc8.weight.device)
+        return torch.empty(0, self.c3d.num_classes, dtype=torch.float64, device=module_device(self.c3d))
 
     @torch.no_grad()
     def update(self, videos: torch.Tensor) -> None:
         if videos.ndim != 5 or videos.shape[1] != 16 or videos.dtype != torch.uint8:
             raise ValueError(f"IS expects uint8 [B,16,H,W,3] (C3D takes 16 frames), got {videos.dtype} {tuple(videos.shape)}")
-        device = next(self.c3d.parameters()).device
-        self.logits.append(self.c3d(c3d_preprocess(videos.to(device), self.mean)).double())
+        self.logits.append(self.c3d.classify(videos.to(module_device(self.c3d))).double())
 
     def compute(self):
         return inception_score(dim_zero_cat(self.logits), self.splits)

@@ -8,7 +8,7 @@ Prompts are class templates, "a person <class name split on camel case>"
 class frequencies of the real split. Clips: 16 frames (FVD and IS); FVD as in
 docs/metrics.md (StyleGAN-V: 2048 real + 2048 fake, biased covariance, one random
 offset per real video); IS: C3D, 16 frames at 112x112, 2048 samples x 10 splits
-(TGANv2) - see eval.inception_score for what is not validated yet.
+(TGANv2; eval.inception_score takes its classifier as StyleGAN-V distributes it).
 
 MSR-VTT (text-to-video CLIPSIM). The test captions JSON (`test_videodatainfo.json`:
 {"sentences": [{"video_id", "caption"}, ...]}); Make-A-Video scores one video per

@@ -13,8 +13,12 @@ import shutil
 import urllib.parse
 import urllib.request
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from data_prep.atomic import replacing
+
+if TYPE_CHECKING:
+    import torch
 
 
 class ChecksumError(ValueError):
@@ -72,6 +76,25 @@ def resolve_weights(src: str | Path, sha256: str | None = None, cache_dir: str |
             raise WeightsDownloadError(f"weights {src}: download cut short ({received} of {declared} bytes)")
         digest = verify(tmp, sha256, src)
     return target, digest
+
+
+def is_torchscript(path: Path) -> bool:
+    """Is the file a saved TorchScript module (a zip holding code), not a state dict?"""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as zf:
+        return any(n.endswith("constants.pkl") or "/code/" in n for n in zf.namelist())
+
+
+def module_device(module) -> torch.device:
+    """The device of a loaded network's weights (CPU for one without any: a TorchScript stand-in in tests)."""
+    import torch
+
+    for t in (*module.parameters(), *module.buffers()):
+        return t.device
+    return torch.device("cpu")
 
 
 def load_state_dict(path: Path, src: str | Path) -> dict:

@@ -271,7 +271,7 @@ def score_task(metrics: list[str], real: VideoSet | None, fake: VideoSet, prompt
                i3d_weights: str | None = None, i3d_sha256: str | None = None, clip_model: str | None = None,
                c3d_weights: str | None = None, c3d_sha256: str | None = None, num_resamples: int = 100,
                unbiased: bool = False, fps: float | None = None) -> tuple[dict, list, dict]:
-    """-> ({metric: result}, the first 16 fake clips for the pictures, {"c3d_sha256": ...}).
+    """-> ({metric: result}, the first 16 fake clips for the pictures, the C3D's params for IS).
     The fake videos are decoded once for every metric; the real ones (FVD) with one random
     offset per video, as StyleGAN-V does (a dataset's clips from the keyframe before it), the fake
     ones from their first frame; with `fps`, the clips of both come from the videos resampled to it
@@ -296,6 +296,7 @@ def score_task(metrics: list[str], real: VideoSet | None, fake: VideoSet, prompt
         from eval.protocols import UCF101Settings
 
         c3d, smoke, extra["c3d_sha256"] = load_c3d(c3d_weights, c3d_sha256, device=device, seed=seed)
+        extra |= {"is_classifier": f"C3D ({c3d.kind})", "is_frame_size": c3d.frame_size}
         inception = VideoInceptionScore(c3d, smoke, splits=UCF101Settings.is_splits).to(device)
     clips: list = []
     score_files(fake.paths, ClipSpec(clip_length, clip_stride, fps=fps), fvd=fvd, real=real.paths if real else (),
@@ -579,8 +580,9 @@ def evaluate(real: str | None = None, fake: str | None = None, prompts: str | No
         if "clipsim" in results:
             params |= {"clip_model": results["clipsim"].clip_model, "clipsim_smoke": results["clipsim"].smoke}
         if "is" in results:
-            params |= {"is_classifier": "C3D", "c3d_sha256": extra["c3d_sha256"], "is_splits": results["is"].splits,
-                       "is_frame_size": "112x112 bilinear", "is_smoke": results["is"].smoke}
+            params |= {"is_classifier": extra["is_classifier"], "c3d_sha256": extra["c3d_sha256"],
+                       "is_splits": results["is"].splits, "is_frame_size": extra["is_frame_size"],
+                       "is_smoke": results["is"].smoke}
         params["smoke"] = any(r.smoke for r in results.values())
         used = {p.name: q for p, q in zip(fake_set.paths, fake_set.prompts)} if fake_set.prompts else None
         run_id = log_task(results, params, clips, tracking_uri, experiment, parent_run_id, run_name, used, sampled)

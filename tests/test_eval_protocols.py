@@ -151,6 +151,7 @@ def test_ucf101_protocol_on_fake_folder(prefect_server, benchmarks, tmp_path, ca
     assert all(np.isfinite(v) for v in m.values()) and m["smoke_is"] == pytest.approx(_value(is_), rel=1e-3)
     assert p["protocol"] == "ucf101" and p["split_file"].endswith("testlist01.txt") and p["num_real"] == "4"
     assert p["is_splits"] == "2" and p["c3d_sha256"] == "random" and p["covariance"] == "biased"
+    assert p["is_classifier"] == "C3D (state_dict)" and p["is_frame_size"] == "112x112 bilinear"
     used = client.download_artifacts(run.info.run_id, "eval/prompts.json", str(tmp_path))
     assert set(json.loads(Path(used).read_text()).values()) == {"a person apply eye makeup", "a person yo yo"}
 
@@ -233,3 +234,50 @@ def test_smoke_c3d_is_the_same_for_a_seed_and_leaves_the_callers_rng_alone():
     first, second, third = (load_c3d(None, seed=s)[0] for s in (7, 7, 8))
     assert torch.equal(torch.rand(3), expected)  # building them drew nothing from the global generator
     assert torch.equal(first.fc8.weight, second.fc8.weight) and not torch.equal(first.fc8.weight, third.fc8.weight)
+
+
+def test_torchscript_c3d_scores_its_own_probabilities(tmp_path):
+    """StyleGAN-V's c3d_ucf101.pt is TorchScript called on uint8 [B,3,16,H,W] that returns class
+    probabilities; a module with that interface, saved and loaded like it, gives the IS of its
+    probabilities (TGANv2's formula, written out here), and one that does not is named."""
+    import hashlib
+
+    from eval.inception_score import VideoInceptionScore, load_c3d
+
+    class StyleGANVLike(torch.nn.Module):  # the call signature of c3d_ucf101.pt
+        def __init__(self, classes: int, probabilities: bool = True):
+            super().__init__()
+            self.mix = torch.nn.Linear(3 * 16, classes)
+            self.probabilities = probabilities
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            assert x.dtype == torch.uint8 and x.shape[1] == 3 and x.shape[2] == 16
+            logits = self.mix((x.float().mean(dim=(3, 4)) - 127.5).flatten(1))
+            return logits.softmax(dim=1) if self.probabilities else logits
+
+    torch.manual_seed(0)
+    module = StyleGANVLike(101)
+    path = tmp_path / "c3d_ucf101.pt"
+    torch.jit.script(module).save(str(path))
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    c3d, smoke, checksum = load_c3d(str(path), digest)
+    assert (c3d.kind, smoke, checksum) == ("torchscript", False, digest)
+
+    videos = torch.randint(0, 256, (12, 16, 20, 24, 3), dtype=torch.uint8)
+    inception = VideoInceptionScore(c3d, smoke, splits=3)
+    for batch in videos.split(5):
+        inception.update(batch)
+    result = inception.result()
+    with torch.no_grad():
+        probs = module(videos.permute(0, 4, 1, 2, 3)).double().numpy()
+    parts = np.split(probs, 3)
+    expected = [np.exp(np.mean(np.sum(p * (np.log(p) - np.log(p.mean(0, keepdims=True))), 1))) for p in parts]
+    # (float32 probabilities: their log's softmax sums them to 1 again in float64)
+    assert (result.value, result.std) == pytest.approx((np.mean(expected), np.std(expected)), rel=1e-6)
+    assert result.value > 1.5 and not result.smoke
+
+    for name, wrong, reason in (("logits.pt", StyleGANVLike(101, probabilities=False), "not class probabilities"),
+                                ("ten.pt", StyleGANVLike(10), r"gives \(5, 10\) for 5 videos, not \[5, 101\]")):
+        torch.jit.script(wrong).save(str(tmp_path / name))
+        with pytest.raises(ValueError, match=rf"weights .*{name}: .*{reason}"):
+            VideoInceptionScore(*load_c3d(str(tmp_path / name))[:2]).update(videos[:5])
