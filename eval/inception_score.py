@@ -1,4 +1,5 @@
-"""Inception Score for video (UCF-101): C3D class probabilities, KL in float64, 10 splits.
+"""Inception Score for video (UCF-101): C3D class probabilities, KL in float64, 10 splits
+(of a seeded shuffle, as StyleGAN-V splits them).
 
 Two classifiers give the class scores of uint8 video [B,16,H,W,3]:
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -114,12 +116,16 @@ def c3d_preprocess(videos: torch.Tensor) -> torch.Tensor:
     return rearrange(x, "(b t) c h w -> b c t h w", b=b)
 
 
-def inception_score(logits: torch.Tensor, splits: int = 10) -> tuple[float, float]:
-    """torch-fidelity style: softmax of logits, KL(p(y|x) || p(y)) per split in float64; mean, std."""
+def inception_score(logits: torch.Tensor, splits: int = 10, shuffle_seed: int | None = 42) -> tuple[float, float]:
+    """Softmax of logits, KL(p(y|x) || p(y)) per split in float64; mean, std over the splits.
+    The splits are of the videos in a seeded shuffle, StyleGAN-V's (NumPy's RandomState(42)), so
+    their order cannot put few classes in a split (a folder of fakes sorted by class)."""
     p = F.softmax(logits.to(torch.float64), dim=1)
     n = len(p)
     if n < splits:
         raise ValueError(f"inception score: {n} samples for {splits} splits")
+    if shuffle_seed is not None:
+        p = p[torch.from_numpy(np.random.RandomState(shuffle_seed).permutation(n)).to(p.device)]
     scores = []
     for i in range(splits):
         part = p[i * n // splits : (i + 1) * n // splits]

@@ -51,11 +51,21 @@ def test_msrvtt_captions(tmp_path):
 
 
 def test_inception_score_bounds():
-    # confident and evenly spread over 10 classes -> IS = 10; uninformative -> IS = 1
+    # confident and evenly spread over 10 classes in every split -> IS = 10; uninformative -> IS = 1
     confident = torch.full((100, 10), -50.0)
     confident[torch.arange(100), torch.arange(100) % 10] = 50.0
-    assert inception_score(confident, splits=10)[0] == pytest.approx(10.0, rel=1e-6)
+    assert inception_score(confident, splits=10, shuffle_seed=None)[0] == pytest.approx(10.0, rel=1e-6)
     assert inception_score(torch.zeros(100, 10), splits=10) == pytest.approx((1.0, 0.0))
+
+
+def test_inception_score_splits_do_not_follow_the_file_order():
+    # 1000 confident videos of 10 classes, sorted by class (a folder named by class): split in that
+    # order each split holds one class and scores 1; in the seeded shuffle each holds about all 10
+    by_class = torch.full((1000, 10), -50.0)
+    by_class[torch.arange(1000), torch.arange(1000) // 100] = 50.0
+    assert inception_score(by_class, splits=10, shuffle_seed=None)[0] == pytest.approx(1.0)
+    value, std = inception_score(by_class, splits=10)
+    assert 9.0 < value < 10.0 and std < 0.5
 
 
 # -- the protocols end to end: `mav evaluate --protocol ...` on tiny local copies ------------------
@@ -270,6 +280,7 @@ def test_torchscript_c3d_scores_its_own_probabilities(tmp_path):
     result = inception.result()
     with torch.no_grad():
         probs = module(videos.permute(0, 4, 1, 2, 3)).double().numpy()
+    np.random.RandomState(42).shuffle(probs)  # StyleGAN-V's compute_isv
     parts = np.split(probs, 3)
     expected = [np.exp(np.mean(np.sum(p * (np.log(p) - np.log(p.mean(0, keepdims=True))), 1))) for p in parts]
     # (float32 probabilities: their log's softmax sums them to 1 again in float64)

@@ -26,7 +26,10 @@ def scores(clip_path: str, clip_videos, is_videos, parts: int = 1, part: int = 0
     if len(mine):
         clipsim.update(mine, [PROMPTS[i] for i in prompts])
     c = clipsim.result(num_resamples=50)
-    inception = VideoInceptionScore(*load_c3d(None, seed=0)[:2], splits=2)
+    c3d, smoke = load_c3d(None, seed=0)[:2]
+    with torch.no_grad():  # random weights give near-uniform probabilities and an IS within 1e-6 of 1
+        c3d.fc8.weight.mul_(100)
+    inception = VideoInceptionScore(c3d, smoke, splits=2)
     if len(take(is_videos)):
         inception.update(take(is_videos))
     i = inception.result()
