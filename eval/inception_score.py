@@ -7,8 +7,9 @@ Two classifiers give the class scores of uint8 video [B,16,H,W,3]:
   module names conv1 … conv5b, fc6, fc7, fc8 as in the common PyTorch port, so a state dict
   converted to that layout loads with strict keys; frames resized to 112x112, 0..255 RGB.
 * `TorchScriptC3D`: StyleGAN-V's `c3d_ucf101.pt`, its TorchScript copy of TGANv2's
-  UCF-101-finetuned C3D (Chainer) with TGANv2's own preprocessing inside: the classifier behind
-  the published UCF-101 IS numbers. It takes uint8 [B,3,16,H,W] and gives probabilities.
+  UCF-101-finetuned C3D (Chainer), preprocessing inside, which StyleGAN-V reports reproduces the
+  original exactly: the classifier of the published UCF-101 IS numbers. It takes uint8
+  [B,3,16,H,W] and gives probabilities.
 
 Weights come from a path/URL with sha256 (eval.weights); nothing is downloaded here, so neither
 has been checked against published numbers on this machine.
