@@ -16,6 +16,7 @@ from typing import Callable
 from urllib.parse import urljoin, urlparse
 
 import requests
+from urllib3.exceptions import LocationParseError
 
 from data_prep.atomic import durable_replace
 from data_prep.config import VIDEO_EXTENSIONS, DownloadConfig
@@ -68,6 +69,8 @@ def _open(session: requests.Session, url: str, offset: int, cfg: DownloadConfig,
             raise DownloadError(f"server sent nothing for {cfg.read_timeout_s:g} s (stalled)", transient=True) from None
         except requests.exceptions.ConnectionError as err:
             raise DownloadError(f"connection failed: {err.__class__.__name__}", transient=True) from None
+        except (requests.exceptions.InvalidURL, LocationParseError) as err:  # "http://cdn..example.com/a.mp4"
+            raise DownloadError(f"not a valid URL: {url} ({err})") from None
         if response.is_redirect:
             target = urljoin(url, response.headers.get("Location", ""))
             response.close()

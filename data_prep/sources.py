@@ -44,7 +44,10 @@ def _ref_for(text: str, base: Path | None = None) -> SourceRef:
         return SourceRef(str(Path(unquote(parsed.path)).absolute()), "file")
     if parsed.scheme and "://" in text:  # ftp://, s3://...; "take:2.mp4" or "C:\\clip.mp4" is a path
         return SourceRef(text, "unsupported")
-    path = Path(text).expanduser()
+    try:
+        path = Path(text).expanduser()
+    except RuntimeError:  # "~nosuchuser/clip.mp4", or no home folder: the other sources go on
+        return SourceRef(text, "unreadable", reason="cannot expand ~ (no such user, or no home folder)")
     if base is not None and not path.is_absolute():
         path = base / path
     return SourceRef(str(path.absolute()), "file")  # the same file is the same source from any cwd
@@ -76,12 +79,17 @@ def read_url_list(path: Path) -> list[str]:
     if suffix in (".csv", ".tsv"):
         with path.open(newline="", encoding="utf-8-sig") as handle:
             rows = list(csv.reader(handle, delimiter="\t" if suffix == ".tsv" else ","))
+        # blank rows out, and Excel's "sep=," line: the header is the first row with something in it
+        rows = [row for row in rows if any(cell.strip() for cell in row)]
+        if rows and rows[0][0].strip().lower().startswith("sep=") and not "".join(rows[0][1:]).strip():
+            rows = rows[1:]
         if not rows:
             return []
         column, body = url_column(rows[0]), rows[1:]
         if column is None:  # no header it knows: the column of URLs, else the first; row 0 a header if not a URL
             cells = [[cell.strip() for cell in row] for row in rows]
-            column = next((i for i in range(len(cells[0])) if any("://" in row[i] for row in cells if len(row) > i)), 0)
+            width = max(len(row) for row in cells)
+            column = next((i for i in range(width) if any("://" in row[i] for row in cells if len(row) > i)), 0)
             urls = any("://" in row[column] for row in cells[1:] if len(row) > column)
             first = cells[0][column] if len(cells[0]) > column else ""
             body = rows[1:] if urls and "://" not in first else rows
@@ -96,7 +104,8 @@ def read_url_list(path: Path) -> list[str]:
         if column is None:
             raise SourceError(f"no url column (looked for {', '.join(URL_COLUMNS)}, a name ending in url "
                               "or a column of URLs)")
-        return [str(v) for v in table.column(column).to_pylist() if v]
+        # a column of bytes (written without the UTF-8 annotation) holds the URLs as UTF-8 too
+        return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in table.column(column).to_pylist() if v]
     raise SourceError("not a URL list (expected .txt, .csv, .tsv or .parquet)")
 
 
@@ -110,6 +119,17 @@ def _column_of_urls(table) -> int | None:
                 and pc.any(pc.match_substring(column, "://")).as_py():
             return i
     return None
+
+
+def _named_in_utf8(ref: SourceRef) -> SourceRef:
+    """The ref, or an unreadable one for a name that is not UTF-8 (a Latin-1 archive's "caf\\xe9.mp4":
+    Python holds its bytes as surrogates, which no manifest, log or ffmpeg argument can carry)."""
+    try:
+        ref.source.encode("utf-8")
+        return ref
+    except UnicodeEncodeError:
+        printable = ref.source.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        return SourceRef(printable, "unreadable", reason="its name is not valid UTF-8 (rename it)")
 
 
 def _videos_under(folder: Path, extensions: set[str], data_root: Path | None):
@@ -153,7 +173,7 @@ def expand_sources(items: list[str], video_extensions: list[str], data_root: Pat
             refs.append(ref)
     seen: set[str] = set()
     unique = []
-    for ref in refs:
+    for ref in map(_named_in_utf8, refs):
         if ref.source not in seen:
             seen.add(ref.source)
             unique.append(ref)

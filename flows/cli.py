@@ -70,6 +70,8 @@ def with_notes(err: BaseException) -> str:
 def writable_folder(folder: str | Path, name: str) -> Path:
     """`folder`, created if missing; a ValueError naming `name` if it cannot be made or written
     (checked before a flow starts: its failure would come after work, behind a trace)."""
+    if not str(folder).strip():  # Path("") is the working directory
+        raise ValueError(f"{name} is empty (an unset shell variable?)")
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"{name} {folder}: is a file, not a folder")

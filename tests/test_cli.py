@@ -191,6 +191,7 @@ def test_bad_ingest_and_pipeline_input_is_one_line_and_exit_2(prefect_server, tm
         (["--dataset", "a/b"], "dataset name 'a/b'"),
         (["--dataset", "bob's clips"], "dataset name \"bob's clips\": use letters, digits"),  # broke MLflow filters
         (["--data-root", str(tmp_path / "a-file" / "root")], r"--data-root \S+: cannot be created \(Not a directory\)"),
+        (["--data-root", ""], r"--data-root is empty \(an unset shell variable\?\)"),  # it wrote into the cwd
     ]
     for options, message in cases:
         assert main(["ingest", str(samples), "--no-progress", *options]) == 2, options

@@ -137,6 +137,11 @@ def test_a_redirect_loop_and_an_empty_file_are_clear_errors(tmp_path):
         assert srv.hits["/loop.mp4"] == FAST.max_redirects + 1
         with pytest.raises(DownloadError, match=r"empty response \(0 bytes\)"):
             download(f"{srv.base}/empty.mp4", tmp_path, FAST)
+        # a host urllib3 cannot parse, given or redirected to: said as such, not as a bug of ours
+        srv.routes["/bad-host.mp4"] = ("redirect", "http://cdn..example.com/b.mp4")
+        for url in ("http://cdn..example.com/a.mp4", f"{srv.base}/bad-host.mp4"):
+            with pytest.raises(DownloadError, match=r"not a valid URL: http://cdn\.\.example\.com/.\.mp4 \(Failed to parse"):
+                download(url, tmp_path, FAST)
     assert not [p for p in tmp_path.rglob("*") if p.is_file()]
 
 

@@ -49,9 +49,20 @@ def test_url_list_headers_are_found_however_written_and_never_taken_for_sources(
     (tmp_path / "bare.csv").write_text("http://h/d.mp4\nhttp://h/e.mp4\n")
     pd.DataFrame({"contentUrl": ["http://h/f.mp4"]}).to_parquet(tmp_path / "webvid.parquet")
     (tmp_path / "blank.csv").write_text("\nhttp://h/g.mp4\n")  # a blank first line
-    names = ("spaced.csv", "webvid.csv", "unknown.csv", "bare.csv", "webvid.parquet", "blank.csv")
+    # a blank line, or Excel's "sep=," line, before the header: the header was taken from it, and
+    # every caption became a missing file
+    (tmp_path / "blank_header.csv").write_text("\n,\nname,url\nclip h,http://h/h.mp4\n")
+    (tmp_path / "excel.csv").write_text("sep=,\nname,url\nclip i,http://h/i.mp4\n")
+    (tmp_path / "short.csv").write_text("a\nb,http://h/j.mp4\n")  # no header; a first row narrower than the rest
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    # a column of bytes (parquet written without the UTF-8 annotation): "b'http:/h/k.mp4'" was a path
+    pq.write_table(pa.table({"url": pa.array([b"http://h/k.mp4"], pa.binary())}), tmp_path / "bytes.parquet")
+    names = ("spaced.csv", "webvid.csv", "unknown.csv", "bare.csv", "webvid.parquet", "blank.csv", "blank_header.csv",
+             "excel.csv", "short.csv", "bytes.parquet")
     refs = expand_sources([str(tmp_path / n) for n in names], EXT)
-    assert [r.source for r in refs] == [f"http://h/{c}.mp4" for c in "abcdefg"]
+    assert [r.source for r in refs] == [f"http://h/{c}.mp4" for c in "abcdefghijk"]
 
 
 def test_a_column_named_url_wins_over_other_known_names_before_it(tmp_path):
@@ -146,6 +157,28 @@ def test_a_source_whose_name_cannot_be_looked_up_is_a_failed_source_and_the_rest
     assert [(r.source, r.kind) for r in refs] == [(long_name, "unreadable"), (str(tmp_path / "ok.mp4"), "file")]
     outcome = process_source(refs[0], tmp_path / "root", tmp_path / "root" / "datasets" / "d", load_ingest_config(None))
     assert (outcome.status, outcome.stage, outcome.reason) == ("failed", "download", "cannot be read: File name too long")
+
+
+def test_a_home_that_cannot_be_found_or_a_name_not_in_utf8_is_a_failed_source_and_the_rest_go_on(tmp_path):
+    """`~nosuchuser/x.mp4` raised RuntimeError out of the whole ingest; a Latin-1 file name ("caf\\xe9.mp4",
+    held as surrogates) failed in ffmpeg-python and then stopped every version from being written (the
+    manifest could not hold its name). Each is now one failed source, named in a form UTF-8 can hold."""
+    import os
+
+    from data_prep.ingest import process_source
+
+    latin = Path(os.fsdecode(os.fsencode(tmp_path) + b"/caf\xe9.mp4"))
+    latin.write_bytes(b"x")
+    (tmp_path / "ok.mp4").write_bytes(b"x")
+    refs = expand_sources(["~nosuchuser-of-mav/x.mp4", str(tmp_path)], EXT)
+    assert [(r.source, r.kind) for r in refs] == [("~nosuchuser-of-mav/x.mp4", "unreadable"),
+                                                  (f"{tmp_path}/caf\\xe9.mp4", "unreadable"),
+                                                  (str(tmp_path / "ok.mp4"), "file")]
+    assert refs[0].reason == "cannot expand ~ (no such user, or no home folder)"
+    assert refs[1].reason == "its name is not valid UTF-8 (rename it)"
+    outcome = process_source(refs[1], tmp_path / "root", tmp_path / "root" / "datasets" / "d", load_ingest_config(None))
+    assert (outcome.status, outcome.stage) == ("failed", "download")
+    outcome.source.encode("utf-8")  # what the version's failures.parquet and the log will hold
 
 
 def test_other_schemes_are_marked_unsupported():
