@@ -112,18 +112,27 @@ class ClipWriter:
         self.count = 0
 
     def write(self, i420: np.ndarray) -> None:
-        self.process.stdin.write(memoryview(i420).cast("B"))
+        try:
+            self.process.stdin.write(memoryview(i420).cast("B"))
+        except BrokenPipeError:  # the encoder quit (its file cannot be written: no space, no permission)
+            self.process.wait()
+            raise self._failure() from None
         self.count += 1
 
     def finish(self) -> Path:
         self.process.stdin.close()
         if self.process.wait() != 0:
-            self.stderr.seek(0)
-            detail = self.stderr.read().decode(errors="replace").strip().splitlines()
-            self.path.unlink(missing_ok=True)
-            raise DecodeError(f"encoding a clip failed: {detail[-1] if detail else self.process.returncode}")
+            raise self._failure()
         self.stderr.close()
         return self.path
+
+    def _failure(self) -> DecodeError:
+        """The encoder's own last word (a bare "Broken pipe" named nothing)."""
+        self.stderr.seek(0)
+        detail = self.stderr.read().decode(errors="replace").strip().splitlines()
+        self.path.unlink(missing_ok=True)
+        reason = detail[-1] if detail else f"ffmpeg exit code {self.process.returncode}"
+        return DecodeError(f"encoding a clip into {self.path.parent} failed: {reason}")
 
     def abort(self) -> None:
         self.process.kill()
@@ -227,6 +236,10 @@ def cut_source(
     writer: ClipWriter | None = None
     clip_start = 0
     next_time = 0.0
+    # encoded clips keep their temporary names until the whole source is cut: a killed run leaves
+    # only .tmp-* files (which the next run removes), never clips that no record lists
+    encoded: list[tuple[Path, Path]] = []
+    placed = 0
 
     def close(end: int) -> None:
         nonlocal writer
@@ -235,9 +248,8 @@ def cut_source(
         if writer.count < min_frames:
             writer.abort()
         else:
-            temp = writer.finish()
             clip_id = clip_id_for(source_sha, clip_start, end, settings)
-            durable_replace(temp, clips_dir / f"{clip_id}.mp4")
+            encoded.append((writer.finish(), clips_dir / f"{clip_id}.mp4"))
             result.clips.append({
                 "clip_id": clip_id, "start_frame": clip_start, "end_frame": end,
                 "start_s": time_of(clip_start), "end_s": end_time(end),
@@ -326,6 +338,9 @@ def cut_source(
             while pending:
                 emit(*pending.popleft())
             close(index)
+            for temp, final in encoded:
+                durable_replace(temp, final)
+                placed += 1
             # the renames on disk before the caller writes the record that lists these clips (the
             # record is in another folder: its rename could otherwise reach the disk first)
             fsync_path(clips_dir)
@@ -334,8 +349,8 @@ def cut_source(
             process.wait()
             if writer is not None:
                 writer.abort()
-            for row in result.clips:  # nothing half-done is left behind under a final name
-                (clips_dir / row["clip_path"].split("/", 1)[1]).unlink(missing_ok=True)
+            for i, (temp, final) in enumerate(encoded):  # nothing half-done is left behind under a final name
+                (final if i < placed else temp).unlink(missing_ok=True)
             raise
         finally:
             if decoded:

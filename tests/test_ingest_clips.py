@@ -383,3 +383,19 @@ def test_a_clip_is_renamed_into_place_whole_and_flushed(tmp_path):
     assert listed and sorted(p.name for p in (tmp_path / "clips").iterdir()) == listed
     for clip in result.clips:
         assert len(decode(_clip_file(result, clip))) == clip["num_frames"]
+
+
+def test_an_encoder_that_cannot_write_its_clip_says_why(tmp_path):
+    """An encoder that quits (its file cannot be written: no space, no permission, no folder) broke
+    the pipe, and the source failed as "[Errno 32] Broken pipe", naming nothing; it names the cause."""
+    from data_prep.clips import ClipWriter, DecodeError
+    from data_prep.config import ClipConfig
+
+    writer = ClipWriter(tmp_path / "gone", 64, 64, 12.0, ClipConfig())
+    frame = np.zeros(64 * 64 * 3 // 2, np.uint8)
+    folder = re.escape(str(tmp_path / "gone"))
+    with pytest.raises(DecodeError, match=rf"encoding a clip into {folder} failed: .*No such file or directory"):
+        for _ in range(1000):  # 6 MB: more than a pipe holds, however late the encoder opens its file
+            writer.write(frame)
+        writer.finish()
+    writer.abort()

@@ -371,8 +371,13 @@ def test_killed_ingest_reruns_to_the_same_dataset(prefect_server, tmp_path, samp
     def encoding(records: int):  # a clip half encoded, after `records` sources were done
         return lambda: len(list(ds.glob("sources/*.json"))) >= records and any(ds.glob("clips/.tmp-*.mp4"))
 
-    cli(killed, kill_when=encoding(0))  # in the first source
-    assert not list(ds.glob("sources/*.json")) and list(ds.glob("clips/.tmp-*.mp4"))
+    def two_encoded():  # in a source, a clip done and the next begun: both under temporary names
+        return len(list(ds.glob("clips/.tmp-*.mp4"))) >= 2
+
+    cli(killed, kill_when=two_encoded)
+    # no clip under its final name before its source's record (it stayed, listed nowhere, for good)
+    listed = {c["clip_path"] for r in ds.glob("sources/*.json") for c in json.loads(r.read_text())["clips"]}
+    assert {f"clips/{p.name}" for p in ds.glob("clips/*.mp4") if p.name[0] != "."} == listed
     cli(killed, kill_when=encoding(1))  # in a later source, the first one done
     assert list(ds.glob("clips/.tmp-*.mp4")) and not (ds / "latest").exists()
     cli(killed)
