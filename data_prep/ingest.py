@@ -93,6 +93,8 @@ def _process_bytes(ref: SourceRef, path: Path, digest: str, settings: str, ds_di
         done = None  # probed again: the rules changed since
     if done is not None and "rejected" in done:  # these bytes failed before, for a reason they alone decide
         return SourceOutcome(ref.source, "failed", digest, cuts=done["cuts"], rejected=True, **done["rejected"])
+    if done is not None and not all((ds_dir / clip["clip_path"]).is_file() for clip in done["clips"]):
+        done = None  # a clip file went (deleted by hand, a partial restore): cut again, to the same clip ids
     if done is not None:  # processed before with the same settings: nothing to redo
         return SourceOutcome(ref.source, "unchanged", digest, clips=_rows(done["clips"], ref.source, digest),
                              cuts=done["cuts"], probe=done["probe"])

@@ -1,3 +1,4 @@
+import subprocess
 from pathlib import Path
 
 import pandas as pd
@@ -241,7 +242,6 @@ def test_a_video_whose_scenes_are_all_too_short_is_a_failed_source(tmp_path):
     """Hard cuts every 0.6 s (colour changes) and min_scene_s 1: the scenes stage rejects it, and
     the rejection is recorded with the cuts it found."""
     import json
-    import subprocess
 
     from data_prep.ffmpeg_bin import ffmpeg_exe
     from data_prep.ingest import process_source
@@ -294,7 +294,6 @@ def test_io_errors_and_missing_codecs_at_probe_are_retried_not_recorded(tmp_path
 def test_a_codec_this_build_cannot_decode_is_a_retried_failure_not_a_crash(tmp_path):
     """PyAV gives a stream without a codec context for a codec it lacks (here an AVI tagged ZZZZ):
     a failed probe naming the cause, not recorded, so a build that has the codec takes it later."""
-    import subprocess
 
     from data_prep.ffmpeg_bin import ffmpeg_exe
     from data_prep.ingest import process_source
@@ -316,7 +315,6 @@ def test_raw_h264_and_hevc_streams_are_cut_like_any_video(tmp_path):
     """Elementary streams (.h264 / .hevc, no container) carry no packet timestamps: frames are
     counted by packet on the stream's rate. A rejection recorded before that (rules 1) is retried."""
     import json
-    import subprocess
 
     import av
 
@@ -354,7 +352,6 @@ def test_raw_h264_and_hevc_streams_are_cut_like_any_video(tmp_path):
 def test_the_main_video_stream_is_cut_not_a_picture_beside_it(tmp_path):
     """A one-frame picture stream before the video (as ffmpeg's stream choice, not stream 0), and a
     song whose only video stream is its cover picture: no video, said so."""
-    import subprocess
 
     from data_prep.ffmpeg_bin import ffmpeg_exe
     from data_prep.ingest import process_source
@@ -375,6 +372,27 @@ def test_the_main_video_stream_is_cut_not_a_picture_beside_it(tmp_path):
     outcome = process_source(SourceRef(str(song), "file"), tmp_path / "root", ds, cfg)
     assert (outcome.status, outcome.stage) == ("failed", "probe")
     assert outcome.reason == "no video stream (a cover picture only)"
+
+
+def test_a_done_source_missing_a_clip_file_is_cut_again_to_the_same_clips(tmp_path):
+    """A rerun trusted the record and left the manifest naming a clip file that was gone."""
+    from data_prep.ffmpeg_bin import ffmpeg_exe
+    from data_prep.ingest import process_source
+    from data_prep.sources import SourceRef
+
+    video, ds = tmp_path / "cuts.mp4", tmp_path / "root" / "datasets" / "d"
+    subprocess.run([ffmpeg_exe(), "-v", "error", "-y", "-f", "lavfi", "-i", "testsrc=size=96x64:rate=12:duration=2",
+                    "-f", "lavfi", "-i", "color=red:size=96x64:rate=12:duration=2", "-filter_complex",
+                    "[0][1]concat=n=2", str(video)], check=True)  # two shots: two clips
+    cfg, ref = load_ingest_config(None).model_copy(update={"workers": 1}), SourceRef(str(video), "file")
+    first = process_source(ref, tmp_path / "root", ds, cfg)
+    assert first.status == "new" and len(first.clips) == 2, first.reason
+    gone = ds / first.clips[0]["clip_path"]
+    gone.unlink()
+    again = process_source(ref, tmp_path / "root", ds, cfg)
+    assert again.status == "new" and gone.is_file()
+    assert [c["clip_id"] for c in again.clips] == [c["clip_id"] for c in first.clips]
+    assert process_source(ref, tmp_path / "root", ds, cfg).status == "unchanged"
 
 
 def test_new_bytes_at_a_path_replace_its_clips_unless_another_path_gives_them_again(tmp_path):
