@@ -8,6 +8,7 @@ plain matmuls, nothing that gradient checkpointing recomputes.
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 from torch import nn
@@ -57,6 +58,9 @@ def train_step_flops(net: nn.Module, args: tuple, kwargs: dict | None = None) ->
     kwargs_of_net = dict(net.kwargs) | ({"grad_checkpoint": False} if "grad_checkpoint" in net.kwargs else {})
     with torch.device("meta"):
         copy = type(net)(**kwargs_of_net)
+    dtype = next((p.dtype for p in net.parameters() if p.is_floating_point()), None)
+    if dtype is not None:  # a *-true precision runs the net in float64, float16 or bfloat16 throughout
+        copy.to(dtype)
     for name, p in copy.named_parameters():
         p.requires_grad_(name in trained)
 
@@ -85,8 +89,13 @@ class StepFlops:
         self.hook.remove()
 
     def per_sample(self) -> float | None:
-        """None before the net's first forward."""
+        """None before the net's first forward, or where the count failed (said once: a diagnostic
+        never stops a training run)."""
         if self.value is None and self.inputs is not None:
             args, kwargs = self.inputs
-            self.value = train_step_flops(self.net, args, kwargs) / args[0].shape[0]
+            self.inputs = None
+            try:
+                self.value = train_step_flops(self.net, args, kwargs) / args[0].shape[0]
+            except Exception as err:  # noqa: BLE001 - whatever a meta-device copy of a new net trips on
+                warnings.warn(f"model FLOPs not counted, so no train/tflops or train/mfu: {err!r}", stacklevel=2)
         return self.value

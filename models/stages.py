@@ -209,7 +209,8 @@ class PriorStage(DiffusionStage):
         return {"text_emb": text_emb, "tokens": tokens.float()}
 
     def conditioning(self, batch):
-        x0 = self.clip.encode_images((batch["image"] + 1) / 2) * self.scale
+        # CLIP gives float32; a *-true precision runs the net in another dtype (the net casts the rest to x's)
+        x0 = (self.clip.encode_images((batch["image"] + 1) / 2) * self.scale).to(self.dtype)
         cond = self.text_condition(batch["caption"])
         keep = drop(torch.ones(x0.shape[0], device=x0.device), self.config.cond_dropout)
         cond = {"text_emb": cond["text_emb"] * keep[:, None], "tokens": cond["tokens"] * keep[:, None, None]}
