@@ -110,9 +110,11 @@ def read_yaml_mapping(path: Path, what: str) -> dict:
     if not path.is_file():
         raise ConfigError(f"{what} {path}: no such file")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{what} {path}: {describe_yaml(err)}") from None
+    except UnicodeDecodeError as err:  # its own message named no file
+        raise ConfigError(f"{what} {path}: not UTF-8 text (byte {err.start}: {err.reason})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{what} {path}: expected a mapping of settings, got {type(raw).__name__}")
     return raw

@@ -192,7 +192,11 @@ def load_manifest(data_root: Path, name: str, version: str | None = "latest") ->
 def version_info(data_root: Path, name: str, version: str | None = "latest") -> dict:
     ds_dir = dataset_dir(data_root, name)
     version = resolve_version(ds_dir, version)
-    return json.loads((ds_dir / "versions" / version / "dataset.json").read_text())
+    path = ds_dir / "versions" / version / "dataset.json"
+    try:
+        return json.loads(path.read_text())
+    except ValueError as err:  # damaged outside the ingest (its writes are atomic): json's message named no file
+        raise DatasetError(f"{path}: not readable JSON ({err})") from None
 
 
 def shard_paths(data_root: Path, name: str, version: str | None = "latest") -> list[Path]:

@@ -6,7 +6,7 @@ import os
 import sys
 from pathlib import Path
 
-from flows.cli import device_name, non_negative_float, positive_int, seed_int
+from flows.cli import device_name, non_negative_float, positive_int, seed_int, writable_folder
 from flows.registry import add_registry_options, chain_from_registry, checkpoints_from_registry, describe
 from flows.tracking import default_tracking_uri
 
@@ -64,9 +64,9 @@ def run_train(args) -> int:
         return 2
     try:
         config = load_config(args.config, parse_overrides(args.set))
+        out_dir = writable_folder(args.out or Path("runs") / args.stage, "--out")  # a file there failed in fit
         result = train_stage(args.stage, config, data_root=args.data_root, dataset=args.dataset, init=args.init,
-                             resume=args.resume, out_dir=args.out or Path("runs") / args.stage,
-                             max_steps=args.max_steps)
+                             resume=args.resume, out_dir=out_dir, max_steps=args.max_steps)
     except (ConfigError, DataError, CheckpointError, FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -116,6 +116,8 @@ def chain_checkpoints(args) -> dict[str, Path]:
 
 def unwritable(out: Path, several: bool) -> str | None:
     """Why `mav sample` could not write to `out`, found before any sampling (None: it can)."""
+    if not out.name:  # ".", "/": no name for the videos' folder (with_suffix raised)
+        return "name an .mp4 file, or for several prompts a folder for their videos"
     if several:  # videos go to the folder of out's name without its suffix
         folder = out.with_suffix("")
         if folder.exists() and not folder.is_dir():

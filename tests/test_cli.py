@@ -159,6 +159,9 @@ def test_train_command_trains_refuses_a_used_folder_and_resumes(tmp_path, capsys
                                               "by torch.save: cut short, or another kind of file)"
     assert main([*base[:-1], str(tmp_path / "other"), "--set", f"clip={tmp_path / 'no-clip'}"]) == 2
     assert capsys.readouterr().err.strip() == f"error: CLIP '{tmp_path / 'no-clip'}': no such folder"
+    (tmp_path / "a-file").write_text("x")  # failed inside fit, with a trace, after the model was built
+    assert main([*base[:-1], str(tmp_path / "a-file")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: --out {tmp_path / 'a-file'}: is a file, not a folder"
 
 
 def test_a_checkpoint_that_fails_to_save_leaves_the_previous_one_whole(tmp_path):
@@ -180,6 +183,7 @@ def test_bad_ingest_and_pipeline_input_is_one_line_and_exit_2(prefect_server, tm
 
     (tmp_path / "list.yaml").write_text("- a\n- b\n")
     (tmp_path / "broken.yaml").write_text("clips: [\n")
+    (tmp_path / "latin.yaml").write_bytes(b"clips: \xff\n")  # (its error named no file)
     (tmp_path / "a-file").write_text("")
     (tmp_path / "pipeline.yaml").write_text("steps:\n  - {name: p, stage: prior, config: configs/tiny/prior.yaml, "
                                              "overrides: {trainer.lrr: 1}}\n")
@@ -188,6 +192,7 @@ def test_bad_ingest_and_pipeline_input_is_one_line_and_exit_2(prefect_server, tm
         (["--workers", "2", "--config", str(tmp_path / "nope.yaml")], r"ingest config \S*nope.yaml: no such file"),
         (["--config", str(tmp_path / "list.yaml")], "list.yaml: expected a mapping of settings, got list"),
         (["--config", str(tmp_path / "broken.yaml")], "broken.yaml: not valid YAML"),
+        (["--config", str(tmp_path / "latin.yaml")], r"latin.yaml: not UTF-8 text \(byte 7: invalid start byte\)"),
         (["--dataset", "a/b"], "dataset name 'a/b'"),
         (["--dataset", "bob's clips"], "dataset name \"bob's clips\": use letters, digits"),  # broke MLflow filters
         (["--data-root", str(tmp_path / "a-file" / "root")], r"--data-root \S+: cannot be created \(Not a directory\)"),
@@ -512,12 +517,16 @@ def test_sample_checks_where_it_writes_before_sampling(tmp_path, capsys):
         (["--out", str(tmp_path / "v.webm")], "name an .mp4 file (its .gif preview is written beside it)"),
         (["--out", str(tmp_path / "afile" / "v.mp4")], f"{tmp_path / 'afile'} is a file, not a folder"),
         (["--prompt", "y", "--out", str(tmp_path / "afile")], f"the folder {tmp_path / 'afile'}, which is a file"),
+        (["--prompt", "y", "--out", "."], "name an .mp4 file, or for several prompts a folder for their videos"),
     ]
     for options, message in cases:
         assert main([*base, *options]) == 2, options
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: --out ") and err.endswith(message), err
     for option, value, message in [("--guidance", "nan", "must be a finite number >= 0, got nan"),
+                                   # failed after the checkpoints were read
+                                   ("--device", "meta", "'meta': this machine has no such device"),
+                                   ("--device", "xpu", "'xpu': this machine has no such device"),
                                    ("--seed", str(2**64), f"must be below {2**63}, got {2**64}"),  # torch overflowed
                                    ("--seed", "-1", "must be at least 0, got -1")]:  # wrapped to 2**64 - 1
         with pytest.raises(SystemExit) as exit_:

@@ -395,6 +395,18 @@ def test_a_done_source_missing_a_clip_file_is_cut_again_to_the_same_clips(tmp_pa
     assert process_source(ref, tmp_path / "root", ds, cfg).status == "unchanged"
 
 
+def test_a_damaged_version_file_is_named(tmp_path):
+    """A dataset.json damaged outside the ingest: "Expecting value: line 1 column 1" named no file."""
+    from data_prep.dataset import DatasetError, latest_version, shard_paths
+    from data_prep.synthetic import write_synthetic_dataset
+
+    ds = write_synthetic_dataset(tmp_path, "d", num_clips=1, frames=4, size=16, fps=12)
+    info = ds / "versions" / latest_version(ds) / "dataset.json"
+    info.write_text("garbage")
+    with pytest.raises(DatasetError, match=rf"{info}: not readable JSON \(Expecting value"):
+        shard_paths(tmp_path, "d")
+
+
 def test_new_bytes_at_a_path_replace_its_clips_unless_another_path_gives_them_again(tmp_path):
     from data_prep.dataset import commit_version, load_manifest
     from data_prep.synthetic import write_synthetic_dataset
