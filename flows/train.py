@@ -53,6 +53,15 @@ def register(subparsers) -> None:
     sample.set_defaults(func=run_sample)
 
 
+def unwrapped(err: Exception) -> str:
+    """An error's own message: one raised in a DataLoader worker arrives as "Caught DataError in
+    DataLoader worker process 0." with the worker's traceback, whose last line is the message."""
+    text = str(err).strip()
+    if text.startswith("Caught ") and "\n" in text:
+        return text.splitlines()[-1].split(": ", 1)[-1]
+    return text
+
+
 def run_train(args) -> int:
     from models.config import ConfigError, load_config, parse_overrides
     from models.data import DataError
@@ -68,7 +77,7 @@ def run_train(args) -> int:
         result = train_stage(args.stage, config, data_root=args.data_root, dataset=args.dataset, init=args.init,
                              resume=args.resume, out_dir=out_dir, max_steps=args.max_steps)
     except (ConfigError, DataError, CheckpointError, FileNotFoundError, FileExistsError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {unwrapped(err)}", file=sys.stderr)
         return 2
     from lightning.pytorch.utilities import rank_zero_only
 

@@ -11,7 +11,10 @@ Image-mode stages get one random frame per clip. Resize: short side to `size`, t
 random (or centre) square crop.
 
 Everything that can be wrong with the data (no dataset, no clips, clips shorter than
-the window, no captions for the prior) raises DataError in `check()`, before training.
+the window, no captions for the prior, a missing shard) raises DataError in `check()`, before
+training. A sample that does not decode (a broken image among web-scraped pairs, a clip file
+deleted or damaged) is named in a warning and stands aside for the reader's last good one; a
+reader whose samples fail more often than BAD_SAMPLE_LIMIT stops the run with a DataError.
 """
 from __future__ import annotations
 
@@ -34,6 +37,11 @@ from models.config import StageConfig
 from models.video_io import read_window
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
+# a reader stops when more than this share of its samples (and more than 10) failed to decode: a
+# few broken files are normal in scraped data, most of them is a wrong path or a broken disk
+BAD_SAMPLE_LIMIT = 0.1
+# what decoding a damaged file raises: PIL and PyAV errors are OSError or ValueError subclasses
+SAMPLE_ERRORS = (OSError, ValueError, EOFError)
 
 
 class DataError(ValueError):
@@ -154,6 +162,10 @@ class SampleStream(IterableDataset):
     def load(self, item, rng: random.Random, progress: float) -> dict:
         raise NotImplementedError
 
+    def name(self, item) -> str:
+        """Which file an item is, for a person."""
+        raise NotImplementedError
+
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
@@ -164,11 +176,28 @@ class SampleStream(IterableDataset):
         role = (worker + done) % workers
         part, parts = self.rank * workers + role, self.world * workers
         skip = (done // workers + (role < done % workers)) * self.batch_size
+        good = None  # the last item that decoded: it stands in for one that does not
+        tried = failed = 0
         for position, item in enumerate(self.items(part, parts)):
             if position >= skip:
                 batch = position // self.batch_size * workers + role  # this rank's batch, from the run's start
                 progress = batch / self.batches_per_step / self.total_steps if self.total_steps else 0.0
-                yield self.load(item, random.Random(stream_seed(self.seed, part, position)), progress)
+                rng = random.Random(stream_seed(self.seed, part, position))
+                tried += 1
+                try:
+                    sample, good = self.load(item, rng, progress), item
+                except SAMPLE_ERRORS as err:
+                    failed += 1
+                    what = f"{self.name(item)}: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
+                    if failed > 10 and failed > BAD_SAMPLE_LIMIT * tried:
+                        raise DataError(f"{failed} of {tried} samples did not decode, the last {what}") from None
+                    if failed <= 10 or failed % 100 == 0:
+                        warnings.warn(f"a training sample does not decode, another stands in ({failed} so far): {what}")
+                    if good is None:  # none decoded yet (a reader's start): the stream moves on one sample
+                        continue
+                    # the same position, so a resumed run still draws what this one does
+                    sample = self.load(good, rng, progress)
+                yield sample
 
 
 class RowStream(SampleStream):
@@ -198,6 +227,9 @@ class ClipFiles(RowStream):
     def load(self, row: dict, rng: random.Random, progress: float) -> dict:
         return self.sampler(row["clip_abspath"], row, rng, progress)
 
+    def name(self, row: dict) -> str:
+        return str(row["clip_abspath"])
+
 
 class ShardStream(SampleStream):
     """WebDataset shards split over readers, pass after pass (the ingest's clips, image-text pairs).
@@ -221,6 +253,9 @@ class ShardStream(SampleStream):
 
     def keep(self, sample: dict) -> bool:
         raise NotImplementedError
+
+    def name(self, sample: dict) -> str:
+        return f"{sample['__key__']} in {sample['__url__']}"
 
     def items(self, part: int, parts: int):
         import webdataset as wds
@@ -344,6 +379,9 @@ class ImageText(RowStream):
 
     def load(self, pair: tuple[Path, str], rng: random.Random, progress: float) -> dict:
         return self.sampler(pair[0], pair[1], rng)
+
+    def name(self, pair: tuple[Path, str]) -> str:
+        return str(pair[0])
 
 
 class ImageTextShards(ShardStream):
@@ -483,6 +521,10 @@ class StageDataModule(L.LightningDataModule):
         if source == "shards":
             if not shards:
                 raise DataError(f"dataset {self.dataset_name!r} has no shards; use data.source: clips")
+            missing = [shard for shard in shards if not Path(shard).is_file()]  # else a trace from a worker
+            if missing:
+                raise DataError(f"dataset {self.dataset_name!r}: {len(missing)} of its {len(shards)} shards are "
+                                f"missing, e.g. {missing[0]}; ingest again, or use data.source: clips")
             self.train_set = ClipShards(shards, sampler, {r["clip_id"]: r for r in rows}, data.shuffle_buffer)
         else:
             self.train_set = ClipFiles(rows, sampler)

@@ -164,6 +164,22 @@ def test_train_command_trains_refuses_a_used_folder_and_resumes(tmp_path, capsys
     assert capsys.readouterr().err.strip() == f"error: --out {tmp_path / 'a-file'}: is a file, not a folder"
 
 
+def test_data_that_fails_in_a_loader_worker_is_one_line(tmp_path, capsys):
+    """A DataError raised in a DataLoader worker arrived wrapped in the worker's traceback."""
+    from flows.cli import main
+
+    for i in range(12):
+        (tmp_path / f"{i}.jpg").write_bytes(b"not a jpeg")
+        (tmp_path / f"{i}.txt").write_text(f"caption {i}")
+    assert main(["train", "prior", "--config", str(REPO / "configs" / "tiny" / "prior.yaml"), "--set",
+                 "data.source=images", "--set", f"data.image_path={tmp_path}", "--set", "data.num_workers=1",
+                 "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert re.fullmatch(rf"error: 11 of 11 samples did not decode, the last {tmp_path}/\d+\.jpg: cannot identify "
+                        rf"image file '{tmp_path}/\d+\.jpg'", err[-1]), err[-1]
+    assert not [line for line in err if "Traceback" in line]
+
+
 def test_a_checkpoint_that_fails_to_save_leaves_the_previous_one_whole(tmp_path):
     from models.train import AtomicCheckpointIO
 

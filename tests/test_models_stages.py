@@ -542,6 +542,43 @@ def test_the_fps_distribution_moves_from_high_to_low_over_training(tmp_path):
     assert [float(sample["fps"]) for sample, _ in zip(iter(stream), range(40))] == fps[40:]
 
 
+def test_a_sample_that_does_not_decode_is_named_and_the_run_goes_on(tmp_path):
+    """One broken image among scraped pairs stopped training with a trace, and --resume stopped at
+    the same step again. It is named in a warning and the reader's last good sample stands in at
+    the same position, so a resumed stream still draws what the uninterrupted one does; a reader
+    whose samples mostly fail stops with a DataError naming the last."""
+    from models.data import DataError
+
+    _image_text_pairs(tmp_path / "pairs", 12)
+    broken = tmp_path / "pairs" / "005.png"
+    broken.write_bytes(b"not a png")
+    cfg = tiny("prior", **{"data.source": "images", "data.image_path": str(tmp_path / "pairs"), "data.batch_size": 4})
+    stream = StageDataModule(cfg).check().train_set
+    stream.batch_size = 4
+    with pytest.warns(UserWarning, match=rf"does not decode, another stands in \(1 so far\): {broken}"):
+        captions = [sample["caption"] for sample, _ in zip(iter(stream), range(24))]  # two passes
+    assert len(captions) == 24 and "picture number 5" not in captions
+    assert all(captions.count(f"picture number {i}") >= 2 for i in range(12) if i != 5)
+    stream.resume_batches = 3  # the second half, alone: the same samples
+    with pytest.warns(UserWarning, match="does not decode"):
+        assert [sample["caption"] for sample, _ in zip(iter(stream), range(12))] == captions[12:]
+
+    for i in range(12):
+        (tmp_path / "pairs" / f"{i:03d}.png").write_bytes(b"")  # every image gone to zero bytes
+    with pytest.warns(UserWarning), pytest.raises(DataError, match=r"11 of 11 samples did not decode, the last "):
+        next(iter(StageDataModule(cfg).check().train_set))
+
+
+def test_a_missing_shard_is_found_before_training(tmp_path):
+    from models.data import DataError
+
+    write_synthetic_dataset(tmp_path, "shapes", num_clips=4, frames=12, size=32, fps=12)
+    shard = next((tmp_path / "datasets" / "shapes" / "shards").glob("*.tar"))
+    shard.unlink()  # a trace from a DataLoader worker, mid-run
+    with pytest.raises(DataError, match=rf"1 of its 1 shards are missing, e.g. {shard}"):
+        StageDataModule(tiny("decoder", **{"data.source": "shards"}), tmp_path, "shapes").check()
+
+
 def test_every_stage_trains_with_finite_loss(chain):
     for name, result in chain.items():
         assert result.global_step == STEPS, name
