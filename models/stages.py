@@ -372,6 +372,16 @@ def net_state(ckpt: dict) -> dict[str, torch.Tensor]:
     return {k[len("net."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
 
 
+def finite(state: dict[str, torch.Tensor], source: str | Path) -> dict[str, torch.Tensor]:
+    """`state`, unless a weight holds NaN or infinity: corrupt bytes in a file that still reads (or a
+    run that diverged) trained to loss nan, or sampled a black video, and both exited 0."""
+    broken = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if broken is not None:
+        raise CheckpointError(f"{source}: weight {broken} holds NaN or infinity (a corrupt file, or a run "
+                              "that diverged)")
+    return state
+
+
 def fit_state(module: DiffusionStage, state: dict, source: str) -> dict:
     """Adapt a net state to the module (inflation, widened input) or raise naming what does not fit."""
     own = module.net.state_dict()
@@ -396,7 +406,7 @@ def init_from_checkpoint(module: DiffusionStage, path: str | Path) -> DiffusionS
     if problem := init_problem({**ckpt["hyper_parameters"]["config"], "stage": ckpt["hyper_parameters"]["stage"]},
                                module.config):
         raise CheckpointError(f"{path}: {problem}")
-    module.net.load_state_dict(fit_state(module, net_state(ckpt), str(path)), strict=False)
+    module.net.load_state_dict(fit_state(module, finite(net_state(ckpt), path), str(path)), strict=False)
     return module
 
 
@@ -427,5 +437,5 @@ def load_stage(path: str | Path, stage: str | None = None, device: str | torch.d
         raise CheckpointError(f"{path} is a {hp['stage']!r} checkpoint, expected {stage!r}")
     config = parse_config(hp["config"], f"{path}: its recorded config", recorded=True)
     module = build_stage(config.model_copy(update={"freeze_spatial": False}))
-    module.net.load_state_dict(net_state(ckpt))
+    module.net.load_state_dict(finite(net_state(ckpt), path))
     return module.to(device).eval()

@@ -589,6 +589,23 @@ def test_every_stage_trains_with_finite_loss(chain):
     assert ckpt["state_dict"]["net.conv_in.spatial.weight"].shape[1] == 7  # 3 + masked frames + mask
 
 
+def test_weights_holding_nan_are_refused_for_init_and_sampling(chain, tmp_path):
+    """Corrupt bytes in a checkpoint that still reads: --init trained to loss nan and sampling gave a
+    black video, both exiting 0."""
+    from models.stages import init_from_checkpoint
+
+    ckpt = torch.load(chain["decoder_image"].checkpoint, map_location="cpu", weights_only=False)
+    ckpt["state_dict"]["net.conv_out.spatial.weight"][0, 0, 0, 0] = float("nan")
+    broken = tmp_path / "broken.ckpt"
+    torch.save(ckpt, broken)
+    message = rf"{broken}: weight conv_out.spatial.weight holds NaN or infinity"
+    with pytest.raises(CheckpointError, match=message):
+        load_stage(broken)
+    with pytest.raises(CheckpointError, match=message):
+        init_from_checkpoint(build_stage(tiny("decoder", mode="image")), broken)
+    assert load_stage(chain["decoder_image"].checkpoint) is not None  # the file it came from loads
+
+
 def test_video_decoder_trains_only_temporal_layers(chain):
     image = load_stage(chain["decoder_image"].checkpoint)
     video = load_stage(chain["decoder"].checkpoint)
