@@ -188,16 +188,29 @@ class SampleStream(IterableDataset):
                     sample, good = self.load(item, rng, progress), item
                 except SAMPLE_ERRORS as err:
                     failed += 1
-                    what = f"{self.name(item)}: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
-                    if failed > 10 and failed > BAD_SAMPLE_LIMIT * tried:
-                        raise DataError(f"{failed} of {tried} samples did not decode, the last {what}") from None
-                    if failed <= 10 or failed % 100 == 0:
-                        warnings.warn(f"a training sample does not decode, another stands in ({failed} so far): {what}")
-                    if good is None:  # none decoded yet (a reader's start): the stream moves on one sample
+                    self.say_failed(item, err, failed, tried)
+                    if (sample := self.stand_in(good, rng, progress)) is None:
                         continue
-                    # the same position, so a resumed run still draws what this one does
-                    sample = self.load(good, rng, progress)
                 yield sample
+
+    def say_failed(self, item, err: Exception, failed: int, tried: int) -> None:
+        """A warning naming the item (the first 10, then every 100th), or past BAD_SAMPLE_LIMIT a DataError."""
+        what = f"{self.name(item)}: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
+        if failed > 10 and failed > BAD_SAMPLE_LIMIT * tried:
+            raise DataError(f"{failed} of {tried} samples did not decode, the last {what}")
+        if failed <= 10 or failed % 100 == 0:
+            warnings.warn(f"a training sample does not decode, another stands in ({failed} so far): {what}")
+
+    def stand_in(self, good, rng: random.Random, progress: float) -> dict | None:
+        """The last good item, at the position of one that failed, so a resumed run still draws what
+        this one does; None where there is none (a reader's start) or it fails too (another window of
+        a damaged clip): the stream then moves on one sample."""
+        if good is None:
+            return None
+        try:
+            return self.load(good, rng, progress)
+        except SAMPLE_ERRORS:
+            return None
 
 
 class RowStream(SampleStream):
