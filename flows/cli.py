@@ -91,16 +91,16 @@ def device_name(text: str) -> str:
     import torch
 
     try:
-        kind = torch.device(text).type
+        device = torch.device(text)
     except RuntimeError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a device (auto, cpu, cuda, cuda:1, mps, ...)") from None
-    if kind == "cuda" and not torch.cuda.is_available():
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise argparse.ArgumentTypeError(f"{text!r}: this machine has no CUDA device")
-    if kind == "cuda" and torch.device(text).index is not None and torch.device(text).index >= torch.cuda.device_count():
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA devices")
-    accelerator = getattr(torch, kind, None)  # torch.mps, torch.xpu...: failed after the checkpoints loaded
-    if kind not in ("cpu", "cuda") and not (accelerator and hasattr(accelerator, "is_available")
-                                            and accelerator.is_available()):
+    # mps, xpu, meta...: they failed only after the checkpoints were read
+    backend = getattr(torch, device.type, None)
+    if device.type not in ("cpu", "cuda") and not (hasattr(backend, "is_available") and backend.is_available()):
         raise argparse.ArgumentTypeError(f"{text!r}: this machine has no such device (auto, cpu, cuda, ...)")
     return text
 

@@ -13,7 +13,7 @@ random (or centre) square crop.
 Everything that can be wrong with the data (no dataset, no clips, clips shorter than
 the window, no captions for the prior, a missing shard) raises DataError in `check()`, before
 training. A sample that does not decode (a broken image among web-scraped pairs, a clip file
-deleted or damaged) is named in a warning and stands aside for the reader's last good one; a
+deleted or damaged) is named in a warning and the reader's last good one stands in for it; a
 reader whose samples fail more often than BAD_SAMPLE_LIMIT stops the run with a DataError.
 """
 from __future__ import annotations
