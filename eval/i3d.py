@@ -229,20 +229,17 @@ class I3DDetector(nn.Module):
             return self.net(x).float()
 
 
-def load_i3d(weights: str | Path | None = None, sha256: str | None = None, device: str | torch.device = "cpu",
-             seed: int = 0, **detector_kwargs) -> I3DDetector:
-    """I3D from a state dict (`i3d_pretrained_400.pt`) or a TorchScript file (`i3d_torchscript.pt`),
-    given as a path or URL and checked against `sha256` when given; no weights -> smoke mode."""
-    if weights is None:
-        net = InceptionI3d().init_random(seed)
-        return I3DDetector(net, "state_dict", f"random-i3d(seed={seed})", None, True, **detector_kwargs).to(device)
+def read_i3d_weights(weights: str | Path, sha256: str | None = None,
+                     device: str | torch.device = "cpu") -> tuple[torch.jit.ScriptModule | dict, str]:
+    """(StyleGAN-V's TorchScript module or a state dict in the piergiaj layout, sha256) of `weights`,
+    a path or URL; anything else is an error naming them. `mav evaluate` checks its weights with it
+    before any long work; load_i3d builds the detector from it."""
     path, digest = resolve_weights(weights, sha256)
     if is_torchscript(path):
-        scripted = torch.jit.load(str(path), map_location=device)
-        return I3DDetector(TorchScriptI3D(scripted), "torchscript", str(weights), digest, False, **detector_kwargs).to(device)
+        return torch.jit.load(str(path), map_location=device), digest
     state = load_state_dict(path, weights)
-    net = InceptionI3d()
-    own = net.state_dict()
+    with torch.device("meta"):  # the names and shapes, without building the weights
+        own = InceptionI3d().state_dict()
     missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in own]
     misshaped = [k for k in own if k in state and getattr(state[k], "shape", None) != own[k].shape]
@@ -252,5 +249,19 @@ def load_i3d(weights: str | Path | None = None, sha256: str | None = None, devic
             f"(missing {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}, "
             f"other shapes {misshaped[:5]})"
         )
-    net.load_state_dict(state, strict=False)
+    return state, digest
+
+
+def load_i3d(weights: str | Path | None = None, sha256: str | None = None, device: str | torch.device = "cpu",
+             seed: int = 0, **detector_kwargs) -> I3DDetector:
+    """I3D from a state dict (`i3d_pretrained_400.pt`) or a TorchScript file (`i3d_torchscript.pt`),
+    given as a path or URL and checked against `sha256` when given; no weights -> smoke mode."""
+    if weights is None:
+        net = InceptionI3d().init_random(seed)
+        return I3DDetector(net, "state_dict", f"random-i3d(seed={seed})", None, True, **detector_kwargs).to(device)
+    loaded, digest = read_i3d_weights(weights, sha256, device)
+    if isinstance(loaded, torch.jit.ScriptModule):
+        return I3DDetector(TorchScriptI3D(loaded), "torchscript", str(weights), digest, False, **detector_kwargs).to(device)
+    net = InceptionI3d()
+    net.load_state_dict(loaded, strict=False)
     return I3DDetector(net, "state_dict", str(weights), digest, False, **detector_kwargs).to(device)

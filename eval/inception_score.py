@@ -85,6 +85,24 @@ class TorchScriptC3D(nn.Module):
         return probs.clamp_min(1e-30).log()
 
 
+def read_c3d_weights(weights, sha256=None, num_classes=101, device="cpu") -> tuple[torch.jit.ScriptModule | dict, str]:
+    """(StyleGAN-V's TorchScript module or a state dict in the port's layout, sha256) of `weights`,
+    a path or URL; anything else is an error naming them. `mav evaluate` checks its weights with it
+    before any long work; load_c3d builds the classifier from it."""
+    path, digest = resolve_weights(weights, sha256)
+    if is_torchscript(path):
+        return torch.jit.load(str(path), map_location=device), digest
+    state = load_state_dict(path, weights)
+    with torch.device("meta"):  # the names and shapes, without building the weights
+        own = C3D(num_classes).state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    misshaped = [k for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or misshaped:
+        raise ValueError(f"weights {weights}: not a C3D({num_classes}) state dict (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}, other shapes {misshaped[:3]})")
+    return state, digest
+
+
 def load_c3d(weights=None, sha256=None, num_classes=101, device="cpu", seed=0) -> tuple[nn.Module, bool, str]:
     """C3D from a state dict in the port's layout or StyleGAN-V's TorchScript file, given as a path
     or URL -> (classifier, smoke, checksum). No weights: random (smoke)."""
@@ -93,19 +111,11 @@ def load_c3d(weights=None, sha256=None, num_classes=101, device="cpu", seed=0) -
             torch.manual_seed(seed)
             net = C3D(num_classes)
         return net.eval().to(device), True, "random"
-    path, digest = resolve_weights(weights, sha256)
-    if is_torchscript(path):
-        scripted = torch.jit.load(str(path), map_location=device)
-        return TorchScriptC3D(scripted, str(weights), num_classes).to(device), False, digest
+    loaded, digest = read_c3d_weights(weights, sha256, num_classes, device)
+    if isinstance(loaded, torch.jit.ScriptModule):
+        return TorchScriptC3D(loaded, str(weights), num_classes).to(device), False, digest
     net = C3D(num_classes)
-    state = load_state_dict(path, weights)
-    own = net.state_dict()
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    misshaped = [k for k in own if k in state and state[k].shape != own[k].shape]
-    if missing or unexpected or misshaped:
-        raise ValueError(f"weights {weights}: not a C3D({num_classes}) state dict (missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]}, other shapes {misshaped[:3]})")
-    net.load_state_dict(state)
+    net.load_state_dict(loaded)
     return net.eval().to(device), False, digest
 
 

@@ -396,7 +396,7 @@ def log_task(results: dict, params: dict, clips: list, tracking_uri: str, experi
 
 def check_inputs(args: argparse.Namespace) -> None:
     """What can be checked before the flow starts (its failures log a whole trace first):
-    metrics, the prompts file, video sources (folders, datasets, MLflow runs)."""
+    metrics, the prompts file, video sources (folders, datasets, MLflow runs), weights and CLIP."""
     if args.protocol:
         check_protocol_inputs(args.protocol, args.protocol_root, args.captions)
     # what will be scored (a protocol without --metrics: its own)
@@ -453,6 +453,24 @@ def check_inputs(args: argparse.Namespace) -> None:
         for videos in local:
             check_clip_lengths(videos.take(args.num_videos, args.seed), args.clip_length, args.clip_stride,
                                args.fps)
+    check_models(args, metrics)
+
+
+def check_models(args: argparse.Namespace, metrics: list[str]) -> None:
+    """The weights and CLIP the metrics load, as their loaders check them: else a missing or wrong file
+    was found in the flow, after sampling the videos, behind its traces."""
+    if "fvd" in metrics and args.i3d_weights:
+        from eval.i3d import read_i3d_weights
+
+        read_i3d_weights(args.i3d_weights, args.i3d_sha256)
+    if "is" in metrics and args.c3d_weights:
+        from eval.inception_score import read_c3d_weights
+
+        read_c3d_weights(args.c3d_weights, args.c3d_sha256)
+    if "clipsim" in metrics and args.clip_model is not None:  # None: the default, else smoke
+        from models.clip_source import check_clip
+
+        check_clip(args.clip_model)
 
 
 def check_clip_lengths(videos: VideoSet, length: int, stride: int, fps: float | None = None) -> None:

@@ -340,3 +340,47 @@ def test_a_ctrl_c_inside_an_mlflow_query_still_ends_the_evaluate_run_killed(tmp_
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("evaluate").experiment_id])
     assert run.info.status == "KILLED"
+
+
+@pytest.fixture()
+def no_flow(monkeypatch):
+    """`mav evaluate` with its flow replaced by one that fails: what is refused, is refused before it."""
+    import flows.evaluate
+
+    def flow(**_):
+        raise AssertionError("the flow started")
+
+    monkeypatch.setattr(flows.evaluate, "evaluate", flow)
+
+
+def test_weights_and_clip_are_checked_before_the_flow(no_flow, tmp_path, capsys):
+    """A missing or wrong --i3d-weights, --c3d-weights or --clip was found in the flow, after sampling
+    the videos, behind Prefect's traces: it is a one-line error (exit 2) before the flow starts; the
+    weights of a metric not scored are not read."""
+    import torch
+
+    from flows.cli import main
+
+    videos = _moving_stripes(tmp_path / "v", 30, step=1, frames=20, count=2)
+    (videos / "prompts.json").write_text(json.dumps({"v0.mp4": "a cat", "v1.mp4": "a dog"}))
+    checkpoint = tmp_path / "last.ckpt"  # a training checkpoint, not a detector's weights
+    torch.save({"state_dict": {"prior.net.weight": torch.zeros(2)}, "epoch": 3}, checkpoint)
+    text, none = tmp_path / "notes.txt", tmp_path / "none.pt"
+    text.write_text("not weights\n")
+    base = ["evaluate", "--real", str(videos), "--fake", str(videos), "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"]
+    cases = [
+        (["--metrics", "fvd", "--i3d-weights", str(none)], f"weights {none}: no such file"),
+        (["--metrics", "fvd", "--i3d-weights", str(text)], f"weights {text}: not a readable PyTorch state dict"),
+        (["--metrics", "fvd", "--i3d-weights", str(checkpoint)],
+         f"weights {checkpoint}: not an InceptionI3d(400) state dict in the piergiaj layout (missing ['Conv3d_1a"),
+        (["--metrics", "is", "--c3d-weights", str(none)], f"weights {none}: no such file"),
+        (["--metrics", "is", "--c3d-weights", str(checkpoint)], f"weights {checkpoint}: not a C3D(101) state dict"),
+        (["--metrics", "clipsim", "--clip", str(none)], f"CLIP '{none}': no such folder"),
+        (["--metrics", "clipsim", "--clip", str(text)], f"CLIP '{text}' cannot be loaded ("),
+    ]
+    for options, message in cases:
+        assert main([*base, *options]) == 2, options
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {message}") and err.count("\n") == 1, (options, err)
+    with pytest.raises(AssertionError, match="the flow started"):
+        main([*base, "--metrics", "clipsim", "--clip", "tiny", "--i3d-weights", str(none), "--c3d-weights", str(text)])
