@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from eval.weights import is_torchscript, load_state_dict, module_device, resolve_weights
+from eval.weights import is_torchscript, load_state_dict, load_torchscript, module_device, resolve_weights
 
 MIN_FRAMES = 9  # temporal stride 8 plus the 2-frame average pool at the end
 INPUT_SIZE = 224
@@ -229,6 +229,13 @@ class I3DDetector(nn.Module):
             return self.net(x).float()
 
 
+def _not_features(scripted: torch.jit.ScriptModule, video: torch.Tensor) -> str | None:
+    """Why the TorchScript module's output for one video is not StyleGAN-V's I3D features, if it is not."""
+    feats = scripted(video, rescale=True, resize=True, return_features=True)  # as TorchScriptI3D calls it
+    shape = tuple(feats.shape) if isinstance(feats, torch.Tensor) else type(feats).__name__
+    return None if shape == (1, NUM_CLASSES) else f"gives {shape} for one video, not [1, {NUM_CLASSES}] features"
+
+
 def read_i3d_weights(weights: str | Path, sha256: str | None = None,
                      device: str | torch.device = "cpu") -> tuple[torch.jit.ScriptModule | dict, str]:
     """(StyleGAN-V's TorchScript module or a state dict in the piergiaj layout, sha256) of `weights`,
@@ -236,7 +243,7 @@ def read_i3d_weights(weights: str | Path, sha256: str | None = None,
     before any long work; load_i3d builds the detector from it."""
     path, digest = resolve_weights(weights, sha256)
     if is_torchscript(path):
-        return torch.jit.load(str(path), map_location=device), digest
+        return load_torchscript(path, weights, "i3d_torchscript.pt", device, _not_features), digest
     state = load_state_dict(path, weights)
     with torch.device("meta"):  # the names and shapes, without building the weights
         own = InceptionI3d().state_dict()

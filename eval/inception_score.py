@@ -27,7 +27,7 @@ from torchmetrics import Metric
 from torchmetrics.utilities.data import dim_zero_cat
 
 from eval.sync import ShapedEmptyStates
-from eval.weights import is_torchscript, load_state_dict, module_device, resolve_weights
+from eval.weights import is_torchscript, load_state_dict, load_torchscript, module_device, resolve_weights
 
 
 class C3D(nn.Module):
@@ -76,13 +76,19 @@ class TorchScriptC3D(nn.Module):
     def classify(self, videos: torch.Tensor) -> torch.Tensor:
         """uint8 [B,16,H,W,3] -> log-probabilities [B,classes] (their softmax is the probabilities)."""
         probs = self.scripted(rearrange(videos, "b t h w c -> b c t h w").contiguous()).double()
-        if probs.ndim != 2 or probs.shape[1] != self.num_classes:
-            raise ValueError(f"weights {self.name}: gives {tuple(probs.shape)} for {len(videos)} videos, "
-                             f"not [{len(videos)}, {self.num_classes}] class probabilities")
-        if (probs < 0).any() or not torch.allclose(probs.sum(1), probs.new_ones(len(probs)), atol=1e-3):
-            raise ValueError(f"weights {self.name}: its outputs are not class probabilities (negative, or rows "
-                             "not summing to 1); expected StyleGAN-V's c3d_ucf101.pt")
+        if why := not_probabilities(probs, len(videos), self.num_classes):  # checked on one video as it loaded
+            raise ValueError(f"weights {self.name}: {why}; expected StyleGAN-V's c3d_ucf101.pt")
         return probs.clamp_min(1e-30).log()
+
+
+def not_probabilities(probs: torch.Tensor, n: int, num_classes: int) -> str | None:
+    """Why a classifier's output for n videos is not [n, num_classes] class probabilities, if it is not."""
+    if tuple(probs.shape) != (n, num_classes):
+        return f"gives {tuple(probs.shape)} for {n} video{'s' * (n != 1)}, not [{n}, {num_classes}] class probabilities"
+    if (probs < 0).any() or not torch.allclose(probs.double().sum(1), probs.new_ones(n, dtype=torch.float64),
+                                               atol=1e-3):
+        return "its outputs are not class probabilities (negative, or rows not summing to 1)"
+    return None
 
 
 def read_c3d_weights(weights, sha256=None, num_classes=101, device="cpu") -> tuple[torch.jit.ScriptModule | dict, str]:
@@ -91,7 +97,10 @@ def read_c3d_weights(weights, sha256=None, num_classes=101, device="cpu") -> tup
     before any long work; load_c3d builds the classifier from it."""
     path, digest = resolve_weights(weights, sha256)
     if is_torchscript(path):
-        return torch.jit.load(str(path), map_location=device), digest
+        def problem(scripted, video):  # as TorchScriptC3D.classify calls it: the video alone
+            return not_probabilities(scripted(video), 1, num_classes)
+
+        return load_torchscript(path, weights, "c3d_ucf101.pt", device, problem), digest
     state = load_state_dict(path, weights)
     with torch.device("meta"):  # the names and shapes, without building the weights
         own = C3D(num_classes).state_dict()

@@ -88,6 +88,27 @@ def is_torchscript(path: Path) -> bool:
         return any(n.endswith("constants.pkl") or "/code/" in n for n in zf.namelist())
 
 
+def load_torchscript(path: Path, src: str | Path, name: str, device, problem) -> torch.jit.ScriptModule:
+    """The TorchScript module at `path`, called once on a tiny uint8 video [1,3,16,32,32] (StyleGAN-V's
+    modules resize it themselves) by `problem(module, video)`, which says what is wrong with the output,
+    if anything: a module of another kind is a ValueError naming `src` here, not a traceback from deep
+    inside the scoring."""
+    import torch
+
+    try:
+        module = torch.jit.load(str(path), map_location=device).eval()
+        with torch.no_grad():
+            why = problem(module, torch.zeros(1, 3, 16, 32, 32, dtype=torch.uint8, device=device))
+    except torch.cuda.OutOfMemoryError:  # the device's fault, not the file's
+        raise
+    except Exception as err:  # noqa: BLE001 - whatever a module of another kind raises on that input
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        why = lines[-1] if lines else type(err).__name__  # TorchScript's own reason comes after its traces
+    if why:
+        raise ValueError(f"weights {src}: not StyleGAN-V's {name} ({why})")
+    return module
+
+
 def module_device(module) -> torch.device:
     """The device of a loaded network's weights (CPU for one without any: a TorchScript stand-in in tests)."""
     import torch

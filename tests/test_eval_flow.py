@@ -365,15 +365,18 @@ def test_weights_and_clip_are_checked_before_the_flow(no_flow, tmp_path, capsys)
     (videos / "prompts.json").write_text(json.dumps({"v0.mp4": "a cat", "v1.mp4": "a dog"}))
     checkpoint = tmp_path / "last.ckpt"  # a training checkpoint, not a detector's weights
     torch.save({"state_dict": {"prior.net.weight": torch.zeros(2)}, "epoch": 3}, checkpoint)
-    text, none = tmp_path / "notes.txt", tmp_path / "none.pt"
+    text, none, linear = tmp_path / "notes.txt", tmp_path / "none.pt", tmp_path / "linear.pt"
     text.write_text("not weights\n")
+    torch.jit.script(torch.nn.Linear(3, 3)).save(str(linear))  # TorchScript, but no video network
     base = ["evaluate", "--real", str(videos), "--fake", str(videos), "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"]
     cases = [
         (["--metrics", "fvd", "--i3d-weights", str(none)], f"weights {none}: no such file"),
         (["--metrics", "fvd", "--i3d-weights", str(text)], f"weights {text}: not a readable PyTorch state dict"),
         (["--metrics", "fvd", "--i3d-weights", str(checkpoint)],
          f"weights {checkpoint}: not an InceptionI3d(400) state dict in the piergiaj layout (missing ['Conv3d_1a"),
+        (["--metrics", "fvd", "--i3d-weights", str(linear)], f"weights {linear}: not StyleGAN-V's i3d_torchscript.pt ("),
         (["--metrics", "is", "--c3d-weights", str(none)], f"weights {none}: no such file"),
+        (["--metrics", "is", "--c3d-weights", str(linear)], f"weights {linear}: not StyleGAN-V's c3d_ucf101.pt ("),
         (["--metrics", "is", "--c3d-weights", str(checkpoint)], f"weights {checkpoint}: not a C3D(101) state dict"),
         (["--metrics", "clipsim", "--clip", str(none)], f"CLIP '{none}': no such folder"),
         (["--metrics", "clipsim", "--clip", str(text)], f"CLIP '{text}' cannot be loaded ("),

@@ -125,3 +125,22 @@ def test_fvd_on_real_clips_zero_for_self_and_grows_with_noise(detector, shared_v
     assert fvd_with(detector(clips)) <= 1e-6
     noisy = [fvd_with(detector((clips + s * noise).clamp(0, 255).to(torch.uint8))) for s in (8, 64)]
     assert 0 < noisy[0] < noisy[1], noisy
+
+
+def test_a_torchscript_of_another_kind_is_named_as_it_loads(tmp_path):
+    """A TorchScript file that is not StyleGAN-V's I3D failed deep inside the scoring with a raw
+    TorchScript trace; it is tried on one tiny video as it loads and named, with the reason."""
+    class OtherHead(torch.nn.Module):  # the call signature of i3d_torchscript.pt, 10 outputs
+        def forward(self, x: torch.Tensor, rescale: bool = False, resize: bool = False,
+                    return_features: bool = False) -> torch.Tensor:
+            return x.float().mean(dim=(2, 3, 4))[:, :1].repeat(1, 10)
+
+    linear, other = tmp_path / "linear.pt", tmp_path / "other.pt"
+    torch.jit.script(torch.nn.Linear(3, 3)).save(str(linear))
+    torch.jit.script(OtherHead()).save(str(other))
+    with pytest.raises(ValueError, match=rf"^weights {linear}: not StyleGAN-V's i3d_torchscript.pt \(forward\(\) "
+                                         r"expected at most 2 argument\(s\) but received 5 argument\(s\)\. [^\n]+\)$"):
+        load_i3d(linear)
+    with pytest.raises(ValueError, match=rf"^weights {other}: not StyleGAN-V's i3d_torchscript.pt \(gives \(1, 10\) "
+                                         r"for one video, not \[1, 400\] features\)$"):
+        load_i3d(other)

@@ -252,7 +252,7 @@ def test_torchscript_c3d_scores_its_own_probabilities(tmp_path):
     probabilities (TGANv2's formula, written out here), and one that does not is named."""
     import hashlib
 
-    from eval.inception_score import VideoInceptionScore, load_c3d
+    from eval.inception_score import TorchScriptC3D, VideoInceptionScore, load_c3d
 
     class StyleGANVLike(torch.nn.Module):  # the call signature of c3d_ucf101.pt
         def __init__(self, classes: int, probabilities: bool = True):
@@ -287,8 +287,17 @@ def test_torchscript_c3d_scores_its_own_probabilities(tmp_path):
     assert (result.value, result.std) == pytest.approx((np.mean(expected), np.std(expected)), rel=1e-6)
     assert result.value > 1.5 and not result.smoke
 
+    # one that does not is named as it loads, from its output for one tiny video; and, were that right,
+    # as it scores
+    torch.jit.script(torch.nn.Linear(3, 3)).save(str(tmp_path / "linear.pt"))
+    with pytest.raises(ValueError, match=r"weights \S+linear.pt: not StyleGAN-V's c3d_ucf101.pt \(RuntimeError: [^\n]+\)$"):
+        load_c3d(str(tmp_path / "linear.pt"))
     for name, wrong, reason in (("logits.pt", StyleGANVLike(101, probabilities=False), "not class probabilities"),
-                                ("ten.pt", StyleGANVLike(10), r"gives \(5, 10\) for 5 videos, not \[5, 101\]")):
+                                ("ten.pt", StyleGANVLike(10), r"gives \({n}, 10\) for {n} videos?, not \[{n}, 101\]")):
         torch.jit.script(wrong).save(str(tmp_path / name))
-        with pytest.raises(ValueError, match=rf"weights .*{name}: .*{reason}"):
-            VideoInceptionScore(*load_c3d(str(tmp_path / name))[:2]).update(videos[:5])
+        with pytest.raises(ValueError, match=rf"weights \S+{name}: not StyleGAN-V's c3d_ucf101.pt \(.*"
+                                             + reason.format(n=1)):
+            load_c3d(str(tmp_path / name))
+        scored = TorchScriptC3D(torch.jit.load(str(tmp_path / name)), str(tmp_path / name))
+        with pytest.raises(ValueError, match=rf"weights \S+{name}: .*{reason.format(n=5)}"):
+            VideoInceptionScore(scored, False).update(videos[:5])
