@@ -407,6 +407,8 @@ def check_inputs(args: argparse.Namespace) -> None:
                          "fake videos")
     if sum(map(bool, (args.fake, args.checkpoints, args.registry))) > 1:
         raise ValueError("give one of --fake, --checkpoints and --registry")
+    if (args.checkpoints or args.registry) and not (args.prompts or args.protocol):
+        raise ValueError("sampling the fake videos (--checkpoints, --registry) needs --prompts FILE")
     if args.sample_dir:
         if not (args.checkpoints or args.registry):
             raise ValueError("--sample-dir is where videos sampled from --checkpoints or --registry go; it needs one "
@@ -414,8 +416,9 @@ def check_inputs(args: argparse.Namespace) -> None:
         if Path(args.sample_dir).is_dir() and list_videos(Path(args.sample_dir)):  # an earlier run's, kept
             raise ValueError(f"--sample-dir {args.sample_dir}: holds videos already; name a new or empty folder")
         writable_folder(args.sample_dir, "--sample-dir")
+    given_prompts = None
     if args.prompts and not (args.fake and not _RUN_SRC.match(args.fake)):
-        read_prompts(args.prompts)  # with a local --fake: below, against its videos
+        given_prompts = read_prompts(args.prompts)  # with a local --fake: below, against its videos
     if "fvd" in metrics:
         from eval.i3d import MIN_FRAMES  # (torch: this command imports it anyway)
 
@@ -425,8 +428,8 @@ def check_inputs(args: argparse.Namespace) -> None:
         raise ValueError(f"--clip-length {args.clip_length}: the inception score's C3D takes 16-frame clips")
     if args.registry:  # what the flow will sample from: each version there, and its checkpoint file
         chain_from_registry(args.tracking_uri or default_tracking_uri(), args.registry, args.model_prefix)
-    local = []  # the sources read from folders and datasets here
-    for src in (args.real, args.fake):
+    local = {}  # real / fake: the sources read from folders and datasets here
+    for side, src in (("real", args.real), ("fake", args.fake)):
         if src and _RUN_SRC.match(src):  # the run must exist; its artifacts are fetched in the flow
             import mlflow
             from mlflow.exceptions import MlflowException
@@ -438,8 +441,8 @@ def check_inputs(args: argparse.Namespace) -> None:
                 raise _not_in_store(src, tracking_uri, err) from None
         elif src:
             videos = resolve_source(src, args.data_root)
-            local.append(videos)
-            if src != args.fake:
+            local[side] = videos
+            if side == "real":
                 continue
             if args.prompts:
                 videos.prompts = read_prompts(args.prompts, videos.paths)
@@ -449,11 +452,40 @@ def check_inputs(args: argparse.Namespace) -> None:
                 videos.require_prompts("clipsim")
     if "fvd" in metrics and not (args.real or args.protocol):
         raise ValueError("fvd needs --real SRC (a dataset NAME[@VERSION], a folder or runs:/<id>)")
+    if "fvd" in metrics:
+        check_fvd_counts(args, local, given_prompts)
     if {"fvd", "is"} & set(metrics):
-        for videos in local:
+        for videos in local.values():
             check_clip_lengths(videos.take(args.num_videos, args.seed), args.clip_length, args.clip_stride,
                                args.fps)
     check_models(args, metrics)
+
+
+def check_fvd_counts(args: argparse.Namespace, local: dict[str, VideoSet], prompts: list[str] | None) -> None:
+    """FVD's covariances need 2 videos a side: counted here, as the flow will take them (it found out
+    after sampling). An MLflow run's videos are counted in the flow, once fetched."""
+    n, proto = args.num_videos, None
+    if args.protocol:  # its prompts, real videos and N
+        proto = load_protocol(args.protocol, root=args.protocol_root, split_file=args.split_file,
+                              captions=args.captions, video_root=args.video_root, num_videos=n, seed=args.seed)
+        n = proto.num_videos
+    counts = {}  # side -> (videos there, what they are)
+    if "fake" in local:
+        counts["fake"] = (len(local["fake"].paths), "video", f"in {args.fake}")
+    elif not args.fake and prompts is not None:  # one video sampled a prompt
+        counts["fake"] = (len(prompts), "prompt", f"in {args.prompts}")
+    elif not args.fake and proto:
+        counts["fake"] = (len(proto.prompts), "prompt", f"of the {proto.name} protocol")
+    if proto and proto.real:
+        counts["real"] = (len(proto.real), "video", f"in {proto.real_source}")
+    elif "real" in local:
+        counts["real"] = (len(local["real"].paths), "video", f"in {args.real}")
+    for side, (count, noun, where) in counts.items():
+        scored = min(count, n or count)
+        if scored < 2:
+            cap = f", --num-videos {n}" if n and n <= count else ""
+            raise ValueError(f"fvd needs at least 2 {side} videos, got {scored} ({count} {noun}{'s' * (count != 1)} "
+                             f"{where}{cap})")
 
 
 def check_models(args: argparse.Namespace, metrics: list[str]) -> None:

@@ -387,3 +387,35 @@ def test_weights_and_clip_are_checked_before_the_flow(no_flow, tmp_path, capsys)
         assert err.startswith(f"error: {message}") and err.count("\n") == 1, (options, err)
     with pytest.raises(AssertionError, match="the flow started"):
         main([*base, "--metrics", "clipsim", "--clip", "tiny", "--i3d-weights", str(none), "--c3d-weights", str(text)])
+
+
+def test_fvd_of_fewer_than_2_videos_a_side_is_refused_before_the_flow(no_flow, tmp_path, capsys):
+    """FVD of 1 video a side (one prompt to sample, --num-videos 1, one real video) was refused only in
+    the flow, after sampling: it is a one-line error (exit 2) before it, which counts the videos as the
+    flow takes them; as is sampling without prompts."""
+    from flows.cli import main
+
+    three = _moving_stripes(tmp_path / "three", 30, step=1, frames=20, count=3)
+    one = _moving_stripes(tmp_path / "one", 30, step=1, frames=20, count=1)
+    one_prompt, two_prompts, ckpts = tmp_path / "one.txt", tmp_path / "two.txt", tmp_path / "ckpts"
+    one_prompt.write_text("a cat\n")
+    two_prompts.write_text("a cat\na dog\n")
+    ckpts.mkdir()
+    base = ["evaluate", "--metrics", "fvd", "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"]
+    cases = [
+        (["--real", str(three), "--checkpoints", str(ckpts), "--prompts", str(one_prompt)],
+         f"fvd needs at least 2 fake videos, got 1 (1 prompt in {one_prompt})"),
+        (["--real", str(three), "--checkpoints", str(ckpts), "--prompts", str(two_prompts), "--num-videos", "1"],
+         f"fvd needs at least 2 fake videos, got 1 (2 prompts in {two_prompts}, --num-videos 1)"),
+        (["--real", str(three), "--fake", str(three), "--num-videos", "1"],
+         f"fvd needs at least 2 fake videos, got 1 (3 videos in {three}, --num-videos 1)"),
+        (["--real", str(one), "--fake", str(three)], f"fvd needs at least 2 real videos, got 1 (1 video in {one})"),
+        (["--real", str(three), "--checkpoints", str(ckpts)],
+         "sampling the fake videos (--checkpoints, --registry) needs --prompts FILE"),
+    ]
+    for options, message in cases:
+        assert main([*base, *options]) == 2, options
+        err = capsys.readouterr().err
+        assert err == f"error: {message}\n", (options, err)
+    with pytest.raises(AssertionError, match="the flow started"):  # 2 a side
+        main([*base, "--real", str(three), "--fake", str(three), "--num-videos", "2"])

@@ -217,6 +217,10 @@ def test_protocol_bad_inputs(prefect_server, benchmarks, tmp_path, capsys):
     rc, _, err, _ = _cli(["--protocol", "ucf101", "--protocol-root", str(benchmarks["ucf"]), "--fake",
                           str(benchmarks["fake_ucf"]), "--clip-length", "12"], tmp_path, capsys)
     assert rc == 2 and "--clip-length 12: the inception score's C3D takes 16-frame clips" in err  # before any work
+    rc, _, err, _ = _cli(["--protocol", "ucf101", "--protocol-root", str(benchmarks["ucf"]), "--split-file",
+                          "testlist01.txt", "--checkpoints", str(tmp_path), "--num-videos", "1"], tmp_path, capsys)
+    assert rc == 2 and "error: fvd needs at least 2 fake videos, got 1 (1 prompt of the ucf101 protocol, " \
+                       "--num-videos 1)" in err  # before sampling
     with pytest.raises(SystemExit):
         _cli(["--protocol", "kinetics", "--fake", str(benchmarks["fake_ucf"])], tmp_path, capsys)
     assert "invalid choice: 'kinetics'" in capsys.readouterr().err
