@@ -492,20 +492,23 @@ def test_bad_evaluate_input_is_one_line_and_exit_2(prefect_server, tmp_path, cap
         (["--fake", str(fake), "--metrics", "is", "--clip-length", "9"], r"--clip-length 9: the inception score's C3D"),
         (["--real", str(fake), "--fake", str(mixed)],  # before any decoding
          rf"{mixed}: its videos come from 2 sampling runs with different steps \(sample-0000.mp4 and sample-0001.mp4;"),
-        (["--real", str(fake), "--fake", str(fake), "--clip-length", "10"],  # before any decoding, not while scoring
-         r"\S+a.mp4: 4 frames, shorter than one clip \(--clip-length 10, --clip-stride 1: 10 frames\)"),
+        (["--fake", str(fake), "--metrics", "is"],  # before any decoding, not while scoring
+         r"\S+a.mp4: 4 frames, shorter than one clip \(--clip-length 16, --clip-stride 1: 16 frames\)"),
+        (["--real", str(fake), "--fake", str(fake)], r"fvd needs at least 2 fake videos, got 1 \(1 video in \S+fake\)"),
     ]
     for options, message in cases:
         assert main(["evaluate", "--metrics", "fvd", *options]) == 2, options
         err = capsys.readouterr().err.strip()  # (MLflow logs a line when it first opens a store)
         assert re.search(message, err.splitlines()[-1]) and "Traceback" not in err and "Flow run" not in err, err
-    # found inside the flow (after Prefect logs its trace): the last line says it
+    # weights that are not any: found before the flow too (they were inside it, behind Prefect's trace)
     longer = tmp_path / "longer"
-    write_mp4(np.zeros((16, 16, 16, 3), dtype=np.uint8), longer / "a.mp4", fps=4)
+    for name in ("a.mp4", "b.mp4"):
+        write_mp4(np.zeros((16, 16, 16, 3), dtype=np.uint8), longer / name, fps=4)
     assert main(["evaluate", "--real", str(longer), "--fake", str(longer), "--metrics", "fvd", "--i3d-weights",
                  str(tmp_path / "weights.pt"), "--tracking-uri", uri]) == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1] == \
-        f"error: weights {tmp_path / 'weights.pt'}: not a readable PyTorch state dict"
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines()[-1] == f"error: weights {tmp_path / 'weights.pt'}: not a readable PyTorch state dict"
+    assert "Traceback" not in err and "Flow run" not in err, err
 
 
 def test_sample_says_which_checkpoints_are_missing_and_where_it_looked(tmp_path, capsys):

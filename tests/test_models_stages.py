@@ -1046,16 +1046,14 @@ def test_evaluate_from_checkpoints_logs_the_videos_it_scored(chain, prefect_serv
                  "--sample-dir", str(kept), *common]) == 2  # the kept samples are not overwritten
     assert f"--sample-dir {kept}: holds videos already" in capsys.readouterr().err
 
-    # scoring fails after sampling (I3D weights that are not a state dict, read as scoring starts):
+    # scoring fails after sampling (sampled videos shorter than the clip, known only once they are):
     # the samples stay
     real = tmp_path / "real"
     real.mkdir()
-    write_mp4(np.zeros((16, 16, 16, 3), np.uint8), real / "a.mp4", fps=4)
-    write_mp4(np.zeros((16, 16, 16, 3), np.uint8), real / "b.mp4", fps=4)
-    (tmp_path / "i3d.pt").write_text("not weights")
+    write_mp4(np.zeros((64, 16, 16, 3), np.uint8), real / "a.mp4", fps=4)
+    write_mp4(np.zeros((64, 16, 16, 3), np.uint8), real / "b.mp4", fps=4)
     assert main(["evaluate", "--checkpoints", str(ckpts), "--prompts", str(tmp_path / "prompts.txt"),
-                 "--sample-steps", "1", "--real", str(real), *common, "--metrics", "fvd",
-                 "--i3d-weights", str(tmp_path / "i3d.pt")]) == 2
+                 "--sample-steps", "1", "--real", str(real), *common, "--metrics", "fvd", "--clip-length", "64"]) == 2
     err = capsys.readouterr().err
     kept_in = re.search(r"the sampled videos are kept in (\S+)", err)
     assert kept_in and sorted(p.name for p in Path(kept_in.group(1)).glob("*.mp4")) == ["sample-0000.mp4",
