@@ -458,6 +458,11 @@ def check_inputs(args: argparse.Namespace) -> None:
         for videos in local.values():
             check_clip_lengths(videos.take(args.num_videos, args.seed), args.clip_length, args.clip_stride,
                                args.fps)
+    elif "fake" in local:  # CLIPSIM alone: each video's header is read, so one that is no video is named now
+        from eval.video_io import count_frames
+
+        for path in local["fake"].take(args.num_videos, args.seed).paths:
+            count_frames(path, decode=False)
     check_models(args, metrics)
 
 

@@ -158,6 +158,10 @@ def test_a_prompts_file_that_does_not_fit_matters_only_where_prompts_are_needed(
     full = tmp_path / "full.json"
     full.write_text(json.dumps({"a.mp4": "a cat", "b.mp4": "a dog"}))
     check_inputs(parse_args(["--fake", str(fake), "--metrics", "clipsim", "--prompts", str(full)]))
+    (fake / "b.mp4").write_text("not a video")  # CLIPSIM alone found it while scoring, after the others
+    with pytest.raises(ValueError, match=r"\S+b.mp4: not a readable video"):
+        check_inputs(parse_args(["--fake", str(fake), "--metrics", "clipsim", "--prompts", str(full)]))
+    write_mp4(np.zeros((16, 16, 16, 3), dtype=np.uint8), fake / "b.mp4", fps=4)
     ucf101 = ["--protocol", "ucf101", "--protocol-root", str(tmp_path)]
     for options, why in ((["--metrics", "clipsim"], "clipsim"), (ucf101, "the ucf101 protocol")):
         with pytest.raises(ValueError, match=f"{why} needs the prompts of the fake videos: pass --prompts FILE "
