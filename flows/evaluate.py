@@ -713,10 +713,11 @@ def _run(args: argparse.Namespace) -> int:
     try:
         check_inputs(args)
         checkpoints = None
-        if args.checkpoints:
+        if args.checkpoints:  # the chain needs both: one missing was found in the flow, behind its trace
             checkpoints = find_checkpoints(Path(args.checkpoints), {})
-            if not checkpoints:
-                raise FileNotFoundError(f"{args.checkpoints}: no <stage>.ckpt or <stage>/checkpoints/last.ckpt")
+            if missing := [stage for stage in ("prior", "decoder") if stage not in checkpoints]:
+                raise FileNotFoundError(f"{args.checkpoints}: no {' or '.join(missing)} checkpoint (as <stage>.ckpt "
+                                        "or <stage>/checkpoints/last.ckpt)")
         out = evaluate(real=args.real, fake=args.fake, prompts=args.prompts, metrics=args.metrics,
                        num_videos=args.num_videos, i3d_weights=args.i3d_weights, i3d_sha256=args.i3d_sha256,
                        clip_model=args.clip_model, data_root=args.data_root, tracking_uri=args.tracking_uri,

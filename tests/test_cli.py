@@ -477,6 +477,10 @@ def test_bad_evaluate_input_is_one_line_and_exit_2(prefect_server, tmp_path, cap
     (mixed / "samples.json").write_text(json.dumps(records))
     (tmp_path / "weights.pt").write_text("not weights")
     uri = f"sqlite:///{tmp_path / 'm.db'}"
+    chain, prompts = tmp_path / "chain", tmp_path / "prompts.txt"
+    chain.mkdir()
+    (chain / "decoder.ckpt").write_bytes(b"")  # a decoder and no prior
+    prompts.write_text("a cat\n")
     cases = [
         (["--fake", str(tmp_path / "nowhere")], r"nowhere: not a folder, an MLflow run"),
         (["--fake", str(fake), "--metrics", "fvd,foo"], r"unknown metrics \['foo'\]"),
@@ -495,6 +499,8 @@ def test_bad_evaluate_input_is_one_line_and_exit_2(prefect_server, tmp_path, cap
         (["--fake", str(fake), "--metrics", "is"],  # before any decoding, not while scoring
          r"\S+a.mp4: 4 frames, shorter than one clip \(--clip-length 16, --clip-stride 1: 16 frames\)"),
         (["--real", str(fake), "--fake", str(fake)], r"fvd needs at least 2 fake videos, got 1 \(1 video in \S+fake\)"),
+        (["--checkpoints", str(chain), "--prompts", str(prompts), "--metrics", "clipsim"],  # (found in the flow)
+         rf"{chain}: no prior checkpoint \(as <stage>.ckpt or <stage>/checkpoints/last.ckpt\)"),
     ]
     for options, message in cases:
         assert main(["evaluate", "--metrics", "fvd", *options]) == 2, options
