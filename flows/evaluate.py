@@ -452,8 +452,8 @@ def check_inputs(args: argparse.Namespace) -> None:
                 videos.require_prompts("clipsim")
     if "fvd" in metrics and not (args.real or args.protocol):
         raise ValueError("fvd needs --real SRC (a dataset NAME[@VERSION], a folder or runs:/<id>)")
-    if "fvd" in metrics:
-        check_fvd_counts(args, local, given_prompts)
+    if {"fvd", "is"} & set(metrics):
+        check_video_counts(args, local, given_prompts, metrics)
     if {"fvd", "is"} & set(metrics):
         for videos in local.values():
             check_clip_lengths(videos.take(args.num_videos, args.seed), args.clip_length, args.clip_stride,
@@ -466,9 +466,10 @@ def check_inputs(args: argparse.Namespace) -> None:
     check_models(args, metrics)
 
 
-def check_fvd_counts(args: argparse.Namespace, local: dict[str, VideoSet], prompts: list[str] | None) -> None:
-    """FVD's covariances need 2 videos a side: counted here, as the flow will take them (it found out
-    after sampling). An MLflow run's videos are counted in the flow, once fetched."""
+def check_video_counts(args: argparse.Namespace, local: dict[str, VideoSet], prompts: list[str] | None,
+                       metrics: list[str]) -> None:
+    """FVD's covariances need 2 videos a side, IS 2 fake ones: counted here, as the flow will take them
+    (it found out after sampling). An MLflow run's videos are counted in the flow, once fetched."""
     n, proto = args.num_videos, None
     if args.protocol:  # its prompts, real videos and N
         proto = load_protocol(args.protocol, root=args.protocol_root, split_file=args.split_file,
@@ -487,10 +488,11 @@ def check_fvd_counts(args: argparse.Namespace, local: dict[str, VideoSet], promp
         counts["real"] = (len(local["real"].paths), "video", f"in {args.real}")
     for side, (count, noun, where) in counts.items():
         scored = min(count, n or count)
-        if scored < 2:
+        metric = "fvd" if "fvd" in metrics else "is" if side == "fake" else None
+        if metric and scored < 2:
             cap = f", --num-videos {n}" if n and n <= count else ""
-            raise ValueError(f"fvd needs at least 2 {side} videos, got {scored} ({count} {noun}{'s' * (count != 1)} "
-                             f"{where}{cap})")
+            raise ValueError(f"{metric} needs at least 2 {side} videos, got {scored} ({count} {noun}"
+                             f"{'s' * (count != 1)} {where}{cap})")
 
 
 def check_models(args: argparse.Namespace, metrics: list[str]) -> None:

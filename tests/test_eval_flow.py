@@ -414,6 +414,8 @@ def test_fvd_of_fewer_than_2_videos_a_side_is_refused_before_the_flow(no_flow, t
         (["--real", str(three), "--fake", str(three), "--num-videos", "1"],
          f"fvd needs at least 2 fake videos, got 1 (3 videos in {three}, --num-videos 1)"),
         (["--real", str(one), "--fake", str(three)], f"fvd needs at least 2 real videos, got 1 (1 video in {one})"),
+        (["--fake", str(three), "--num-videos", "1", "--metrics", "is"],  # (was found as the score was computed)
+         f"is needs at least 2 fake videos, got 1 (3 videos in {three}, --num-videos 1)"),
         (["--real", str(three), "--checkpoints", str(ckpts)],
          "sampling the fake videos (--checkpoints, --registry) needs --prompts FILE"),
     ]
