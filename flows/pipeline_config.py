@@ -8,10 +8,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from data_prep.config import describe, read_yaml_mapping
 from eval import metric_list
+from models.compat import scratch_problem
 from models.config import STAGES, load_config
 
 REPO = Path(__file__).resolve().parent.parent
 STEP_NAME = re.compile(r"\w[\w.\- ]*")  # what MLflow takes in metric names, tag keys and model names
+# MLflow's rules for a registered model's alias ("latest" and v1, V2... are its own) and name; broken,
+# they failed at registration, after the training (the alias: after the whole run)
+ALIAS = re.compile(r"[\w-]+")
+RESERVED_ALIAS = re.compile(r"latest|[vV]\d+")
 
 
 class Strict(BaseModel):
@@ -92,6 +97,7 @@ def load_pipeline_config(path: str | Path) -> PipelineConfig:
     names = [s.name for s in config.steps]
     if len(set(names)) != len(names):
         raise ValueError(f"pipeline config {path}: step names repeat")
+    check_registry(f"pipeline config {path}", config.registry, names)
     stage_configs = {}
     for step in config.steps:
         where = f"pipeline config {path}: step {step.name}"
@@ -110,8 +116,26 @@ def load_pipeline_config(path: str | Path) -> PipelineConfig:
             raise ValueError(f"{where}: {step.config} is a {stage_config.stage!r} config, the step is {step.stage!r}")
         if step.init_from:
             check_init(where, step, stage_configs[step.init_from], stage_config)
+        elif problem := scratch_problem(stage_config):  # else it failed after the earlier steps trained
+            raise ValueError(f"{where}: {problem}")
         stage_configs[step.name] = stage_config
     return config
+
+
+def check_registry(where: str, registry: RegisterSettings, names: list[str]) -> None:
+    """The alias and each step's registered model name, as MLflow will take them."""
+    from flows.registry import registered_name
+
+    if not ALIAS.fullmatch(registry.alias) or RESERVED_ALIAS.fullmatch(registry.alias):
+        raise ValueError(f"{where}: registry.alias {registry.alias!r}: letters, digits, _ and -, and not latest, "
+                         "v1, V2... (MLflow's own)")
+    if not registry.model_prefix or any(c in registry.model_prefix for c in "/:"):
+        raise ValueError(f"{where}: registry.model_prefix {registry.model_prefix!r}: not empty, without / or :")
+    models: dict[str, str] = {}
+    for name in names:  # registered_name folds _ into -: sr_low and sr-low were one model
+        if (other := models.setdefault(registered_name(name, registry.model_prefix), name)) != name:
+            raise ValueError(f"{where}: steps {other} and {name} are both registered as "
+                             f"{registered_name(name, registry.model_prefix)}; rename one")
 
 
 def check_init(where: str, step: TrainStep, source, stage_config) -> None:

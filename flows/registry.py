@@ -33,8 +33,9 @@ def register_checkpoint(client, run_id: str, source: str, name: str, step_name: 
 
     try:
         client.create_registered_model(name, description=f"Make-A-Video step {step_name} (a Lightning checkpoint)")
-    except MlflowException:
-        pass  # exists
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":  # (a name MLflow refuses was swallowed here)
+            raise
     tags = {"mav.cache_key": cache_key} | ({"mav.sha256": sha256} if sha256 else {})
     return client.create_model_version(name, source, run_id=run_id, tags=tags).version
 

@@ -20,6 +20,15 @@ RUN_SETTINGS = NET_SETTINGS + ("freeze_spatial", "trainer.lr", "trainer.weight_d
                                "data.batch_size", "trainer.seed", "data.lowres_noise_max")
 
 
+def scratch_problem(config: StageConfig) -> str | None:
+    """Why a stage of `config` cannot train from scratch (no --init, no init_from), or None."""
+    if config.video and config.freeze_spatial:
+        return (f"freeze_spatial: a video-mode {config.stage} trained from scratch with its spatial layers frozen "
+                "cannot learn (its frozen output convolution starts at zero): --init an image-mode checkpoint "
+                "(the paper's inflation), or set freeze_spatial: false")
+    return None
+
+
 def with_clip(keys: tuple[str, ...], stage: str) -> tuple[str, ...]:
     return keys + (("clip",) if stage in CLIP_STAGES else ())
 

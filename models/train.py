@@ -21,6 +21,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins import TorchCheckpointIO
 
 from data_prep.atomic import replacing
+from models.compat import scratch_problem
 from models.config import STAGES, ConfigError, StageConfig, as_config
 from models.data import StageDataModule
 from models.ema import ShardedEMA
@@ -227,10 +228,8 @@ def train_stage(stage: str, config: StageConfig | dict | str | Path, *, data_roo
     if not resume and last.exists():
         raise FileExistsError(f"{last} is an earlier run's: pass --resume to continue it, or another --out")
 
-    if cfg.video and cfg.freeze_spatial and not (init or resume):
-        raise ConfigError(f"freeze_spatial: a video-mode {stage} trained from scratch with its spatial layers "
-                          "frozen cannot learn (its frozen output convolution starts at zero): --init an "
-                          "image-mode checkpoint (the paper's inflation), or set freeze_spatial: false")
+    if not (init or resume) and (problem := scratch_problem(cfg)):
+        raise ConfigError(problem)
     datamodule = StageDataModule(cfg, data_root, dataset, version).check()
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     module = build_stage(cfg)
