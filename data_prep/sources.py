@@ -141,6 +141,12 @@ def _videos_under(folder: Path, extensions: set[str], data_root: Path | None):
                     if Path(f).suffix.lower() in extensions and (Path(where) / f).is_file())
 
 
+def holds_videos(folder: Path, video_extensions: list[str], data_root: Path | None = None) -> bool:
+    """Whether a folder scan of `folder` finds a video (stops at the first)."""
+    root = data_root.resolve() if data_root is not None else None
+    return next(_videos_under(folder, {e.lower() for e in video_extensions}, root), None) is not None
+
+
 def expand_sources(items: list[str], video_extensions: list[str], data_root: Path | None = None) -> list[SourceRef]:
     """Expand folders (recursive, by extension) and URL lists; keep order, drop repeats. A folder
     scan skips what lies under `data_root` (the ingest's own clips and downloads: `mav ingest .`

@@ -451,9 +451,19 @@ def check_places(cfg: PipelineConfig, data_root: str | None, ingests: bool, eval
     from models.config import load_config
 
     if ingests:
-        missing = [s for s in ingest_sources(cfg.sources) if "://" not in s and not Path(s).exists()]
-        if missing:
+        from data_prep.config import load_ingest_config
+        from data_prep.sources import holds_videos
+
+        if not cfg.sources:  # it trained on the dataset's last version, saying nothing
+            raise ValueError("sources: none given")
+        local = [s for s in ingest_sources(cfg.sources) if "://" not in s]
+        if missing := [s for s in local if not Path(s).exists()]:
             raise ValueError(f"sources: no such file or folder: {', '.join(missing)}")
+        extensions = load_ingest_config(repo_path(cfg.ingest_config)).video_extensions
+        root = Path(data_root or cfg.data_root)
+        if empty := [s for s in local if Path(s).is_dir() and not holds_videos(Path(s), extensions, root)]:
+            raise ValueError(f"sources: no video files in {', '.join(empty)} (by extension: the ingest config's "
+                             "video_extensions)")
     clips = []  # (stage or None for the evaluation, CLIP name, the setting that names it)
     last = {}  # stage -> (step name, its config): the chain the pipeline samples from
     for step in cfg.steps:

@@ -226,7 +226,11 @@ def test_bad_ingest_and_pipeline_input_is_one_line_and_exit_2(prefect_server, tm
     assert not (tmp_path / "mav-data").exists()
     # where it reads and writes: before the ingest ran (a trace after it), or the old version was
     # trained on with the missing sources only logged
+    (tmp_path / "no-videos").mkdir()
+    (tmp_path / "no-videos" / "notes.txt").write_text("x")
     places = [(f"sources: [{tmp_path / 'nosuch'}]\n", r"sources: no such file or folder: \S+nosuch"),
+              ("sources: []\n", r"sources: none given"),
+              (f"sources: [{tmp_path / 'no-videos'}]\n", r"sources: no video files in \S+no-videos \(by extension"),
               (f"sources: [{samples}]\ndata_root: {tmp_path / 'd'}\nwork_dir: {tmp_path / 'a-file' / 'runs'}\n",
                r"work_dir \S+runs: cannot be created \(Not a directory\)"),
               (f"sources: [{samples}]\ndata_root: {tmp_path / 'a-file' / 'data'}\nwork_dir: {tmp_path / 'w'}\n",
