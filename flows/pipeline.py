@@ -26,7 +26,8 @@ from flows.cli import writable_folder
 from flows.ingest import ingest
 from flows.pipeline_config import PipelineConfig, TrainStep, load_pipeline_config, repo_path
 from flows.registry import model_version, move_champion, register_checkpoint, registered_name
-from flows.tracking import default_tracking_uri, end_orphaned_runs, start_run, store_identity, use_experiment
+from flows.tracking import (check_tracking, default_tracking_uri, end_orphaned_runs, start_run, store_identity,
+                            use_experiment)
 from models.compat import CLIP_STAGES
 
 REPO = Path(__file__).resolve().parent.parent
@@ -529,6 +530,7 @@ def _run(args: argparse.Namespace) -> int:
             raise ValueError("--force goes with --version V (to run a version again); without it the pipeline "
                              "ingests and runs anyway")
         check_places(cfg, args.data_root, ingests=args.version is None)
+        check_tracking(args.tracking_uri or cfg.tracking_uri or default_tracking_uri(), cfg.experiment)
         if args.version:
             from data_prep.dataset import load_manifest
 

@@ -6,6 +6,7 @@ import socket
 import sys
 import threading
 import time
+import urllib.parse
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -115,6 +116,30 @@ def end_killed(run_id: str) -> None:
         reason = next((line for line in lines if "Error) " in line), lines[0])
         print(f"MLflow run {run_id} is left RUNNING ({reason}); the next run of its experiment ends it as KILLED",
               file=sys.stderr)
+
+
+# the stores MLflow opens (a database scheme may name its driver: postgresql+psycopg2)
+STORE_SCHEMES = ("", "file", "sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks",
+                 "databricks-uc", "uc")
+
+
+def check_tracking(uri: str, experiment: str) -> None:
+    """A store MLflow opens and, over http(s), one that answers, before any work (nothing is created):
+    a server that is down was retried for minutes inside the flow, after the ingest, and ended in a
+    trace; an unknown scheme likewise."""
+    if not experiment.strip():
+        raise ValueError("experiment: empty")
+    scheme = urllib.parse.urlparse(uri).scheme.split("+")[0]
+    if scheme not in STORE_SCHEMES:
+        raise ValueError(f"tracking URI {uri}: not a store MLflow opens ({', '.join(filter(None, STORE_SCHEMES))}, "
+                         "or a folder)")
+    if scheme in ("http", "https"):
+        import requests
+
+        try:
+            requests.get(f"{uri.rstrip('/')}/health", timeout=10).raise_for_status()
+        except requests.RequestException as err:
+            raise ValueError(f"tracking URI {uri}: no MLflow server answers ({err.__class__.__name__})") from None
 
 
 # -- runs of killed processes ----------------------------------------------------------

@@ -252,7 +252,11 @@ def test_bad_ingest_and_pipeline_input_is_one_line_and_exit_2(prefect_server, tm
     (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump({"sources": [str(samples)], "data_root": str(tmp_path / "d"),
                                                             "steps": chain}))
     for options, message in ((["--version", "deadbeef"], "dataset 'samples' has no version 'deadbeef'"),
-                             (["--force"], r"--force goes with --version V")):
+                             (["--force"], r"--force goes with --version V"),
+                             # retried for minutes inside the flow, after the ingest
+                             (["--tracking-uri", "http://127.0.0.1:1"],
+                              r"^error: tracking URI http://127.0.0.1:1: no MLflow server answers \(ConnectionError\)$"),
+                             (["--tracking-uri", "foo://bar"], r"tracking URI foo://bar: not a store MLflow opens")):
         assert main(["pipeline", "--config", str(tmp_path / "pipeline.yaml"), *options]) == 2
         err = capsys.readouterr().err.strip()
         assert re.search(message, err) and len(err.splitlines()) == 1 and "Traceback" not in err, err
