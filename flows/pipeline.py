@@ -233,6 +233,7 @@ def pipeline(config: str = DEFAULT_CONFIG, dataset: str | None = None, data_root
     dataset = dataset or cfg.dataset
     data_root = str(Path(data_root or cfg.data_root).resolve())
     tracking_uri = tracking_uri or cfg.tracking_uri or default_tracking_uri()
+    check_tracking(tracking_uri, cfg.experiment)  # (a deployment's run: before its ingest)
     threshold = cfg.min_new_clips if min_new_clips is None else int(min_new_clips)
     if any("tiny" in Path(step.config).parts for step in cfg.steps):  # also in a copied pipeline config
         print("tiny configs: tiny models trained from scratch on this machine, a tiny random CLIP built "
