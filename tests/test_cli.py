@@ -286,6 +286,10 @@ def test_the_base_pipeline_is_the_demo_chain_on_base_stages(tmp_path, capsys, mo
     assert re.fullmatch(r"error: sources: no such file or folder: \S*videos", capsys.readouterr().err.strip())
     (tmp_path / "videos").mkdir()
     assert main(["pipeline", "--config", str(REPO / "configs" / "base" / "pipeline.yaml")]) == 2
+    assert re.fullmatch(r"error: sources: no video files in \S*videos \(by extension: the ingest config's "
+                        r"video_extensions\)", capsys.readouterr().err.strip())
+    (tmp_path / "videos" / "a.mp4").write_bytes(b"")  # (the check reads names, not bytes)
+    assert main(["pipeline", "--config", str(REPO / "configs" / "base" / "pipeline.yaml")]) == 2
     assert capsys.readouterr().err.strip() == "error: step prior: data.image_path image-text: no such file or folder"
 
 
