@@ -129,8 +129,8 @@ def check_registry(where: str, registry: RegisterSettings, names: list[str]) -> 
     if not ALIAS.fullmatch(registry.alias) or RESERVED_ALIAS.fullmatch(registry.alias):
         raise ValueError(f"{where}: registry.alias {registry.alias!r}: letters, digits, _ and -, and not latest, "
                          "v1, V2... (MLflow's own)")
-    if not registry.model_prefix or any(c in registry.model_prefix for c in "/:"):
-        raise ValueError(f"{where}: registry.model_prefix {registry.model_prefix!r}: not empty, without / or :")
+    if not registry.model_prefix or any(c in registry.model_prefix for c in "/:'\""):  # (quotes: MLflow filters)
+        raise ValueError(f"{where}: registry.model_prefix {registry.model_prefix!r}: not empty, without / : or quotes")
     models: dict[str, str] = {}
     for name in names:  # registered_name folds _ into -: sr_low and sr-low were one model
         if (other := models.setdefault(registered_name(name, registry.model_prefix), name)) != name:

@@ -28,7 +28,8 @@ def registered_name(step_name: str, prefix: str = "mav") -> str:
 
 def register_checkpoint(client, run_id: str, source: str, name: str, step_name: str, cache_key: str,
                         sha256: str | None = None) -> str:
-    """A new version of `name` whose source is `source` (a run artifact); returns its number."""
+    """A version of `name` whose source is `source` (a run artifact), new unless the same checkpoint
+    (`sha256`) of the same step (`cache_key`) has one; returns its number."""
     from mlflow.exceptions import MlflowException
 
     try:
@@ -36,8 +37,24 @@ def register_checkpoint(client, run_id: str, source: str, name: str, step_name: 
     except MlflowException as err:
         if err.error_code != "RESOURCE_ALREADY_EXISTS":  # (a name MLflow refuses was swallowed here)
             raise
+    if sha256:  # the same checkpoint of the same step registered before (a rerun whose Prefect results
+        # were not kept: another host, a new PREFECT_HOME): that version, while its run is there
+        for known in client.search_model_versions(f"name = '{name}'"):
+            if known.tags.get("mav.sha256") == sha256 and known.tags.get("mav.cache_key") == cache_key \
+                    and _run_is_there(client, known.run_id):
+                return known.version
     tags = {"mav.cache_key": cache_key} | ({"mav.sha256": sha256} if sha256 else {})
     return client.create_model_version(name, source, run_id=run_id, tags=tags).version
+
+
+def _run_is_there(client, run_id: str | None) -> bool:
+    """Whether a run exists and is not deleted (a version of a deleted run has no source to load)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return bool(run_id) and client.get_run(run_id).info.lifecycle_stage == "active"
+    except MlflowException:
+        return False
 
 
 def move_champion(client, trained: list[dict], metric: str, value: float, alias: str, prefix: str, log,

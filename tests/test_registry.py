@@ -85,3 +85,22 @@ def test_registry_errors_name_the_model_and_the_reason(tmp_path, capsys):
     with pytest.raises(RegistryError, match=r"mav-prior v1: its checkpoint file://\S+last.ckpt is gone"):
         checkpoints_from_registry(uri, {"prior": "models:/mav-prior@champion"})
     assert not (tmp_path / "v.mp4").exists()
+
+
+def test_the_same_checkpoint_registered_again_is_the_same_version(tmp_path):
+    """A rerun whose Prefect results were not kept (another host, a new PREFECT_HOME) trains nothing
+    but registered every step again: a version per rerun of the same bytes. The same checkpoint of the
+    same step is its version; other bytes, another step's key, or a version whose run was deleted
+    make a new one."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+
+    def version(data: bytes, key: str = "key") -> int:
+        run = client.create_run(experiment_id(uri, "reg"))
+        client.set_terminated(run.info.run_id)
+        return register_checkpoint(client, run.info.run_id, f"{run.info.artifact_uri}/last.ckpt", "mav-prior",
+                                   "prior", key, hashlib.sha256(data).hexdigest())
+
+    assert [version(b"one"), version(b"one"), version(b"two"), version(b"one", "other key")] == [1, 1, 2, 3]
+    client.delete_run(client.get_model_version("mav-prior", "1").run_id)
+    assert version(b"one") == 4
