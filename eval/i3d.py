@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from eval.weights import is_torchscript, load_state_dict, load_torchscript, module_device, resolve_weights
+from eval.weights import (check_state_fits, is_torchscript, load_state_dict, load_torchscript, module_device,
+                          resolve_weights)
 
 MIN_FRAMES = 9  # temporal stride 8 plus the 2-frame average pool at the end
 INPUT_SIZE = 224
@@ -244,18 +245,11 @@ def read_i3d_weights(weights: str | Path, sha256: str | None = None,
     path, digest = resolve_weights(weights, sha256)
     if is_torchscript(path):
         return load_torchscript(path, weights, "i3d_torchscript.pt", device, _not_features), digest
-    state = load_state_dict(path, weights)
     with torch.device("meta"):  # the names and shapes, without building the weights
         own = InceptionI3d().state_dict()
-    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in state if k not in own]
-    misshaped = [k for k in own if k in state and getattr(state[k], "shape", None) != own[k].shape]
-    if missing or unexpected or misshaped:  # e.g. a Charades (157-class) head: load_state_dict would raise
-        raise ValueError(
-            f"weights {weights}: not an InceptionI3d(400) state dict in the piergiaj layout "
-            f"(missing {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}, "
-            f"other shapes {misshaped[:5]})"
-        )
+    state = check_state_fits(load_state_dict(path, weights), own, weights,  # e.g. a Charades (157-class) head
+                             "an InceptionI3d(400) state dict in the piergiaj layout",
+                             may_miss=lambda key: key.endswith("num_batches_tracked"))
     return state, digest
 
 

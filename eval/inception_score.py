@@ -27,7 +27,8 @@ from torchmetrics import Metric
 from torchmetrics.utilities.data import dim_zero_cat
 
 from eval.sync import ShapedEmptyStates
-from eval.weights import is_torchscript, load_state_dict, load_torchscript, module_device, resolve_weights
+from eval.weights import (check_state_fits, is_torchscript, load_state_dict, load_torchscript, module_device,
+                          resolve_weights)
 
 
 class C3D(nn.Module):
@@ -101,14 +102,9 @@ def read_c3d_weights(weights, sha256=None, num_classes=101, device="cpu") -> tup
             return not_probabilities(scripted(video), 1, num_classes)
 
         return load_torchscript(path, weights, "c3d_ucf101.pt", device, problem), digest
-    state = load_state_dict(path, weights)
     with torch.device("meta"):  # the names and shapes, without building the weights
         own = C3D(num_classes).state_dict()
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    misshaped = [k for k in own if k in state and state[k].shape != own[k].shape]
-    if missing or unexpected or misshaped:
-        raise ValueError(f"weights {weights}: not a C3D({num_classes}) state dict (missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]}, other shapes {misshaped[:3]})")
+    state = check_state_fits(load_state_dict(path, weights), own, weights, f"a C3D({num_classes}) state dict")
     return state, digest
 
 

@@ -118,6 +118,16 @@ def module_device(module) -> torch.device:
     return torch.device("cpu")
 
 
+def check_state_fits(state: dict, own: dict, src: str | Path, what: str, may_miss=lambda key: False) -> dict:
+    """`state` when it loads into a module whose state is `own`, else a ValueError naming `src`
+    as not `what` and what does not fit (e.g. a head of another class count)."""
+    from models.compat import state_misfits
+
+    if problems := state_misfits(own, state, may_miss):
+        raise ValueError(f"weights {src}: not {what} ({'; '.join(problems)})")
+    return state
+
+
 def load_state_dict(path: Path, src: str | Path) -> dict:
     """A state dict saved by torch.save (tensors only); a file that is not one is a ValueError naming `src`."""
     import torch

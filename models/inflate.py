@@ -9,22 +9,19 @@ from __future__ import annotations
 
 import torch
 
+from models.compat import state_misfits
 from models.unet import UNet
 
 
-def misfits(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> list[str]:
+def temporal_misfits(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> list[str]:
     """What stops `state` loading into a net whose state is `own`, where only the temporal layers
-    may be missing (they start as the identity: inflation). Empty when it fits."""
-    mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-                  for k, v in state.items() if k in own and own[k].shape != v.shape]
-    unexpected = [f"unexpected {k}" for k in state if k not in own]
-    missing = [f"missing {k}" for k in own if k not in state and "temporal" not in k]
-    return mismatched[:3] + unexpected[:3] + missing[:3]
+    may be missing (they start as the identity: inflation)."""
+    return state_misfits(own, state, may_miss=lambda key: "temporal" in key)
 
 
 def load_inflated(video: UNet, image_state: dict[str, torch.Tensor]) -> UNet:
     """Load image weights into a video U-Net; everything it lacks must be temporal."""
-    problems = misfits(video.state_dict(), image_state)
+    problems = temporal_misfits(video.state_dict(), image_state)
     if problems:
         raise ValueError(f"image weights do not fit the video net: {'; '.join(problems)}")
     video.load_state_dict(image_state, strict=False)

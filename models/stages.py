@@ -27,7 +27,7 @@ from models.compat import RUN_SETTINGS, differing, init_problem, with_clip
 from models.config import StageConfig, as_config, parse_config
 from models.data import clip_frames, stream_seed
 from models.diffusion import Diffusion, guided, one_each, per_video_noise
-from models.inflate import misfits, widen_input
+from models.inflate import temporal_misfits, widen_input
 from models.layers import TemporalConv
 from models.prior import DiffusionPrior
 from models.unet import UNet
@@ -390,7 +390,7 @@ def fit_state(module: DiffusionStage, state: dict, source: str) -> dict:
     key = "conv_in.spatial.weight"
     if key in state and key in own and state[key].shape[1] < own[key].shape[1]:
         state = widen_input(state, own[key].shape[1])  # decoder -> interpolation: new channels start at zero
-    problems = misfits(own, state)  # temporal layers may be missing: inflation
+    problems = temporal_misfits(own, state)  # temporal layers may be missing: inflation
     if any("noise_level_embed" in problem for problem in problems):  # name the setting, not the weights
         problems.insert(0, "it was trained with low-res noise augmentation: set data.lowres_noise_max > 0"
                         if "noise_level_embed.0.weight" in state else

@@ -377,11 +377,11 @@ def test_weights_and_clip_are_checked_before_the_flow(no_flow, tmp_path, capsys)
         (["--metrics", "fvd", "--i3d-weights", str(none)], f"weights {none}: no such file"),
         (["--metrics", "fvd", "--i3d-weights", str(text)], f"weights {text}: not a readable PyTorch state dict"),
         (["--metrics", "fvd", "--i3d-weights", str(checkpoint)],
-         f"weights {checkpoint}: not an InceptionI3d(400) state dict in the piergiaj layout (missing ['Conv3d_1a"),
+         f"weights {checkpoint}: not an InceptionI3d(400) state dict in the piergiaj layout (unexpected prior.net.weight; missing Conv3d_1a"),
         (["--metrics", "fvd", "--i3d-weights", str(linear)], f"weights {linear}: not StyleGAN-V's i3d_torchscript.pt ("),
         (["--metrics", "is", "--c3d-weights", str(none)], f"weights {none}: no such file"),
         (["--metrics", "is", "--c3d-weights", str(linear)], f"weights {linear}: not StyleGAN-V's c3d_ucf101.pt ("),
-        (["--metrics", "is", "--c3d-weights", str(checkpoint)], f"weights {checkpoint}: not a C3D(101) state dict"),
+        (["--metrics", "is", "--c3d-weights", str(checkpoint)], f"weights {checkpoint}: not a C3D(101) state dict (unexpected prior.net.weight; missing "),
         (["--metrics", "clipsim", "--clip", str(none)], f"CLIP '{none}': no such folder"),
         (["--metrics", "clipsim", "--clip", str(text)], f"CLIP '{text}' cannot be loaded ("),
     ]
