@@ -402,8 +402,10 @@ def check_inputs(args: argparse.Namespace) -> None:
     # what will be scored (a protocol without --metrics: its own)
     metrics = metric_list(args.metrics) if args.metrics is not None else \
         list(protocol_metrics(args.protocol, args.video_root)) if args.protocol else metric_list(DEFAULT_METRICS)
-    if not (args.fake or args.checkpoints or args.registry or args.protocol):
-        raise ValueError("give --fake SRC, or --checkpoints DIR or --registry ALIAS (and --prompts) to sample the "
+    if not (args.fake or args.checkpoints or args.registry):  # a protocol gives the prompts, not the videos
+        raise ValueError(f"the {args.protocol} protocol scores fake videos: give --fake SRC, or --checkpoints DIR or "
+                         "--registry ALIAS to sample them for its prompts" if args.protocol else
+                         "give --fake SRC, or --checkpoints DIR or --registry ALIAS (and --prompts) to sample the "
                          "fake videos")
     if sum(map(bool, (args.fake, args.checkpoints, args.registry))) > 1:
         raise ValueError("give one of --fake, --checkpoints and --registry")

@@ -531,6 +531,8 @@ def test_bad_evaluate_input_is_one_line_and_exit_2(prefect_server, tmp_path, cap
         (["--fake", "runs:/deadbeefdeadbeef", "--tracking-uri", uri], "runs:/deadbeefdeadbeef: not found in the MLflow"),
         (["--fake", str(fake), "--metrics", "fvd,clipsim"], r"clipsim needs the prompts of the fake videos: pass --prompts FILE \(none found"),
         (["--real", str(fake)], r"give --fake SRC, or --checkpoints DIR"),
+        (["--protocol", "msrvtt", "--captions", str(prompts)],  # (found in the flow, behind its trace)
+         r"the msrvtt protocol scores fake videos: give --fake SRC, or --checkpoints DIR or --registry ALIAS"),
         (["--real", str(fake), "--fake", str(fake), "--checkpoints", str(tmp_path)],  # (they were ignored)
          r"give one of --fake, --checkpoints and --registry"),
         (["--fake", str(fake)], r"fvd needs --real SRC"),
