@@ -25,7 +25,7 @@ from data_prep.atomic import replacing
 from flows.cli import writable_folder
 from flows.ingest import ingest
 from flows.pipeline_config import PipelineConfig, TrainStep, load_pipeline_config, repo_path
-from flows.registry import model_version, move_champion, register_checkpoint, registered_name
+from flows.registry import model_version, move_champion, register_checkpoint, registered_name, run_is_there
 from flows.tracking import (check_tracking, default_tracking_uri, end_orphaned_runs, start_run, store_identity,
                             use_experiment)
 from models.compat import CLIP_STAGES
@@ -409,9 +409,11 @@ def _train_steps(cfg: PipelineConfig, dataset: str, data_root: str, version: str
         args = (step.name, step.stage, repo_path(step.config), step.overrides, data_root, dataset, version,
                 checkpoints.get(step.init_from), str(out_dir), tracking_uri, cfg.experiment, parent_run_id, key, name)
         result = train_stage_task.with_options(refresh_cache=not has_checkpoint)(*args)
-        if model_version(MlflowClient(tracking_uri), f"models:/{name}/{result['model_version']}") is None:
-            # a cached result whose version was deleted from the registry: run again, it takes the
-            # finished checkpoint (no training) and registers it anew
+        registered = model_version(client := MlflowClient(tracking_uri), f"models:/{name}/{result['model_version']}")
+        if registered is None or not run_is_there(client, registered.run_id):
+            # a cached result whose version was deleted from the registry, or whose run was (the version's
+            # source is that run's artifact): run again, it takes the finished checkpoint (no training)
+            # and registers it anew
             result = train_stage_task.with_options(refresh_cache=True)(*args)
         checkpoints[step.name] = result["checkpoint"]
         results.append(result)

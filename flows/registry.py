@@ -41,13 +41,13 @@ def register_checkpoint(client, run_id: str, source: str, name: str, step_name: 
         # were not kept: another host, a new PREFECT_HOME): that version, while its run is there
         for known in client.search_model_versions(f"name = '{name}'"):
             if known.tags.get("mav.sha256") == sha256 and known.tags.get("mav.cache_key") == cache_key \
-                    and _run_is_there(client, known.run_id):
+                    and run_is_there(client, known.run_id):
                 return known.version
     tags = {"mav.cache_key": cache_key} | ({"mav.sha256": sha256} if sha256 else {})
     return client.create_model_version(name, source, run_id=run_id, tags=tags).version
 
 
-def _run_is_there(client, run_id: str | None) -> bool:
+def run_is_there(client, run_id: str | None) -> bool:
     """Whether a run exists and is not deleted (a version of a deleted run has no source to load)."""
     from mlflow.exceptions import MlflowException
 

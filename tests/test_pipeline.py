@@ -346,9 +346,10 @@ def test_clips_cut_again_count_toward_the_retraining_threshold(prefect_server, t
     assert result == {"skipped": "below threshold", "new_clips": 4, "since_trained": 4}  # was 4 - 4 = 0
 
 
-def test_a_cached_step_whose_model_version_was_deleted_is_registered_again(prefect_server, tmp_path):
+def test_a_cached_step_whose_model_version_or_run_was_deleted_is_registered_again(prefect_server, tmp_path):
     """A version deleted in the registry (MLflow UI, cleaning up) while its step stays cached: the cached
-    result named it, and the pipeline failed at its end, moving the champion, on every run after."""
+    result named it, and the pipeline failed at its end, moving the champion, on every run after. The
+    same for a version whose run was deleted."""
     from data_prep.synthetic import write_synthetic_dataset
 
     write_synthetic_dataset(tmp_path / "data", "clips", num_clips=4, frames=12, size=32)
@@ -362,6 +363,13 @@ def test_a_cached_step_whose_model_version_was_deleted_is_registered_again(prefe
     assert str(version.version) == "2" and version.tags["mav.sha256"]
     (run,) = runs_of(client, "mav-test", f"attributes.run_id = '{version.run_id}'")
     assert "final_train_loss" not in run.data.metrics  # registered from the checkpoint, no step trained
+    # the version's run deleted (its artifact, the version's source, goes at the next `mlflow gc`)
+    # while the version stays: it was taken as registered, and the champion pointed at a gone file
+    client.delete_run(version.run_id)
+    assert train(config=str(config), steps=["prior"])["checkpoints"] == first["checkpoints"]
+    newest = max(client.search_model_versions("name = 'mav-prior'"), key=lambda v: int(v.version))
+    assert str(newest.version) == "3" and newest.run_id != version.run_id
+    assert client.get_run(newest.run_id).info.lifecycle_stage == "active"
 
 
 def test_config_sources_keep_urls_and_find_relative_paths_in_the_repository(tmp_path, monkeypatch):
