@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 PREDICTIONS = {"epsilon": "epsilon", "v": "v_prediction", "sample": "sample"}
@@ -26,6 +27,22 @@ class StaticallyClippedDPMSolver(DPMSolverMultistepScheduler):
 
     def _threshold_sample(self, sample: torch.Tensor) -> torch.Tensor:
         return sample.clamp(-self.config.sample_max_value, self.config.sample_max_value)
+
+
+class ScheduledDDIM(DDIMScheduler):
+    """DDIM (eta 0) from each timestep of its schedule to the next one. diffusers' step goes back
+    num_train_timesteps // steps, the trailing schedule's spacing only when the steps divide the
+    timesteps: at 64 steps (the prior's) over 1000 (999, 983, 968, ...) every step landed off the
+    grid and the last one on t = 0 instead of the clean sample. diffusers' x0 (from the prediction,
+    clipped), then the noise re-derived from the clipped x0, as its use_clipped_model_output does."""
+
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor) -> DDIMSchedulerOutput:
+        x0 = super().step(model_output, timestep, sample).pred_original_sample
+        later = self.timesteps[self.timesteps < timestep]
+        a, a_prev = self.alphas_cumprod[timestep], (self.alphas_cumprod[later[0]] if len(later)
+                                                    else self.final_alpha_cumprod)
+        eps = (sample - a.sqrt() * x0) / (1 - a).sqrt()
+        return DDIMSchedulerOutput(prev_sample=a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps, pred_original_sample=x0)
 
 
 class Diffusion:
@@ -64,7 +81,7 @@ class Diffusion:
         common = dict(num_train_timesteps=self.timesteps, beta_schedule=self.schedule.config.beta_schedule,
                       prediction_type=PREDICTIONS[self.prediction], timestep_spacing="trailing")
         if name == "ddim":
-            return DDIMScheduler(**common, clip_sample=self.clip_sample, set_alpha_to_one=True)
+            return ScheduledDDIM(**common, clip_sample=self.clip_sample, set_alpha_to_one=True)
         if name == "dpm++":
             # pixels: clip x0 each step as DDIM does (sample_max_value 1 = static clipping); cosine schedule
             # with epsilon: skip the t~999 end where x0 = (x - sigma eps) / alpha divides by alpha ~ 5e-5
@@ -84,8 +101,7 @@ class Diffusion:
         x = noise * scheduler.init_noise_sigma
         for t in scheduler.timesteps:
             pred = denoise(x, t.expand(x.shape[0]).to(noise.device)).float()
-            kw = {"use_clipped_model_output": True} if isinstance(scheduler, DDIMScheduler) else {}
-            x = scheduler.step(pred, t, x, **kw).prev_sample
+            x = scheduler.step(pred, t, x).prev_sample
         return x.clamp(-1, 1) if self.clip_sample else x
 
 

@@ -34,6 +34,33 @@ def test_perfect_denoiser_has_zero_loss_and_sampler_returns_data():
         assert torch.allclose(out, x0, atol=1e-3), sampler
 
 
+@pytest.mark.parametrize("prediction", ["epsilon", "v", "sample"])
+@pytest.mark.parametrize("steps", [7, 15, 64])
+def test_ddim_steps_along_its_schedule_when_the_steps_do_not_divide_the_timesteps(prediction, steps):
+    """diffusers' DDIM steps back timesteps // steps: at 64 steps over 1000 (999, 983, ...) each step
+    left the schedule and the last ended on t = 0, so an exact denoiser's sample was off by 0.02."""
+    d = Diffusion(prediction=prediction, clip_sample=False)
+    x0 = torch.rand(2, 3, 4, 4, generator=torch.Generator().manual_seed(0)) * 1.6 - 0.8
+    denoise = gaussian_denoiser(d, x0, 0.0)  # a point mass: the oracle
+    out = d.sample(denoise, torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1)), steps, "ddim")
+    assert (out - x0).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v"])
+def test_ddim_step_is_diffusers_where_their_spacing_is_the_schedules(prediction):
+    """25 steps over 1000: diffusers' own step (clipped x0, use_clipped_model_output) to float rounding."""
+    from diffusers import DDIMScheduler
+
+    d = Diffusion(prediction=prediction)
+    ours, theirs = d.sampler("ddim"), DDIMScheduler(**d.sampler("ddim").config)
+    ours.set_timesteps(25), theirs.set_timesteps(25)
+    g = torch.Generator().manual_seed(0)
+    x, pred = torch.randn(2, 3, 4, 4, generator=g) * 2, torch.randn(2, 3, 4, 4, generator=g)
+    for t in ours.timesteps[[0, 12, -1]]:
+        expected = theirs.step(pred, t, x, use_clipped_model_output=True).prev_sample
+        assert torch.allclose(ours.step(pred, t, x).prev_sample, expected, atol=1e-5), int(t)
+
+
 @pytest.mark.parametrize("sampler", ["ddim", "dpm++"])
 def test_sampler_is_deterministic_with_seed_and_guidance_matters(sampler):
     torch.manual_seed(0)
