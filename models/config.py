@@ -81,7 +81,7 @@ class DataConfig(Strict):
     # decoder / interpolation: that frame is cut from the clip at CLIP's input size, not upsampled from
     # the data.size target: sampling conditions on the prior's embeddings, which are of full-size images
     clip_size: int = Field(224, gt=0)
-    max_skip: int = Field(5, gt=0)  # interpolation: frame skips 1..max_skip
+    max_skip: int = Field(5, gt=0)  # interpolation: frame skips 2..max_skip (1 would leave nothing to fill in)
     mask_modes: list[Literal["interpolate", "extrapolate", "animate"]] = Field(
         ["interpolate", "extrapolate", "animate"], min_length=1)
     # prior on unlabeled video: clips without a caption are skipped; with none captioned at all,
