@@ -14,7 +14,7 @@ from data_prep.config import IngestConfig
 from data_prep.dataset import LockBusy, read_source_record, source_lock, write_source_record
 from data_prep.download import DownloadError, PageURLError, download, download_page, sha256_file
 from data_prep.probe import ProbeError, probe
-from data_prep.sources import SourceRef
+from data_prep.sources import SourceRef, without_password
 
 
 @dataclass
@@ -37,7 +37,7 @@ class SourceOutcome:
 
 def fetch(ref: SourceRef, data_root: Path, cfg: IngestConfig) -> tuple[Path, str]:
     if ref.kind == "unsupported":
-        raise DownloadError(f"unsupported source scheme in {ref.source!r} (only http, https and file)")
+        raise DownloadError(f"unsupported source scheme in {ref.name!r} (only http, https and file)")
     if ref.kind == "unreadable":
         raise DownloadError(ref.reason)
     if ref.kind == "empty":
@@ -71,14 +71,14 @@ def process_source(ref: SourceRef, data_root: Path, ds_dir: Path, cfg: IngestCon
     try:
         path, digest = fetched or fetch(ref, data_root, cfg)
     except Exception as err:  # DownloadError, OSError, or what nobody foresaw: tried again next time
-        return SourceOutcome(ref.source, "failed", stage="download", reason=_reason(err))
+        return SourceOutcome(ref.name, "failed", stage="download", reason=_reason(err))
     try:  # the same bytes at another path or URL of this run wait here, then find this one's record
         with source_lock(ds_dir, digest, settings, wait):
             return _process_bytes(ref, path, digest, settings, ds_dir, cfg, on_frames)
     except LockBusy:
-        return SourceOutcome(ref.source, "busy", digest, fetched=path)
+        return SourceOutcome(ref.name, "busy", digest, fetched=path)
     except OSError as err:  # the lock file cannot be made (a read-only or full disk): tried again
-        return SourceOutcome(ref.source, "failed", digest, stage="record", reason=_reason(err))
+        return SourceOutcome(ref.name, "failed", digest, stage="record", reason=_reason(err))
 
 
 def _process_bytes(ref: SourceRef, path: Path, digest: str, settings: str, ds_dir: Path, cfg: IngestConfig,
@@ -88,40 +88,40 @@ def _process_bytes(ref: SourceRef, path: Path, digest: str, settings: str, ds_di
     try:
         done = read_source_record(ds_dir, digest, settings)
     except (OSError, ValueError) as err:
-        return SourceOutcome(ref.source, "failed", digest, stage="record", reason=_reason(err))
+        return SourceOutcome(ref.name, "failed", digest, stage="record", reason=_reason(err))
     if done is not None and done.get("rejected", {}).get("stage") == "probe" and done.get("rules", 1) < REJECTION_RULES:
         done = None  # probed again: the rules changed since
     if done is not None and "rejected" in done:  # these bytes failed before, for a reason they alone decide
-        return SourceOutcome(ref.source, "failed", digest, cuts=done["cuts"], rejected=True, **done["rejected"])
+        return SourceOutcome(ref.name, "failed", digest, cuts=done["cuts"], rejected=True, **done["rejected"])
     if done is not None and not all((ds_dir / clip["clip_path"]).is_file() for clip in done["clips"]):
         done = None  # a clip file went (deleted by hand, a partial restore): cut again, to the same clip ids
     if done is not None:  # processed before with the same settings: nothing to redo
-        return SourceOutcome(ref.source, "unchanged", digest, clips=_rows(done["clips"], ref.source, digest),
+        return SourceOutcome(ref.name, "unchanged", digest, clips=_rows(done["clips"], ref.name, digest),
                              cuts=done["cuts"], probe=done["probe"])
     try:
         info = probe(path)
     except ProbeError as err:
-        return _rejected(ds_dir, settings, ref.source, digest, "probe", _reason(err))
+        return _rejected(ds_dir, settings, ref.name, digest, "probe", _reason(err))
     except Exception as err:  # unreadable now (permissions, a flaky disk, a codec this build lacks): tried again
-        return SourceOutcome(ref.source, "failed", digest, stage="probe", reason=_reason(err))
+        return SourceOutcome(ref.name, "failed", digest, stage="probe", reason=_reason(err))
     if info.duration_s < cfg.scenes.min_scene_s:
         reason = f"video is {info.duration_s:.2f} s long, shorter than the minimum scene ({cfg.scenes.min_scene_s:g} s)"
-        return _rejected(ds_dir, settings, ref.source, digest, "probe", reason)
+        return _rejected(ds_dir, settings, ref.name, digest, "probe", reason)
     try:
         result = cut_source(path, info, digest, ds_dir / "clips", cfg, on_frames=on_frames)
     except Exception as err:  # may be the machine's (memory, disk): tried again next time
-        return SourceOutcome(ref.source, "failed", digest, stage="decode", reason=_reason(err))
+        return SourceOutcome(ref.name, "failed", digest, stage="decode", reason=_reason(err))
     if not result.clips:
         reason = (f"no scene reached the minimum length of {cfg.scenes.min_scene_s:g} s "
                   f"({len(result.cuts)} cuts in {info.duration_s:.1f} s)")
-        return _rejected(ds_dir, settings, ref.source, digest, "scenes", reason, result.cuts)
-    record = {"source_sha256": digest, "source": ref.source, "probe": info.summary(), "cuts": result.cuts,
+        return _rejected(ds_dir, settings, ref.name, digest, "scenes", reason, result.cuts)
+    record = {"source_sha256": digest, "source": ref.name, "probe": info.summary(), "cuts": result.cuts,
               "frames_decoded": result.frames_decoded, "clips": result.clips}
     try:
         write_source_record(ds_dir, record, settings)  # written last: the source counts as done only now
     except OSError as err:  # the clips stay on disk, unlisted; the next run cuts the source again
-        return SourceOutcome(ref.source, "failed", digest, stage="record", reason=_reason(err))
-    return SourceOutcome(ref.source, "new", digest, clips=_rows(result.clips, ref.source, digest),
+        return SourceOutcome(ref.name, "failed", digest, stage="record", reason=_reason(err))
+    return SourceOutcome(ref.name, "new", digest, clips=_rows(result.clips, ref.name, digest),
                          cuts=result.cuts, probe=info.summary())
 
 
@@ -177,7 +177,7 @@ def _rows(clips: list[dict], source: str, digest: str) -> list[dict]:
 
 
 def _reason(err: Exception) -> str:
-    text = str(getattr(err, "reason", None) or err) or err.__class__.__name__
+    text = without_password(str(getattr(err, "reason", None) or err) or err.__class__.__name__)  # (URLs in it)
     if isinstance(err, (OSError, DownloadError, DecodeError, ProbeError)):
         return text
     return f"unexpected {err.__class__.__name__}: {text}"  # a bug of ours, said as one

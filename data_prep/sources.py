@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -17,6 +18,21 @@ class SourceRef:
     kind: str  # "file", "url", "unsupported" (a scheme), "empty" (a folder or list naming nothing),
     # "unreadable" (a URL list that cannot be read, a malformed URL: `reason` says why)
     reason: str = ""
+
+    @property
+    def name(self) -> str:
+        """The source as records, manifests, reports and logs name it: a URL's password hidden."""
+        return without_password(self.source)
+
+
+def without_password(text: str) -> str:
+    """`text` with the password of each URL's user part in it replaced by ****, or the user alone where
+    there is no password (a token given as the user, as GitHub's are), as pip shows URLs."""
+    return _URL_USER.sub(lambda m: f"://{m['user']}:****@" if m["password"] is not None else "://****@", text)
+
+
+# the user part of a URL: after "://", up to the "@" before the host (no "/" in it)
+_URL_USER = re.compile(r"://(?P<user>[^/\s@:]*)(?::(?P<password>[^/\s@]*))?@")
 
 
 class SourceError(ValueError):

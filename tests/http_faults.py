@@ -15,6 +15,7 @@ class FaultServer:
         self.routes = routes
         self.requests: list[tuple[str, str | None]] = []  # (path, Range header)
         self.hits: dict[str, int] = {}
+        self.authorizations: list[str | None] = []  # each request's Authorization header
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -24,6 +25,7 @@ class FaultServer:
             def do_GET(self):
                 server.requests.append((self.path, self.headers.get("Range")))
                 server.hits[self.path] = server.hits.get(self.path, 0) + 1
+                server.authorizations.append(self.headers.get("Authorization"))
                 kind, payload = server.routes.get(self.path, ("404", b""))
                 getattr(server, f"_{kind}")(self, payload)
 

@@ -264,6 +264,29 @@ def test_the_same_bytes_at_two_paths_and_a_url_are_one_source(prefect_server, tm
     assert again["sources"] == {"new": 0, "unchanged": 1, "duplicate": 2, "failed": 0}
 
 
+def test_a_urls_password_fetches_the_video_and_is_recorded_nowhere(prefect_server, tmp_path, samples, capsys):
+    """Credentials in a URL (user:password@, or a token as the user) are sent to the server, but the
+    manifest, the source records, the failures and the printed summary show **** in their place:
+    everyone who reads the dataset or the run's artifact read them."""
+    import base64
+
+    with FaultServer({"/a.mkv": ("ok", (samples / "asl_book.mkv").read_bytes())}) as srv:
+        good = srv.base.replace("://", "://alice:s3cret-pw@") + "/a.mkv"
+        gone = srv.base.replace("://", "://tok3n-value@") + "/gone.mkv"
+        summary = ingest(sources=[good, gone], data_root=str(tmp_path / "root"), dataset="d")
+    assert f"Basic {base64.b64encode(b'alice:s3cret-pw').decode()}" in srv.authorizations
+    assert summary["sources"] == {"new": 1, "unchanged": 0, "duplicate": 0, "failed": 1}
+    assert summary["failures"] == [{"source": srv.base.replace("://", "://****@") + "/gone.mkv",
+                                    "stage": "download", "reason": "HTTP 404 Not Found"}]
+    manifest = clip_table(tmp_path / "root", "d")
+    assert len(manifest) > 0 and set(manifest["source"]) == {srv.base.replace("://", "://alice:****@") + "/a.mkv"}
+    failures = pd.read_parquet(next((tmp_path / "root/datasets/d/versions").glob("*/failures.parquet")))
+    written = [json.dumps(failures.to_dict("records"))] + [
+        path.read_text() for path in (tmp_path / "root").rglob("*") if path.suffix in (".json", ".jsonl")]
+    for text in (*written, capsys.readouterr().out, json.dumps(summary)):
+        assert "s3cret-pw" not in text and "tok3n-value" not in text
+
+
 def test_a_source_whose_bytes_another_worker_is_cutting_does_not_wait_in_its_slot(tmp_path, samples):
     """A duplicate waited on the lock of its bytes and held one of the ingest's worker slots the
     while: without `wait` it comes back "busy" at once, with its fetched bytes, and is done after
