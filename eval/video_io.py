@@ -1,6 +1,7 @@
 """Video files <-> uint8 arrays [T,H,W,3] through PyAV (decode) and PyAV/PIL (encode)."""
 from __future__ import annotations
 
+import itertools
 import math
 from contextlib import contextmanager
 from fractions import Fraction
@@ -162,8 +163,9 @@ def count_frames(path: str | Path, decode: bool = True, fps: float | None = None
     edit list hides frames (a stream-copy trim) lists them too: its shown packets are counted (decode=False:
     the container's count, which can only be larger).
     With fps: the frames of the video resampled to fps (see on_screen), from its duration (the
-    stream's, else its packets' times: `decode` reads them; decode=False falls back to the container's
-    duration, which can only be longer: it runs from time 0 to the end of the longest stream)."""
+    stream's, else, or where an edit list hides its first frames, its packets' times: `decode` reads
+    them; decode=False falls back to the container's duration, which can only be longer: it runs from
+    time 0 to the end of the longest stream)."""
     import av
 
     from data_prep.probe import main_video_stream
@@ -175,8 +177,8 @@ def count_frames(path: str | Path, decode: bool = True, fps: float | None = None
                 raise ValueError("no video stream")
             if fps is not None:
                 duration = _duration(container, stream, whole_container=not decode)
-                if duration is None and decode:
-                    duration = _packets_duration(container, stream)
+                if decode:  # an edit list hiding the first frames can leave the header's duration too long
+                    duration = _shown_duration(container, stream, duration)
             elif stream.frames:
                 shown = _shown_packets(container, stream) if decode else None
                 return int(stream.frames) if shown is None else shown
@@ -223,10 +225,22 @@ def _shown_count(packets) -> int:
     return sum(1 for packet in packets if packet.size and not packet.is_discard)
 
 
-def _packets_duration(container, stream) -> Fraction | None:
+def _shown_duration(container, stream, header: Fraction | None) -> Fraction | None:
+    """The header's duration where it has one and the first packet is shown, else the shown packets'
+    (_packets_duration): an MP4 cut by stream copy between two frames keeps, behind the edit list that
+    hides the frames before the cut, a duration longer than the frames it shows (cut at 0.55 s, a 10 fps
+    video: 2.45 s for 24 frames, 25 at 10 fps)."""
+    packets = container.demux(stream)
+    first = next(packets, None)
+    if first is None or (header is not None and not first.is_discard):
+        return header
+    return _packets_duration(itertools.chain([first], packets), stream.time_base)
+
+
+def _packets_duration(packets, time_base) -> Fraction | None:
     """Seconds from the first frame's time to the end of the last (its duration, else the gap before
     it), as on_screen counts them, from the packets' times (no decoding); None without times."""
-    stamps = sorted((packet.pts, packet.duration or 0) for packet in container.demux(stream)
+    stamps = sorted((packet.pts, packet.duration or 0) for packet in packets
                     if packet.pts is not None and packet.size and not packet.is_discard)
     if not stamps:
         return None
@@ -235,7 +249,7 @@ def _packets_duration(container, stream) -> Fraction | None:
         duration = last - stamps[-2][0]
     if not duration:
         return None
-    return (last + duration - stamps[0][0]) * Fraction(stream.time_base)
+    return (last + duration - stamps[0][0]) * Fraction(time_base)
 
 
 def _probed_duration(path: str | Path) -> Fraction:

@@ -250,6 +250,25 @@ def test_an_mp4_trimmed_by_stream_copy_counts_the_frames_it_shows(tmp_path, ramp
         read_clip(cut, ClipSpec(length=20, random_offset=True))
 
 
+def test_an_mp4_cut_between_two_frames_counts_at_a_rate_the_frames_it_shows(tmp_path, ramp):
+    """Cut by stream copy at 0.55 s, between two frames of the 10 fps ramp, the edit list keeps a
+    duration of 2.45 s for the 24 frames it shows (2.4 s): counted from it, 25 frames at 10 fps, so the
+    last random offset fell past the end (and back to offset 0) and a 25-frame clip passed the count."""
+    from eval.video_io import count_frames, read_whole_video
+
+    cut = _remux(ramp, tmp_path / "cut.mp4", "-c", "copy", before=["-ss", "0.55"])
+    assert len(read_whole_video(cut)) == 24
+    for fps in (10, 5, 20):
+        count = count_frames(cut, fps=fps)
+        assert len(read_video(cut, count, fps=fps)) == count == 24 * fps // 10, fps
+    last = levels(read_video(cut, 24, fps=10))[-1]
+    ends = {levels(read_clip(cut, ClipSpec(length=16, random_offset=True, seed=seed, fps=10)))[-1]
+            for seed in range(16)}
+    assert last in ends and max(ends) == last  # the last window is drawn, and read where it was drawn
+    with pytest.raises(VideoTooShort, match=r"cut.mp4: 24 frames at 10 fps, shorter than one clip \(25 frames"):
+        read_clip(cut, ClipSpec(length=25, random_offset=True, fps=10))
+
+
 def test_a_window_read_from_its_keyframe_is_the_window_read_from_the_start(tmp_path, samples):
     """Training reads a window of an ingest clip from the keyframe before it (read_window), and so
     does evaluation for a dataset's clips. Frame numbers then come from timestamps, so they must be
