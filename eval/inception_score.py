@@ -175,6 +175,9 @@ class VideoInceptionScore(ShapedEmptyStates, Metric):
         self.c3d, self.smoke, self.splits = c3d.eval().requires_grad_(False), smoke, splits
         self.add_state("logits", [], dist_reduce_fx="cat")
 
+    def train(self, mode: bool = True):  # the classifier never trains (a TorchScript C3D's dropout stays off)
+        return super().train(False)
+
     def empty_state(self, name: str) -> torch.Tensor:
         return torch.empty(0, self.c3d.num_classes, dtype=torch.float64, device=module_device(self.c3d))
 

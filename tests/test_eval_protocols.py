@@ -305,3 +305,24 @@ def test_torchscript_c3d_scores_its_own_probabilities(tmp_path):
         scored = TorchScriptC3D(torch.jit.load(str(tmp_path / name)), str(tmp_path / name))
         with pytest.raises(ValueError, match=rf"weights \S+{name}: .*{reason.format(n=5)}"):
             VideoInceptionScore(scored, False).update(videos[:5])
+
+
+def test_the_inception_classifier_stays_in_eval_mode_in_a_module_put_in_training_mode(tmp_path):
+    """StyleGAN-V's TorchScript C3D has dropout: a parent module's .train() (a LightningModule holding
+    the metric) switched it on, and the same videos scored differently from call to call."""
+    from eval.inception_score import VideoInceptionScore, load_c3d
+
+    class WithDropout(torch.nn.Module):  # c3d_ucf101.pt's call signature, with a dropout before its head
+        def __init__(self):
+            super().__init__()
+            self.drop, self.head = torch.nn.Dropout(0.5), torch.nn.Linear(3 * 16, 101)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.drop(x.float().mean(dim=(3, 4)).flatten(1) / 255)).softmax(dim=1)
+
+    torch.jit.script(WithDropout()).save(str(tmp_path / "c3d.pt"))
+    c3d, smoke, _ = load_c3d(str(tmp_path / "c3d.pt"))
+    holder = torch.nn.ModuleDict({"inception": VideoInceptionScore(c3d, smoke)}).train()
+    videos = torch.randint(0, 256, (4, 16, 8, 8, 3), dtype=torch.uint8)
+    first, second = (holder["inception"].c3d.classify(videos) for _ in range(2))
+    assert not c3d.training and torch.equal(first, second)
