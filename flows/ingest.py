@@ -59,6 +59,7 @@ def ingest(sources: list[str], data_root: str = "mav-data", dataset: str = "defa
     A new version emits `mav.dataset.updated` (which retrains) unless `announce` is False: the
     pipeline's own ingest trains on the version itself, and the event would start a second run."""
     logger = get_run_logger()
+    check_sources(sources)  # (a deployment's run: mav ingest checked them before the flow)
     cfg = load_ingest_config(config)
     workers = workers or cfg.workers
     if workers < 1:
@@ -124,6 +125,15 @@ def ingest(sources: list[str], data_root: str = "mav-data", dataset: str = "defa
     for line in summary_lines(summary):
         print(line)
     return summary
+
+
+def check_sources(sources: list[str]) -> None:
+    """At least one source, none empty: an empty one names the working directory (Path("")), and a
+    deployment's run, whose working directory is the repository, ingested every video in it."""
+    if not sources:
+        raise ValueError("sources: none given")
+    if not all(source.strip() for source in sources):
+        raise ValueError("an empty source was given (an unset shell variable?)")
 
 
 def _runs_in_threads() -> bool:
@@ -245,8 +255,7 @@ def _run(args: argparse.Namespace) -> int:
         workers = args.workers or config.workers
         dataset_dir(Path(args.data_root), args.dataset)
         writable_folder(args.data_root, "--data-root")
-        if not all(source.strip() for source in args.sources):
-            raise ValueError("an empty source was given (an unset shell variable?)")
+        check_sources(args.sources)
         if args.dask_address and args.task_runner == "threads":
             raise ValueError(f"--dask-address {args.dask_address}: --dask-address is for --task-runner dask, "
                              "not threads: drop one")

@@ -239,6 +239,18 @@ def test_new_version_emits_event_and_artifact(prefect_server, tmp_path, video_di
     assert "asl_book.mkv" in str(table.data)
 
 
+def test_an_empty_source_is_refused_not_taken_for_the_working_directory(prefect_server, tmp_path, video_dir,
+                                                                       monkeypatch):
+    # a deployment's run has no `mav ingest` to check its parameters: "" was Path(""), the worker's
+    # working directory (the repository), and every video in it became the dataset's new version
+    monkeypatch.chdir(video_dir)
+    root = tmp_path / "root"
+    for sources in ([""], [str(video_dir), "  "], []):
+        with pytest.raises(ValueError, match="an empty source|sources: none given"):
+            ingest(sources=sources, data_root=str(root), dataset="empty-source")
+    assert not (root / "datasets" / "empty-source").exists()
+
+
 def test_the_same_bytes_at_two_paths_and_a_url_are_one_source(prefect_server, tmp_path, samples):
     """Given at once to two workers, the bytes are cut once and listed once, under the first path by
     name; the others are reported as its duplicates, and a rerun changes nothing."""
