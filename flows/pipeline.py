@@ -424,9 +424,10 @@ def _train_only(cfg: PipelineConfig, dataset: str, data_root: str, version: str 
     from data_prep.dataset import load_manifest
 
     check_places(cfg, data_root, ingests=False, evaluates=False)
+    tracking_uri = tracking_uri or cfg.tracking_uri or default_tracking_uri()
+    check_tracking(tracking_uri, cfg.experiment)  # (a server that is down: MLflow retried ~4 min, then a trace)
     data_root = str(Path(data_root).resolve())
     version = load_manifest(Path(data_root), dataset, version).attrs["version"]
-    tracking_uri = tracking_uri or cfg.tracking_uri or default_tracking_uri()
     use_experiment(tracking_uri, cfg.experiment)
     end_orphaned_runs(tracking_uri, cfg.experiment)
     with start_run(run_name=f"train {dataset}@{version}",

@@ -346,6 +346,14 @@ def test_clips_cut_again_count_toward_the_retraining_threshold(prefect_server, t
     assert result == {"skipped": "below threshold", "new_clips": 4, "since_trained": 4}  # was 4 - 4 = 0
 
 
+def test_the_train_flow_names_a_tracking_server_that_does_not_answer_at_once(prefect_server, tmp_path, video_dir):
+    # the train deployment's run: MLflow retried a refused server for about 4 minutes, then failed
+    # the flow with a trace (the pipeline flow checks its store as it starts)
+    config = write_config(tmp_path, video_dir, steps=chain_steps("prior"))
+    with pytest.raises(ValueError, match=r"^tracking URI http://127.0.0.1:1: no MLflow server answers"):
+        train(config=str(config), tracking_uri="http://127.0.0.1:1")
+
+
 def test_a_cached_step_whose_model_version_or_run_was_deleted_is_registered_again(prefect_server, tmp_path):
     """A version deleted in the registry (MLflow UI, cleaning up) while its step stays cached: the cached
     result named it, and the pipeline failed at its end, moving the champion, on every run after. The
