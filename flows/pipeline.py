@@ -229,7 +229,8 @@ def pipeline(config: str = DEFAULT_CONFIG, dataset: str | None = None, data_root
     log = get_run_logger()
     quiet_library_chatter()
     cfg: PipelineConfig = load_pipeline_config(config)
-    check_places(cfg, data_root, ingests=version is None)  # (mav pipeline did; a deployment's run did not)
+    ingests = version is None and not skip_ingest
+    check_places(cfg, data_root, ingests=ingests)  # (mav pipeline did; a deployment's run did not)
     dataset = dataset or cfg.dataset
     data_root = str(Path(data_root or cfg.data_root).resolve())
     tracking_uri = tracking_uri or cfg.tracking_uri or default_tracking_uri()
@@ -240,7 +241,7 @@ def pipeline(config: str = DEFAULT_CONFIG, dataset: str | None = None, data_root
               "locally, and random-weight I3D/CLIP for the metrics (values are labelled smoke)")
 
     from_event = version is not None  # a dataset event names the version; a person runs without one
-    if version is None and not skip_ingest:
+    if ingests:
         summary = ingest(sources=ingest_sources(cfg.sources), data_root=data_root, dataset=dataset,
                          config=repo_path(cfg.ingest_config), announce=False)  # this run trains on it
         version = summary["version"]

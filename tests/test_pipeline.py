@@ -354,6 +354,16 @@ def test_the_train_flow_names_a_tracking_server_that_does_not_answer_at_once(pre
         train(config=str(config), tracking_uri="http://127.0.0.1:1")
 
 
+def test_a_run_that_skips_the_ingest_does_not_check_the_sources(prefect_server, tmp_path, video_dir):
+    # skip_ingest (a deployment parameter): the sources are not read, so sources that are not on this
+    # machine are no reason to refuse; the run goes on to the dataset's latest version (none here)
+    config = write_config(tmp_path, video_dir, sources=[str(tmp_path / "elsewhere")], steps=chain_steps(*SAMPLES_ONLY))
+    with pytest.raises(ValueError, match="dataset 'clips' has no version yet"):
+        pipeline(config=str(config), skip_ingest=True)
+    with pytest.raises(ValueError, match="sources: no such file or folder"):  # the run that ingests still checks
+        pipeline(config=str(config))
+
+
 def test_a_cached_step_whose_model_version_or_run_was_deleted_is_registered_again(prefect_server, tmp_path):
     """A version deleted in the registry (MLflow UI, cleaning up) while its step stays cached: the cached
     result named it, and the pipeline failed at its end, moving the champion, on every run after. The
