@@ -60,6 +60,7 @@ def ingest(sources: list[str], data_root: str = "mav-data", dataset: str = "defa
     pipeline's own ingest trains on the version itself, and the event would start a second run."""
     logger = get_run_logger()
     check_sources(sources)  # (a deployment's run: mav ingest checked them before the flow)
+    writable_folder(data_root, "data_root")  # "" too: Path("") is the working directory
     cfg = load_ingest_config(config)
     workers = workers or cfg.workers
     if workers < 1:

@@ -251,6 +251,16 @@ def test_an_empty_source_is_refused_not_taken_for_the_working_directory(prefect_
     assert not (root / "datasets" / "empty-source").exists()
 
 
+def test_an_empty_data_root_is_refused_not_taken_for_the_working_directory(prefect_server, tmp_path, video_dir,
+                                                                         monkeypatch):
+    # as mav ingest refuses --data-root "": a deployment's run wrote the dataset into the worker's
+    # working directory (the repository), as ./datasets/NAME
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="data_root is empty"):
+        ingest(sources=[str(video_dir)], data_root="", dataset="empty-root")
+    assert not (tmp_path / "datasets").exists()
+
+
 def test_the_same_bytes_at_two_paths_and_a_url_are_one_source(prefect_server, tmp_path, samples):
     """Given at once to two workers, the bytes are cut once and listed once, under the first path by
     name; the others are reported as its duplicates, and a rerun changes nothing."""
