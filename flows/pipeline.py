@@ -380,6 +380,8 @@ def train(config: str = DEFAULT_CONFIG, steps: list[str] | None = None, dataset:
           data_root: str | None = None, version: str | None = None, tracking_uri: str | None = None) -> dict:
     """Train one step, several, or all (steps=None) of a pipeline config, with the same caching."""
     cfg = load_pipeline_config(config)
+    if steps is not None and not steps:  # (a deployment run's list emptied in the form) trained nothing, Completed
+        raise ValueError("steps: an empty list trains nothing; leave it null to train every step")
     selected = [s for s in cfg.steps if steps is None or s.name in steps]
     unknown = set(steps or []) - {s.name for s in cfg.steps}
     if unknown:

@@ -364,6 +364,13 @@ def test_a_run_that_skips_the_ingest_does_not_check_the_sources(prefect_server, 
         pipeline(config=str(config))
 
 
+def test_the_train_flow_refuses_an_empty_list_of_steps(prefect_server, tmp_path, video_dir):
+    # the train deployment's steps emptied: it trained nothing and ended Completed, with an empty MLflow run
+    config = write_config(tmp_path, video_dir, steps=chain_steps("prior"))
+    with pytest.raises(ValueError, match="^steps: an empty list trains nothing; leave it null to train every step$"):
+        train(config=str(config), steps=[])
+
+
 def test_a_cached_step_whose_model_version_or_run_was_deleted_is_registered_again(prefect_server, tmp_path):
     """A version deleted in the registry (MLflow UI, cleaning up) while its step stays cached: the cached
     result named it, and the pipeline failed at its end, moving the champion, on every run after. The
