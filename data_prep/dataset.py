@@ -246,14 +246,16 @@ class VersionResult:
 
 def commit_version(ds_dir: Path, new_rows: list[dict], failures: list[dict], config: dict,
                    shard_max_clips: int, rejected: set[str] = frozenset(),
-                   source_bytes: dict[str, str] | None = None) -> VersionResult:
+                   source_bytes: dict[str, str] | None = None,
+                   before_latest: Callable[[str], None] | None = None) -> VersionResult:
     """Parent manifest + this run's clips -> a new immutable version, unless nothing changed.
 
     `new_rows`: every clip of the sources this run processed (new or unchanged). A source's clips
     in the version are those of its latest processing: re-cut with other clip settings, its
     earlier clips leave the version (they stay in the parent versions and on disk), and so do
     those of a source `rejected` (sha256s) for good under this run's settings, and those of a path
-    or URL whose bytes changed (`source_bytes`: source -> the sha256 this run read there)."""
+    or URL whose bytes changed (`source_bytes`: source -> the sha256 this run read there).
+    `before_latest(version)` runs before `latest` names a new version (a killed run leaves its mark)."""
     parent = latest_version(ds_dir)
     if parent:
         parent_manifest = read_manifest_file(ds_dir / "versions" / parent / "manifest.parquet")
@@ -308,5 +310,7 @@ def commit_version(ds_dir: Path, new_rows: list[dict], failures: list[dict], con
         os.replace(temp, final)
     fsync_path(ds_dir / "versions")  # the version and its shards on disk before `latest` names it
     fsync_path(ds_dir / "shards")
+    if before_latest is not None:
+        before_latest(version)
     atomic_write_bytes(ds_dir / "latest", (version + "\n").encode())
     return VersionResult(version, True, parent, len(added), len(manifest), final)

@@ -16,7 +16,9 @@ from prefect.events import emit_event
 from tqdm.auto import tqdm
 
 from data_prep.config import IngestConfig, load_ingest_config
-from data_prep.dataset import commit_version, dataset_dir, locked, remove_stale_temporaries
+from data_prep.atomic import atomic_write_bytes
+from data_prep.dataset import (commit_version, dataset_dir, latest_version, locked, remove_stale_temporaries,
+                               version_info)
 from data_prep.ingest import SourceOutcome, merge_same_bytes, process_source
 from data_prep.sources import SourceRef, expand_sources
 from flows.cli import positive_int, writable_folder
@@ -35,19 +37,51 @@ def _artifact_key(name: str) -> str:
     return "ingest-" + re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")
 
 
-def _publish(dataset: str, data_root: Path, outcomes: list[SourceOutcome], result, announce: bool = True) -> None:
+UNANNOUNCED = "unannounced"  # in the dataset's folder: a version made whose event is not sent yet
+
+
+def mark_unannounced(ds_dir: Path, announce: bool):
+    """What commit_version does before `latest` names a new version: record it as not announced yet
+    (a run killed before its event leaves the mark); the pipeline's own ingest (announce False)
+    trains its new version, whose clips hold any unannounced one's, so it clears the mark."""
+    mark = ds_dir / UNANNOUNCED
+    if announce:
+        return lambda version: atomic_write_bytes(mark, (version + "\n").encode())
+    return lambda version: mark.unlink(missing_ok=True)
+
+
+def version_to_announce(ds_dir: Path, result, announce: bool) -> dict | None:
+    """The event payload of the version this run announces (under the dataset's lock): the one it
+    made, or the one a killed run made and did not announce. That run's rerun makes no new version,
+    and without the mark its version was never retrained."""
+    if not announce:
+        return None
+    if result.created:
+        return {"version": result.version, "parent": result.parent, "new_clips": result.new_clips,
+                "total_clips": result.total_clips}
+    mark = ds_dir / UNANNOUNCED
+    left = mark.read_text().strip() if mark.exists() else None
+    if not left or left != latest_version(ds_dir):  # (a mark of a run killed before `latest` named it)
+        return None
+    info = version_info(ds_dir.parent.parent, ds_dir.name, left)
+    return {"version": left, "parent": info["parent"], "new_clips": info["new_clips"], "total_clips": info["num_clips"]}
+
+
+def _publish(dataset: str, data_root: Path, outcomes: list[SourceOutcome], result, announced: dict | None) -> None:
     rows = [{"source": o.source, "status": o.status, "clips": len(o.clips), "cuts": len(o.cuts),
              "stage": o.stage, "reason": o.reason} for o in outcomes]
     create_table_artifact(key=_artifact_key(dataset), table=rows,
                           description=f"ingest into {dataset}: version {result.version or '-'}, "
                                       f"{result.new_clips} new clips, {result.total_clips} in total")
-    if result.created and announce:
+    if announced:
         emit_event(
             event=DATASET_EVENT,
             resource={"prefect.resource.id": f"mav.dataset.{dataset}", "prefect.resource.name": dataset},
-            payload={"dataset": dataset, "data_root": str(data_root), "version": result.version,
-                     "parent": result.parent, "new_clips": result.new_clips, "total_clips": result.total_clips},
+            payload={"dataset": dataset, "data_root": str(data_root)} | announced,
         )
+        mark = dataset_dir(data_root, dataset) / UNANNOUNCED
+        if mark.exists() and mark.read_text().strip() == announced["version"]:  # (not a later ingest's)
+            mark.unlink(missing_ok=True)
 
 
 @flow(name="ingest", log_prints=True)
@@ -114,8 +148,9 @@ def ingest(sources: list[str], data_root: str = "mav-data", dataset: str = "defa
         rejected = {o.source_sha256 for o in outcomes if o.rejected}
         source_bytes = {o.source: o.source_sha256 for o in outcomes if o.source_sha256}
         result = commit_version(ds_dir, new_rows, failures, cfg.model_dump(), cfg.shard_max_clips, rejected,
-                                source_bytes)
-    _publish(dataset, root, outcomes, result, announce)
+                                source_bytes, before_latest=mark_unannounced(ds_dir, announce))
+        announced = version_to_announce(ds_dir, result, announce)
+    _publish(dataset, root, outcomes, result, announced)
     summary = {
         "dataset": dataset, "data_root": str(root), "version": result.version, "created": result.created,
         "parent": result.parent, "new_clips": result.new_clips, "total_clips": result.total_clips,

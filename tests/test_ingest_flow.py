@@ -261,6 +261,57 @@ def test_an_empty_data_root_is_refused_not_taken_for_the_working_directory(prefe
     assert not (tmp_path / "datasets").exists()
 
 
+def dataset_events(dataset: str, wait_for: int, timeout: float = 60.0) -> list[dict]:
+    """The server's mav.dataset.updated events of `dataset`, once at least `wait_for` are stored
+    (the server stores events asynchronously, flushed every 5 s)."""
+    import anyio
+    from prefect.client.orchestration import get_client
+
+    async def read():
+        async with get_client() as client:
+            response = await client._client.post("/events/filter", json={
+                "filter": {"event": {"name": [DATASET_EVENT]}, "resource": {"id": [f"mav.dataset.{dataset}"]}},
+                "limit": 10})
+            response.raise_for_status()
+            return response.json()["events"]
+
+    deadline = time.monotonic() + timeout
+    events = anyio.run(read)
+    while len(events) < wait_for and time.monotonic() < deadline:
+        time.sleep(0.5)
+        events = anyio.run(read)
+    return events
+
+
+def test_a_version_whose_ingest_was_killed_before_its_event_is_announced_by_the_rerun(prefect_server, tmp_path,
+                                                                                     samples):
+    # killed after the version was made, before mav.dataset.updated was sent: the rerun makes no new
+    # version, so it sent no event either, and the version was never retrained
+    root, dataset = tmp_path / "root", "killed-before-event"
+    latest = root / "datasets" / dataset / "latest"
+    source = str(samples / "asl_book.mkv")
+    code = (f"from flows.ingest import ingest\n"
+            f"ingest(sources=[{source!r}], data_root={str(root)!r}, dataset={dataset!r})\n")
+    process = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "PREFECT_API_URL": prefect_server},
+                               cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not latest.exists():  # polled: the kill lands as `latest` names the version (its artifact, event: after)
+        assert process.poll() is None, "the ingest finished before the moment to kill it"
+        assert time.monotonic() < deadline
+        time.sleep(0.0005)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    version = latest.read_text().strip()
+
+    again = ingest(sources=[source], data_root=str(root), dataset=dataset)
+    assert again["version"] == version and not again["created"]
+    events = dataset_events(dataset, wait_for=1)
+    assert [e["payload"]["version"] for e in events] == [version]
+    clips = len(load_manifest(root, dataset, version))
+    assert events[0]["payload"]["new_clips"] == events[0]["payload"]["total_clips"] == clips
+    assert not (root / "datasets" / dataset / "unannounced").exists()  # announced once: later reruns send none
+
+
 def test_the_same_bytes_at_two_paths_and_a_url_are_one_source(prefect_server, tmp_path, samples):
     """Given at once to two workers, the bytes are cut once and listed once, under the first path by
     name; the others are reported as its duplicates, and a rerun changes nothing."""
