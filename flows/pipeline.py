@@ -236,6 +236,8 @@ def pipeline(config: str = DEFAULT_CONFIG, dataset: str | None = None, data_root
     tracking_uri = tracking_uri or cfg.tracking_uri or default_tracking_uri()
     check_tracking(tracking_uri, cfg.experiment)  # (a deployment's run: before its ingest)
     threshold = cfg.min_new_clips if min_new_clips is None else int(min_new_clips)
+    if threshold < 0:  # (a deployment run's parameter; the config's is checked as it loads)
+        raise ValueError(f"min_new_clips must be >= 0, got {threshold}")
     if any("tiny" in Path(step.config).parts for step in cfg.steps):  # also in a copied pipeline config
         print("tiny configs: tiny models trained from scratch on this machine, a tiny random CLIP built "
               "locally, and random-weight I3D/CLIP for the metrics (values are labelled smoke)")
@@ -259,8 +261,8 @@ def pipeline(config: str = DEFAULT_CONFIG, dataset: str | None = None, data_root
                   f"< min_new_clips {threshold}: not retraining")
             return {"skipped": "below threshold", "new_clips": int(new_clips), "since_trained": pending}
     # a finished run of this version and config: a repeated event, not new work
-    done = (_latest_finished_run(tracking_uri, cfg.experiment, config_digest, dataset_version=version)
-            if from_event and not force else None)
+    done = (_latest_finished_run(tracking_uri, cfg.experiment, config_digest, dataset=dataset, dataset_version=version)
+            if from_event and not force else None)  # (the same clips in two datasets have one version id)
     if done is not None:
         print(f"dataset {dataset}@{version} already has a finished pipeline run ({done.info.run_id}): nothing to do")
         return {"skipped": "already done", "run_id": done.info.run_id, "version": version}

@@ -1,6 +1,7 @@
 """The end-to-end pipeline against a real Prefect server and a real MLflow (SQLite) store."""
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -144,6 +145,13 @@ def test_pipeline_end_to_end_then_cached_rerun(prefect_server, tmp_path, video_d
     assert again == {"skipped": "below threshold", "new_clips": 1, "since_trained": 0}
     repeated = pipeline(config=str(config), version=first["version"])  # `mav pipeline --version V` again
     assert repeated == {"skipped": "already done", "run_id": first["run_id"], "version": first["version"]}
+    # the same clips in another dataset have the same version id: its event was taken as done
+    shutil.copytree(tmp_path / "data/datasets/clips", tmp_path / "data/datasets/twin")
+    twin = pipeline(config=str(config), dataset="twin", version=first["version"])
+    assert twin["version"] == first["version"] and "skipped" not in twin
+    assert client.get_run(twin["run_id"]).data.tags["mav.dataset"] == "twin"
+    with pytest.raises(ValueError, match="min_new_clips must be >= 0, got -1"):  # (a deployment run's parameter)
+        pipeline(config=str(config), version=first["version"], new_clips=1, min_new_clips=-1)
 
     second = pipeline(config=str(config), version=first["version"], force=True)  # --force: run all the same
     assert second["version"] == first["version"] and second["run_id"] != first["run_id"]
