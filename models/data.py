@@ -13,7 +13,7 @@ random (or centre) square crop.
 Everything that can be wrong with the data (no dataset, no clips, clips shorter than
 the window, no captions for the prior, a missing shard) raises DataError in `check()`, before
 training. A sample that does not decode (a broken image among web-scraped pairs, a clip file
-deleted or damaged) is named in a warning and the reader's last good one stands in for it; a
+deleted or damaged) is named in a warning and an earlier one of its reader stands in for it; a
 reader whose samples fail more often than BAD_SAMPLE_LIMIT stops the run with a DataError.
 """
 from __future__ import annotations
@@ -42,6 +42,8 @@ IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 BAD_SAMPLE_LIMIT = 0.1
 # what decoding a damaged file raises: PIL and PyAV errors are OSError or ValueError subclasses
 SAMPLE_ERRORS = (OSError, ValueError, EOFError)
+# how many of a reader's items next to a failed sample are tried as its stand-in
+STAND_IN_TRIES = 8
 
 
 class DataError(ValueError):
@@ -176,22 +178,40 @@ class SampleStream(IterableDataset):
         role = (worker + done) % workers
         part, parts = self.rank * workers + role, self.world * workers
         skip = (done // workers + (role < done % workers)) * self.batch_size
-        good = None  # the last item that decoded: it stands in for one that does not
+        # the items before the current one, kept (undecoded) through a resume's skip too: a failed
+        # sample's stand-in is chosen from them, so the skip leaves it as the uninterrupted run had it
+        earlier = collections.deque(maxlen=STAND_IN_TRIES)
+        items = iter(self.items(part, parts))
+        ahead = collections.deque()  # items read ahead for a stand-in at the reader's start
         tried = failed = 0
-        for position, item in enumerate(self.items(part, parts)):
+        for position in itertools.count():
+            item = ahead.popleft() if ahead else next(items, None)
+            if item is None:
+                return
             if position >= skip:
                 batch = position // self.batch_size * workers + role  # this rank's batch, from the run's start
                 progress = batch / self.batches_per_step / self.total_steps if self.total_steps else 0.0
                 rng = random.Random(stream_seed(self.seed, part, position))
                 tried += 1
                 try:
-                    sample, good = self.load(item, rng, progress), item
+                    sample = self.load(item, rng, progress)
                 except SAMPLE_ERRORS as err:
                     failed += 1
                     self.say_failed(item, err, failed, tried)
-                    if (sample := self.stand_in(good, rng, progress)) is None:
-                        continue
-                yield sample
+                    candidates = reversed(earlier) if earlier else self._read_ahead(items, ahead)
+                    sample = self.stand_in(candidates, rng, progress)
+                if sample is not None:  # (None: nothing stands in, the stream moves on one sample)
+                    yield sample
+            earlier.append(item)
+
+    @staticmethod
+    def _read_ahead(items, ahead: collections.deque):
+        """The next few items, each also kept in `ahead` for its own position."""
+        for _ in range(STAND_IN_TRIES):
+            if (item := next(items, None)) is None:
+                return
+            ahead.append(item)
+            yield item
 
     def say_failed(self, item, err: Exception, failed: int, tried: int) -> None:
         """A warning naming the item (the first 10, then every 100th), or past BAD_SAMPLE_LIMIT a DataError."""
@@ -201,16 +221,17 @@ class SampleStream(IterableDataset):
         if failed <= 10 or failed % 100 == 0:
             warnings.warn(f"a training sample does not decode, another stands in ({failed} so far): {what}")
 
-    def stand_in(self, good, rng: random.Random, progress: float) -> dict | None:
-        """The last good item, at the position of one that failed, so a resumed run still draws what
-        this one does; None where there is none (a reader's start) or it fails too (another window of
-        a damaged clip): the stream then moves on one sample."""
-        if good is None:
-            return None
-        try:
-            return self.load(good, rng, progress)
-        except SAMPLE_ERRORS:
-            return None
+    def stand_in(self, candidates, rng: random.Random, progress: float) -> dict | None:
+        """The first of `candidates` (the reader's items before the failed one, nearest first; at its
+        start the items after it) that decodes at the failed one's position and randomness: so a
+        resumed run still draws what this one does. None where none does: the stream then moves on
+        one sample."""
+        for item in candidates:
+            try:
+                return self.load(item, rng, progress)
+            except SAMPLE_ERRORS:
+                continue
+        return None
 
 
 class RowStream(SampleStream):
