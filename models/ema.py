@@ -10,6 +10,10 @@ swapping the averages in and asking the strategy for its (gathered) state dict.
 
 Checkpoints keep Lightning's layout: `state_dict` holds the EMA weights (what sampling
 loads) and `current_model_state` the raw weights that `--resume` continues from.
+
+The average is kept in float32 at least: at a 16-bit *-true precision an update of
+(1 - decay) times the step's change rounds away in the weights' own dtype (bf16 keeps
+8 bits), and the average would stay near the weights it started from.
 """
 from __future__ import annotations
 
@@ -35,11 +39,11 @@ class ShardedEMA(Callback):
         self.names, self.params = [n for n, _ in named], [p for _, p in named]
         self._step = trainer.global_step
         if isinstance(self._resumed, dict):
-            self.shadow = [self._resumed[n].to(device=p.device, dtype=p.dtype).clone() for n, p in named]
+            self.shadow = [self._resumed[n].to(device=p.device, dtype=averaged_dtype(p)).clone() for n, p in named]
         elif isinstance(self._resumed, list):
             self.shadow = self._resumed
         else:
-            self.shadow = [p.detach().clone() for p in self.params]
+            self.shadow = [p.detach().to(averaged_dtype(p), copy=True) for p in self.params]
         self._resumed = None
 
     @torch.no_grad()
@@ -47,7 +51,8 @@ class ShardedEMA(Callback):
         if trainer.global_step == self._step:  # gradient accumulation: no optimizer step this batch
             return
         self._step = trainer.global_step
-        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1.0 - self.decay_at(self._step - 1))
+        weights = [p.detach().to(e.dtype) for p, e in zip(self.params, self.shadow)]
+        torch._foreach_lerp_(self.shadow, weights, 1.0 - self.decay_at(self._step - 1))
 
     def decay_at(self, n: int) -> float:
         """The decay of the n-th optimizer step (from 0); the global step, so a resume keeps the schedule."""
@@ -66,13 +71,13 @@ class ShardedEMA(Callback):
         if not sharded(trainer):  # the parameter names are the state_dict's keys; saved before the next update
             checkpoint["state_dict"] = {**checkpoint["state_dict"], **dict(zip(self.names, self.shadow))}
             return
-        self._swap()
+        raw = self._average_in()
         try:  # collective under FSDP: every rank is here. Unsharded state_dict tensors may share the
-            # params' storage, which the swap back overwrites: hence the copies
+            # params' storage, which the restore overwrites: hence the copies
             state = trainer.strategy.lightning_module_state_dict()
             checkpoint["state_dict"] = {k: v.clone() for k, v in state.items()}
         finally:
-            self._swap()
+            self._restore(raw)
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint):
         if "current_model_state" not in checkpoint:
@@ -85,14 +90,27 @@ class ShardedEMA(Callback):
             from torch.distributed.fsdp import FullStateDictConfig, StateDictType
             from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-            self._resumed = [p.detach().clone() for p in pl_module.parameters() if p.requires_grad]
+            self._resumed = [p.detach().to(averaged_dtype(p), copy=True) for p in pl_module.parameters()
+                             if p.requires_grad]
             model = trainer.strategy.model  # each rank reads the whole state and keeps its shards
             with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT, FullStateDictConfig(rank0_only=False)):
                 model.load_state_dict(checkpoint["current_model_state"])
 
     @torch.no_grad()
-    def _swap(self):
+    def _average_in(self) -> list[torch.Tensor]:
+        """Copy the averages into the parameters; -> the raw weights, for `_restore`. (Not a swap: the
+        averages would come back through the parameters' dtype, rounded.)"""
+        raw = [p.detach().clone() for p in self.params]
         for p, e in zip(self.params, self.shadow):
-            tmp = p.detach().clone()
             p.copy_(e)
-            e.copy_(tmp)
+        return raw
+
+    @torch.no_grad()
+    def _restore(self, raw: list[torch.Tensor]):
+        for p, r in zip(self.params, raw):
+            p.copy_(r)
+
+
+def averaged_dtype(p: torch.Tensor) -> torch.dtype:
+    """The dtype the average of `p` is kept in: float32, or p's own if wider (64-true)."""
+    return torch.promote_types(p.dtype, torch.float32)

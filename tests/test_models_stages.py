@@ -895,6 +895,29 @@ def test_ema_averages_every_step_and_resumes_from_the_saved_average(data_root, t
         assert torch.allclose(last["state_dict"][n], ema[n], atol=1e-6), n
 
 
+def test_ema_of_16_bit_weights_is_averaged_in_float32(data_root, tmp_path):
+    """At bf16-true the average was kept in bf16, where (1 - decay) times a step's change rounds
+    away: after 4 steps it was 97 % off the exact average's move from the start (26 % of it done)."""
+    decay = 0.99
+    cfg = tiny("decoder", mode="image", **{"trainer.precision": "bf16-true", "trainer.ema_decay": decay,
+                                           "trainer.ema_warmup": False})
+    record = RecordWeights()
+    result = train_stage("decoder", cfg, data_root=data_root, dataset="shapes", out_dir=tmp_path, max_steps=4,
+                         callbacks=[record])
+    saved = read_checkpoint(result.checkpoint)["state_dict"]
+    start = {n: w.double() for n, w in record.steps[0].items()}
+    exact = dict(start)
+    for weights in record.steps[1:]:
+        exact = {n: decay * exact[n] + (1 - decay) * weights[n].double() for n in exact}
+
+    def norm(diffs):
+        return sum(d.norm() ** 2 for d in diffs) ** 0.5
+
+    moved = norm(exact[n] - start[n] for n in record.names)
+    assert moved > 0
+    assert norm(saved[n].double() - exact[n] for n in record.names) < 1e-3 * moved
+
+
 def test_ema_warmup_reaches_the_configured_decay_and_can_be_turned_off():
     from models.ema import ShardedEMA
 
