@@ -196,6 +196,10 @@ class StageConfig(Strict):
             raise ValueError(f"data.fps_range: need 0 < low <= high, got {[lo, hi]}")
         if self.unet.temporal_kernel % 2 == 0:
             raise ValueError(f"unet.temporal_kernel: must be odd (same-length output), got {self.unet.temporal_kernel}")
+        if not recorded and self.trainer.precision == "16-true":  # (bf16's exponent range holds them)
+            raise ValueError("trainer.precision: 16-true keeps the weights and AdamW's moments in float16, where a "
+                             "small gradient's square underflows to 0 and the step divides by it: the weights "
+                             "are inf or NaN after the first step; use 16-mixed (float32 weights) or bf16-mixed")
         if self.stage == "prior" and self.prior.width % self.prior.heads:
             raise ValueError(f"prior.heads: must divide prior.width = {self.prior.width}, got {self.prior.heads}")
         levels = len(self.unet.channel_mults)
