@@ -19,6 +19,10 @@ RUN_SETTINGS = NET_SETTINGS + ("freeze_spatial", "trainer.lr", "trainer.weight_d
                                "trainer.accumulate_grad_batches", "trainer.ema_decay", "trainer.ema_warmup",
                                "data.batch_size", "trainer.seed", "data.lowres_noise_max")
 
+# the data stream's order follows from these too (each reader's share of the data and its random
+# windows): a resume with other values goes on, but draws other samples than the saved run would have
+STREAM_SETTINGS = ("data.num_workers", "data.shuffle_buffer", "trainer.devices", "trainer.num_nodes")
+
 
 def scratch_problem(config: StageConfig) -> str | None:
     """Why a stage of `config` cannot train from scratch (no --init, no init_from), or None."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -23,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from models.compat import RUN_SETTINGS, differing, init_problem, with_clip
+from models.compat import RUN_SETTINGS, STREAM_SETTINGS, differing, init_problem, with_clip
 from models.config import StageConfig, as_config, parse_config
 from models.data import clip_frames, stream_seed
 from models.diffusion import Diffusion, guided, one_each, per_video_noise
@@ -421,6 +422,9 @@ def check_resume(module: DiffusionStage, path: str | Path) -> tuple[int, int]:
     if found := differing(hp["config"], module.config, with_clip(RUN_SETTINGS, module.config.stage)):
         raise CheckpointError(f"{path}: --resume continues the run as it was saved, but the config changed "
                               f"({'; '.join(found)}); restore these settings, or start a new run with --init")
+    if found := differing(hp["config"], module.config, STREAM_SETTINGS):
+        warnings.warn(f"{path}: resuming with other data-stream settings ({'; '.join(found)}): training goes on, "
+                      "but on other samples, in another order, than the saved run would have drawn")
     state = net_state(ckpt)
     own = module.net.state_dict()
     if set(state) != set(own) or any(own[k].shape != v.shape for k, v in state.items()):

@@ -803,6 +803,13 @@ def test_resume_continues_at_same_step_with_same_optimizer_state(data_root, tmp_
         assert int(record.optimizer["state"][k]["step"]) == 3
     for k, v in saved["current_model_state"].items():  # raw (not EMA) weights are what training continues
         assert torch.equal(record.weights[k], v), k
+    # more loader workers (as the speed log suggests when training waits for data): the stream's order
+    # changes with them, which is said (it went on silently)
+    faster = cfg.model_copy(update={"data": cfg.data.model_copy(update={"num_workers": 3})})
+    with pytest.warns(UserWarning, match=r"other data-stream settings \(data.num_workers: checkpoint 0, config 3\)"):
+        third = train_stage("prior", faster, data_root=data_root, dataset="shapes", out_dir=tmp_path / "moved",
+                            resume=True, max_steps=6)
+    assert third.global_step == 6
 
 
 @pytest.mark.parametrize("stage,source,workers", [("decoder", "shards", 0), ("decoder", "clips", 2),
