@@ -348,6 +348,7 @@ def log_task(results: dict, params: dict, clips: list, tracking_uri: str, experi
     one's seed), where `--fake runs:/<id>` finds them."""
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param
+    from mlflow.tracking.context.registry import resolve_tags
 
     from eval.sheets import contact_sheet, video_grid
     from models.video_io import write_gif, write_mp4  # torch: imported when logging, not with the CLI
@@ -360,7 +361,9 @@ def log_task(results: dict, params: dict, clips: list, tracking_uri: str, experi
     tags = {"mav.kind": "evaluate", "mav.smoke": str(smoke).lower()} | process_tags()
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
-    run = client.create_run(exp_id, run_name=run_name, tags=tags)
+    # the user, source and git commit that mlflow.start_run gives every training and pipeline run: the
+    # client's create_run adds none, and an FVD could not be told from one of other code
+    run = client.create_run(exp_id, run_name=run_name, tags=resolve_tags(tags))
     run_id = run.info.run_id
     try:
         with heartbeat(tracking_uri, run_id):  # uploading the samples to a remote store takes a while

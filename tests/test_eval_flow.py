@@ -231,6 +231,27 @@ def test_log_task_nests_under_an_active_parent_run(tmp_path):
     assert run.info.status == "FINISHED"
 
 
+def test_the_evaluate_run_names_its_code_as_the_training_runs_do(tmp_path):
+    """An FVD is compared with others of the same code: the evaluate run gets the user, source and git
+    commit tags that mlflow.start_run gives the pipeline's and the stages' runs."""
+    import mlflow
+
+    from eval.fvd import FVDResult
+    from flows.evaluate import log_task
+    from flows.tracking import use_experiment
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    use_experiment(uri, "parent")
+    r = FVDResult(12.5, 10.0, 15.0, 0.95, 4, 4, 16, 1, False, "i3d.pt", "abc", False)
+    with mlflow.start_run() as parent:
+        run_id = log_task.fn({"fvd": r}, {"clip_length": 16}, [], uri, "evaluate", parent.info.run_id, "evaluate")
+    client = mlflow.MlflowClient(uri)
+    trained, scored = client.get_run(parent.info.run_id).data.tags, client.get_run(run_id).data.tags
+    context = {k: v for k, v in trained.items() if k == "mlflow.user" or k.startswith("mlflow.source.")}
+    assert {"mlflow.user", "mlflow.source.name", "mlflow.source.type"} <= set(context)  # (git: where there is one)
+    assert {k: scored.get(k) for k in context} == context
+
+
 def _moving_stripes(folder, fps: float, step: int, frames: int, count: int = 3):
     """Videos of stripes moving at their own speed; frame k shows time k * step / 30 s, at `fps`
     (step 1 at 30 fps and step 2 at 15 fps: the same motion)."""
