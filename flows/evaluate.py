@@ -94,15 +94,16 @@ def _sidecar_prompts(folder: Path, paths: list[Path]) -> tuple[list[str] | None,
     return None, None
 
 
-def check_one_run(src: str, folder: Path, paths: list[Path]) -> None:
+def check_one_run(src: str, folder: Path, paths: list[Path]) -> dict | None:
     """`mav sample` into a folder that holds an earlier run's videos keeps them: refuse to score videos
     that samples.json (in `folder`, or else the one folder that holds them) says were sampled with
-    other checkpoints or settings, or that it does not list beside ones it does, as one set."""
+    other checkpoints or settings, or that it does not list beside ones it does, as one set.
+    -> the settings that sampled them all, as samples.json records them (None: not recorded)."""
     parents = {p.parent for p in paths}
     found = [w / "samples.json" for w in [folder] + (list(parents) if len(parents) == 1 else [])
              if (w / "samples.json").is_file()]
     if not found:
-        return
+        return None
 
     def unreadable(why):
         return ValueError(f"{src}: {found[0]} is not a samples record ({why}); remove it to score the videos "
@@ -131,6 +132,8 @@ def check_one_run(src: str, folder: Path, paths: list[Path]) -> None:
         raise ValueError(f"{src}: its videos come from {len(first)} sampling runs with different "
                          f"{', '.join(differ) or 'settings'} ({names[0]} and {names[1]}; see {found[0]}); score one "
                          "run's videos, e.g. sample into a new folder")
+    settings = next(iter(used.values()), None)
+    return settings if isinstance(settings, dict) else None
 
 
 def _without_previews(paths: list[Path]) -> list[Path]:
@@ -199,17 +202,18 @@ def resolve_source(src: str, data_root: str | Path = "mav-data", tracking_uri: s
         paths = _without_previews([p for p in list_videos(local) if "grid" not in p.stem])
         if not paths:
             raise ValueError(f"{src}: the run has no video artifacts ({', '.join(VIDEO_EXTENSIONS)})")
-        check_one_run(src, local, paths)
+        sampled_with = check_one_run(src, local, paths)
         prompts, why_not = _sidecar_prompts(local, paths)
-        return VideoSet(src, "mlflow-run", paths, prompts, extra={"run_id": run_id}, prompts_error=why_not)
+        return VideoSet(src, "mlflow-run", paths, prompts, extra={"run_id": run_id, "sampled_with": sampled_with},
+                        prompts_error=why_not)
     folder = Path(src).expanduser()
     if folder.is_dir():
         paths = _without_previews(list_videos(folder))
         if not paths:
             raise ValueError(f"{src}: folder holds no videos ({', '.join(VIDEO_EXTENSIONS)})")
-        check_one_run(src, folder, paths)
+        sampled_with = check_one_run(src, folder, paths)
         prompts, why_not = _sidecar_prompts(folder, paths)
-        return VideoSet(src, "folder", paths, prompts, prompts_error=why_not)
+        return VideoSet(src, "folder", paths, prompts, extra={"sampled_with": sampled_with}, prompts_error=why_not)
     name, _, version = src.partition("@")
     root = Path(data_root)
     if not (root / "datasets" / name).is_dir():
@@ -604,15 +608,15 @@ def evaluate(real: str | None = None, fake: str | None = None, prompts: str | No
         if proto:
             params |= {"protocol": proto.name} | proto.params
         if sampled:
-            params |= {"sample_steps": "per stage config" if sample_steps is None else sample_steps,
-                       "guidance": "per stage config" if guidance is None else guidance}
-            if isinstance(checkpoints, dict):  # resolved: the pipeline's links move to each new chain
-                params["checkpoints"] = ",".join(f"{stage}={Path(path).resolve()}"
-                                                 for stage, path in checkpoints.items())
+            params |= sampling_params(sample_steps, guidance, checkpoints if isinstance(checkpoints, dict) else None)
             if versions:
                 params |= {"registry_alias": registry, "model_versions": describe(versions)}
             if own_dir:  # removed once logged
                 params["fake_source"] = "this run's samples/ artifacts"
+        elif recorded := fake_set.extra.get("sampled_with"):  # sampled before: mav sample, a pipeline run's samples
+            params |= sampling_params(recorded.get("steps"), recorded.get("guidance"),
+                                      {stage: c["path"] for stage, c in (recorded.get("checkpoints") or {}).items()
+                                       if isinstance(c, dict) and c.get("path")})
         real_set = None
         if "fvd" in metrics:
             if proto and proto.real:
@@ -660,6 +664,16 @@ def evaluate(real: str | None = None, fake: str | None = None, prompts: str | No
         logger.info(line)
     return {"results": {k: r.as_dict() for k, r in results.items()}, "metrics": metric_values(results),
             "lines": lines, "prompts": used, "run_id": run_id, "tracking_uri": tracking_uri}
+
+
+def sampling_params(steps: int | None, guidance: float | None, checkpoints: dict | None) -> dict:
+    """How the fake videos were sampled, under the same names whether this run sampled them or a folder's
+    or run's samples.json says (the pipeline's evaluate step): else its runs showed no sampler settings."""
+    params = {"sample_steps": "per stage config" if steps is None else steps,
+              "guidance": "per stage config" if guidance is None else guidance}
+    if checkpoints:  # resolved: the pipeline's links move to each new chain
+        params["checkpoints"] = ",".join(f"{stage}={Path(path).resolve()}" for stage, path in checkpoints.items())
+    return params
 
 
 # -- CLI ---------------------------------------------------------------------------------

@@ -268,6 +268,39 @@ def _moving_stripes(folder, fps: float, step: int, frames: int, count: int = 3):
     return folder
 
 
+def test_videos_sampled_before_log_their_sampler_settings_as_sampling_does(prefect_server, tmp_path):
+    """The pipeline's evaluate step scores the folder it sampled into, `mav evaluate --fake` a folder of
+    `mav sample` or a run's samples/: their samples.json says how they were sampled, and the run logs it
+    under the names `mav evaluate --checkpoints` uses, so the runs compare on sample steps and guidance."""
+    import mlflow
+
+    from flows.evaluate import evaluate
+    from models.sampling import sampling_settings
+
+    fake = _moving_stripes(tmp_path / "fake", fps=10, step=1, frames=4, count=2)
+    for stage in ("prior", "decoder"):  # (only their path, size and time are recorded)
+        (tmp_path / f"{stage}.ckpt").write_bytes(b"weights")
+    settings = sampling_settings({"prior": tmp_path / "prior.ckpt", "decoder": tmp_path / "decoder.ckpt"}, 3, None,
+                                 None)
+    (fake / "samples.json").write_text(json.dumps(
+        {f"v{i}.mp4": {"prompt": f"stripes {i}", "seed": i, "sampled_with": settings} for i in range(2)}))
+    (fake / "prompts.json").write_text(json.dumps({f"v{i}.mp4": f"stripes {i}" for i in range(2)}))
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    client = mlflow.MlflowClient(uri)
+    expected = {"sample_steps": "3", "guidance": "per stage config",
+                "checkpoints": f"prior={tmp_path / 'prior.ckpt'},decoder={tmp_path / 'decoder.ckpt'}"}
+    out = evaluate(fake=str(fake), metrics="clipsim", clip_model="tiny", tracking_uri=uri, num_resamples=0)
+    params = client.get_run(out["run_id"]).data.params
+    assert {k: params.get(k) for k in expected} == expected
+    # a run's samples/ (a pipeline run's): the same
+    run = client.create_run(client.create_experiment("samples"))
+    client.log_artifacts(run.info.run_id, str(fake), "samples")
+    out = evaluate(fake=f"runs:/{run.info.run_id}", metrics="clipsim", clip_model="tiny", tracking_uri=uri,
+                   num_resamples=0)
+    params = client.get_run(out["run_id"]).data.params
+    assert {k: params.get(k) for k in expected} == expected
+
+
 def test_fps_puts_real_and_fake_clips_on_one_time_scale(prefect_server, tmp_path, capsys):
     """Real videos at 30 fps, fakes of the same motion at 15 fps: at --fps 15 their clips are the same
     frames and FVD is far smaller than comparing frames as decoded (twice the motion per frame in the
