@@ -315,6 +315,10 @@ def test_a_stage_trained_to_its_end_before_a_failure_is_taken_as_it_is(tmp_path)
     assert (first["model_version"], again["model_version"]) == (1, 1)
     run = mlflow.MlflowClient(uri).get_run(again["run_id"])
     assert "final_train_loss" not in run.data.metrics and run.data.metrics["global_step"] == 2
+    # the two runs of the step compare param by param: the config once, under the same names
+    trained = mlflow.MlflowClient(uri).get_run(first["run_id"])
+    assert set(trained.data.params) == set(run.data.params)
+    assert "config.trainer.lr" in trained.data.params and not [key for key in trained.data.params if "/" in key]
 
 
 def test_small_dataset_versions_add_up_to_the_retraining_threshold(prefect_server, tmp_path):
