@@ -30,7 +30,8 @@ def experiment_id(tracking_uri: str, name: str) -> str:
         return existing.experiment_id
     location = None
     if tracking_uri.startswith("sqlite:///"):
-        store = Path(tracking_uri.removeprefix("sqlite:///")).parent
+        # (MLflow's own form sqlite:///mlflow.db is relative to the working directory, as_uri refuses it)
+        store = Path(tracking_uri.removeprefix("sqlite:///")).absolute().parent
         location = (store / "mlartifacts" / name).as_uri()
     return client.create_experiment(name, artifact_location=location)
 

@@ -586,6 +586,18 @@ def test_a_stage_run_stays_running_until_its_checkpoint_is_registered(tmp_path):
     assert client.get_metric_history(run.info.run_id, "train/loss")[0].value == 0.5
 
 
+def test_a_relative_sqlite_uri_keeps_its_artifacts_beside_the_store(tmp_path, monkeypatch):
+    """MLFLOW_TRACKING_URI=sqlite:///mlflow.db (MLflow's own example) made no experiment: `mav evaluate`
+    failed after scoring, `mav pipeline` after its ingest ("relative path can't be expressed as a file URI")."""
+    from flows.tracking import experiment_id
+
+    monkeypatch.chdir(tmp_path)
+    uri = "sqlite:///mlflow.db"
+    experiment = MlflowClient(uri).get_experiment(experiment_id(uri, "evaluate"))
+    assert experiment.artifact_location == (tmp_path / "mlartifacts" / "evaluate").as_uri()
+    assert (tmp_path / "mlflow.db").is_file()
+
+
 def test_checkpoint_links_follow_the_latest_chain(tmp_path):
     from flows.pipeline import link_chain
 
