@@ -35,7 +35,7 @@ from flows.cli import (device_name, non_negative_float, non_negative_int, positi
                        writable_folder)
 from flows.registry import add_registry_options, chain_from_registry, describe
 from flows.tracking import (default_tracking_uri, end_orphaned_runs, experiment_id, heartbeat, process_tags,
-                            release_interrupted_frames)
+                            release_interrupted_frames, stopped)
 from eval import METRICS, metric_list
 from eval.protocols import PROTOCOLS, check_protocol_inputs, load_protocol, protocol_metrics
 from eval.video_io import VIDEO_EXTENSIONS, list_videos, write_png
@@ -393,9 +393,9 @@ def log_task(results: dict, params: dict, clips: list, tracking_uri: str, experi
                     write_png(Path(tmp) / "contact_sheet.png", contact_sheet(clips))
                     client.log_artifacts(run_id, tmp, "eval")
     except BaseException as err:
-        if isinstance(err, KeyboardInterrupt):  # one landing in a store query holds its lock until freed
+        if stopped(err):  # one landing in a store query holds its lock until freed
             release_interrupted_frames(err)
-        client.set_terminated(run_id, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        client.set_terminated(run_id, "KILLED" if stopped(err) else "FAILED")
         raise
     client.set_terminated(run_id, "FINISHED")
     return run_id

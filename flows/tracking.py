@@ -63,8 +63,8 @@ def use_experiment(tracking_uri: str, name: str) -> None:
 
 @contextmanager
 def start_run(tags: dict | None = None, **kwargs):
-    """mlflow.start_run, except that a run stopped by Ctrl-C ends KILLED (MLflow's own marks it
-    FAILED, as for an error, so the UI could not tell the two apart), and that the run names the
+    """mlflow.start_run, except that a run stopped by Ctrl-C or SIGTERM ends KILLED (MLflow's own marks
+    it FAILED, as for an error, so the UI could not tell the two apart), and that the run names the
     process that runs it (process_tags) and beats while it runs (heartbeat)."""
     import mlflow
 
@@ -72,10 +72,20 @@ def start_run(tags: dict | None = None, **kwargs):
         try:
             with heartbeat(mlflow.get_tracking_uri(), run.info.run_id):
                 yield run
-        except KeyboardInterrupt as interrupt:
-            release_interrupted_frames(interrupt)
+        except BaseException as err:
+            if not stopped(err):
+                raise
+            release_interrupted_frames(err)
             end_killed(run.info.run_id)
             raise
+
+
+def stopped(err: BaseException) -> bool:
+    """Whether the error stops the run from outside: Ctrl-C, or SIGTERM, which Prefect's engine raises in
+    a flow as TerminationSignal (a deployment's run cancelled, its worker shut down)."""
+    from prefect.exceptions import TerminationSignal
+
+    return isinstance(err, (KeyboardInterrupt, TerminationSignal))
 
 
 def release_interrupted_frames(interrupt: BaseException) -> None:

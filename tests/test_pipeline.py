@@ -692,6 +692,21 @@ def test_a_store_that_refuses_the_killed_status_does_not_replace_the_ctrl_c(tmp_
     assert MlflowClient(uri).get_run(parent.info.run_id).info.status == "KILLED"
 
 
+def test_a_flow_stopped_by_sigterm_ends_its_run_killed(prefect_server, tmp_path):
+    """Prefect stops a deployment's flow run (cancelled, its worker shut down) with SIGTERM, which its engine
+    raises in the flow as TerminationSignal: MLflow's own context marked the run FAILED, as for an error."""
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    script = (f"import os, signal\nfrom prefect import flow\nfrom flows.tracking import start_run, use_experiment\n"
+              f"@flow\ndef stopped():\n    use_experiment({uri!r}, 'x')\n    with start_run(run_name='stopped'):\n"
+              f"        os.kill(os.getpid(), signal.SIGTERM)\n        raise AssertionError('no SIGTERM')\n"
+              f"stopped()\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PREFECT_API_URL": prefect_server})
+    client = MlflowClient(uri)
+    (run,) = runs_of(client, "x")
+    assert run.info.status == "KILLED", done.stderr[-3000:]
+
+
 def test_a_ctrl_c_inside_an_mlflow_query_still_ends_the_runs_killed(tmp_path):
     """A Ctrl-C that lands while MLflow's SQLite store reads (SQLAlchemy has run a SELECT, its rows not yet
     fetched) makes SQLAlchemy close that connection, but the cursor, kept by the interrupt's traceback,
