@@ -90,6 +90,13 @@ def _flatten(prefix: str, value, out: dict) -> dict:
     return out
 
 
+def as_params(prefix: str, value) -> dict[str, str]:
+    """A nested setting as MLflow params `prefix.key...`, each value cut to MLflow's limit (6000)."""
+    from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
+
+    return {key: str(inner)[:MAX_PARAM_VAL_LENGTH] for key, inner in _flatten(prefix, value, {}).items()}
+
+
 @functools.cache
 def quiet_library_chatter() -> None:
     """Keep the flow's log readable: Lightning's per-fit banners (device lines, a LitLogger tip),
@@ -148,9 +155,8 @@ def train_stage_task(step_name: str, stage: str, config_path: str, overrides: di
                 "mav.dataset": dataset, "mav.dataset_version": version, "mav.resumed": str(resume).lower()}
         with start_run(run_name=step_name, parent_run_id=parent_run_id, nested=True, tags=tags,
                        log_system_metrics=True) as run:
-            params = _flatten("config", config.model_dump(mode="json"), {})
-            params |= {"init_checkpoint": init_checkpoint or "none", "config_file": config_path}
-            mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+            mlflow.log_params(as_params("config", config.model_dump(mode="json"))
+                              | {"init_checkpoint": init_checkpoint or "none", "config_file": config_path})
             logger = stage_logger(experiment, tracking_uri, run.info.run_id)
             try:
                 result = train_stage(stage, config, data_root=data_root, dataset=dataset, version=version,
@@ -278,7 +284,10 @@ def pipeline(config: str = DEFAULT_CONFIG, dataset: str | None = None, data_root
             "mav.config_digest": config_digest, "mav.code": code}
     with start_run(run_name=f"pipeline {dataset}@{version}", tags=tags, log_system_metrics=True) as parent:
         mlflow.log_params({"config": config, "dataset": dataset, "dataset_version": version, "data_root": data_root,
-                           "num_clips": len(manifest), "steps": ",".join(s.name for s in cfg.steps)})
+                           "num_clips": len(manifest), "steps": ",".join(s.name for s in cfg.steps)}
+                          # how the parent's FVD / CLIPSIM were sampled and scored, for comparing parents
+                          | as_params("sample", cfg.sample.model_dump(mode="json"))
+                          | as_params("evaluate", cfg.evaluate.model_dump(mode="json")))
         mlflow.log_dict(cfg.model_dump(mode="json"), "pipeline_config.json")
         with warnings.catch_warnings():  # MLflow registers the local source type twice, and hints that
             warnings.simplefilter("ignore", UserWarning)  # int columns cannot hold missing values (ours have none)

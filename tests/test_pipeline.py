@@ -72,6 +72,11 @@ def test_pipeline_end_to_end_then_cached_rerun(prefect_server, tmp_path, video_d
     assert parent.info.status == "FINISHED"
     assert {"smoke_fvd", "smoke_clipsim", "smoke_fvd_low", "smoke_fvd_high"} <= set(parent.data.metrics)
     assert parent.inputs.dataset_inputs[0].dataset.digest == first["version"]
+    # what its FVD and CLIPSIM depend on, to compare parents by
+    assert {k: parent.data.params[k] for k in ("sample.steps", "sample.seed", "evaluate.clip_length",
+                                               "evaluate.num_videos")} == {"sample.steps": "2", "sample.seed": "0",
+                                                                           "evaluate.clip_length": "9",
+                                                                           "evaluate.num_videos": "4"}
     children = runs_of(client, "mav-test", f"tags.`mlflow.parentRunId` = '{first['run_id']}'")
     names = sorted(r.info.run_name for r in children)
     assert names == sorted(["prior", "decoder_image", "decoder", "interpolation", "sr_low", "sr_high", "evaluate"])
