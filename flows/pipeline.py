@@ -283,30 +283,12 @@ def pipeline(config: str = DEFAULT_CONFIG, dataset: str | None = None, data_root
     tags = {"mav.kind": "pipeline", "mav.dataset": dataset, "mav.dataset_version": version,
             "mav.config_digest": config_digest, "mav.code": code}
     with start_run(run_name=f"pipeline {dataset}@{version}", tags=tags, log_system_metrics=True) as parent:
-        mlflow.log_params({"config": config, "dataset": dataset, "dataset_version": version, "data_root": data_root,
-                           "num_clips": len(manifest), "steps": ",".join(s.name for s in cfg.steps)}
-                          # how the parent's FVD / CLIPSIM were sampled and scored, for comparing parents
-                          | as_params("sample", cfg.sample.model_dump(mode="json"))
+        log_training_inputs(config, cfg, dataset, version, data_root, manifest)
+        # how the parent's FVD / CLIPSIM were sampled and scored, for comparing parents
+        mlflow.log_params(as_params("sample", cfg.sample.model_dump(mode="json"))
                           | as_params("evaluate", cfg.evaluate.model_dump(mode="json")))
-        mlflow.log_dict(cfg.model_dump(mode="json"), "pipeline_config.json")
-        with warnings.catch_warnings():  # MLflow registers the local source type twice, and hints that
-            warnings.simplefilter("ignore", UserWarning)  # int columns cannot hold missing values (ours have none)
-            inputs = mlflow.data.from_pandas(manifest.drop(columns=["clip_abspath"]), name=f"{dataset}@{version}",
-                                             source=f"{data_root}/datasets/{dataset}", digest=version)
-            mlflow.log_input(inputs, context="training")
         trained = _train_steps(cfg, dataset, data_root, version, tracking_uri, parent.info.run_id, code)
-        for result in trained:
-            # a cached step returns the result of the run that trained it, under another parent
-            cached = result.get("parent_run_id") != parent.info.run_id
-            loss = result["train_loss"]
-            print(f"{result['step']}: step {result['global_step']}, "
-                  + ("trained before" if loss is None else f"loss {loss:.4f}")
-                  + (f" (unchanged: reused run {result['run_id']})" if cached else ""))
-            if loss is not None:
-                mlflow.log_metric(f"{result['step']}_train_loss", loss)
-            if result.get("samples_per_s") is not None:  # (none in a result from before it was recorded)
-                mlflow.log_metric(f"{result['step']}_samples_per_s", result["samples_per_s"])
-            mlflow.set_tag(f"mav.step.{result['step']}.run", result["run_id"])
+        log_step_results(trained, parent.info.run_id)
         checkpoints = {result["step"]: result["checkpoint"] for result in trained}
 
         # the last step of each stage feeds the sampling chain
@@ -406,7 +388,40 @@ def train(config: str = DEFAULT_CONFIG, steps: list[str] | None = None, dataset:
         if step.name in needed and step.init_from:
             needed.add(step.init_from)
     sub = cfg.model_copy(update={"steps": [s for s in cfg.steps if s.name in needed]})
-    return _train_only(sub, dataset or cfg.dataset, data_root or cfg.data_root, version, tracking_uri)
+    return _train_only(config, sub, dataset or cfg.dataset, data_root or cfg.data_root, version, tracking_uri)
+
+
+def log_training_inputs(config: str, cfg: PipelineConfig, dataset: str, version: str, data_root: str, manifest) -> None:
+    """What a parent run trains from, in the active run: the config, the dataset version (as an MLflow
+    input) and its steps."""
+    import mlflow
+
+    mlflow.log_params({"config": config, "dataset": dataset, "dataset_version": version, "data_root": data_root,
+                       "num_clips": len(manifest), "steps": ",".join(s.name for s in cfg.steps)})
+    mlflow.log_dict(cfg.model_dump(mode="json"), "pipeline_config.json")
+    with warnings.catch_warnings():  # MLflow registers the local source type twice, and hints that
+        warnings.simplefilter("ignore", UserWarning)  # int columns cannot hold missing values (ours have none)
+        inputs = mlflow.data.from_pandas(manifest.drop(columns=["clip_abspath"]), name=f"{dataset}@{version}",
+                                         source=f"{data_root}/datasets/{dataset}", digest=version)
+        mlflow.log_input(inputs, context="training")
+
+
+def log_step_results(trained: list[dict], parent_run_id: str) -> None:
+    """Each step's line, and its loss and speed as `<step>_*` metrics of the active (parent) run."""
+    import mlflow
+
+    for result in trained:
+        # a cached step returns the result of the run that trained it, under another parent
+        cached = result.get("parent_run_id") != parent_run_id
+        loss = result["train_loss"]
+        print(f"{result['step']}: step {result['global_step']}, "
+              + ("trained before" if loss is None else f"loss {loss:.4f}")
+              + (f" (unchanged: reused run {result['run_id']})" if cached else ""))
+        if loss is not None:
+            mlflow.log_metric(f"{result['step']}_train_loss", loss)
+        if result.get("samples_per_s") is not None:  # (none in a result from before it was recorded)
+            mlflow.log_metric(f"{result['step']}_samples_per_s", result["samples_per_s"])
+        mlflow.set_tag(f"mav.step.{result['step']}.run", result["run_id"])
 
 
 def _train_steps(cfg: PipelineConfig, dataset: str, data_root: str, version: str, tracking_uri: str,
@@ -438,19 +453,24 @@ def _train_steps(cfg: PipelineConfig, dataset: str, data_root: str, version: str
     return results
 
 
-def _train_only(cfg: PipelineConfig, dataset: str, data_root: str, version: str | None, tracking_uri: str | None) -> dict:
+def _train_only(config: str, cfg: PipelineConfig, dataset: str, data_root: str, version: str | None,
+                tracking_uri: str | None) -> dict:
     from data_prep.dataset import load_manifest
 
     check_places(cfg, data_root, ingests=False, evaluates=False)
     tracking_uri = tracking_uri or cfg.tracking_uri or default_tracking_uri()
     check_tracking(tracking_uri, cfg.experiment)  # (a server that is down: MLflow retried ~4 min, then a trace)
     data_root = str(Path(data_root).resolve())
-    version = load_manifest(Path(data_root), dataset, version).attrs["version"]
+    manifest = load_manifest(Path(data_root), dataset, version)
+    version = manifest.attrs["version"]
     use_experiment(tracking_uri, cfg.experiment)
     end_orphaned_runs(tracking_uri, cfg.experiment)
-    with start_run(run_name=f"train {dataset}@{version}",
-                   tags={"mav.kind": "train-only", "mav.dataset_version": version}) as parent:
-        results = _train_steps(cfg, dataset, data_root, version, tracking_uri, parent.info.run_id, code_digest())
+    code = code_digest()
+    tags = {"mav.kind": "train-only", "mav.dataset": dataset, "mav.dataset_version": version, "mav.code": code}
+    with start_run(run_name=f"train {dataset}@{version}", tags=tags, log_system_metrics=True) as parent:
+        log_training_inputs(config, cfg, dataset, version, data_root, manifest)  # as a pipeline run's
+        results = _train_steps(cfg, dataset, data_root, version, tracking_uri, parent.info.run_id, code)
+        log_step_results(results, parent.info.run_id)
     return {"version": version, "checkpoints": {r["step"]: r["checkpoint"] for r in results}}
 
 

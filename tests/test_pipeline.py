@@ -173,6 +173,11 @@ def test_pipeline_end_to_end_then_cached_rerun(prefect_server, tmp_path, video_d
     trained = {r.info.run_name for r in
                runs_of(client, "mav-test", f"tags.`mlflow.parentRunId` = '{train_parent.info.run_id}'")}
     assert trained == {"decoder_image", "decoder", "interpolation"}
+    # the train-only parent logs what it trained from as a pipeline parent does (it logged nothing)
+    assert train_parent.data.params["dataset_version"] == first["version"]
+    assert train_parent.data.tags["mav.dataset"] == "clips"
+    assert train_parent.inputs.dataset_inputs[0].dataset.digest == first["version"]
+    assert {"decoder_image_train_loss", "sr_high_samples_per_s"} <= set(train_parent.data.metrics)
     changed = {step for step, path in retrained["checkpoints"].items() if path != first["checkpoints"][step]}
     assert changed == trained
 
