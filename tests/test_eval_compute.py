@@ -67,7 +67,9 @@ def test_every_video_is_decoded_once_and_each_metric_gets_its_clips(tmp_path, de
     for path, prompt in zip(fake, prompts):  # CLIPSIM: every frame of the video, not the 16 of FVD's clip
         ref_clipsim.update([torch.from_numpy(read_frames(path)[0])], [prompt])
     ref_inception.update(fake_clips)
-    assert fvd.result(num_resamples=0).value == pytest.approx(ref_fvd.result(num_resamples=0).value, rel=1e-6)
+    # (float32 I3D features of batches of 2 and 3: rounding, which 3 videos' rank-deficient covariances
+    # amplify to ~1e-6 of the FVD on one thread)
+    assert fvd.result(num_resamples=0).value == pytest.approx(ref_fvd.result(num_resamples=0).value, rel=1e-5)
     assert clipsim.result(num_resamples=0).value == pytest.approx(ref_clipsim.result(num_resamples=0).value, abs=1e-6)
     assert inception.result().value == pytest.approx(ref_inception.result().value, rel=1e-6)
     # kept for the pictures at the grid's tile size, not the videos' (full-HD clips would be GBs)
