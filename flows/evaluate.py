@@ -37,7 +37,7 @@ from flows.registry import add_registry_options, chain_from_registry, describe
 from flows.tracking import (default_tracking_uri, end_orphaned_runs, experiment_id, heartbeat, process_tags,
                             release_interrupted_frames, stopped)
 from eval import METRICS, metric_list
-from eval.protocols import PROTOCOLS, check_protocol_inputs, load_protocol, protocol_metrics
+from eval.protocols import PAPER_CHAIN, PROTOCOLS, check_protocol_inputs, load_protocol, protocol_metrics
 from eval.video_io import VIDEO_EXTENSIONS, list_videos, write_png
 
 RESIZE = "bilinear 224x224 align_corners=False, no crop, [-1,1]"
@@ -585,6 +585,9 @@ def evaluate(real: str | None = None, fake: str | None = None, prompts: str | No
         if not prompt_list:
             raise ValueError("sampling fake videos needs prompts")
         prompt_list = prompt_list[:num_videos] if num_videos else prompt_list
+        if proto and isinstance(checkpoints, dict):  # the videos the paper scores: 16x256x256
+            checkpoints = paper_chain(checkpoints, proto.name)
+            versions = versions and {stage: v for stage, v in versions.items() if stage in checkpoints}
         own_dir = None if sample_dir else tempfile.mkdtemp(prefix="mav-samples-")
         try:
             sampled = fake_set = sample_videos(prompt_list, sampler, checkpoints, sample_dir or own_dir,
@@ -664,6 +667,18 @@ def evaluate(real: str | None = None, fake: str | None = None, prompts: str | No
         logger.info(line)
     return {"results": {k: r.as_dict() for k, r in results.items()}, "metrics": metric_values(results),
             "lines": lines, "prompts": used, "run_id": run_id, "tracking_uri": tracking_uri}
+
+
+def paper_chain(checkpoints: dict, protocol: str) -> dict:
+    """The stages of `checkpoints` a protocol samples with (PAPER_CHAIN), said in the run's log."""
+    kept = {stage: path for stage, path in checkpoints.items() if stage in PAPER_CHAIN}
+    if left := [stage for stage in checkpoints if stage not in kept]:
+        get_run_logger().info(f"the {protocol} protocol scores 16-frame 256 px videos, as the paper does: "
+                              f"sampling without {', '.join(left)}")
+    if "sr_low" not in kept:
+        get_run_logger().warning(f"no sr_low checkpoint: the {protocol} videos are sampled at the decoder's size, "
+                                 "not the paper's 256 px")
+    return kept
 
 
 def sampling_params(steps: int | None, guidance: float | None, checkpoints: dict | None) -> dict:

@@ -186,6 +186,31 @@ def test_msrvtt_protocol_on_fake_folder(prefect_server, benchmarks, tmp_path, ca
     assert set(used.values()) <= set(benchmarks["all_captions"])
 
 
+def test_a_protocol_samples_the_papers_16_frame_256_px_videos(prefect_server, benchmarks, tmp_path):
+    """The paper scores both benchmarks on 16x256x256 videos: a protocol samples from the prior, the
+    decoder and sr_low, without frame interpolation (76 frames) or the 768 px stage, and logs that chain."""
+    from flows.evaluate import evaluate
+
+    chains = []
+
+    def sampler(prompt, checkpoints, out, steps, guidance, seed, device):  # copies a video; records its chain
+        chains.append(dict(checkpoints))
+        shutil.copy(next(benchmarks["fake_msrvtt"].glob("*.mp4")), out)
+        return out
+
+    given = {stage: str(tmp_path / f"{stage}.ckpt") for stage in
+             ("prior", "decoder", "interpolation", "sr_low", "sr_high")}
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = evaluate(protocol="msrvtt", captions=str(benchmarks["captions"]), num_videos=2, sampler=sampler,
+                   checkpoints=given, clip_model="tiny", tracking_uri=uri, num_resamples=0)
+    paper = {stage: given[stage] for stage in ("prior", "decoder", "sr_low")}
+    assert chains == [paper, paper]
+    import mlflow
+
+    logged = mlflow.MlflowClient(uri).get_run(out["run_id"]).data.params["checkpoints"]
+    assert logged == ",".join(f"{stage}={Path(path).resolve()}" for stage, path in paper.items())
+
+
 def test_msrvtt_protocol_prompts(benchmarks):
     full = msrvtt_protocol(benchmarks["captions"])
     assert full.prompts == benchmarks["all_captions"] and full.metrics == ("clipsim",) and full.real == []
