@@ -430,6 +430,7 @@ def _train_steps(cfg: PipelineConfig, dataset: str, data_root: str, version: str
     from mlflow import MlflowClient
 
     work, keys, checkpoints, results = Path(cfg.work_dir).resolve(), {}, {}, []
+    client = MlflowClient(tracking_uri)
     # where results are recorded: a step trained for another folder, store or registry name is not reused
     where = f"{work}|{store_identity(tracking_uri, cfg.experiment)}|{cfg.registry.model_prefix}"
     for step in cfg.steps:
@@ -442,7 +443,7 @@ def _train_steps(cfg: PipelineConfig, dataset: str, data_root: str, version: str
         args = (step.name, step.stage, repo_path(step.config), step.overrides, data_root, dataset, version,
                 checkpoints.get(step.init_from), str(out_dir), tracking_uri, cfg.experiment, parent_run_id, key, name)
         result = train_stage_task.with_options(refresh_cache=not has_checkpoint)(*args)
-        registered = model_version(client := MlflowClient(tracking_uri), f"models:/{name}/{result['model_version']}")
+        registered = model_version(client, f"models:/{name}/{result['model_version']}")
         if registered is None or not run_is_there(client, registered.run_id):
             # a cached result whose version was deleted from the registry, or whose run was (the version's
             # source is that run's artifact): run again, it takes the finished checkpoint (no training)

@@ -36,8 +36,8 @@ def scratch_problem(config: StageConfig) -> str | None:
 def state_misfits(own: dict, state: dict, may_miss=lambda key: False) -> list[str]:
     """What stops `state` loading into a module whose state is `own` (at most 3 of each kind): keys of
     other shapes, unexpected keys, and missing keys that `may_miss` does not allow. Empty when it fits."""
-    misshaped = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-                 for k, v in state.items() if k in own and getattr(v, "shape", None) != own[k].shape]
+    misshaped = [f"{k}: checkpoint {tuple(getattr(v, 'shape', ()))} vs model {tuple(own[k].shape)}"
+                 for k, v in state.items() if k in own and getattr(v, "shape", None) != own[k].shape]  # (v: a number?)
     unexpected = [f"unexpected {k}" for k in state if k not in own]
     missing = [f"missing {k}" for k in own if k not in state and not may_miss(k)]
     return misshaped[:3] + unexpected[:3] + missing[:3]

@@ -105,6 +105,9 @@ def test_bad_state_dict_is_rejected(tmp_path):
     torch.save(state, path)
     with pytest.raises(ValueError, match=r"other.pt: not an InceptionI3d\(400\) .*\(logits\.conv3d\.weight: checkpoint \(157, "):
         load_i3d(path)
+    torch.save({**state, "logits.conv3d.bias": 0.0}, path)  # a number where a tensor belongs: named, no crash
+    with pytest.raises(ValueError, match=r"other.pt: not an InceptionI3d\(400\) .*logits\.conv3d\.bias: checkpoint \(\) "):
+        load_i3d(path)
 
 
 def test_fvd_on_real_clips_zero_for_self_and_grows_with_noise(detector, shared_videos):
