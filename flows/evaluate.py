@@ -16,6 +16,7 @@ random weights and every printed line and logged metric name says "smoke".
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import re
@@ -342,63 +343,75 @@ def metric_values(results: dict) -> dict[str, float]:
     return out
 
 
-@task(name="log-to-mlflow", cache_policy=NO_CACHE)
-def log_task(results: dict, params: dict, clips: list, tracking_uri: str, experiment: str,
-             parent_run_id: str | None, run_name: str | None, prompts: dict | None = None,
-             samples: VideoSet | None = None) -> str:
-    """One MLflow run (nested under parent_run_id if given). Uses MlflowClient, not the fluent
-    API, so a caller's active run (e.g. the pipeline's parent run) is left alone. `samples`, the
-    videos this evaluation sampled, go to samples/ with their prompts.json (and samples.json: each
-    one's seed), where `--fake runs:/<id>` finds them."""
+@contextlib.contextmanager
+def evaluation_run(tracking_uri: str, experiment: str, parent_run_id: str | None, run_name: str | None):
+    """The evaluation's MLflow run (nested under parent_run_id if given), RUNNING from the flow's start, so
+    hours of sampling and scoring show in the UI and a failed or stopped evaluation is in the store
+    too (FAILED or KILLED, its error in the `mav.error` tag). -> its run id. Uses MlflowClient, not the
+    fluent API, so a caller's active run (e.g. the pipeline's parent run) is left alone."""
     from mlflow import MlflowClient
-    from mlflow.entities import Metric, Param
     from mlflow.tracking.context.registry import resolve_tags
-
-    from eval.sheets import contact_sheet, video_grid
-    from models.video_io import write_gif, write_mp4  # torch: imported when logging, not with the CLI
 
     client = MlflowClient(tracking_uri)
     exp_id = experiment_id(tracking_uri, experiment)
     if not parent_run_id:  # (a pipeline ended its experiment's as it started)
         end_orphaned_runs(tracking_uri, experiment, say=lambda line: print(line, file=sys.stderr))
-    smoke = any(r.smoke for r in results.values())
-    tags = {"mav.kind": "evaluate", "mav.smoke": str(smoke).lower()} | process_tags()
+    tags = {"mav.kind": "evaluate"} | process_tags()
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
     # the user, source and git commit that mlflow.start_run gives every training and pipeline run: the
     # client's create_run adds none, and an FVD could not be told from one of other code
-    run = client.create_run(exp_id, run_name=run_name, tags=resolve_tags(tags))
-    run_id = run.info.run_id
+    run_id = client.create_run(exp_id, run_name=run_name, tags=resolve_tags(tags)).info.run_id
     try:
-        with heartbeat(tracking_uri, run_id):  # uploading the samples to a remote store takes a while
-            now = int(time.time() * 1000)
-            metrics = [Metric(key, value, now, 0) for key, value in metric_values(results).items()]
-            client.log_batch(run_id, metrics=metrics,
-                             params=[Param(k, str(v if v is not None else "none")) for k, v in params.items()])
-            client.log_dict(run_id, {k: r.as_dict() for k, r in results.items()}, "eval/results.json")
-            if prompts:
-                client.log_dict(run_id, prompts, "eval/prompts.json")
-            if samples:
-                for path in samples.paths:
-                    client.log_artifact(run_id, str(path), "samples")
-                client.log_dict(run_id, {p.name: q for p, q in zip(samples.paths, samples.prompts)},
-                                "samples/prompts.json")
-                if (Path(samples.source) / "samples.json").is_file():  # each video's seed and settings
-                    client.log_artifact(run_id, str(Path(samples.source) / "samples.json"), "samples")
-            if clips:
-                with tempfile.TemporaryDirectory() as tmp:
-                    grid = video_grid(clips)
-                    write_mp4(grid, Path(tmp) / "grid.mp4", fps=8)
-                    write_gif(grid, Path(tmp) / "grid.gif", fps=8)
-                    write_png(Path(tmp) / "contact_sheet.png", contact_sheet(clips))
-                    client.log_artifacts(run_id, tmp, "eval")
+        with heartbeat(tracking_uri, run_id):
+            yield run_id
     except BaseException as err:
         if stopped(err):  # one landing in a store query holds its lock until freed
             release_interrupted_frames(err)
+        else:
+            try:
+                client.set_tag(run_id, "mav.error", with_notes(err)[:5000])
+            except Exception:  # the store itself failed: the status below says enough
+                pass
         client.set_terminated(run_id, "KILLED" if stopped(err) else "FAILED")
         raise
     client.set_terminated(run_id, "FINISHED")
-    return run_id
+
+
+@task(name="log-to-mlflow", cache_policy=NO_CACHE)
+def log_task(run_id: str, results: dict, params: dict, clips: list, tracking_uri: str, prompts: dict | None = None,
+             samples: VideoSet | None = None) -> None:
+    """The results, params and pictures of the evaluation run `run_id`. `samples`, the videos this
+    evaluation sampled, go to samples/ with their prompts.json (and samples.json: each one's seed),
+    where `--fake runs:/<id>` finds them."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, Param
+
+    from eval.sheets import contact_sheet, video_grid
+    from models.video_io import write_gif, write_mp4  # torch: imported when logging, not with the CLI
+
+    client = MlflowClient(tracking_uri)
+    now = int(time.time() * 1000)
+    client.set_tag(run_id, "mav.smoke", str(any(r.smoke for r in results.values())).lower())
+    metrics = [Metric(key, value, now, 0) for key, value in metric_values(results).items()]
+    client.log_batch(run_id, metrics=metrics,
+                     params=[Param(k, str(v if v is not None else "none")) for k, v in params.items()])
+    client.log_dict(run_id, {k: r.as_dict() for k, r in results.items()}, "eval/results.json")
+    if prompts:
+        client.log_dict(run_id, prompts, "eval/prompts.json")
+    if samples:
+        for path in samples.paths:
+            client.log_artifact(run_id, str(path), "samples")
+        client.log_dict(run_id, {p.name: q for p, q in zip(samples.paths, samples.prompts)}, "samples/prompts.json")
+        if (Path(samples.source) / "samples.json").is_file():  # each video's seed and settings
+            client.log_artifact(run_id, str(Path(samples.source) / "samples.json"), "samples")
+    if clips:
+        with tempfile.TemporaryDirectory() as tmp:
+            grid = video_grid(clips)
+            write_mp4(grid, Path(tmp) / "grid.mp4", fps=8)
+            write_gif(grid, Path(tmp) / "grid.gif", fps=8)
+            write_png(Path(tmp) / "contact_sheet.png", contact_sheet(clips))
+            client.log_artifacts(run_id, tmp, "eval")
 
 
 def check_inputs(args: argparse.Namespace) -> None:
@@ -557,108 +570,110 @@ def evaluate(real: str | None = None, fake: str | None = None, prompts: str | No
     Returns {"results": {metric: dict}, "lines": [...], "prompts": {file: prompt}, "run_id": ...}."""
     import torch
 
-    proto = None
-    if protocol:
-        proto = load_protocol(protocol, root=protocol_root, split_file=split_file, captions=captions,
-                              video_root=video_root, num_videos=num_videos, seed=seed)
-        num_videos = proto.num_videos
-        if real and proto.real:
-            raise ValueError(f"the {protocol} protocol names the real videos itself; drop --real")
-    metrics = metric_list(metrics if metrics is not None else proto.metrics if proto else DEFAULT_METRICS)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     tracking_uri = tracking_uri or default_tracking_uri()
+    with evaluation_run(tracking_uri, experiment, parent_run_id, run_name) as run_id:
+        proto = None
+        if protocol:
+            proto = load_protocol(protocol, root=protocol_root, split_file=split_file, captions=captions,
+                                  video_root=video_root, num_videos=num_videos, seed=seed)
+            num_videos = proto.num_videos
+            if real and proto.real:
+                raise ValueError(f"the {protocol} protocol names the real videos itself; drop --real")
+        metrics = metric_list(metrics if metrics is not None else proto.metrics if proto else DEFAULT_METRICS)
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
 
-    fake_set = resolve_source(fake, data_root, tracking_uri) if fake else None
-    versions = None
-    if registry:
-        checkpoints, versions = chain_from_registry(tracking_uri, registry, model_prefix)
-        get_run_logger().info(f"sampling from the registry's {registry!r} versions: {describe(versions)}")
-    sampled = own_dir = None
-    prompt_list = None
-    if prompts:
-        prompt_list = read_prompts(prompts, fake_set.paths if fake_set else None)
-    if fake_set is None:
-        if sampler is None and checkpoints is None:
-            raise ValueError("give --fake SRC, or checkpoints (and prompts) to sample fake videos from")
-        prompt_list = prompt_list or (proto.prompts if proto else None)
-        if not prompt_list:
-            raise ValueError("sampling fake videos needs prompts")
-        prompt_list = prompt_list[:num_videos] if num_videos else prompt_list
-        if proto and isinstance(checkpoints, dict):  # the videos the paper scores: 16x256x256
-            checkpoints = paper_chain(checkpoints, proto.name)
-            versions = versions and {stage: v for stage, v in versions.items() if stage in checkpoints}
-        own_dir = None if sample_dir else tempfile.mkdtemp(prefix="mav-samples-")
+        fake_set = resolve_source(fake, data_root, tracking_uri) if fake else None
+        versions = None
+        if registry:
+            checkpoints, versions = chain_from_registry(tracking_uri, registry, model_prefix)
+            get_run_logger().info(f"sampling from the registry's {registry!r} versions: {describe(versions)}")
+        sampled = own_dir = None
+        prompt_list = None
+        if prompts:
+            prompt_list = read_prompts(prompts, fake_set.paths if fake_set else None)
+        if fake_set is None:
+            if sampler is None and checkpoints is None:
+                raise ValueError("give --fake SRC, or checkpoints (and prompts) to sample fake videos from")
+            prompt_list = prompt_list or (proto.prompts if proto else None)
+            if not prompt_list:
+                raise ValueError("sampling fake videos needs prompts")
+            prompt_list = prompt_list[:num_videos] if num_videos else prompt_list
+            if proto and isinstance(checkpoints, dict):  # the videos the paper scores: 16x256x256
+                checkpoints = paper_chain(checkpoints, proto.name)
+                versions = versions and {stage: v for stage, v in versions.items() if stage in checkpoints}
+            own_dir = None if sample_dir else tempfile.mkdtemp(prefix="mav-samples-")
+            try:
+                sampled = fake_set = sample_videos(prompt_list, sampler, checkpoints, sample_dir or own_dir,
+                                                   sample_steps, guidance, seed, device)
+            except BaseException:
+                if own_dir:  # a part of the samples is of no use: sampling starts over
+                    shutil.rmtree(own_dir, ignore_errors=True)
+                raise
+            get_run_logger().info(f"sampled {len(sampled.paths)} videos into {sampled.source}")
         try:
-            sampled = fake_set = sample_videos(prompt_list, sampler, checkpoints, sample_dir or own_dir,
-                                               sample_steps, guidance, seed, device)
-        except BaseException:
-            if own_dir:  # a part of the samples is of no use: sampling starts over
-                shutil.rmtree(own_dir, ignore_errors=True)
-            raise
-        get_run_logger().info(f"sampled {len(sampled.paths)} videos into {sampled.source}")
-    try:
-        if prompt_list is not None:
-            fake_set.prompts = prompt_list
-        fake_set = fake_set.take(num_videos, seed)
-        if proto:
-            fake_set.require_prompts(f"the {proto.name} protocol")
-            proto.check_prompts(fake_set.prompts, fake_set.source)
+            if prompt_list is not None:
+                fake_set.prompts = prompt_list
+            fake_set = fake_set.take(num_videos, seed)
+            if proto:
+                fake_set.require_prompts(f"the {proto.name} protocol")
+                proto.check_prompts(fake_set.prompts, fake_set.source)
 
-        params = {"metrics": ",".join(metrics), "fake_source": fake_set.source, "fake_kind": fake_set.kind,
-                  "num_fake": len(fake_set.paths), "clip_length": clip_length, "clip_stride": clip_stride,
-                  "clip_fps": "native" if fps is None else fps, "seed": seed, "device": device}
-        if proto:
-            params |= {"protocol": proto.name} | proto.params
-        if sampled:
-            params |= sampling_params(sample_steps, guidance, checkpoints if isinstance(checkpoints, dict) else None)
-            if versions:
-                params |= {"registry_alias": registry, "model_versions": describe(versions)}
-            if own_dir:  # removed once logged
-                params["fake_source"] = "this run's samples/ artifacts"
-        elif recorded := fake_set.extra.get("sampled_with"):  # sampled before: mav sample, a pipeline run's samples
-            params |= sampling_params(recorded.get("steps"), recorded.get("guidance"),
-                                      {stage: c["path"] for stage, c in (recorded.get("checkpoints") or {}).items()
-                                       if isinstance(c, dict) and c.get("path")})
-        real_set = None
-        if "fvd" in metrics:
-            if proto and proto.real:
-                real_set = VideoSet(proto.real_source, proto.name, proto.real)
-            elif real:
-                real_set = resolve_source(real, data_root, tracking_uri)
-            else:
-                raise ValueError("fvd needs --real SRC" + (" or --video-root" if protocol == "msrvtt" else ""))
-            real_set = real_set.take(num_videos, seed)
-        if "clipsim" in metrics:
-            fake_set.require_prompts("clipsim")
-        if {"fvd", "is"} & set(metrics):  # MLflow runs' videos, sampled ones, the pipeline's: not checked before
-            for videos in (real_set, fake_set):
-                if videos is not None:
-                    check_clip_lengths(videos, clip_length, clip_stride, fps)
-        results, clips, extra = score_task(metrics, real_set, fake_set, fake_set.prompts, clip_length, clip_stride,
-                                           seed, device, batch_size, i3d_weights=i3d_weights, i3d_sha256=i3d_sha256,
-                                           clip_model=clip_model, c3d_weights=c3d_weights, c3d_sha256=c3d_sha256,
-                                           num_resamples=num_resamples, unbiased=unbiased, fps=fps)
-        if "fvd" in results:
-            r = results["fvd"]
-            params |= {"real_source": real_set.source, "real_version": real_set.version, "num_real": r.num_real,
-                       "resize": RESIZE, "covariance": "unbiased" if unbiased else "biased",
-                       "real_offset": "one random offset per video", "detector": r.detector,
-                       "detector_sha256": r.detector_sha256, "fvd_smoke": r.smoke,
-                       "bootstrap_resamples": num_resamples}
-        if "clipsim" in results:
-            params |= {"clip_model": results["clipsim"].clip_model, "clipsim_smoke": results["clipsim"].smoke}
-        if "is" in results:
-            params |= {"is_classifier": extra["is_classifier"], "c3d_sha256": extra["c3d_sha256"],
-                       "is_splits": results["is"].splits, "is_frame_size": extra["is_frame_size"],
-                       "is_smoke": results["is"].smoke}
-        params["smoke"] = any(r.smoke for r in results.values())
-        used = {p.name: q for p, q in zip(fake_set.paths, fake_set.prompts)} if fake_set.prompts else None
-        run_id = log_task(results, params, clips, tracking_uri, experiment, parent_run_id, run_name, used, sampled)
-    except BaseException as err:
-        if own_dir and Path(own_dir).is_dir():  # hours of sampling: kept, and the error says where
-            err.add_note(f"the sampled videos are kept in {own_dir}")
-        raise
+            params = {"metrics": ",".join(metrics), "fake_source": fake_set.source, "fake_kind": fake_set.kind,
+                      "num_fake": len(fake_set.paths), "clip_length": clip_length, "clip_stride": clip_stride,
+                      "clip_fps": "native" if fps is None else fps, "seed": seed, "device": device}
+            if proto:
+                params |= {"protocol": proto.name} | proto.params
+            if sampled:
+                chain = checkpoints if isinstance(checkpoints, dict) else None
+                params |= sampling_params(sample_steps, guidance, chain)
+                if versions:
+                    params |= {"registry_alias": registry, "model_versions": describe(versions)}
+                if own_dir:  # removed once logged
+                    params["fake_source"] = "this run's samples/ artifacts"
+            elif recorded := fake_set.extra.get("sampled_with"):  # sampled before: mav sample, a pipeline run's samples
+                params |= sampling_params(recorded.get("steps"), recorded.get("guidance"),
+                                          {stage: c["path"] for stage, c in (recorded.get("checkpoints") or {}).items()
+                                           if isinstance(c, dict) and c.get("path")})
+            real_set = None
+            if "fvd" in metrics:
+                if proto and proto.real:
+                    real_set = VideoSet(proto.real_source, proto.name, proto.real)
+                elif real:
+                    real_set = resolve_source(real, data_root, tracking_uri)
+                else:
+                    raise ValueError("fvd needs --real SRC" + (" or --video-root" if protocol == "msrvtt" else ""))
+                real_set = real_set.take(num_videos, seed)
+            if "clipsim" in metrics:
+                fake_set.require_prompts("clipsim")
+            if {"fvd", "is"} & set(metrics):  # MLflow runs' videos, sampled ones, the pipeline's: not checked before
+                for videos in (real_set, fake_set):
+                    if videos is not None:
+                        check_clip_lengths(videos, clip_length, clip_stride, fps)
+            results, clips, extra = score_task(metrics, real_set, fake_set, fake_set.prompts, clip_length, clip_stride,
+                                               seed, device, batch_size, i3d_weights=i3d_weights, i3d_sha256=i3d_sha256,
+                                               clip_model=clip_model, c3d_weights=c3d_weights, c3d_sha256=c3d_sha256,
+                                               num_resamples=num_resamples, unbiased=unbiased, fps=fps)
+            if "fvd" in results:
+                r = results["fvd"]
+                params |= {"real_source": real_set.source, "real_version": real_set.version, "num_real": r.num_real,
+                           "resize": RESIZE, "covariance": "unbiased" if unbiased else "biased",
+                           "real_offset": "one random offset per video", "detector": r.detector,
+                           "detector_sha256": r.detector_sha256, "fvd_smoke": r.smoke,
+                           "bootstrap_resamples": num_resamples}
+            if "clipsim" in results:
+                params |= {"clip_model": results["clipsim"].clip_model, "clipsim_smoke": results["clipsim"].smoke}
+            if "is" in results:
+                params |= {"is_classifier": extra["is_classifier"], "c3d_sha256": extra["c3d_sha256"],
+                           "is_splits": results["is"].splits, "is_frame_size": extra["is_frame_size"],
+                           "is_smoke": results["is"].smoke}
+            params["smoke"] = any(r.smoke for r in results.values())
+            used = {p.name: q for p, q in zip(fake_set.paths, fake_set.prompts)} if fake_set.prompts else None
+            log_task(run_id, results, params, clips, tracking_uri, used, sampled)
+        except BaseException as err:
+            if own_dir and Path(own_dir).is_dir():  # hours of sampling: kept, and the error says where
+                err.add_note(f"the sampled videos are kept in {own_dir}")
+            raise
     if own_dir:  # logged with the run
         shutil.rmtree(own_dir, ignore_errors=True)
     lines = result_lines(results)

@@ -210,20 +210,59 @@ def test_sampler_hook_makes_the_fake_set(tmp_path, samples):
     assert again.prompts == ["a cat", "a dog"]
 
 
+def test_a_failed_or_stopped_evaluation_leaves_its_run_failed_or_killed(prefect_server, tmp_path, samples):
+    """The evaluation's MLflow run opens with the flow: one that fails after hours of sampling is in the
+    store as FAILED with its error (and where the sampled videos are kept), one stopped as KILLED;
+    before, either left no run at all."""
+    import mlflow
+
+    from flows.evaluate import evaluate
+
+    def sampler(prompt, checkpoints, out, steps, guidance, seed, device):
+        shutil.copy(samples / "bigbuckbunny.mp4", out)
+        return out
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\na dog\n")
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    missing_clip = tmp_path / "no-clip-here"
+    with pytest.raises(Exception) as failed:  # CLIP loads after the videos are sampled
+        evaluate(prompts=str(prompts), sampler=sampler, metrics="clipsim", clip_model=str(missing_clip),
+                 tracking_uri=uri, num_resamples=0, experiment="ev")
+    kept = Path(failed.value.__notes__[-1].removeprefix("the sampled videos are kept in "))
+    assert sorted(p.name for p in kept.glob("*.mp4")) == ["sample-00000.mp4", "sample-00001.mp4"]
+    shutil.rmtree(kept)
+
+    def stopped_sampler(*_, **__):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(prompts=str(prompts), sampler=stopped_sampler, metrics="clipsim", clip_model="tiny",
+                 tracking_uri=uri, num_resamples=0, experiment="ev")
+    client = mlflow.MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("ev").experiment_id], order_by=["start_time ASC"])
+    assert [r.info.status for r in runs] == ["FAILED", "KILLED"]
+    assert [r.data.tags["mav.kind"] for r in runs] == ["evaluate", "evaluate"]
+    error = runs[0].data.tags["mav.error"]
+    assert str(missing_clip) in error and f"the sampled videos are kept in {kept}" in error
+    assert "mav.error" not in runs[1].data.tags  # stopped, not failed
+
+
 def test_log_task_nests_under_an_active_parent_run(tmp_path):
     """The pipeline calls evaluate inside its own active MLflow run: logging must not clash with it."""
     import mlflow
 
     from eval.fvd import FVDResult
-    from flows.evaluate import log_task
-
+    from flows.evaluate import evaluation_run, log_task
     from flows.tracking import use_experiment
 
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     use_experiment(uri, "parent")  # fluent MLflow, without exporting MLFLOW_TRACKING_URI to later tests
     r = FVDResult(12.5, 10.0, 15.0, 0.95, 4, 4, 16, 1, False, "i3d.pt", "abc", False)
     with mlflow.start_run() as parent:
-        run_id = log_task.fn({"fvd": r}, {"clip_length": 16}, [], uri, "evaluate", parent.info.run_id, "evaluate")
+        with evaluation_run(uri, "evaluate", parent.info.run_id, "evaluate") as run_id:
+            assert mlflow.MlflowClient(uri).get_run(run_id).info.status == "RUNNING"
+            log_task.fn(run_id, {"fvd": r}, {"clip_length": 16}, [], uri)
         assert mlflow.active_run().info.run_id == parent.info.run_id
     run = mlflow.MlflowClient(uri).get_run(run_id)
     assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
@@ -236,15 +275,14 @@ def test_the_evaluate_run_names_its_code_as_the_training_runs_do(tmp_path):
     commit tags that mlflow.start_run gives the pipeline's and the stages' runs."""
     import mlflow
 
-    from eval.fvd import FVDResult
-    from flows.evaluate import log_task
+    from flows.evaluate import evaluation_run
     from flows.tracking import use_experiment
 
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     use_experiment(uri, "parent")
-    r = FVDResult(12.5, 10.0, 15.0, 0.95, 4, 4, 16, 1, False, "i3d.pt", "abc", False)
     with mlflow.start_run() as parent:
-        run_id = log_task.fn({"fvd": r}, {"clip_length": 16}, [], uri, "evaluate", parent.info.run_id, "evaluate")
+        with evaluation_run(uri, "evaluate", parent.info.run_id, "evaluate") as run_id:
+            pass
     client = mlflow.MlflowClient(uri)
     trained, scored = client.get_run(parent.info.run_id).data.tags, client.get_run(run_id).data.tags
     context = {k: v for k, v in trained.items() if k == "mlflow.user" or k.startswith("mlflow.source.")}
@@ -384,14 +422,15 @@ def test_a_ctrl_c_inside_an_mlflow_query_still_ends_the_evaluate_run_killed(tmp_
     from mlflow import MlflowClient
 
     from eval.fvd import FVDResult
-    from flows.evaluate import log_task
+    from flows.evaluate import evaluation_run, log_task
     from tests.interrupts import CtrlCInRunsQuery
 
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     r = FVDResult(12.5, 10.0, 15.0, 0.95, 4, 4, 16, 1, False, "i3d.pt", "abc", False)
     with CtrlCInRunsQuery(arm_on_insert=True) as ctrl_c:
         with pytest.raises(KeyboardInterrupt):
-            log_task.fn({"fvd": r}, {"clip_length": 16}, [], uri, "evaluate", "a-parent", "evaluate")
+            with evaluation_run(uri, "evaluate", "a-parent", "evaluate") as run_id:
+                log_task.fn(run_id, {"fvd": r}, {"clip_length": 16}, [], uri)
         assert ctrl_c.sent_at is not None, "the interrupt was never sent"
         # from the interrupt (not from the store's creation, which a loaded machine makes slow)
         assert time.monotonic() - ctrl_c.sent_at < 15  # not after MLflow's 20 s wait for the lock
