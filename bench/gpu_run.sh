@@ -2,12 +2,16 @@
 # One prepared GPU session (device tool, about 6 minutes on an H200): the FSDP GPU test, the
 # attention and temporal-conv kernels at the base decoder's shapes (bench/kernels.py), the base
 # decoder's training step eager, then compiled block by block (with a profile), both channels_last.
-# PARTS picks some of "fsdp kernels eager compiled"; AB=1 adds the compiled step with inductor's own
+# PARTS picks some of "fsdp kernels eager compiled chain" (chain, not in the default: every step of
+# configs/base/pipeline.yaml trains 2 steps at its base size and the chain samples a 76x768x768
+# video, about 3 minutes); AB=1 adds the compiled step with inductor's own
 # channels_last choice per block (--heuristic-layout, 2.5 minutes more), WIDE=1 the compiled step at
 # 192 channels (3.5 minutes more). The FSDP test's clips need an ffmpeg binary, which the device image lacks:
-# write them here first and carry them too (carry [".whl", ".gpu_test_data"]):
+# write them here first and carry them too (carry [".whl", ".gpu_test_data"]), with the base chain's
+# 256 px clips and 768 px image-text pairs (under 1 MB):
 #   .venv/bin/python -c "from pathlib import Path; from data_prep.synthetic import write_synthetic_dataset as w; \
-#     w(Path('.gpu_test_data'), 'shapes', num_clips=8, frames=20, size=64, fps=12)"
+#     w(Path('.gpu_test_data'), 'shapes', num_clips=8, frames=20, size=64, fps=12); \
+#     from tests.test_models_gpu import write_base_chain_data; write_base_chain_data(Path('.gpu_test_data'))"
 # Expects wheels for what the CUDA image lacks in .whl/ (pydantic, pydantic_core,
 # annotated-types, typing-inspection, diffusers, av, webdataset, braceexpand, importlib_metadata,
 # zipp): .whl is git-ignored, so the device call must name it in `carry`. The image's python3 is
@@ -46,6 +50,12 @@ if part fsdp; then  # the compiled channels_last bf16 path runs in the benchmark
   timeout 170 python3 -m pytest -q -m gpu -k fsdp -p no:cacheprovider -p no:warnings --tb=short tests/test_models_gpu.py \
     > "$OUT/gpu_tests.txt" 2>&1
   grep -E '^(FAILED|ERROR|E  )|passed|failed' "$OUT/gpu_tests.txt" | tail -15
+fi
+if part chain; then  # configs/base/pipeline.yaml's steps at their sizes, then a sample (tiny CLIP: no hub here)
+  [ -d .gpu_test_data ] && export MAV_GPU_TEST_DATA=$PWD/.gpu_test_data
+  timeout 300 python3 -m pytest -q -m gpu -k base_pipeline -p no:cacheprovider -p no:warnings --tb=short \
+    tests/test_models_gpu.py > "$OUT/gpu_chain.txt" 2>&1
+  grep -E '^(FAILED|ERROR|E  )|passed|failed' "$OUT/gpu_chain.txt" | tail -15
 fi
 if part kernels; then
   timeout 100 python3 bench/kernels.py 2>&1 | tee "$OUT/kernels.txt"
