@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.evaluate import read_prompts, resolve_source
+from flows.eval_sources import read_prompts, resolve_source
 
 
 @pytest.fixture()

@@ -1013,7 +1013,7 @@ def test_several_samples_name_their_prompts_for_evaluation(chain, tmp_path):
     import json
     import re
 
-    from flows.evaluate import resolve_source
+    from flows.eval_sources import resolve_source
     from models.sampling import sample_videos
 
     ckpts = {s: chain[s].checkpoint for s in ("prior", "decoder")}

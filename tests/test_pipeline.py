@@ -97,7 +97,7 @@ def test_pipeline_end_to_end_then_cached_rerun(prefect_server, tmp_path, video_d
             "samples/samples.json"} <= artifacts
     assert [item["seed"] for item in first["samples"]] == [0, 1]  # the config's sample.seed + i
     # the run's samples are an evaluate source, with their prompts
-    from flows.evaluate import resolve_source
+    from flows.eval_sources import resolve_source
 
     samples = resolve_source(f"runs:/{first['run_id']}", tracking_uri=uri)
     assert [p.name for p in samples.paths] == ["sample-0000.mp4", "sample-0001.mp4"]
