@@ -175,7 +175,10 @@ def prefect_server(root: Path, port: int | None = None, timeout: float = 180) ->
     url = f"http://{LOOPBACK}:{port}"
     env = prefect_env(root, f"{url}/api",
                       PREFECT_UI_ENABLED="false",
-                      PREFECT_SERVER_LOGGING_LEVEL="WARNING")
+                      PREFECT_SERVER_LOGGING_LEVEL="WARNING",
+                      # a deployment run queued behind its concurrency limit is retried after this
+                      # (default 30 s): the run it waits for has long finished by then
+                      PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS="2")
     server_env = {k: v for k, v in env.items() if k != "PREFECT_API_URL"}
     service = spawn("prefect server", [tool("prefect"), "server", "start", "--host", LOOPBACK, "--port", str(port),
                                        "--no-ui"], root / "server.log", server_env)

@@ -78,7 +78,7 @@ class Api:
         return self(lambda c: c.read_flow_run(run_id))
 
 
-def wait_for(what: str, probe, timeout: float, stack, interval: float = 2.0):
+def wait_for(what: str, probe, timeout: float, stack, interval: float = 0.5):
     """Call probe() until it returns something truthy; on timeout fail with the worker's log."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
