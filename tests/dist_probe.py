@@ -8,6 +8,12 @@ of its own shards), and per step its own loss and the logged one.
 
     python tests/dist_probe.py DATA_ROOT DATASET OUT [--nodes N] [--strategy ddp|fsdp]
                                [--steps N] [--resume] [--init CKPT] [--set KEY=VALUE ...]
+                               [--then OUT [options] ...]
+
+Each `--then OUT [options]` is one more training run, in the same processes after the one
+before (each seeded, into its own OUT, on the process group the first set up; --nodes is the
+first run's): a test of several runs starts the processes (torch, Lightning: ~15 s of CPU each
+on 2 busy cores) once.
 """
 import argparse
 import hashlib
@@ -83,7 +89,9 @@ def cpu_fsdp() -> FSDPStrategy:
     return fsdp_strategy(CPUFSDPStrategy)
 
 
-def main() -> None:
+def parse_runs(argv: list[str]) -> list[argparse.Namespace]:
+    """The first run's arguments, then one Namespace per `--then OUT [options]` (its DATA_ROOT,
+    DATASET and --nodes are the first run's)."""
     parser = argparse.ArgumentParser()
     parser.add_argument("data_root", type=Path)
     parser.add_argument("dataset")
@@ -94,15 +102,33 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--init", type=Path, help="a checkpoint to start from (an image decoder: inflation)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides (YAML values)")
-    args = parser.parse_args()
-    overrides = {"mode": "image", "data.batch_size": 2, "data.num_workers": 0, "data.shuffle_buffer": 0,
-                 "trainer.strategy": args.strategy, "trainer.accelerator": "cpu", "trainer.devices": 2 // args.nodes,
-                 "trainer.num_nodes": args.nodes}
-    overrides |= parse_overrides(args.set)
-    cfg = load_config(REPO / "configs" / "tiny" / "decoder.yaml", overrides)
-    train_stage("decoder", cfg, data_root=args.data_root, dataset=args.dataset, out_dir=args.out, max_steps=args.steps,
-                resume=args.resume, init=args.init, callbacks=[Record(args.out)],
-                strategy=cpu_fsdp() if args.strategy == "fsdp" else None)
+    segments = [[]]
+    for arg in argv:
+        if arg == "--then":
+            segments.append([])
+        else:
+            segments[-1].append(arg)
+    first = parser.parse_args(segments[0])
+    runs = [first]
+    for segment in segments[1:]:
+        run = parser.parse_args([str(first.data_root), first.dataset, *segment])
+        if run.nodes != parser.get_default("nodes") and run.nodes != first.nodes:
+            parser.error("--nodes is the first run's: the processes are started once")
+        run.nodes = first.nodes
+        runs.append(run)
+    return runs
+
+
+def main() -> None:
+    for args in parse_runs(sys.argv[1:]):
+        overrides = {"mode": "image", "data.batch_size": 2, "data.num_workers": 0, "data.shuffle_buffer": 0,
+                     "trainer.strategy": args.strategy, "trainer.accelerator": "cpu",
+                     "trainer.devices": 2 // args.nodes, "trainer.num_nodes": args.nodes}
+        overrides |= parse_overrides(args.set)
+        cfg = load_config(REPO / "configs" / "tiny" / "decoder.yaml", overrides)
+        train_stage("decoder", cfg, data_root=args.data_root, dataset=args.dataset, out_dir=args.out,
+                    max_steps=args.steps, resume=args.resume, init=args.init, callbacks=[Record(args.out)],
+                    strategy=cpu_fsdp() if args.strategy == "fsdp" else None)
 
 
 if __name__ == "__main__":

@@ -1543,8 +1543,8 @@ def run_probe(data_root, out, *args, nodes=1):
     import subprocess
     import sys
 
-    cmd = [sys.executable, str(ROOT / "tests" / "dist_probe.py"), str(data_root), "shapes", str(out), *args,
-           "--nodes", str(nodes)]
+    cmd = [sys.executable, str(ROOT / "tests" / "dist_probe.py"), str(data_root), "shapes", str(out),
+           "--nodes", str(nodes), *args]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -1577,16 +1577,17 @@ def test_fsdp_trains_as_ddp_does_and_resumes_across_strategies_and_nodes(data_ro
     agree: the gradient clipping (a tiny limit, so it clips every step) needs the norm over both
     ranks' shards, the EMA averages each rank's shards, and the checkpoint gathers both. Frozen
     spatial layers (video mode) sit beside the trained temporal ones, and gradient checkpointing is
-    on. Then each resumes from the other's checkpoint, FSDP over two 'nodes' of one process each."""
+    on. Then each resumes from the other's checkpoint, over two 'nodes' of one process each. (The
+    two runs of each pair share their two processes: dist_probe.py --then.)"""
     # inflated from a trained image decoder: from scratch, the zero-initialised (and frozen) output
     # conv would keep every gradient but its own at zero
     image = chain["decoder_image"]
     # weight decay: FSDP's optimizer sees flat shards, so which parameters decay is decided before
     settings = ["--set", "mode=video", "trainer.grad_clip=0.001", "trainer.ema_decay=0.5",
                 "unet.grad_checkpoint=true", "trainer.weight_decay=0.5"]
-    for strategy in ("ddp", "fsdp"):
-        run_probe(data_root, tmp_path / strategy, "--strategy", strategy, "--steps", "3", "--init",
-                  str(image.checkpoint), *settings)
+    fresh = ["--steps", "3", "--init", str(image.checkpoint), *settings]
+    run_probe(data_root, tmp_path / "ddp", "--strategy", "ddp", *fresh,
+              "--then", str(tmp_path / "fsdp"), "--strategy", "fsdp", *fresh)
     ddp, fsdp = (read_checkpoint(tmp_path / s / "checkpoints" / "last.ckpt") for s in ("ddp", "fsdp"))
     for key in ("current_model_state", "state_dict"):  # raw and EMA weights
         assert fsdp[key].keys() == ddp[key].keys()  # FSDP's wrappers left no trace in the names
@@ -1608,9 +1609,9 @@ def test_fsdp_trains_as_ddp_does_and_resumes_across_strategies_and_nodes(data_ro
     # FSDP loads the raw weights, EMA and optimizer state of a DDP checkpoint, DDP those FSDP wrote
     (tmp_path / "ddp").rename(tmp_path / "ddp_then_fsdp")
     (tmp_path / "fsdp").rename(tmp_path / "fsdp_then_ddp")
-    run_probe(data_root, tmp_path / "ddp_then_fsdp", "--strategy", "fsdp", "--steps", "5", "--resume", *settings,
-              nodes=2)
-    run_probe(data_root, tmp_path / "fsdp_then_ddp", "--strategy", "ddp", "--steps", "5", "--resume", *settings)
+    resumed = ["--steps", "5", "--resume", *settings]
+    run_probe(data_root, tmp_path / "ddp_then_fsdp", "--strategy", "fsdp", *resumed,
+              "--then", str(tmp_path / "fsdp_then_ddp"), "--strategy", "ddp", *resumed, nodes=2)
     ddp, fsdp = (read_checkpoint(tmp_path / s / "checkpoints" / "last.ckpt") for s in ("fsdp_then_ddp", "ddp_then_fsdp"))
     assert fsdp["global_step"] == ddp["global_step"] == 5
     for key in ("current_model_state", "state_dict"):
