@@ -1558,27 +1558,20 @@ def run_probe(data_root, out, *args, nodes=1):
 
 
 @pytest.mark.slow
-def test_ddp_on_two_processes_splits_the_data_and_keeps_weights_in_sync(data_root, tmp_path):
-    run_probe(data_root, tmp_path)
-    check_ddp_ranks(tmp_path)
+def test_ddp_and_fsdp_on_two_processes_and_on_two_nodes(data_root, chain, tmp_path):
+    """DDP on two processes splits the data and keeps the weights in sync: on one node (Lightning
+    starts the second process), and on two 'nodes' of one process each (trainer.num_nodes: each
+    started by hand, as a cluster's launcher would).
 
-
-@pytest.mark.slow
-def test_ddp_on_two_nodes_launched_like_a_cluster(data_root, tmp_path):
-    """trainer.num_nodes: two 'nodes' of one process each."""
-    run_probe(data_root, tmp_path, nodes=2)
-    check_ddp_ranks(tmp_path)
-
-
-@pytest.mark.slow
-def test_fsdp_trains_as_ddp_does_and_resumes_across_strategies_and_nodes(data_root, chain, tmp_path):
-    """trainer.strategy fsdp: torch's FSDP shards the video decoder over two CPU processes (gloo);
+    trainer.strategy fsdp: torch's FSDP shards the video decoder over two CPU processes (gloo);
     the GPU test repeats this on CUDA. Same data, same float32 maths as DDP, so the weights must
     agree: the gradient clipping (a tiny limit, so it clips every step) needs the norm over both
     ranks' shards, the EMA averages each rank's shards, and the checkpoint gathers both. Frozen
     spatial layers (video mode) sit beside the trained temporal ones, and gradient checkpointing is
-    on. Then each resumes from the other's checkpoint, over two 'nodes' of one process each. (The
-    two runs of each pair share their two processes: dist_probe.py --then.)"""
+    on. Then each resumes from the other's checkpoint, over two 'nodes' of one process each.
+
+    One pair of processes per launch (one node, then two), each running its runs one after the
+    other (dist_probe.py --then): starting the processes is most of a run's time."""
     # inflated from a trained image decoder: from scratch, the zero-initialised (and frozen) output
     # conv would keep every gradient but its own at zero
     image = chain["decoder_image"]
@@ -1586,8 +1579,10 @@ def test_fsdp_trains_as_ddp_does_and_resumes_across_strategies_and_nodes(data_ro
     settings = ["--set", "mode=video", "trainer.grad_clip=0.001", "trainer.ema_decay=0.5",
                 "unet.grad_checkpoint=true", "trainer.weight_decay=0.5"]
     fresh = ["--steps", "3", "--init", str(image.checkpoint), *settings]
-    run_probe(data_root, tmp_path / "ddp", "--strategy", "ddp", *fresh,
+    run_probe(data_root, tmp_path / "ddp_one_node",  # plain DDP (image mode, 4 steps), then the video decoder's
+              "--then", str(tmp_path / "ddp"), "--strategy", "ddp", *fresh,
               "--then", str(tmp_path / "fsdp"), "--strategy", "fsdp", *fresh)
+    check_ddp_ranks(tmp_path / "ddp_one_node")
     ddp, fsdp = (read_checkpoint(tmp_path / s / "checkpoints" / "last.ckpt") for s in ("ddp", "fsdp"))
     for key in ("current_model_state", "state_dict"):  # raw and EMA weights
         assert fsdp[key].keys() == ddp[key].keys()  # FSDP's wrappers left no trace in the names
@@ -1610,8 +1605,10 @@ def test_fsdp_trains_as_ddp_does_and_resumes_across_strategies_and_nodes(data_ro
     (tmp_path / "ddp").rename(tmp_path / "ddp_then_fsdp")
     (tmp_path / "fsdp").rename(tmp_path / "fsdp_then_ddp")
     resumed = ["--steps", "5", "--resume", *settings]
-    run_probe(data_root, tmp_path / "ddp_then_fsdp", "--strategy", "fsdp", *resumed,
+    run_probe(data_root, tmp_path / "ddp_two_nodes",  # plain DDP, then the resumes
+              "--then", str(tmp_path / "ddp_then_fsdp"), "--strategy", "fsdp", *resumed,
               "--then", str(tmp_path / "fsdp_then_ddp"), "--strategy", "ddp", *resumed, nodes=2)
+    check_ddp_ranks(tmp_path / "ddp_two_nodes")
     ddp, fsdp = (read_checkpoint(tmp_path / s / "checkpoints" / "last.ckpt") for s in ("fsdp_then_ddp", "ddp_then_fsdp"))
     assert fsdp["global_step"] == ddp["global_step"] == 5
     for key in ("current_model_state", "state_dict"):
