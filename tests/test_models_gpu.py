@@ -70,8 +70,8 @@ def train_and_sample_base_chain(root: Path, out: Path, accelerator: str) -> torc
     for step in pipeline["steps"]:
         overrides = {**step.get("overrides", {}), "clip": "tiny", "data.batch_size": 2, "data.num_workers": 2,
                      "trainer.compile": False, "trainer.accelerator": accelerator, "trainer.devices": 1}
-        if accelerator == "cpu":  # a check of this function itself: bf16 autocast is slow on a CPU
-            overrides["trainer.precision"] = "32-true"
+        if accelerator == "cpu":  # a check of this function itself: bf16 autocast is slow on a CPU, and the
+            overrides |= {"trainer.precision": "32-true", "data.batch_size": 1}  # video decoder's batch 2 took 15 GB
         if "data.image_path" in overrides:
             overrides["data.image_path"] = str(root / "image-text")
         cfg = load_config(ROOT / step["config"], overrides)
