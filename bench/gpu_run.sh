@@ -4,7 +4,7 @@
 # decoder's training step eager, then compiled block by block (with a profile), both channels_last.
 # PARTS picks some of "fsdp kernels eager compiled chain" (chain, not in the default: every step of
 # configs/base/pipeline.yaml trains 2 steps at its base size and the chain samples a 76x768x768
-# video, about 3 minutes); AB=1 adds the compiled step with inductor's own
+# video, an estimated 3 minutes); AB=1 adds the compiled step with inductor's own
 # channels_last choice per block (--heuristic-layout, 2.5 minutes more), WIDE=1 the compiled step at
 # 192 channels (3.5 minutes more). The FSDP test's clips need an ffmpeg binary, which the device image lacks:
 # write them here first and carry them too (carry [".whl", ".gpu_test_data"]), with the base chain's
