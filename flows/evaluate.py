@@ -198,17 +198,17 @@ def log_task(run_id: str, results: dict, params: dict, clips: list, tracking_uri
     evaluation sampled, go to samples/ with their prompts.json (and samples.json: each one's seed),
     where `--fake runs:/<id>` finds them."""
     from mlflow import MlflowClient
-    from mlflow.entities import Metric, Param
+    from mlflow.entities import Metric, Param, RunTag
 
     from eval.sheets import contact_sheet, video_grid
     from models.video_io import write_gif, write_mp4  # torch: imported when logging, not with the CLI
 
     client = MlflowClient(tracking_uri)
     now = int(time.time() * 1000)
-    client.set_tag(run_id, "mav.smoke", str(any(r.smoke for r in results.values())).lower())
     metrics = [Metric(key, value, now, 0) for key, value in metric_values(results).items()]
     client.log_batch(run_id, metrics=metrics,
-                     params=[Param(k, str(v if v is not None else "none")) for k, v in params.items()])
+                     params=[Param(k, str(v if v is not None else "none")) for k, v in params.items()],
+                     tags=[RunTag("mav.smoke", str(any(r.smoke for r in results.values())).lower())])
     client.log_dict(run_id, {k: r.as_dict() for k, r in results.items()}, "eval/results.json")
     if prompts:
         client.log_dict(run_id, prompts, "eval/prompts.json")
