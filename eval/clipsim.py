@@ -61,7 +61,7 @@ class CLIPSIM(ShapedEmptyStates, Metric):
         videos = list(videos) if not isinstance(videos, torch.Tensor) else list(videos.unbind(0))
         if len(videos) != len(prompts):
             raise ValueError(f"CLIPSIM: {len(videos)} videos but {len(prompts)} prompts")
-        text, _ = self.clip.encode_text(list(prompts))
+        text, _, _ = self.clip.encode_text(list(prompts))
         for i, (video, t) in enumerate(zip(videos, text)):
             name = names[i] if names else f"video #{i}"
             if video.ndim != 4 or video.shape[-1] != 3 or video.dtype != torch.uint8:

@@ -204,14 +204,15 @@ class FrozenCLIP(nn.Module):
         return self.mean.device
 
     @torch.no_grad()
-    def encode_text(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (emb [B,D] L2-normalised, tokens [B,L,Dt] last hidden states, L = max length)."""
+    def encode_text(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> (emb [B,D] L2-normalised, tokens [B,L,Dt] last hidden states, L = max length,
+        mask [B,L] bool: True at the text's own tokens, False at the padding)."""
         batch = self.tokenizer(
             list(texts), padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
         ).to(self.device)
         out = self.model.text_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         emb = self.model.text_projection(out.pooler_output)
-        return F.normalize(emb.float(), dim=-1), out.last_hidden_state
+        return F.normalize(emb.float(), dim=-1), out.last_hidden_state, batch["attention_mask"].bool()
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
         """[N,3,H,W] in [0,1] -> CLIP input: short side to image size (bicubic), centre crop, normalise.

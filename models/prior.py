@@ -3,11 +3,14 @@
 A transformer reads [text tokens..., text embedding, timestep, noised image embedding,
 query] and predicts the clean image embedding (prediction "sample", as in DALL-E 2)
 from the query's output. Image embeddings are L2-normalised CLIP vectors scaled by
-sqrt(D) so each coordinate has roughly unit variance, like the noise.
+sqrt(D) so each coordinate has roughly unit variance, like the noise. The text's padding
+tokens are masked out of attention, as in DALL-E 2: what the tokenizer pads a caption
+with does not change its prediction.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from models.layers import ScalarEmbedding
@@ -33,12 +36,15 @@ class DiffusionPrior(nn.Module):
         self.out = nn.Linear(width, embed_dim)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, text_emb: torch.Tensor,
-                text_tokens: torch.Tensor | None = None) -> torch.Tensor:
-        """x_t [B,D], t [B], text_emb [B,D], text_tokens [B,L,Dt] (zeros = unconditional) -> [B,D]."""
+                text_tokens: torch.Tensor | None = None, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x_t [B,D], t [B], text_emb [B,D], text_tokens [B,L,Dt], token_mask [B,L] (True: a token to
+        attend to; None: all) -> [B,D]. Unconditional: zeros, with every token masked."""
         b = x_t.shape[0]
-        parts = []
+        parts, padding = [], None
         if text_tokens is not None:
             parts.append(self.token_proj(text_tokens[:, : self.max_tokens].to(x_t.dtype)))
+            if token_mask is not None:  # the 4 vectors after the tokens are always attended to
+                padding = F.pad(~token_mask[:, : self.max_tokens], (0, 4), value=False)
         parts += [
             self.text_proj(text_emb.to(x_t.dtype))[:, None],
             self.time_embed(t, x_t.dtype)[:, None],
@@ -47,5 +53,5 @@ class DiffusionPrior(nn.Module):
         ]
         h = torch.cat(parts, dim=1)
         h = h + self.pos[: h.shape[1]].to(h.dtype)
-        h = self.transformer(h)
+        h = self.transformer(h, src_key_padding_mask=padding)
         return self.out(self.norm(h[:, -1]))

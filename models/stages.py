@@ -33,6 +33,8 @@ from models.layers import TemporalConv
 from models.prior import DiffusionPrior
 from models.unet import UNet
 
+# what `null_condition` zeroes: the unconditional input that CFG dropout trains (a zero token_mask masks every token)
+NULLED = ("image_emb", "text_emb", "tokens", "token_mask")
 # the prefixes FSDP, activation checkpointing and torch.compile add to parameter names
 WRAPPERS = re.compile(r"(_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod)\.")
 
@@ -120,7 +122,7 @@ class DiffusionStage(L.LightningModule):
         raise NotImplementedError
 
     def null_condition(self, cond: dict) -> dict:
-        return {k: (torch.zeros_like(v) if k in ("image_emb", "text_emb", "tokens") else v) for k, v in cond.items()}
+        return {k: (torch.zeros_like(v) if k in NULLED else v) for k, v in cond.items()}
 
     def denoise(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
         if "extra" in cond:
@@ -206,19 +208,20 @@ class PriorStage(DiffusionStage):
         return math.sqrt(self.net.kwargs["embed_dim"])
 
     def text_condition(self, captions: list[str]) -> dict:
-        text_emb, tokens = self.clip.encode_text(list(captions))
-        return {"text_emb": text_emb, "tokens": tokens.float()}
+        text_emb, tokens, token_mask = self.clip.encode_text(list(captions))
+        return {"text_emb": text_emb, "tokens": tokens.float(), "token_mask": token_mask}
 
     def conditioning(self, batch):
         # CLIP gives float32; a *-true precision runs the net in another dtype (the net casts the rest to x's)
         x0 = (self.clip.encode_images((batch["image"] + 1) / 2) * self.scale).to(self.dtype)
         cond = self.text_condition(batch["caption"])
         keep = drop(torch.ones(x0.shape[0], device=x0.device), self.config.cond_dropout)
-        cond = {"text_emb": cond["text_emb"] * keep[:, None], "tokens": cond["tokens"] * keep[:, None, None]}
+        cond = {"text_emb": cond["text_emb"] * keep[:, None], "tokens": cond["tokens"] * keep[:, None, None],
+                "token_mask": cond["token_mask"] & keep.bool()[:, None]}
         return x0, cond
 
     def denoise(self, x_t, t, cond):
-        return self.net(x_t, t, cond["text_emb"], cond["tokens"])
+        return self.net(x_t, t, cond["text_emb"], cond["tokens"], cond["token_mask"])
 
     @torch.no_grad()
     def sample(self, captions: list[str], generators: list[torch.Generator], **kw) -> torch.Tensor:

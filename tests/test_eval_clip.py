@@ -16,9 +16,11 @@ def test_tiny_clip_roundtrip(tmp_path):
 
     # the tokenizer is a real BPE: known words become single tokens, unknown ones still encode
     assert clip.tokenizer.tokenize("a person playing guitar") == ["a</w>", "person</w>", "playing</w>", "guitar</w>"]
-    emb, tokens = clip.encode_text(["a person playing guitar", "zxqv wub"])
+    emb, tokens, mask = clip.encode_text(["a person playing guitar", "zxqv wub"])
     assert emb.shape == (2, clip.embed_dim)
     assert tokens.shape == (2, 77, clip.text_width)
+    # BOS + 4 words + EOS are the first caption's tokens; the other 71 places are padding
+    assert mask.dtype == torch.bool and mask[0].tolist() == [True] * 6 + [False] * 71
     torch.testing.assert_close(emb.norm(dim=-1), torch.ones(2))
     assert not torch.allclose(emb[0], emb[1])
 

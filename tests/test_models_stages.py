@@ -323,6 +323,40 @@ def _image_text_pairs(folder: Path, count: int, width: int = 48, height: int = 3
     return captions
 
 
+def test_the_prior_attends_to_the_captions_own_tokens_only():
+    """CLIP pads every caption to 77 tokens. What stands in the padding places must not change the
+    prior's prediction, while its real tokens do; the unconditional input (sampling's and CFG
+    dropout's) attends to no token at all."""
+    prior = build_stage(tiny("prior")).eval()
+    cond = prior.text_condition(["a person playing guitar", "a cat"])
+    mask = cond["token_mask"]
+    assert mask[:, 0].all() and not mask[:, -1].any() and mask.sum(1)[0] > mask.sum(1)[1]
+    x_t = torch.randn(2, prior.net.kwargs["embed_dim"], generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([100, 700])
+    predicted = prior.denoise(x_t, t, cond)
+
+    def with_tokens(c, tokens):
+        return prior.denoise(x_t, t, {**c, "tokens": tokens})
+
+    junk = 10 * torch.randn_like(cond["tokens"])
+    torch.testing.assert_close(with_tokens(cond, torch.where(mask[..., None], cond["tokens"], junk)), predicted)
+    changed = cond["tokens"].clone()
+    changed[:, 1] += 1.0  # the first word
+    assert (with_tokens(cond, changed) - predicted).abs().amax(-1).min() > 1e-4
+
+    null = prior.null_condition(cond)
+    assert not null["token_mask"].any()
+    torch.testing.assert_close(with_tokens(null, junk), prior.denoise(x_t, t, null))
+
+    # training's CFG dropout gives a dropped caption that same unconditional input
+    prior.config.cond_dropout = 0.5
+    torch.manual_seed(3)
+    _, dropped = prior.conditioning({"image": torch.rand(16, 3, 32, 32) * 2 - 1, "caption": ["a cat"] * 16})
+    kept = dropped["text_emb"].abs().sum(-1) > 0
+    assert 0 < kept.sum() < 16
+    assert dropped["token_mask"].any(-1).tolist() == kept.tolist()
+
+
 def test_the_prior_reads_image_text_folders_and_webdataset_shards(tmp_path):
     import tarfile
 
