@@ -46,6 +46,12 @@ def zero_(module: nn.Module) -> nn.Module:
     return module
 
 
+def autocast_would_widen(x: torch.Tensor) -> bool:
+    """Whether autocast is on for x's device and x is narrower than the float32 it runs norms in.
+    (The meta device, where models.flops counts, has no autocast: asking torch about it raises.)"""
+    return x.dtype != torch.float32 and x.device.type != "meta" and torch.is_autocast_enabled(x.device.type)
+
+
 class GroupNorm(nn.GroupNorm):
     """GroupNorm that keeps its input's dtype under autocast. Autocast runs group_norm in float32
     and returns float32, so every norm -> SiLU -> conv would move twice the bytes of bf16; the
@@ -58,7 +64,7 @@ class GroupNorm(nn.GroupNorm):
         super().__init__(num_groups, num_channels, eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32 or not torch.is_autocast_enabled(x.device.type):
+        if not autocast_would_widen(x):
             return super().forward(x)
         with torch.autocast(x.device.type, enabled=False):
             return F.group_norm(x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
@@ -69,7 +75,7 @@ class LayerNorm(nn.LayerNorm):
     float32 and returns float32, which the next projections cast back), as GroupNorm above."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32 or not torch.is_autocast_enabled(x.device.type):
+        if not autocast_would_widen(x):
             return super().forward(x)
         with torch.autocast(x.device.type, enabled=False):
             return F.layer_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)

@@ -742,15 +742,19 @@ def test_training_logs_its_speed_and_how_long_it_waited_for_data(data_root, tmp_
     assert (fast["train/samples_per_s"] > slow["train/samples_per_s"]).all()
 
 
-def test_model_flops_are_counted_at_every_precision_the_config_takes(data_root, tmp_path):
+@pytest.mark.parametrize("stage", ["prior", "decoder"])
+def test_model_flops_are_counted_at_every_precision_the_config_takes(stage, data_root, tmp_path):
     """The meta-device copy was built in float32 while a *-true precision's inputs are float64,
-    float16 or bfloat16: the count raised after the first step and stopped the run. The same step
-    costs the same FLOPs in any dtype."""
+    float16 or bfloat16: the count raised after the first step and stopped the run. Later the
+    U-Net's norms asked torch whether autocast was on for the meta device, which raised: no
+    train/tflops for a U-Net at a *-true precision. The same step costs the same FLOPs in any dtype."""
     per_sample = {}
     for precision in ("32-true", "64-true", "bf16-true"):
-        cfg = tiny("prior", **{"trainer.precision": precision, "trainer.ema_decay": 0})
-        result = train_stage("prior", cfg, data_root=data_root, dataset="shapes", out_dir=tmp_path / precision,
+        cfg = tiny(stage, **({"mode": "image"} if stage == "decoder" else {}),
+                   **{"trainer.precision": precision, "trainer.ema_decay": 0})
+        result = train_stage(stage, cfg, data_root=data_root, dataset="shapes", out_dir=tmp_path / precision,
                              max_steps=2)
+        assert result.tflops is not None, precision
         per_sample[precision] = result.tflops * 1e12 / result.samples_per_s
     assert per_sample["32-true"] > 0
     assert per_sample["64-true"] == pytest.approx(per_sample["32-true"])
