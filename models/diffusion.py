@@ -57,20 +57,24 @@ class Diffusion:
         self.timesteps = timesteps
 
     # -- training ---------------------------------------------------------------
+    # The schedule's arithmetic runs in float32 at least, whatever the batch's dtype: at a bf16-true
+    # precision 1 - alpha_bar rounds to 0 in bf16 for the cosine schedule's first 21 timesteps
+    # (x_t = x0: nothing to learn there), and v = alpha x noise - sigma x x0 loses its small term.
     def q_sample(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.schedule.add_noise(x0, noise, t)
+        """x0 noised to timestep t, in x0's dtype."""
+        return self.schedule.add_noise(at_least_float32(x0), at_least_float32(noise), t).to(x0.dtype)
 
     def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if self.prediction == "epsilon":
             return noise
         if self.prediction == "v":
-            return self.schedule.get_velocity(x0, noise, t)
+            return self.schedule.get_velocity(at_least_float32(x0), at_least_float32(noise), t)
         return x0
 
     def loss(self, denoise: Denoiser, x0: torch.Tensor, noise: torch.Tensor | None = None,
              t: torch.Tensor | None = None) -> torch.Tensor:
-        """Simple MSE on the chosen target at uniformly drawn timesteps."""
-        noise = torch.randn_like(x0) if noise is None else noise
+        """Simple MSE on the chosen target at uniformly drawn timesteps (the net sees x_t in x0's dtype)."""
+        noise = torch.randn_like(at_least_float32(x0)) if noise is None else noise
         if t is None:
             t = torch.randint(0, self.timesteps, (x0.shape[0],), device=x0.device)
         pred = denoise(self.q_sample(x0, noise, t), t)
@@ -114,6 +118,11 @@ def guided(denoise_cond: Callable[[torch.Tensor, torch.Tensor, bool], torch.Tens
         uncond = denoise_cond(x, t, False)
         return uncond + guidance * (cond - uncond)
     return denoise
+
+
+def at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """x in float32, or as it is if wider (float64)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def one_each(generators: list[torch.Generator], videos: int) -> None:

@@ -27,7 +27,7 @@ from einops import rearrange
 from models.compat import RUN_SETTINGS, STREAM_SETTINGS, differing, init_problem, with_clip
 from models.config import StageConfig, as_config, parse_config
 from models.data import clip_frames, stream_seed
-from models.diffusion import Diffusion, guided, one_each, per_video_noise
+from models.diffusion import Diffusion, at_least_float32, guided, one_each, per_video_noise
 from models.inflate import temporal_misfits, widen_input
 from models.layers import TemporalConv
 from models.prior import DiffusionPrior
@@ -317,8 +317,9 @@ class SuperResStage(DiffusionStage):
         return {"extra": self.upsample(self.diffusion.q_sample(low, noise, t), size), "noise_level": t.float()}
 
     @staticmethod
-    def downsample(x, size):
-        return _per_frame(lambda f: F.interpolate(f, size=(size, size), mode="bilinear", antialias=True), x)
+    def downsample(x, size):  # in float32: the CPU has no bf16 antialiased resize (a bf16-true batch)
+        return _per_frame(lambda f: F.interpolate(at_least_float32(f), size=(size, size), mode="bilinear",
+                                                  antialias=True).to(f.dtype), x)
 
     @staticmethod
     def upsample(x, size):

@@ -150,8 +150,9 @@ def fsdp_strategy(cls=None, bf16: bool = False):
     bf16: compute in bf16 but reduce gradients (and keep buffers) in float32, as DDP under
     bf16-mixed does; Lightning's default for bf16-mixed also reduces in bf16. The batch stays
     float32 (FSDP would cast the root's inputs): the noising is built from it outside the net, and
-    in bf16 1 - alpha_bar rounds to 0 for the cosine schedule's first 21 timesteps (x_t = x0, no
-    noise). Lightning's autocast runs the net in bf16 all the same."""
+    x_t keeps its smallest noise (a standard deviation of 0.006 at the cosine schedule's first
+    timestep, the size of a bf16 rounding) until the net's first layer. Lightning's autocast runs
+    the net in bf16 all the same."""
     from lightning.pytorch.strategies import FSDPStrategy
     from torch.distributed.fsdp import MixedPrecision
 

@@ -19,6 +19,21 @@ def test_v_and_epsilon_targets_recover_x0():
     assert torch.equal(Diffusion(prediction="epsilon").target(x0, noise, t), noise)
 
 
+def test_a_bf16_batch_is_noised_and_its_target_computed_in_float32():
+    """At bf16-true the batch is bf16. Noised in bf16, 1 - alpha_bar rounds to 0 for the cosine
+    schedule's first 21 timesteps: x_t was x0 there, with nothing to denoise."""
+    d = Diffusion(timesteps=1000, schedule="squaredcos_cap_v2", prediction="v")
+    x0, noise = torch.rand(1000, 64) * 2 - 1, torch.randn(1000, 64)
+    t = torch.arange(1000)
+    x_t = d.q_sample(x0.bfloat16(), noise.bfloat16(), t)
+    assert x_t.dtype == torch.bfloat16
+    assert not (x_t == x0.bfloat16()).all(1).any()
+    exact = d.q_sample(x0.bfloat16().float(), noise.bfloat16().float(), t)
+    torch.testing.assert_close(x_t.float(), exact, atol=0, rtol=2**-8)  # only the final rounding to bf16
+    target = d.target(x0.bfloat16(), noise.bfloat16(), t)
+    torch.testing.assert_close(target, d.target(x0.bfloat16().float(), noise.bfloat16().float(), t))
+
+
 def test_perfect_denoiser_has_zero_loss_and_sampler_returns_data():
     """An oracle epsilon-predictor: loss 0, and sampling lands on the data point."""
     d = Diffusion(prediction="epsilon", clip_sample=False)

@@ -242,7 +242,8 @@ def test_fsdp_reduces_gradients_in_float32_under_bf16():
 
 def test_fsdp_under_bf16_keeps_the_batch_in_float32():
     """FSDP casts its root module's inputs by default, which here is the whole batch: the noising
-    would then be built in bf16, where x_t = x0 for the cosine schedule's first 21 timesteps."""
+    would then be built from bf16 clips (before the noising computed in float32 itself, x_t = x0
+    for the cosine schedule's first 21 timesteps)."""
     import json
     import subprocess
     import sys
@@ -742,12 +743,14 @@ def test_training_logs_its_speed_and_how_long_it_waited_for_data(data_root, tmp_
     assert (fast["train/samples_per_s"] > slow["train/samples_per_s"]).all()
 
 
-@pytest.mark.parametrize("stage", ["prior", "decoder"])
-def test_model_flops_are_counted_at_every_precision_the_config_takes(stage, data_root, tmp_path):
+@pytest.mark.parametrize("stage", ["prior", "decoder", "sr_high"])
+def test_each_kind_of_stage_trains_and_counts_its_flops_at_every_precision_the_config_takes(
+        stage, data_root, tmp_path):
     """The meta-device copy was built in float32 while a *-true precision's inputs are float64,
     float16 or bfloat16: the count raised after the first step and stopped the run. Later the
     U-Net's norms asked torch whether autocast was on for the meta device, which raised: no
-    train/tflops for a U-Net at a *-true precision. The same step costs the same FLOPs in any dtype."""
+    train/tflops for a U-Net at a *-true precision. The same step costs the same FLOPs in any dtype.
+    Super-resolution at bf16-true stopped at its first step: the CPU has no bf16 antialiased resize."""
     per_sample = {}
     for precision in ("32-true", "64-true", "bf16-true"):
         cfg = tiny(stage, **({"mode": "image"} if stage == "decoder" else {}),
