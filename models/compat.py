@@ -13,6 +13,9 @@ INIT_FROM = {"prior": {"prior"}, "decoder": {"decoder"}, "interpolation": {"deco
 # epsilon one, heads 4 x 4 read as 2 x 8, another CLIP's embedding space)
 NET_SETTINGS = ("diffusion.prediction", "diffusion.schedule", "diffusion.timesteps", "unet.groups", "unet.heads",
                 "unet.dim_head")
+# the network's shape: when weights do not fit, these name why (rather than a list of weights)
+SHAPE_SETTINGS = ("unet.channels", "unet.channel_mults", "unet.num_res_blocks", "unet.attn_levels",
+                  "unet.context_tokens", "unet.temporal_kernel", "prior.width", "prior.depth")
 # a resumed run continues with its optimizer, schedule and data stream as saved: these cannot change
 # midway (the stream's position and randomness follow from the batch size and the seed)
 RUN_SETTINGS = NET_SETTINGS + ("freeze_spatial", "trainer.lr", "trainer.weight_decay", "trainer.warmup_steps",

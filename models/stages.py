@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from models.compat import RUN_SETTINGS, STREAM_SETTINGS, differing, init_problem, with_clip
+from models.compat import RUN_SETTINGS, SHAPE_SETTINGS, STREAM_SETTINGS, differing, init_problem, with_clip
 from models.config import StageConfig, as_config, parse_config
 from models.data import clip_frames, stream_seed
 from models.diffusion import Diffusion, at_least_float32, guided, one_each, per_video_noise
@@ -387,8 +387,10 @@ def finite(state: dict[str, torch.Tensor], source: str | Path) -> dict[str, torc
     return state
 
 
-def fit_state(module: DiffusionStage, state: dict, source: str) -> dict:
-    """Adapt a net state to the module (inflation, widened input) or raise naming what does not fit."""
+def fit_state(module: DiffusionStage, state: dict, source: str, recorded: dict | None = None) -> dict:
+    """Adapt a net state to the module (inflation, widened input) or raise naming what does not fit:
+    the shape settings that differ from the `recorded` config the weights were trained under, if any
+    does, then the weights."""
     own = module.net.state_dict()
     if not module.config.video:  # video -> image net (e.g. sr_high from sr_low): drop temporal weights
         state = {k: v for k, v in state.items() if "temporal" not in k}
@@ -401,6 +403,8 @@ def fit_state(module: DiffusionStage, state: dict, source: str) -> dict:
                         if "noise_level_embed.0.weight" in state else
                         "it was trained without low-res noise augmentation: set data.lowres_noise_max and "
                         "sampling.lowres_noise to 0")
+    if problems and recorded is not None:
+        problems[:0] = differing(recorded, module.config, SHAPE_SETTINGS)
     if problems:
         raise CheckpointError(f"{source}: weights do not fit this {module.config.stage} model ({'; '.join(problems)})")
     return state
@@ -411,7 +415,8 @@ def init_from_checkpoint(module: DiffusionStage, path: str | Path) -> DiffusionS
     if problem := init_problem({**ckpt["hyper_parameters"]["config"], "stage": ckpt["hyper_parameters"]["stage"]},
                                module.config):
         raise CheckpointError(f"{path}: {problem}")
-    module.net.load_state_dict(fit_state(module, finite(net_state(ckpt), path), str(path)), strict=False)
+    state = fit_state(module, finite(net_state(ckpt), path), str(path), ckpt["hyper_parameters"]["config"])
+    module.net.load_state_dict(state, strict=False)
     return module
 
 
@@ -432,7 +437,7 @@ def check_resume(module: DiffusionStage, path: str | Path) -> tuple[int, int]:
     state = net_state(ckpt)
     own = module.net.state_dict()
     if set(state) != set(own) or any(own[k].shape != v.shape for k, v in state.items()):
-        fit_state(module, state, str(path))  # raises with the details
+        fit_state(module, state, str(path), hp["config"])  # raises with the details
         raise CheckpointError(f"{path}: the network differs from this config (missing temporal layers?)")
     return int(ckpt.get("global_step", 0)), int(hp["config"].get("trainer", {}).get("max_steps", 0))
 

@@ -989,8 +989,13 @@ def test_bad_input_fails_before_training(data_root, tmp_path, chain):
         run("decoder", tiny("prior"))
     with pytest.raises(CheckpointError, match="'prior' checkpoint"):
         run("decoder", tiny("decoder"), init=chain["prior"].checkpoint)
-    with pytest.raises(CheckpointError, match="do not fit"):  # another shape
+    # another shape: the message names the setting, then the weights
+    with pytest.raises(CheckpointError, match=r"do not fit this decoder model \(unet.channels: checkpoint 16, "
+                                              r"config 32; .*weight"):
         run("decoder", tiny("decoder", **{"unet.channels": 32}), init=chain["decoder"].checkpoint)
+    with pytest.raises(CheckpointError, match=r"do not fit this sr_high model \(unet.attn_levels: checkpoint \[1\], "
+                                              r"config \[\]; unexpected"):
+        run("sr_high", tiny("sr_high"), init=chain["sr_low"].checkpoint)  # the tiny configs' attention differs
     with pytest.raises(DataError, match="shorter than the 40-frame window"):
         run("decoder", tiny("decoder", freeze_spatial=False, **{"data.frames": 40}))
     with pytest.raises(DataError, match=r"smaller than data.size=128 px \(largest short side: 64 px\)"):
