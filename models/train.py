@@ -234,6 +234,8 @@ def train_stage(stage: str, config: StageConfig | dict | str | Path, *, data_roo
     datamodule = StageDataModule(cfg, data_root, dataset, version).check()
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     module = build_stage(cfg)
+    if cfg.trainer.precision in ("64-true", "64"):  # Lightning doubles the module only after it restored a
+        module.double()  # --resume checkpoint into it: the float64 weights would pass through float32
     if resume:
         step, datamodule.curriculum_steps = check_resume(module, last)
         end = max_steps or cfg.trainer.max_steps

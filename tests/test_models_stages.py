@@ -856,15 +856,18 @@ def test_resume_continues_at_same_step_with_same_optimizer_state(data_root, tmp_
     assert third.global_step == 6
 
 
-@pytest.mark.parametrize("stage,source,workers", [("decoder", "shards", 0), ("decoder", "clips", 2),
-                                                  ("sr_high", "shards", 0)])
-def test_resumed_training_is_the_uninterrupted_training(data_root, tmp_path, stage, source, workers):
+@pytest.mark.parametrize("stage,source,workers,precision", [
+    ("decoder", "shards", 0, "32-true"), ("decoder", "clips", 2, "32-true"), ("sr_high", "shards", 0, "32-true"),
+    ("decoder", "shards", 0, "64-true")])
+def test_resumed_training_is_the_uninterrupted_training(data_root, tmp_path, stage, source, workers, precision):
     """--resume goes on with the samples, windows, crops, noise and timesteps that the uninterrupted
     run drew (it replayed the start of the data stream and of the random numbers): the same weights
     and EMA, bit for bit, from the shards and from the clip files, in one process or two workers
-    (sr_high: with the low-res input's noise augmentation drawn every step too)."""
+    (sr_high: with the low-res input's noise augmentation drawn every step too). At 64-true the
+    resumed weights had passed through float32 (Lightning restored them before doubling the module)."""
     cfg = tiny(stage, mode="image", **{"data.source": source, "data.num_workers": workers,
-                                       "data.batch_size": 3, "trainer.ema_decay": 0.5})
+                                       "data.batch_size": 3, "trainer.ema_decay": 0.5,
+                                       "trainer.precision": precision})
 
     def train(name, steps, resume=False):
         return train_stage(stage, cfg, data_root=data_root, dataset="shapes", out_dir=tmp_path / name,
