@@ -74,11 +74,12 @@ class Diffusion:
     def loss(self, denoise: Denoiser, x0: torch.Tensor, noise: torch.Tensor | None = None,
              t: torch.Tensor | None = None) -> torch.Tensor:
         """Simple MSE on the chosen target at uniformly drawn timesteps (the net sees x_t in x0's dtype)."""
-        noise = torch.randn_like(at_least_float32(x0)) if noise is None else noise
+        wide = at_least_float32(x0)  # widened once here: q_sample and target then widen nothing
+        noise = torch.randn_like(wide) if noise is None else noise
         if t is None:
             t = torch.randint(0, self.timesteps, (x0.shape[0],), device=x0.device)
-        pred = denoise(self.q_sample(x0, noise, t), t)
-        return F.mse_loss(pred.float(), self.target(x0, noise, t).float())
+        pred = denoise(self.q_sample(wide, noise, t).to(x0.dtype), t)
+        return F.mse_loss(pred.float(), self.target(wide, noise, t).float())
 
     # -- sampling ---------------------------------------------------------------
     def sampler(self, name: str = "ddim"):

@@ -387,10 +387,10 @@ def finite(state: dict[str, torch.Tensor], source: str | Path) -> dict[str, torc
     return state
 
 
-def fit_state(module: DiffusionStage, state: dict, source: str, recorded: dict | None = None) -> dict:
+def fit_state(module: DiffusionStage, state: dict, source: str, recorded: dict) -> dict:
     """Adapt a net state to the module (inflation, widened input) or raise naming what does not fit:
-    the shape settings that differ from the `recorded` config the weights were trained under, if any
-    does, then the weights."""
+    the shape settings that differ from the `recorded` config the weights were trained under, then
+    the weights."""
     own = module.net.state_dict()
     if not module.config.video:  # video -> image net (e.g. sr_high from sr_low): drop temporal weights
         state = {k: v for k, v in state.items() if "temporal" not in k}
@@ -403,9 +403,8 @@ def fit_state(module: DiffusionStage, state: dict, source: str, recorded: dict |
                         if "noise_level_embed.0.weight" in state else
                         "it was trained without low-res noise augmentation: set data.lowres_noise_max and "
                         "sampling.lowres_noise to 0")
-    if problems and recorded is not None:
-        problems[:0] = differing(recorded, module.config, SHAPE_SETTINGS)
     if problems:
+        problems[:0] = differing(recorded, module.config, SHAPE_SETTINGS)
         raise CheckpointError(f"{source}: weights do not fit this {module.config.stage} model ({'; '.join(problems)})")
     return state
 
